@@ -1,0 +1,69 @@
+"""The DeepSeek-V4 decoder: embedding, mHC blocks of attention + MoE, hc head."""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention
+from .cache import LayerCache, ModelCache
+from .config import ModelArgs
+from .hc import hc_head, hc_merge, hc_split
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.args = args
+        D, hc = args.hidden_size, args.hc_mult
+        mix = (2 + hc) * hc
+        self.attn_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.ffn_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.attn = Attention(args, layer_id)
+        self.ffn = MoE(args, layer_id)
+        self.hc_attn_fn = mx.zeros((mix, hc * D))
+        self.hc_attn_base = mx.zeros((mix,))
+        self.hc_attn_scale = mx.ones((3,))
+        self.hc_ffn_fn = mx.zeros((mix, hc * D))
+        self.hc_ffn_base = mx.zeros((mix,))
+        self.hc_ffn_scale = mx.ones((3,))
+
+    def __call__(self, h: mx.array, tokens: mx.array, cache: LayerCache) -> mx.array:
+        a = self.args
+        opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        x, post, comb = hc_split(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, **opts)
+        h = hc_merge(self.attn(self.attn_norm(x), cache), h, post, comb)
+        x, post, comb = hc_split(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, **opts)
+        return hc_merge(self.ffn(self.ffn_norm(x), tokens), h, post, comb)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        D, hc = args.hidden_size, args.hc_mult
+        self.embed = nn.Embedding(args.vocab_size, D)
+        self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.head = nn.Linear(D, args.vocab_size, bias=False)
+        self.hc_head_fn = mx.zeros((hc, hc * D))
+        self.hc_head_base = mx.zeros((hc,))
+        self.hc_head_scale = mx.ones((1,))
+
+    def make_cache(self) -> ModelCache:
+        a = self.args
+        return ModelCache([LayerCache(a.sliding_window, r) for r in a.compress_ratios])
+
+    def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None) -> mx.array:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, length], got {tokens.shape}")
+        if cache is None:
+            cache = self.make_cache()
+        a = self.args
+        x = self.embed(tokens)
+        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, tokens, layer_cache)
+        x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        return self.head(self.norm(x))

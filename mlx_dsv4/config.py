@@ -84,6 +84,15 @@ class ModelArgs:
             )
         args.compress_ratios = [int(r) for r in args.compress_ratios]
         args.validate()
+        if args.yarn is not None:
+            rs = args.rope_scaling
+            args.rope_scaling = {
+                "type": "yarn",
+                "factor": rs["factor"],
+                "original_max_position_embeddings": rs["original_max_position_embeddings"],
+                "beta_fast": rs.get("beta_fast") or 32,
+                "beta_slow": rs.get("beta_slow") or 1,
+            }
         return args
 
     @classmethod

@@ -1,0 +1,164 @@
+"""Each V4 component against its counterpart in the transformers reference."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import mlx_dsv4
+from conftest import PARITY_VOCAB
+from mlx_dsv4.attention import Indexer
+from mlx_dsv4.cache import CompressorState
+from mlx_dsv4.hc import hc_split
+from mlx_dsv4.rope import RopeTable, apply_rope, inv_freq_for
+from parity import reference_model
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_dirs):
+    path = tiny_dirs["flash"]
+    return mlx_dsv4.load_model(path), reference_model(str(path))
+
+
+def close(a, b, tol=1e-5):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max())
+
+
+def test_rope_frequencies_match_reference(pair):
+    ours, ref = pair
+    close(inv_freq_for(ours.args, compressed=False), ref.model.rotary_emb.main_inv_freq, 1e-6)
+    close(inv_freq_for(ours.args, compressed=True), ref.model.rotary_emb.compress_inv_freq, 1e-6)
+    # YaRN really interpolates some frequencies for compressed layers
+    assert not np.allclose(np.array(inv_freq_for(ours.args, True)), np.array(inv_freq_for(ours.args, False)))
+
+
+def test_interleaved_partial_rope_and_inverse(pair):
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+    ours, ref = pair
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 3, 9, ours.args.head_dim)).astype(np.float32)
+    pos = np.arange(100, 109)
+    cos, sin = RopeTable(inv_freq_for(ours.args, True))(mx.array(pos))
+    tcos, tsin = ref.model.rotary_emb(torch.zeros(1), torch.tensor(pos)[None], layer_type="compress")
+    expect = apply_rotary_pos_emb(torch.tensor(x), tcos, tsin).numpy()
+    got = apply_rope(mx.array(x), cos, sin)
+    close(got, expect)
+    rd = ours.args.qk_rope_head_dim
+    assert np.array_equal(np.array(got)[..., :-rd], x[..., :-rd])  # leading dims untouched
+    close(apply_rope(got, cos, sin, inverse=True), x)
+
+
+def test_mhc_split_matches_reference(pair):
+    ours, ref = pair
+    a = ours.args
+    rng = np.random.default_rng(1)
+    streams = rng.normal(size=(2, 5, a.hc_mult, a.hidden_size)).astype(np.float32)
+    blk = ours.layers[3]
+    x, post, comb = hc_split(
+        mx.array(streams), blk.hc_attn_fn, blk.hc_attn_base, blk.hc_attn_scale,
+        iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps,
+    )
+    with torch.no_grad():
+        rpost, rcomb, rx = ref.model.layers[3].attn_hc(torch.tensor(streams))
+    close(x, rx.numpy())
+    close(post, rpost.numpy())
+    close(comb, rcomb.numpy())
+    c = np.array(comb)
+    assert np.allclose(c.sum(-1), 1, atol=1e-3) and np.allclose(c.sum(-2), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", [0, 4], ids=["hash-routed", "learned-routing"])
+def test_moe_matches_reference(pair, layer):
+    ours, ref = pair
+    rng = np.random.default_rng(layer)
+    x = rng.normal(size=(2, 70, ours.args.hidden_size)).astype(np.float32)  # >= 64 rows: sorted expert path
+    tokens = rng.integers(0, PARITY_VOCAB, (2, 70))
+    got = ours.layers[layer].ffn(mx.array(x), mx.array(tokens))
+    with torch.no_grad():
+        expect = ref.model.layers[layer].mlp(torch.tensor(x), input_ids=torch.tensor(tokens))
+    close(got, expect.numpy())
+    got_small = ours.layers[layer].ffn(mx.array(x[:, :3]), mx.array(tokens[:, :3]))  # unsorted path
+    close(got_small, expect.numpy()[:, :3])
+
+
+def test_grouped_output_projection_matches_reference(pair):
+    ours, ref = pair
+    a = ours.args
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1, 4, a.o_groups, a.num_attention_heads * a.head_dim // a.o_groups)).astype(np.float32)
+    got = ours.layers[2].attn.wo_a(mx.array(x)[..., None, :], mx.arange(a.o_groups)).squeeze(-2)
+    with torch.no_grad():
+        expect = ref.model.layers[2].self_attn.o_a_proj(torch.tensor(x))
+    close(got, expect.numpy())
+
+
+def test_indexer_selects_the_same_entries_as_reference(pair):
+    ours, ref = pair
+    tokens = np.random.default_rng(5).integers(0, PARITY_VOCAB, (1, 640))
+    ref_sel, our_sel, handles = [], [], []
+    for layer in ref.model.layers:
+        comp = layer.self_attn.compressor
+        if comp is not None and hasattr(comp, "indexer"):
+            handles.append(comp.indexer.register_forward_hook(lambda m, i, o: ref_sel.append(o.numpy()) and None))
+    with torch.no_grad():
+        ref(torch.tensor(tokens), use_cache=False)
+    for h in handles:
+        h.remove()
+    original = Indexer.__call__
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        our_sel.append((np.array(out[0]), np.array(out[1])))
+        return out
+
+    Indexer.__call__ = recording
+    try:
+        ours(mx.array(tokens))
+    finally:
+        Indexer.__call__ = original
+    assert len(ref_sel) == len(our_sel) == ours.args.compress_ratios.count(4)
+    topk = ours.args.index_topk
+    dropped = 0
+    for r, (idx, valid) in zip(ref_sel, our_sel):
+        for t in range(tokens.shape[1]):
+            expect = set(r[0, t][r[0, t] >= 0].tolist())
+            assert set(idx[0, t][valid[0, t]].tolist()) == expect, f"position {t}"
+            dropped += max(0, (t + 1) // 4 - topk)
+    assert dropped > 0
+
+
+def test_compressor_streaming_equals_one_shot(pair):
+    ours, _ = pair
+    attn = ours.layers[2].attn  # ratio 4: exercises the overlap half across calls
+    x = mx.array(np.random.default_rng(3).normal(size=(1, 37, ours.args.hidden_size)).astype(np.float32))
+    one = CompressorState()
+    full = attn.compressor(x, one, attn.rope)
+    streamed = CompressorState()
+    for t in range(37):
+        attn.compressor(x[:, t : t + 1], streamed, attn.rope)
+    assert one.n_entries == streamed.n_entries == 9
+    close(streamed.entries, full)
+    assert streamed.pending_kv.shape[1] == 1  # only the open window is kept
+
+
+def test_cache_keeps_only_the_window_and_entries(pair):
+    ours, _ = pair
+    cache = ours.make_cache()
+    tokens = mx.array(np.random.default_rng(4).integers(0, PARITY_VOCAB, (1, 300)))
+    ours(tokens[:, :200], cache=cache)
+    ours(tokens[:, 200:], cache=cache)
+    assert cache.offset == 300
+    for layer, r in zip(cache.layers, ours.args.compress_ratios):
+        assert layer.window.shape[1] == ours.args.sliding_window - 1
+        if r:
+            assert layer.compressor.n_entries == 300 // r
+    assert cache.nbytes > 0
+
+
+def test_no_cache_equals_fresh_cache(pair):
+    ours, _ = pair
+    tokens = mx.array(np.random.default_rng(6).integers(0, PARITY_VOCAB, (1, 150)))
+    close(ours(tokens), ours(tokens, cache=ours.make_cache()), 0)

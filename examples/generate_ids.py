@@ -1,0 +1,22 @@
+"""Greedy decoding with the KV cache on any V4 checkpoint directory (token ids in, ids out).
+
+    python examples/generate_ids.py PATH [--tokens 32]
+"""
+
+import argparse
+
+import mlx.core as mx
+
+import mlx_dsv4
+from mlx_dsv4.demo import greedy_decode
+
+parser = argparse.ArgumentParser()
+parser.add_argument("path")
+parser.add_argument("--tokens", type=int, default=32)
+args = parser.parse_args()
+
+model = mlx_dsv4.load_model(args.path)
+prompt = mx.array([[model.args.bos_token_id, 100, 200, 300]])
+ids, cache, t_prefill, t_decode = greedy_decode(model, prompt, args.tokens)
+print(ids[0].tolist())
+print(f"cache holds {cache.offset} tokens in {cache.nbytes} bytes")

@@ -1,0 +1,95 @@
+"""Output size and unified-memory estimates, from a checkpoint's plan or from a config alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import layout
+from .plan import plan_units, sources_from_config
+from .recipes import Recipe
+
+RUNTIME_OVERHEAD = 2 * 10**9  # activations, MLX buffers, tokenizer: a rough fixed allowance
+GB = 10**9
+
+
+def human(n: float) -> str:
+    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def kv_cache_bytes(d: layout.Dims, context: int, itemsize: int = 2) -> int:
+    """Cache for `context` tokens: sliding window per layer plus compressed entries (and indexer keys)."""
+    total = 0
+    for r in d.ratios[: d.L]:
+        total += min(context, 128) * d.hd * itemsize
+        if r == 4:
+            total += (context // 4) * (d.hd + d.ihd) * itemsize
+        elif r == 128:
+            total += (context // 128) * d.hd * itemsize
+    return total
+
+
+@dataclass
+class Estimate:
+    recipe: str
+    model_bytes: int
+    mtp_bytes: int
+    in_bytes: int
+    context: int
+    kv_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.model_bytes + self.kv_bytes + RUNTIME_OVERHEAD
+
+    def lines(self) -> list[str]:
+        return [
+            f"recipe: {self.recipe}",
+            f"output size: {human(self.model_bytes)} model"
+            + (f" + {human(self.mtp_bytes)} MTP" if self.mtp_bytes else "")
+            + f" (source {human(self.in_bytes)})",
+            f"estimated unified memory to run: {self.memory_bytes / GB:.1f} GB "
+            f"(weights {self.model_bytes / GB:.1f} + KV cache at {self.context} tokens "
+            f"{self.kv_bytes / GB:.2f} + runtime {RUNTIME_OVERHEAD / GB:.0f})",
+        ]
+
+
+def estimate_units(units, d: layout.Dims, recipe: Recipe, context: int) -> Estimate:
+    return Estimate(recipe.describe(),
+                    sum(u.nbytes for u in units if u.group == "model"),
+                    sum(u.nbytes for u in units if u.group == "mtp"),
+                    sum(u.in_bytes for u in units), context, kv_cache_bytes(d, context))
+
+
+def estimate_config(cfg: dict, recipe: Recipe, context: int, include_mtp: bool = True) -> Estimate:
+    d = layout.dims(cfg)
+    units = plan_units(sources_from_config(d, include_mtp), d,
+                       lambda m, fam, kind, k: recipe.decide(fam, kind, k), recipe.float_dtype, include_mtp)
+    return estimate_units(units, d, recipe, context)
+
+
+TABLE_RECIPES = [
+    ("native", dict(name="native")),
+    ("q8", dict(name="q8")),
+    ("q6", dict(name="q6")),
+    ("q4", dict(name="q4")),
+    ("q3", dict(name="q3")),
+    ("q3 --dense-bits native", dict(name="q3", dense_bits="native")),
+    ("q2", dict(name="q2")),
+    ("q2 --group-size 128", dict(name="q2", group_size=128)),
+    ("q2 --dense-bits native", dict(name="q2", dense_bits="native")),
+    ("none --dtype bfloat16", dict(name="none", dtype="bfloat16")),
+]
+
+
+def size_table(cfg: dict, contexts=(32768, 1048576)) -> str:
+    rows = ["| recipe | model GB | MTP GB | " + " | ".join(f"memory GB @ {c // 1024}K" for c in contexts) + " |",
+            "|---|---:|---:|" + "---:|" * len(contexts)]
+    for label, kw in TABLE_RECIPES:
+        ests = [estimate_config(cfg, Recipe(**kw), c) for c in contexts]
+        e = ests[0]
+        rows.append(f"| `--recipe {label}` | {e.model_bytes / GB:.1f} | {e.mtp_bytes / GB:.1f} | "
+                    + " | ".join(f"{x.memory_bytes / GB:.1f}" for x in ests) + " |")
+    return "\n".join(rows)

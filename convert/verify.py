@@ -1,0 +1,99 @@
+"""Re-read a converted directory and check every tensor against its config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import layout
+from .errors import ConvertError
+from .plan import plan_units, sources_from_config
+from .reader import FLOAT_DTYPES, INT_DTYPES, read_header
+from .recipes import Quant
+from .writer import INDEX
+
+
+def _read_index(path: Path, problems: list) -> dict:
+    try:
+        wm = json.loads(path.read_text())["weight_map"]
+        if isinstance(wm, dict):
+            return wm
+        problems.append(f"{path}: weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path}: unreadable index: {e}")
+    return {}
+
+
+def verify_dir(out: Path) -> tuple[list[str], dict]:
+    """Returns (problems, stats); an empty problem list means the directory is complete."""
+    out = Path(out)
+    problems: list[str] = []
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"{out / 'config.json'}: missing or unreadable: {e}"], {}
+    if cfg.get("mlx_dsv4_format") != 1:
+        problems.append(f"{out / 'config.json'}: mlx_dsv4_format is {cfg.get('mlx_dsv4_format')!r}, expected 1")
+    try:
+        d = layout.dims(cfg, str(out / "config.json"))
+    except ConvertError as e:
+        return problems + [str(e)], {}
+    qmap = cfg.get("quantization") or {}
+
+    def decide(module, family, kind, k):
+        q = qmap.get(module)
+        return Quant(q["mode"], int(q["bits"]), int(q["group_size"])) if isinstance(q, dict) else None
+
+    has_mtp = (out / INDEX["mtp"]).exists()
+    units = plan_units(sources_from_config(d, has_mtp), d, decide, "BF16", has_mtp)
+    expected = {name: (dt, shape, u.group) for u in units for name, dt, shape in u.outputs}
+    stats = {"tensors": 0, "bytes": 0, "files": 0}
+    for group in ("model", "mtp"):
+        index = out / INDEX[group]
+        if not index.exists():
+            if group == "model":
+                problems.append(f"{index}: missing")
+            continue
+        wm = _read_index(index, problems)
+        headers = {}
+        for fname in sorted(set(wm.values())):
+            path = out / fname
+            if not path.exists():
+                problems.append(f"{path}: missing shard listed in {index.name}")
+                continue
+            try:
+                headers[fname] = read_header(path)
+            except ConvertError as e:
+                problems.append(str(e))
+                continue
+            stats["files"] += 1
+            for name in headers[fname]:
+                if wm.get(name) != fname:
+                    problems.append(f"{path}: tensor {name!r} is not in {index.name}")
+        for name, fname in sorted(wm.items()):
+            entry = headers.get(fname, {}).get(name)
+            if fname in headers and entry is None:
+                problems.append(f"{out / fname}: tensor {name!r} listed in {index.name} is missing")
+            if entry is None:
+                continue
+            stats["tensors"] += 1
+            stats["bytes"] += entry.nbytes
+            want = expected.get(name)
+            if want is None:
+                if group != "mtp":
+                    problems.append(f"{entry.file}: tensor {name!r} is not expected by config.json")
+                continue
+            dt, shape, _ = want
+            if tuple(entry.shape) != tuple(shape):
+                problems.append(f"{entry.file}: tensor {name!r}: shape {list(entry.shape)}, expected {list(shape)}")
+            ok = (entry.dtype == dt if dt in ("F32", "U32", "U8") else
+                  entry.dtype in FLOAT_DTYPES if dt in ("BF16", "F16") else
+                  entry.dtype in INT_DTYPES)
+            if not ok:
+                problems.append(f"{entry.file}: tensor {name!r}: dtype {entry.dtype}, expected {dt}"
+                                + (" (any float)" if dt in ("BF16", "F16") else ""))
+        if group == "model":
+            for name, (_, _, g) in expected.items():
+                if g == "model" and name not in wm:
+                    problems.append(f"{index}: tensor {name!r} required by config.json is missing")
+    return problems, stats

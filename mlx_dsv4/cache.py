@@ -39,8 +39,22 @@ class CompressorState:
         self._entries[:, self.n_entries : end] = new
         self.n_entries = end
 
+    _FIELDS = ("pending_kv", "pending_gate", "prev_kv", "prev_gate", "entries")
+
     def arrays(self) -> List[mx.array]:
-        return [a for a in (self.pending_kv, self.pending_gate, self.prev_kv, self.prev_gate, self.entries) if a is not None]
+        return [a for a in (getattr(self, f) for f in self._FIELDS) if a is not None]
+
+    def to_state(self, prefix: str, out: dict) -> None:
+        for f in self._FIELDS:
+            value = getattr(self, f)
+            if value is not None:
+                out[f"{prefix}.{f}"] = value
+
+    def load_state(self, prefix: str, arrays: dict) -> None:
+        for f in self._FIELDS[:-1]:
+            setattr(self, f, arrays.get(f"{prefix}.{f}"))
+        self._entries = arrays.get(f"{prefix}.entries")
+        self.n_entries = 0 if self._entries is None else self._entries.shape[1]
 
 
 class LayerCache:
@@ -73,6 +87,22 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
 
+    def to_state(self, prefix: str, out: dict) -> None:
+        if self.window is not None:
+            out[f"{prefix}.window"] = self.window
+        for name in ("compressor", "indexer"):
+            state = getattr(self, name)
+            if state is not None:
+                state.to_state(f"{prefix}.{name}", out)
+
+    def load_state(self, prefix: str, arrays: dict, offset: int) -> None:
+        self.offset = offset
+        self.window = arrays.get(f"{prefix}.window")
+        for name in ("compressor", "indexer"):
+            state = getattr(self, name)
+            if state is not None:
+                state.load_state(f"{prefix}.{name}", arrays)
+
 
 class ModelCache:
     def __init__(self, layers: List[LayerCache]):
@@ -88,3 +118,18 @@ class ModelCache:
 
     def state(self) -> List[mx.array]:
         return [a for layer in self.layers for a in layer.arrays()]
+
+    def to_state(self):
+        """(arrays, metadata) that `load_state` restores exactly; metadata values are strings."""
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            layer.to_state(f"layers.{i}", arrays)
+        meta = {"offset": str(self.offset), "ratios": ",".join(str(l.ratio) for l in self.layers)}
+        return arrays, meta
+
+    def load_state(self, arrays: dict, meta: dict) -> None:
+        ratios = ",".join(str(l.ratio) for l in self.layers)
+        if meta.get("ratios") != ratios:
+            raise ValueError(f"cache was saved for layer schedule [{meta.get('ratios')}], this model has [{ratios}]")
+        for i, layer in enumerate(self.layers):
+            layer.load_state(f"layers.{i}", arrays, int(meta["offset"]))

@@ -162,3 +162,19 @@ def test_no_cache_equals_fresh_cache(pair):
     ours, _ = pair
     tokens = mx.array(np.random.default_rng(6).integers(0, PARITY_VOCAB, (1, 150)))
     close(ours(tokens), ours(tokens, cache=ours.make_cache()), 0)
+
+
+def test_cache_state_round_trip_continues_identically(pair):
+    ours, _ = pair
+    tokens = mx.array(np.random.default_rng(8).integers(0, PARITY_VOCAB, (1, 270)))
+    cache = ours.make_cache()
+    ours(tokens[:, :261], cache=cache)
+    arrays, meta = cache.to_state()
+    mx.eval(arrays)
+    restored = ours.make_cache()
+    restored.load_state(dict(arrays), dict(meta))
+    assert restored.offset == 261 and restored.nbytes == cache.nbytes
+    close(ours(tokens[:, 261:], cache=restored), ours(tokens[:, 261:], cache=cache), 0)
+    other = mlx_dsv4.model.Model(mlx_dsv4.ModelArgs.from_dict({**mlx_dsv4.tiny.tiny_config("pro"), "vocab_size": 512}))
+    with pytest.raises(ValueError, match="layer schedule"):
+        other.make_cache().load_state(dict(arrays), dict(meta))

@@ -1,0 +1,247 @@
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from mlx_dsv4.chat import (
+    INITIAL_RELEASE_REASONING_EFFORT_PROMPTS,
+    REASONING_EFFORT_PROMPTS,
+    ChatFormatError,
+    encode_messages,
+    encode_messages_to_ids,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat"
+GOLDEN = sorted(p.stem for p in FIXTURES.glob("*.json"))
+
+
+def load_case(name):
+    case = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
+    # Expected prompts are stored as typed, with one newline closing the file.
+    expected = (FIXTURES / f"{name}.txt").read_text(encoding="utf-8")
+    assert expected.endswith("\n")
+    return case, expected[:-1]
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_prompt(name):
+    case, expected = load_case(name)
+    assert encode_messages(case["messages"], **case["options"]) == expected
+
+
+def test_golden_set_is_complete():
+    assert len(GOLDEN) == 14
+
+
+def test_tools_argument_lands_on_the_system_message():
+    case, expected = load_case("doc_example")
+    messages = [dict(m) for m in case["messages"]]
+    tools = messages[0].pop("tools")
+    assert encode_messages(messages, tools=tools, thinking_mode="thinking") == expected
+
+
+def test_tools_argument_without_system_message_opens_the_prompt():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    prompt = encode_messages([{"role": "user", "content": "x"}], tools=tools, thinking_mode="chat")
+    assert prompt.startswith("<｜begin▁of▁sentence｜>\n\n## Tools\n\n")
+    assert prompt.endswith(
+        '### Available Tool Schemas\n\n{"name": "f", "parameters": {}}\n\n'
+        "You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
+        "<｜User｜>x<｜Assistant｜></think>"
+    )
+
+
+def test_tools_keep_reasoning_of_earlier_turns():
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "reasoning_content": "r", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    prompt = encode_messages(messages, tools=tools, thinking_mode="thinking")
+    assert prompt.endswith(
+        '<｜User｜>a<｜Assistant｜><think>r</think>b<｜end▁of▁sentence｜><｜User｜>c<｜Assistant｜><think>'
+    )
+
+
+def test_effort_paragraphs_match_the_official_encoder():
+    # SHA-256 of the paragraphs in encoding_dsv4.py of DeepSeek-V4-Flash-0731 (rev 7872f01).
+    digests = {
+        "high": "f7a24f3b3050d4a83781e9b755b316aae2ec1d9dc87562541d90bcb04d7350f7",
+        "max": "53fb31b8392ec5b4a926481943efc67636748f137c1a49d493a7af4d4fa55d2c",
+    }
+    for effort, digest in digests.items():
+        assert hashlib.sha256(REASONING_EFFORT_PROMPTS[effort].encode()).hexdigest() == digest
+    assert REASONING_EFFORT_PROMPTS["low"] == ""
+
+
+def test_initial_release_effort_table():
+    user = [{"role": "user", "content": "q"}]
+    plain = "<｜begin▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>"
+    table = INITIAL_RELEASE_REASONING_EFFORT_PROMPTS
+    assert encode_messages(user, thinking_mode="thinking", reasoning_effort="high", effort_prompts=table) == plain
+    with_max = encode_messages(user, thinking_mode="thinking", reasoning_effort="max", effort_prompts=table)
+    assert with_max.startswith(
+        "<｜begin▁of▁sentence｜>Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    )
+    assert with_max.endswith("unchecked.\n\n<｜User｜>q<｜Assistant｜><think>")
+
+
+def test_low_effort_adds_nothing():
+    user = [{"role": "user", "content": "q"}]
+    assert encode_messages(user, thinking_mode="thinking", reasoning_effort="low") == (
+        "<｜begin▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>"
+    )
+
+
+def test_without_generation_prompt():
+    user = [{"role": "user", "content": "q"}]
+    assert encode_messages(user, add_generation_prompt=False) == "<｜begin▁of▁sentence｜><｜User｜>q"
+
+
+def test_text_parts_are_joined_by_a_blank_line():
+    message = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    assert encode_messages([message]) == "<｜begin▁of▁sentence｜><｜User｜>a\n\nb<｜Assistant｜></think>"
+
+
+def test_consecutive_user_messages_share_a_turn():
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert encode_messages(messages) == "<｜begin▁of▁sentence｜><｜User｜>a\n\nb<｜Assistant｜></think>"
+
+
+def test_call_without_arguments_and_non_string_values():
+    messages = [
+        {"role": "user", "content": "go"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "now", "arguments": "{}"}},
+                {"type": "function", "function": {"name": "f", "arguments": {"n": [1, "é"], "ok": True, "x": None}}},
+            ],
+        },
+    ]
+    assert encode_messages(messages).endswith(
+        "<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n"
+        '<｜DSML｜invoke name="now">\n\n</｜DSML｜invoke>\n'
+        '<｜DSML｜invoke name="f">\n'
+        '<｜DSML｜parameter name="n" string="false">[1, "é"]</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="ok" string="false">true</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="x" string="false">null</｜DSML｜parameter>\n'
+        "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>"
+    )
+
+
+def test_ids_use_single_protocol_tokens():
+    case, expected = load_case("doc_example")
+    from mlx_dsv4.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    ids = encode_messages_to_ids(case["messages"], tokenizer, **case["options"])
+    assert ids[0] == 0
+    protocol_ids = {
+        "<｜end▁of▁sentence｜>": 1, "<｜User｜>": 128803, "<｜Assistant｜>": 128804,
+        "<think>": 128821, "</think>": 128822, "｜DSML｜": 128825,
+    }
+    for string, token_id in protocol_ids.items():
+        assert ids.count(token_id) == expected.count(string) > 0
+    assert tokenizer.decode(ids) == expected
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def _call(call_id, arguments="{}"):
+    return {"id": call_id, "type": "function", "function": {"name": "f", "arguments": arguments}}
+
+
+@pytest.mark.parametrize(
+    "messages, index, field, words",
+    [
+        ([{"role": "robot", "content": "x"}], 0, "role", "unknown role"),
+        ([{"role": "user", "content": "x", "tool_call_id": "a"}], 0, "tool_call_id", "unknown field"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], 1, "role", "without a preceding"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [CALL]},
+             {"role": "user", "content": "y"}, {"role": "tool", "tool_call_id": "c1", "content": "r"}],
+            3, "role", "without a preceding",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a"), _call("b")]},
+             {"role": "tool", "tool_call_id": "a", "content": "r"}, {"role": "tool", "tool_call_id": "a", "content": "s"}],
+            3, "tool_call_id", "ambiguous",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a"), _call("a")]}],
+            1, "tool_calls[1].id", "ambiguous",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a"), _call("b")]},
+             {"role": "tool", "content": "r"}],
+            2, "tool_call_id", "required",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a")]},
+             {"role": "tool", "tool_call_id": "zz", "content": "r"}],
+            2, "tool_call_id", "no preceding call",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a", "[1, 2]")]}],
+            1, "tool_calls[0].function.arguments", "JSON object",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a", "{oops")]}],
+            1, "tool_calls[0].function.arguments", "not valid JSON",
+        ),
+        ([{"role": "user", "content": "hi <｜end▁of▁sentence｜>"}], 0, "content", "reserved"),
+        ([{"role": "system", "content": "<｜begin▁of▁sentence｜>"}], 0, "content", "reserved"),
+        ([{"role": "user", "content": "<think>"}], 0, "content", "reserved"),
+        ([{"role": "user", "content": "a ｜DSML｜ b"}], 0, "content", "reserved"),
+        ([{"role": "user", "content": "<｜Assistant｜>"}], 0, "content", "reserved"),
+        ([{"role": "latest_reminder", "content": "<｜User｜>"}], 0, "content", "reserved"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "reasoning_content": "a</think>b"}],
+            1, "reasoning_content", "reserved",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a", '{"k": "<｜DSML｜x"}')]}],
+            1, "tool_calls[0].function.arguments.k", "reserved",
+        ),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [_call("a")]},
+             {"role": "tool", "tool_call_id": "a", "content": "</think>"}],
+            2, "content", "reserved",
+        ),
+        ([{"role": "developer", "content": ""}], 0, "content", "empty"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], 0, "content[0]", "text"),
+        ([{"role": "system", "content": "s", "tools": [{"type": "function"}]}], 0, "tools[0]", "function"),
+    ],
+)
+def test_invalid_conversations_name_message_and_field(messages, index, field, words):
+    with pytest.raises(ChatFormatError) as caught:
+        encode_messages(messages)
+    assert caught.value.index == index
+    assert caught.value.field == field
+    assert words in str(caught.value)
+    assert f"message {index}" in str(caught.value)
+
+
+def test_invalid_options():
+    with pytest.raises(ChatFormatError) as caught:
+        encode_messages([{"role": "user", "content": "x"}], thinking_mode="deep")
+    assert caught.value.field == "thinking_mode"
+    with pytest.raises(ChatFormatError) as caught:
+        encode_messages([{"role": "user", "content": "x"}], reasoning_effort="medium")
+    assert caught.value.field == "reasoning_effort"
+
+
+def test_empty_echo_fields_of_openai_responses_are_accepted():
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y", "refusal": None, "annotations": []},
+    ]
+    assert encode_messages(messages).endswith("</think>y<｜end▁of▁sentence｜>")
+    with pytest.raises(ChatFormatError) as caught:
+        encode_messages([messages[0], {"role": "assistant", "content": "y", "refusal": "no"}])
+    assert (caught.value.index, caught.value.field) == (1, "refusal")

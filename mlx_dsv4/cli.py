@@ -9,6 +9,10 @@ SUBCOMMANDS = {
     "demo": ("mlx_dsv4.demo", "Run the built-in walk-through on a tiny random model"),
     "make-tiny": ("mlx_dsv4.tiny", "Write a small random checkpoint in the official layout"),
     "convert": ("mlx_dsv4.convert.cli", "Convert a Hub DeepSeek-V4 checkpoint to MLX"),
+    "generate": ("mlx_dsv4.cli_generate", "Generate a reply to one prompt"),
+    "chat": ("mlx_dsv4.cli_chat", "Interactive chat"),
+    "serve": ("mlx_dsv4.server.cli", "OpenAI- and Anthropic-compatible HTTP server"),
+    "bench": ("mlx_dsv4.bench", "Long-context speed and memory benchmark"),
 }
 
 

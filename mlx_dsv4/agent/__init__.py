@@ -1,0 +1,1 @@
+"""On-device agent loop with validated, sandboxed tools."""

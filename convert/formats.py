@@ -36,7 +36,7 @@ E2M1_VALUES = np.array(
 
 def e8m0_to_float(scale_bytes: np.ndarray) -> np.ndarray:
     s = np.asarray(scale_bytes, dtype=np.uint8).astype(np.int32)
-    out = np.ldexp(np.float32(1.0), s - 127).astype(np.float32)
+    out = np.ldexp(np.float32(1.0), np.minimum(s, 254) - 127).astype(np.float32)
     out[s == 255] = np.nan
     return out
 

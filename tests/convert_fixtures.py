@@ -211,3 +211,56 @@ def write_float_checkpoint(out, decoded: dict, cfg: dict):
                         metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="float32"), indent=2))
     return out
+
+
+def read_dir(path) -> dict:
+    """Every tensor of every *.safetensors file in a directory, as mx arrays."""
+    import mlx.core as mx
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def dequantized(path) -> dict:
+    """A converted directory's tensors as float32 numpy, quantised modules dequantised by MLX."""
+    import mlx.core as mx
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    q = cfg.get("quantization") or {}
+    raw = read_dir(path)
+    out = {}
+    for name, a in raw.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        spec = q.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if isinstance(spec, dict):
+            m = name[: -len(".weight")]
+            a = mx.dequantize(a, raw[m + ".scales"], raw.get(m + ".biases"), group_size=spec["group_size"],
+                              bits=spec["bits"], mode=spec["mode"], dtype=mx.float32)
+        out[name] = np.array(a.astype(mx.float32) if a.dtype != mx.int32 else a)
+    return out
+
+
+def official_view(decoded: dict, cfg: dict) -> dict:
+    """Known float weights renamed/stacked/reshaped into the MLX layout (independent of the converter)."""
+    out, experts = {}, {}
+    for name, v in decoded.items():
+        m = re.match(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$", name)
+        if m:
+            experts.setdefault((m[1], m[3]), {})[int(m[2])] = v
+        elif name.endswith("attn.wo_a.weight"):
+            out[name] = v.reshape(cfg["o_groups"], -1, v.shape[1])
+        else:
+            out[name] = v
+    for (prefix, w), by_e in experts.items():
+        out[f"{prefix}.{w}.weight"] = np.stack([by_e[e] for e in sorted(by_e)])
+    return out
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import mlx.core as mx
+
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+                                    and bool(mx.array_equal(a[k], b[k])) for k in a)

@@ -165,7 +165,8 @@ def write_shards(out: Path, stored: dict, n_shards: int, split_scales: bool = Tr
     for n in stored:
         if n not in where:
             owner = n[: -len(".scale")] + ".weight" if n.endswith(".scale") else n[: -len("_scale_inv")]
-            where[n] = (where[owner] + 1) % n_shards if split_scales else where[owner]
+            home = where.get(owner, 0)
+            where[n] = (home + 1) % n_shards if split_scales else home
     for i in range(n_shards):
         tensors = {n: _torch(*stored[n]) for n in stored if where[n] == i}
         save_file(tensors, str(out / fname(i)), metadata={"format": "pt"})

@@ -148,12 +148,15 @@ def dsml_to_tool_calls(text, *, strict=True, call_id_factory=None):
     """
     from .parse import parse_completion
 
-    block = text.strip()
-    result = parse_completion(
-        "\n\n" + block, "chat", strict=strict, call_id_factory=call_id_factory
-    )
+    block = text.lstrip()
+    skipped = len(text[: len(text) - len(block)].encode("utf-8"))
+    # Parsed as a chat completion that is nothing but the block; that adds two bytes.
+    try:
+        result = parse_completion("\n\n" + block, "chat", strict=strict, call_id_factory=call_id_factory)
+    except ChatFormatError as err:
+        raise ChatFormatError(str(err).split(": ", 1)[1], offset=err.offset - 2 + skipped) from None
     if result["content"] or not block.startswith("<"):
-        raise ChatFormatError("text before the tool_calls block", offset=0)
-    if not strict and any("discarded" in r or "truncated" in r for r in result["repairs"]):
-        raise ChatFormatError("; ".join(result["repairs"]), offset=0)
+        raise ChatFormatError("text before the tool_calls block", offset=skipped)
+    if not strict and any("discarded" in r for r in result["repairs"]):
+        raise ChatFormatError("; ".join(result["repairs"]), offset=skipped)
     return result["tool_calls"]

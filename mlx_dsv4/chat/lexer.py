@@ -20,13 +20,15 @@ _TAG_HEAD = re.compile(r"</?[｜|]DSML[｜|]")
 _HEAD_VARIANTS = tuple(
     f"<{slash}{a}DSML{b}" for slash in ("", "/") for a in "｜|" for b in "｜|"
 )
-_MARKER_START = re.compile("[<｜]")
+# Only these can begin a marker; everything else is skipped at regex speed.
+_MARKER_START = re.compile(r"<(?=[｜|/t]|\Z)|｜(?=D|\Z)")
 _TAG_NAME = re.compile(r"[A-Za-z_]*")
 
 
 @dataclass(frozen=True)
 class Token:
-    """``kind`` is text, think_open, think_close, eos, bos, stray (a bare ｜DSML｜) or tag."""
+    """``kind`` is text, think_open, think_close, eos, bos, stray (a bare ｜DSML｜), tag, or
+    partial (the input ended inside what could have become a marker)."""
 
     kind: str
     raw: str
@@ -57,7 +59,7 @@ class Lexer:
             self._offset += len(text.encode("utf-8"))
 
     def _classify(self, buffer, i, final):
-        """(kind, length) of a marker at i, "wait" when undecided, or None for plain text."""
+        """(kind, length) of a marker at i, "wait" when more input could decide, or None for plain text."""
         rest_length = len(buffer) - i
         if buffer[i] == "｜":
             if buffer.startswith(DSML, i):
@@ -98,7 +100,14 @@ class Lexer:
                 start = len(buffer)
                 break
             i = found.start()
-            decided = self._classify(buffer, i, final)
+            decided = self._classify(buffer, i, final=False)
+            if decided == "wait" and final:
+                # Input ended inside what could have become a marker.
+                self._emit_text(tokens, buffer[start:i])
+                tokens.append(Token("partial", buffer[i:], self._offset))
+                self._offset += len(buffer[i:].encode("utf-8"))
+                start = len(buffer)
+                break
             if decided is None:
                 scan = i + 1
                 continue

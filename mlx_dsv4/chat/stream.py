@@ -10,6 +10,9 @@ from the official format. Lenient mode repairs the known near-misses (ASCII ``|`
 tags, a missing ``string`` attribute, unquoted attribute values, a missing ``</think>``,
 stray protocol tokens, text around the tool-call block) and lists each repair in
 ``Done.repairs``; calls of a block that never closed are discarded, never returned.
+
+``ToolCallComplete`` events for a block come when its closing tag arrives; a call
+announced by ``ToolCallStarted`` that turns out malformed or truncated never completes.
 """
 
 import json
@@ -145,6 +148,7 @@ class DSMLStreamParser:
             self._flush_whitespace(ContentDelta)
         elif self._state == "block":
             self._truncated_block(end)
+            self._state = "truncated"
         self._events.append(Done(self._eos, tuple(self.repairs)))
         return self._take_events()
 
@@ -190,12 +194,21 @@ class DSMLStreamParser:
             self._in_block(token)
         elif state == "after_block":
             self._after_block(token)
-        else:
+        elif state == "done":
             self._after_end(token)
+
+    def _partial_as_text(self, token):
+        """A marker cut off by the end of input: plain text unless it was a DSML tag."""
+        if "DSML" not in token.raw:
+            return token.raw
+        self._problem(f"truncated DSML tag {token.raw[:40]!r}", token.offset, "dropped")
+        return ""
 
     def _in_reasoning(self, token):
         kind = token.kind
-        if kind == "text":
+        if kind == "partial":
+            self._add_text(ReasoningDelta, self._partial_as_text(token))
+        elif kind == "text":
             self._add_text(ReasoningDelta, token.raw)
         elif kind == "think_close":
             self._flush_whitespace(ReasoningDelta)
@@ -213,7 +226,9 @@ class DSMLStreamParser:
 
     def _in_content(self, token):
         kind = token.kind
-        if kind == "text":
+        if kind == "partial":
+            self._add_text(ContentDelta, self._partial_as_text(token))
+        elif kind == "text":
             self._add_text(ContentDelta, token.raw)
         elif kind == "eos":
             self._flush_whitespace(ContentDelta)
@@ -265,6 +280,10 @@ class DSMLStreamParser:
     def _in_block(self, token):
         kind = token.kind
         state = self._block_state
+        if kind == "partial":
+            self._truncated_block(token.offset)
+            self._state = "truncated"
+            return
         if state == "value":
             if kind == "tag" and token.closing and token.name == PARAMETER_TAG:
                 self._check_tag(token, "")
@@ -421,7 +440,9 @@ class DSMLStreamParser:
     def _truncated_block(self, offset):
         pending = len(self._block_calls) + (self._call is not None)
         if self.strict:
-            raise ChatFormatError("the tool_calls block is truncated", offset=offset)
+            raise ChatFormatError(
+                f"the tool_calls block opened at byte {self._block_offset} is truncated", offset=offset
+            )
         self.repairs.append(
             f"byte {self._block_offset}: tool_calls block truncated; {pending} call(s) discarded"
         )

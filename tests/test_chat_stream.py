@@ -1,0 +1,149 @@
+import pytest
+
+from mlx_dsv4.chat import (
+    ChatFormatError,
+    ContentDelta,
+    Done,
+    DSMLStreamParser,
+    ReasoningDelta,
+    ToolCallComplete,
+    ToolCallStarted,
+    parse_completion,
+)
+
+EOS = "<｜end▁of▁sentence｜>"
+BLOCK = (
+    "\n\n<｜DSML｜tool_calls>\n"
+    '<｜DSML｜invoke name="search">\n'
+    '<｜DSML｜parameter name="query" string="true">a </ b <x> "c"</｜DSML｜parameter>\n'
+    '<｜DSML｜parameter name="limit" string="false">5</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>\n"
+    '<｜DSML｜invoke name="now">\n\n</｜DSML｜invoke>\n'
+    "</｜DSML｜tool_calls>"
+)
+
+# (thinking_mode, strict, completion)
+CORPUS = [
+    ("chat", True, "Hello, world." + EOS),
+    ("chat", True, "Use <b>bold</b> and a < b, </thin k>, <|not dsml, ｜ pipe, </" + EOS),
+    ("chat", True, "Let me look." + BLOCK + EOS),
+    ("chat", True, BLOCK),
+    ("chat", True, "trailing spaces  \n\n\n" + EOS),
+    ("thinking", True, "Reason <think-ish> </ thi\n\n</think>Answer: 42." + EOS),
+    ("thinking", True, "Plan: call tools.</think>" + BLOCK + EOS),
+    ("thinking", True, "中文推理😀</think>内容😀" + EOS),
+    ("chat", False, "Calling" + BLOCK.replace("｜", "|") + EOS),
+    ("chat", False, "x" + BLOCK.replace(' string="true"', "").replace('name="now"', "name=now")),
+    ("chat", False, "cut" + BLOCK[:-30]),
+    ("chat", False, "a</think>b<think>c ｜DSML｜ d<｜DSML｜tool_ca"),
+    ("thinking", False, "no close" + BLOCK + EOS + "junk"),
+    ("thinking", False, "unterminated reasoning <｜DSML｜"),
+]
+
+
+def call_ids(index):
+    return f"call_{index}"
+
+
+def merged(events):
+    """Events with adjacent deltas of the same kind joined."""
+    result = []
+    for event in events:
+        if result and isinstance(event, (ReasoningDelta, ContentDelta)) and type(result[-1]) is type(event):
+            result[-1] = type(event)(result[-1].text + event.text)
+        else:
+            result.append(event)
+    return result
+
+
+def run(thinking_mode, strict, chunks):
+    parser = DSMLStreamParser(thinking_mode, strict=strict, call_id_factory=call_ids)
+    events = []
+    for chunk in chunks:
+        events += parser.feed(chunk)
+    return events + parser.finish()
+
+
+def assert_clean_content(events):
+    for event in events:
+        if isinstance(event, ContentDelta):
+            for forbidden in ("｜DSML｜", "|DSML|", "</think>", "<think>", EOS):
+                assert forbidden not in event.text
+
+
+@pytest.mark.parametrize("thinking_mode, strict, text", CORPUS)
+def test_every_split_gives_the_same_events(thinking_mode, strict, text):
+    whole = run(thinking_mode, strict, [text])
+    expected = merged(whole)
+    assert isinstance(expected[-1], Done)
+    assert_clean_content(whole)
+    for cut in range(len(text) + 1):
+        events = run(thinking_mode, strict, [text[:cut], text[cut:]])
+        assert merged(events) == expected, cut
+        assert_clean_content(events)
+    char_by_char = run(thinking_mode, strict, list(text))
+    assert merged(char_by_char) == expected
+    assert_clean_content(char_by_char)
+
+
+def test_corpus_events_agree_with_parse_completion():
+    for thinking_mode, strict, text in CORPUS:
+        events = merged(run(thinking_mode, strict, [text]))
+        parsed = parse_completion(text, thinking_mode, strict=strict, call_id_factory=call_ids)
+        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        calls = [e for e in events if isinstance(e, ToolCallComplete)]
+        assert content == parsed["content"]
+        assert [c.arguments for c in calls] == [c["function"]["arguments"] for c in parsed["tool_calls"]]
+        assert list(events[-1].repairs) == parsed["repairs"]
+
+
+def test_event_stream_of_a_tool_turn():
+    events = merged(run("thinking", True, ["Plan.</think>Let me look.", BLOCK, EOS]))
+    assert events == [
+        ReasoningDelta("Plan."),
+        ContentDelta("Let me look."),
+        ToolCallStarted(0, "search"),
+        ToolCallStarted(1, "now"),
+        ToolCallComplete(0, "search", '{"query": "a </ b <x> \\"c\\"", "limit": 5}', "call_0"),
+        ToolCallComplete(1, "now", "{}", "call_1"),
+        Done(eos=True, repairs=()),
+    ]
+
+
+def test_calls_complete_only_when_the_block_closes():
+    parser = DSMLStreamParser("chat", strict=True, call_id_factory=call_ids)
+    cut = BLOCK.index("</｜DSML｜tool_calls>")
+    events = parser.feed(BLOCK[:cut])
+    assert [type(e) for e in events] == [ToolCallStarted, ToolCallStarted]
+    assert [type(e) for e in parser.feed(BLOCK[cut:])] == [ToolCallComplete, ToolCallComplete]
+
+
+def test_content_is_streamed_before_a_possible_tag_is_decided():
+    parser = DSMLStreamParser("chat")
+    assert parser.feed("Hello <") == [ContentDelta("Hello")]
+    assert parser.feed("b") == [ContentDelta(" <b")]
+    assert parser.feed("\n\n<｜DS") == []
+    assert parser.feed("ML｜tool_calls>\n") == []
+
+
+def test_strict_stream_raises_at_the_offending_chunk():
+    parser = DSMLStreamParser("chat", strict=True)
+    parser.feed("ok ")
+    with pytest.raises(ChatFormatError) as caught:
+        parser.feed("</think>")
+    assert caught.value.offset == 3
+
+
+def test_feeding_token_ids():
+    from mlx_dsv4.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    text = "思考😀</think>Looking it up." + BLOCK + EOS
+    ids = tokenizer.encode(text)
+    assert 128822 in ids and 128825 in ids and ids[-1] == 1
+    parser = DSMLStreamParser("thinking", strict=True, tokenizer=tokenizer, call_id_factory=call_ids)
+    events = []
+    for token_id in ids:
+        events += parser.feed_tokens([token_id])
+    events += parser.finish()
+    assert merged(events) == merged(run("thinking", True, [text]))

@@ -147,3 +147,30 @@ def test_feeding_token_ids():
         events += parser.feed_tokens([token_id])
     events += parser.finish()
     assert merged(events) == merged(run("thinking", True, [text]))
+
+
+def outcome(thinking_mode, strict, chunks):
+    try:
+        return merged(run(thinking_mode, strict, chunks))
+    except ChatFormatError as err:
+        return ("error", err.offset, str(err))
+
+
+def test_random_documents_split_anywhere_agree():
+    import random
+
+    from test_chat_parse import FRAGMENTS, mutations
+
+    rng = random.Random(99)
+    bases = [text for _, _, text in CORPUS]
+    for _ in range(250):
+        text = mutations(rng, rng.choice(bases)) if rng.random() < 0.7 else "".join(
+            rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 25))
+        )
+        thinking_mode = rng.choice(["chat", "thinking"])
+        strict = rng.random() < 0.5
+        expected = outcome(thinking_mode, strict, [text])
+        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        assert outcome(thinking_mode, strict, pieces) == expected, (text, cuts)
+        assert outcome(thinking_mode, strict, list(text)) == expected, text

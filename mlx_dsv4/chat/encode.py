@@ -44,7 +44,6 @@ _EMPTY_ECHO_FIELDS = {"refusal", "audio", "function_call", "annotations"}
 @dataclass
 class _Turn:
     role: str
-    index: int  # position in the caller's list (first message of a merged turn)
     text: str = ""
     tools: Optional[list] = None
     response_format: object = None
@@ -115,16 +114,16 @@ def _normalise(messages, tools):
     for index, message in enumerate(messages):
         role = _validate_fields(message, index)
         if role in ("system", "developer"):
-            turn = _Turn(role, index, text=_content_text(message, index, required=role == "developer"))
+            turn = _Turn(role, text=_content_text(message, index, required=role == "developer"))
             if message.get("tools") is not None:
                 render_tools_block(message["tools"], index=index)  # validates
                 turn.tools = message["tools"]
             turn.response_format = _response_format(message, index)
             turns.append(turn)
         elif role == "latest_reminder":
-            turns.append(_Turn(role, index, text=_content_text(message, index, required=True)))
+            turns.append(_Turn(role, text=_content_text(message, index, required=True)))
         elif role == "assistant":
-            turn = _Turn(role, index, text=_content_text(message, index))
+            turn = _Turn(role, text=_content_text(message, index))
             reasoning = message.get("reasoning_content")
             if reasoning is not None:
                 if not isinstance(reasoning, str):
@@ -154,7 +153,7 @@ def _normalise(messages, tools):
             if turns and turns[-1].role == "user":
                 turns[-1].parts.append((None, text))
             else:
-                turns.append(_Turn("user", index, parts=[(None, text)]))
+                turns.append(_Turn("user", parts=[(None, text)]))
         else:  # tool
             if previous_role not in ("assistant", "tool") or not pending_calls:
                 raise ChatFormatError("tool result without a preceding tool call", index=index, field="role")
@@ -163,7 +162,7 @@ def _normalise(messages, tools):
             if turns[-1].role == "user":
                 turns[-1].parts.append((position, text))
             else:
-                turns.append(_Turn("user", index, parts=[(position, text)]))
+                turns.append(_Turn("user", parts=[(position, text)]))
         previous_role = role
 
     for turn in turns:
@@ -183,7 +182,7 @@ def _normalise(messages, tools):
                 "tools given both as an argument and on the system message", index=0, field="tools"
             )
         else:
-            turns.insert(0, _Turn("system", -1, tools=tools))
+            turns.insert(0, _Turn("system", tools=tools))
     return turns
 
 

@@ -103,6 +103,8 @@ class DSMLStreamParser:
         self._eos = False
         self._finished = False
         self._after_end_reported = False
+        self._after_block_reported = False
+        self._after_block_offset = 0
         self.repairs = []
         self._events = []
         self._call_id = call_id_factory or default_call_id
@@ -257,12 +259,13 @@ class DSMLStreamParser:
             self._gap = "\n"
             self._in_block(token)
         else:
-            self._check_tag(token, "")
+            self._check_plain_tag(token)
 
-    def _check_tag(self, token, expected_attributes):
+    def _check_plain_tag(self, token):
+        """Checks for a tag that takes no attributes."""
         if not token.exact:
             self._problem(f"ASCII '|' in DSML tag {token.raw[:40]!r}", token.offset)
-        if token.attributes != expected_attributes and expected_attributes == "":
+        if token.attributes:
             self._problem(f"unexpected attributes in {token.raw[:40]!r}", token.offset, "ignored")
 
     def _check_gap(self, token, allowed):
@@ -286,7 +289,7 @@ class DSMLStreamParser:
             return
         if state == "value":
             if kind == "tag" and token.closing and token.name == PARAMETER_TAG:
-                self._check_tag(token, "")
+                self._check_plain_tag(token)
                 self._end_parameter()
                 self._block_state = "invoke"
                 self._gap_offset = token.offset + len(token.raw.encode("utf-8"))
@@ -326,8 +329,8 @@ class DSMLStreamParser:
                 self._start_call(token)
             elif name == TOOL_CALLS_TAG and closing:
                 self._check_gap(token, ("\n",))
-                self._check_tag(token, "")
-                self._end_block()
+                self._check_plain_tag(token)
+                self._end_block(end_offset)
             else:
                 self._gap = ""
                 self._drop(token, "DSML tag")
@@ -337,7 +340,7 @@ class DSMLStreamParser:
                 self._start_parameter(token)
             elif name == INVOKE_TAG and closing:
                 self._check_gap(token, ("\n", "\n\n") if not self._call.parameters else ("\n",))
-                self._check_tag(token, "")
+                self._check_plain_tag(token)
                 self._end_call()
             elif (name == TOOL_CALLS_TAG and closing) or (name == INVOKE_TAG and not closing):
                 self._gap = ""
@@ -430,12 +433,13 @@ class DSMLStreamParser:
         else:
             self.repairs.append(f"byte {call.offset}: malformed call {call.name!r}; discarded")
 
-    def _end_block(self):
+    def _end_block(self, end_offset):
         for call in self._block_calls:
             arguments = to_json(call.parameters)
             self._events.append(ToolCallComplete(call.index, call.name, arguments, self._call_id(call.index)))
         self._block_calls = []
         self._state = "after_block"
+        self._after_block_offset = end_offset
 
     def _truncated_block(self, offset):
         pending = len(self._block_calls) + (self._call is not None)
@@ -456,8 +460,10 @@ class DSMLStreamParser:
             self._state = "done"
         elif token.kind == "text" and not token.raw.strip(_WHITESPACE) and not self.strict:
             pass
-        else:
-            self._problem(f"text after the tool_calls block: {token.raw[:40]!r}", token.offset, "discarded")
+        elif not self._after_block_reported:
+            # Reported once, at the block end, so the report does not depend on chunking.
+            self._after_block_reported = True
+            self._problem("text after the tool_calls block", self._after_block_offset, "discarded")
 
     def _after_end(self, token):
         if not self._after_end_reported or self.strict:

@@ -5,7 +5,6 @@ into user turns and ordered like the calls they answer), then reasoning is dropp
 where the release drops it, then each turn is rendered with its transition.
 """
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -19,7 +19,6 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Optional
 
 from .adapters import to_json
 from .errors import ChatFormatError

@@ -1,0 +1,310 @@
+"""Routes: OpenAI chat/completions/models, Anthropic messages, health."""
+
+import asyncio
+import hmac
+import json
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from . import anthropic_api, openai_api
+from .common import Assembler
+from .engine import StepLog
+from .errors import APIError, error_response
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class Defaults:
+    max_tokens: int = 4096
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+
+
+class Context:
+    """What request parsing needs to know about the served model."""
+
+    def __init__(self, engine, model_name, defaults, *, api_key=None, max_context=None):
+        self.engine = engine
+        self.model_name = model_name
+        self.defaults = defaults
+        self.api_key = api_key
+        self.max_context = max_context
+        self.created = int(time.time())
+
+    @property
+    def vocab_size(self):
+        return self.engine.model.args.vocab_size
+
+    def check_model(self, name):
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+
+def _flavour(request):
+    return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
+
+
+def _check_auth(request, ctx):
+    if not ctx.api_key:
+        return
+    supplied = request.headers.get("x-api-key")
+    header = request.headers.get("authorization", "")
+    if supplied is None and header.lower().startswith("bearer "):
+        supplied = header[7:].strip()
+    if supplied is None or not hmac.compare_digest(supplied.encode(), ctx.api_key.encode()):
+        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json")
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _prepare(plan, ctx):
+    """Tokenise the prompt and check it (with max_tokens) against the context and memory limits."""
+    from ..generate import KVCacheLimitError, check_kv_limit
+
+    engine = ctx.engine
+    if not plan.prompt_ids:
+        plan.prompt_ids = engine.tokenizer.encode(plan.prompt, add_special_tokens=False)
+    n = len(plan.prompt_ids)
+    sampling = plan.sampling
+    limit = ctx.max_context
+    if limit is not None:
+        if n >= limit:
+            raise APIError(400, f"the prompt has {n} tokens; the context holds {limit}",
+                           param="messages", code="context_length_exceeded")
+        if n + sampling.max_tokens > limit:
+            if sampling.max_tokens_given:
+                raise APIError(400, f"{n} prompt tokens + max_tokens {sampling.max_tokens} exceed the context of "
+                                    f"{limit} tokens", param="max_tokens", code="context_length_exceeded")
+            sampling.max_tokens = limit - n
+    if engine.kv_cache_limit is not None:
+        try:
+            check_kv_limit(engine.model, n, sampling.max_tokens, engine.kv_cache_limit)
+        except KVCacheLimitError as err:
+            if sampling.max_tokens_given or err.tokens_that_fit <= n:
+                raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded")
+            sampling.max_tokens = err.tokens_that_fit - n
+
+
+def _note_stop_sequence(log, plan, tokenizer):
+    stops = plan.sampling.stop
+    if not stops or log.finish_reason != "stop" or not log.tokens or log.tokens[-1] in tokenizer.eos_token_ids:
+        return
+    text = tokenizer.decode(log.tokens)
+    hits = [(text.find(s), s) for s in stops if s in text]
+    if hits:
+        log.stop_sequence = min(hits)[1]
+
+
+def _assembler(plan, flavour):
+    return Assembler(plan.thinking_mode, prefix=plan.prefix, echo_prefix=plan.echo_prefix,
+                     id_prefix="toolu_" if flavour == "anthropic" else "call_", parse=plan.parse)
+
+
+def _engine_args(plan):
+    # Chat prompts go as text so the engine can reuse the prompt cache's own token ids.
+    return (plan.prompt, None) if plan.prompt else (None, plan.prompt_ids)
+
+
+class Server:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    # -- plumbing ------------------------------------------------------------------
+
+    async def _run(self, request, flavour, parse, respond, stream_format):
+        ctx = self.ctx
+        try:
+            _check_auth(request, ctx)
+            body = await _read_json(request)
+            plan = parse(body, ctx)
+            await run_in_threadpool(_prepare, plan, ctx)
+        except APIError as err:
+            return error_response(err, flavour)
+        except Exception as err:  # noqa: BLE001 - a request must never take the server down
+            return error_response(APIError(500, f"internal error: {type(err).__name__}: {err}"), flavour)
+        if plan.stream:
+            return StreamingResponse(
+                self._sse(plan, flavour, stream_format(plan)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            result = await self._collect(request, plan, flavour)
+        except APIError as err:
+            return error_response(err, flavour)
+        except Exception as err:  # noqa: BLE001
+            return error_response(APIError(500, f"internal error: {type(err).__name__}: {err}"), flavour)
+        if result is None:  # the client left; nobody reads this
+            return JSONResponse({}, status_code=499)
+        assembler, log = result
+        return JSONResponse(respond(plan, assembler, log))
+
+    async def _collect(self, request, plan, flavour):
+        assembler, log = _assembler(plan, flavour), StepLog()
+
+        async def consume():
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log):
+                assembler.feed(step.text)
+            assembler.finish()
+
+        task = asyncio.ensure_future(consume())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                task.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await task
+                return None
+        task.result()
+        _note_stop_sequence(log, plan, self.ctx.engine.tokenizer)
+        return assembler, log
+
+    async def _sse(self, plan, flavour, fmt):
+        assembler, log = _assembler(plan, flavour), StepLog()
+        try:
+            for line in fmt.start(len(plan.prompt_ids)) if flavour == "anthropic" else fmt.start():
+                yield line
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log):
+                for line in fmt.events(assembler.feed(step.text), assembler):
+                    yield line
+            for line in fmt.events(assembler.finish(), assembler):
+                yield line
+            _note_stop_sequence(log, plan, self.ctx.engine.tokenizer)
+            for line in fmt.end(assembler, log):
+                yield line
+        except APIError as err:
+            for line in fmt.error(err):
+                yield line
+        except Exception as err:  # noqa: BLE001 - report in-band; headers are already sent
+            for line in fmt.error(APIError(500, f"internal error: {type(err).__name__}: {err}")):
+                yield line
+
+    # -- routes --------------------------------------------------------------------
+
+    async def chat_completions(self, request):
+        def respond(plan, assembler, log):
+            return openai_api.chat_response(plan, assembler, log, *openai_api.new_chat_id())
+
+        return await self._run(request, "openai", openai_api.parse_chat_request, respond,
+                               lambda plan: openai_api.ChatChunks(plan, *openai_api.new_chat_id()))
+
+    async def completions(self, request):
+        def respond(plan, assembler, log):
+            return openai_api.completion_response(plan, assembler, log, *openai_api.new_completion_id())
+
+        return await self._run(request, "openai", openai_api.parse_completion_request, respond,
+                               lambda plan: openai_api.ChatChunks(plan, *openai_api.new_completion_id(), completion=True))
+
+    async def messages(self, request):
+        def respond(plan, assembler, log):
+            return anthropic_api.message_response(plan, assembler, log, anthropic_api.new_message_id())
+
+        return await self._run(request, "anthropic", anthropic_api.parse_messages_request, respond,
+                               lambda plan: anthropic_api.MessageEvents(plan, anthropic_api.new_message_id()))
+
+    async def count_tokens(self, request):
+        ctx = self.ctx
+        try:
+            _check_auth(request, ctx)
+            body = await _read_json(request)
+            plan = anthropic_api.parse_messages_request(body, ctx, count_only=True)
+            ids = await run_in_threadpool(ctx.engine.tokenizer.encode, plan.prompt, False)
+        except APIError as err:
+            return error_response(err, "anthropic")
+        except Exception as err:  # noqa: BLE001
+            return error_response(APIError(500, f"internal error: {type(err).__name__}: {err}"), "anthropic")
+        return JSONResponse({"input_tokens": len(ids)})
+
+    def _model_entry(self, request):
+        ctx = self.ctx
+        if "anthropic-version" in request.headers:
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ctx.created))
+            return {"type": "model", "id": ctx.model_name, "display_name": ctx.model_name, "created_at": created}
+        return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "mlx-dsv4"}
+
+    async def models(self, request):
+        try:
+            _check_auth(request, self.ctx)
+        except APIError as err:
+            return error_response(err, "openai")
+        entry = self._model_entry(request)
+        if "anthropic-version" in request.headers:
+            return JSONResponse({"data": [entry], "has_more": False, "first_id": entry["id"], "last_id": entry["id"]})
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def model(self, request):
+        try:
+            _check_auth(request, self.ctx)
+            self.ctx.check_model(request.path_params["name"])
+        except APIError as err:
+            return error_response(err, "openai")
+        return JSONResponse(self._model_entry(request))
+
+    async def health(self, request):
+        stats = self.ctx.engine.stats()
+        return JSONResponse({"status": "ok" if stats["loaded"] else "loading", "model": self.ctx.model_name, **stats},
+                            status_code=200 if stats["loaded"] else 503)
+
+
+async def _http_error(request, exc):
+    messages = {404: f"no route for {request.method} {request.url.path}", 405: f"{request.method} is not allowed here"}
+    return error_response(APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail))), _flavour(request))
+
+
+async def _server_error(request, exc):
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}"), _flavour(request))
+
+
+def create_app(ctx):
+    server = Server(ctx)
+    routes = [
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/messages", server.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", server.count_tokens, methods=["POST"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{name:path}", server.model, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})

@@ -2,7 +2,9 @@
 
 Ratio 0: window only. Ratio 128 (HCA): window ++ every visible compressed
 entry. Ratio 4 (CSA): window ++ the top-k entries picked by the lightning
-indexer. One learned sink logit per head joins the softmax denominator.
+indexer (gathered per query). One learned sink logit per head joins the
+softmax denominator. Queries are processed in blocks of `QUERY_BLOCK`, so
+no score matrix grows with the square of the prompt length.
 """
 
 from typing import Optional
@@ -13,7 +15,9 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
-from .rope import RopeTable, apply_rope, inv_freq_for
+from .rope import Rope, inv_freq_for
+
+QUERY_BLOCK = 128
 
 
 class Compressor(nn.Module):
@@ -30,9 +34,9 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, width))
         self.norm = nn.RMSNorm(head_dim, eps=eps)
 
-    def __call__(self, x: mx.array, state: CompressorState, rope: RopeTable) -> Optional[mx.array]:
-        """Feed x [B, L, D]; return all entries so far [B, T, head_dim] (None if T == 0)."""
-        r, d = self.ratio, self.head_dim
+    def __call__(self, x: mx.array, state: CompressorState, rope: Rope) -> None:
+        """Feed x [B, L, D]; closed windows are appended to state as entries."""
+        r = self.ratio
         kv = self.wkv(x)
         gate = self.wgate(x).astype(mx.float32)
         if state.pending_kv is not None:
@@ -40,18 +44,16 @@ class Compressor(nn.Module):
             gate = mx.concatenate([state.pending_gate, gate], axis=1)
         usable = (kv.shape[1] // r) * r
         state.pending_kv, state.pending_gate = kv[:, usable:], gate[:, usable:]
-        if usable:
-            B, n = kv.shape[0], usable // r
-            kv = kv[:, :usable].reshape(B, n, r, -1)
-            gate = gate[:, :usable].reshape(B, n, r, -1) + self.ape.astype(mx.float32)
-            if self.overlap:
-                kv, gate = self._overlap(kv, gate, state)
-            weights = mx.softmax(gate, axis=2, precise=True).astype(kv.dtype)
-            pooled = self.norm((kv * weights).sum(axis=2))
-            positions = (state.n_entries + mx.arange(n)) * r
-            cos, sin = rope(positions)
-            state.append(apply_rope(pooled, cos, sin))
-        return state.entries if state.n_entries else None
+        if not usable:
+            return
+        B, n = kv.shape[0], usable // r
+        kv = kv[:, :usable].reshape(B, n, r, -1)
+        gate = gate[:, :usable].reshape(B, n, r, -1) + self.ape.astype(mx.float32)
+        if self.overlap:
+            kv, gate = self._overlap(kv, gate, state)
+        weights = mx.softmax(gate, axis=2, precise=True).astype(kv.dtype)
+        pooled = self.norm((kv * weights).sum(axis=2))
+        state.append(rope(pooled, offset=state.n_entries, stride=r))
 
     def _overlap(self, kv, gate, state: CompressorState):
         """Entry w pools the Ca halves of window w-1 and the Cb halves of window w."""
@@ -82,21 +84,22 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, self.head_dim, 4, args.rms_norm_eps)
 
-    def __call__(self, x, q_lora, cos, sin, visible, state: CompressorState, rope: RopeTable):
-        """Return (indices [B, L, k], valid [B, L, k]) or None before any entry exists.
-
-        visible [L, 1]: how many entries each query may see.
-        """
-        keys = self.compressor(x, state, rope)
-        if keys is None:
-            return None
+    def queries(self, x, q_lora, rope: Rope, offset: int):
+        """(queries [B, H, L, d] float32, head weights [B, L, H] float32)."""
         B, L, _ = x.shape
-        T = keys.shape[1]
         q = self.wq_b(q_lora).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = apply_rope(q, cos, sin).astype(mx.float32)
-        scores = nn.relu(q @ keys.astype(mx.float32)[:, None].swapaxes(-1, -2)) * self.head_dim**-0.5
-        w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, L, H]
-        scores = (scores * w.transpose(0, 2, 1)[..., None]).sum(axis=1)  # [B, L, T]
+        q = rope(q, offset=offset).astype(mx.float32)
+        w = self.weights_proj(x).astype(mx.float32) * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        return q, w
+
+    def select(self, q: mx.array, w: mx.array, keys: mx.array, visible: mx.array):
+        """Top-k entries per query: (indices [B, Lq, k], valid [B, Lq, k]).
+
+        q [B, H, Lq, d], w [B, Lq, H], keys [B, T, d], visible [Lq, 1] entries each query may see.
+        """
+        scores = nn.relu(q @ keys[:, None].swapaxes(-1, -2))  # [B, H, Lq, T]
+        scores = (w[:, :, None, :] @ scores.transpose(0, 2, 1, 3)).squeeze(2)  # [B, Lq, T]
+        T = keys.shape[1]
         scores = mx.where(mx.arange(T) < visible, scores, -mx.inf)
         k = min(self.topk, T)
         indices = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
@@ -112,6 +115,7 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.eps = args.rms_norm_eps
         self.window = args.sliding_window
+        self.scale = args.head_dim**-0.5
         dim, hd, H, G = args.hidden_size, args.head_dim, args.num_attention_heads, args.o_groups
         self.wq_a = nn.Linear(dim, args.q_lora_rank, bias=False)
         self.q_norm = nn.RMSNorm(args.q_lora_rank, eps=self.eps)
@@ -125,63 +129,78 @@ class Attention(nn.Module):
             self.compressor = Compressor(dim, hd, self.ratio, self.eps)
         if self.ratio == 4:
             self.indexer = Indexer(args)
-        self.rope = RopeTable(inv_freq_for(args, compressed=self.ratio > 0))
+        self.rope = Rope(inv_freq_for(args, compressed=self.ratio > 0))
 
     def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         B, L, _ = x.shape
-        H, hd = self.n_heads, self.head_dim
-        start = cache.offset
-        q_pos = start + mx.arange(L)
-        cos, sin = self.rope(q_pos)
+        H, hd, start = self.n_heads, self.head_dim, cache.offset
 
         q_lora = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lora).reshape(B, L, H, hd)
-        q = mx.fast.rms_norm(q, None, self.eps).transpose(0, 2, 1, 3)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        q = self.rope(mx.fast.rms_norm(q, None, self.eps).transpose(0, 2, 1, 3), offset=start)
+        kv = self.rope(self.kv_norm(self.wkv(x)), offset=start)
+        kv = cache.kv_codec.decode(cache.kv_codec.encode(kv))  # attend to exactly what the cache stores
+        keys, first = cache.window_keys(kv)
 
-        keys, first = cache.update_window(kv)
-        k_pos = first + mx.arange(keys.shape[1])
-        delta = q_pos[:, None] - k_pos[None, :]
-        in_window = (delta >= 0) & (delta < self.window)
-        scale = hd**-0.5
-        logits = [mx.where(in_window, (q @ keys[:, None].swapaxes(-1, -2)) * scale, -mx.inf)]
-        values = [keys]
-
+        entries = index_q = index_w = index_keys = None
         if self.ratio:
-            visible = ((q_pos + 1) // self.ratio)[:, None]
-            entries = self.compressor(x, cache.compressor, self.rope)
+            self.compressor(x, cache.compressor, self.rope)
             if self.ratio == 4:
-                picked = None
-                if entries is not None:
-                    picked = self.indexer(x, q_lora, cos, sin, visible, cache.indexer, self.rope)
-                else:
-                    self.indexer.compressor(x, cache.indexer, self.rope)
-                if picked is not None:
-                    indices, valid = picked
-                    gathered = entries[mx.arange(B)[:, None, None], indices]  # [B, L, k, hd]
-                    s = (q[:, :, :, None, :] @ gathered[:, None].swapaxes(-1, -2)).squeeze(-2) * scale
-                    logits.append(mx.where(valid[:, None], s, -mx.inf))
-                    values.append(gathered)
-            elif entries is not None:
-                s = (q @ entries[:, None].swapaxes(-1, -2)) * scale
-                logits.append(mx.where(mx.arange(entries.shape[1]) < visible, s, -mx.inf))
-                values.append(entries)
+                self.indexer.compressor(x, cache.indexer, self.rope)
+                if cache.indexer.n_entries:
+                    index_q, index_w = self.indexer.queries(x, q_lora, self.rope, start)
+                    index_keys = cache.indexer.entries().astype(mx.float32)
+            elif cache.compressor.n_entries:
+                entries = cache.compressor.entries()
 
-        sink = mx.broadcast_to(self.attn_sink.astype(logits[0].dtype)[None, :, None, None], (B, H, L, 1))
-        probs = mx.softmax(mx.concatenate(logits + [sink], axis=-1), axis=-1, precise=True)
-        out = probs[..., : keys.shape[1]] @ keys[:, None]
-        if len(values) > 1:
-            p = probs[..., keys.shape[1] : -1]
-            v = values[1]
-            if v.ndim == 4:  # per-query gathered entries [B, L, k, hd]
-                out = out + (p[..., None, :] @ v[:, None]).squeeze(-2)
+        sinks = self.attn_sink.astype(mx.float32)
+        blocks = []
+        for q0 in range(0, L, QUERY_BLOCK):
+            q1 = min(L, q0 + QUERY_BLOCK)
+            q_pos = start + mx.arange(q0, q1)
+            k0 = max(0, start + q0 - self.window + 1 - first)
+            k1 = start + q1 - first
+            win = keys[:, k0:k1]
+            delta = q_pos[:, None] - (first + k0 + mx.arange(k1 - k0))[None, :]
+            mask = (delta >= 0) & (delta < self.window)
+            visible = ((q_pos + 1) // self.ratio)[:, None] if self.ratio else None
+            qb = q[:, :, q0:q1]
+            if entries is not None:
+                win = mx.concatenate([win, entries], axis=1)
+                mask = mx.concatenate([mask, mx.arange(entries.shape[1]) < visible], axis=1)
+            if index_q is None:
+                blocks.append(self._sdpa(qb, win, mask, sinks))
+                continue
+            indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], index_keys, visible)
+            picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
+            if q1 - q0 == 1:  # one query: its picked entries are ordinary keys
+                blocks.append(self._sdpa(qb, mx.concatenate([win, picked[:, 0]], axis=1),
+                                         mx.concatenate([mx.broadcast_to(mask, (B, 1, mask.shape[1])), valid], axis=2)[:, None],
+                                         sinks))
             else:
-                out = out + p @ v[:, None]
+                blocks.append(self._sparse(qb, win, mask, picked, valid, sinks))
+        out = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
         cache.offset += L
 
-        out = apply_rope(out, cos, sin, inverse=True).transpose(0, 2, 1, 3)  # [B, L, H, hd]
+        out = self.rope(out, offset=start, inverse=True).transpose(0, 2, 1, 3)  # [B, L, H, hd]
         G = self.args.o_groups
-        grouped = out.reshape(B, L, G, 1, H * hd // G)
-        out = self.wo_a(grouped, mx.arange(G)).reshape(B, L, -1)
+        out = self.wo_a(out.reshape(B, L, G, 1, H * hd // G), mx.arange(G)).reshape(B, L, -1)
         return self.wo_b(out)
+
+    def _sdpa(self, q, keys, mask, sinks):
+        k = keys[:, None]
+        return mx.fast.scaled_dot_product_attention(q, k, k, scale=self.scale, mask=mask, sinks=sinks.astype(q.dtype))
+
+    def _sparse(self, q, win, mask, picked, valid, sinks):
+        """Attention over window keys shared by the block plus per-query gathered entries."""
+        B, H, Lq, _ = q.shape
+        s_win = mx.where(mask, (q @ win[:, None].swapaxes(-1, -2)) * self.scale, -mx.inf)
+        qt = q.transpose(0, 2, 1, 3)  # [B, Lq, H, hd]
+        s_pick = (qt @ picked.swapaxes(-1, -2)).transpose(0, 2, 1, 3) * self.scale  # [B, H, Lq, k]
+        s_pick = mx.where(valid[:, None], s_pick, -mx.inf)
+        sink = mx.broadcast_to(sinks.astype(s_win.dtype)[None, :, None, None], (B, H, Lq, 1))
+        probs = mx.softmax(mx.concatenate([s_win, s_pick, sink], axis=-1), axis=-1, precise=True).astype(q.dtype)
+        n_win = win.shape[1]
+        out = probs[..., :n_win] @ win[:, None]
+        p_pick = probs[..., n_win:-1].transpose(0, 2, 1, 3)  # [B, Lq, H, k]
+        return out + (p_pick @ picked).transpose(0, 2, 1, 3)

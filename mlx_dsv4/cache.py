@@ -1,83 +1,133 @@
-"""Per-layer decoding state: the sliding window of raw kv rows and the
-compressor state (incomplete window, overlap half, compressed entries)."""
+"""Per-layer decoding state.
+
+- The raw window: a ring buffer of `sliding_window` encoded kv rows.
+- Per compressor (the attention's, and for ratio 4 the indexer's): the open
+  window's projected tokens, the overlap half of the last closed window
+  (ratio 4), and the encoded compressed entries.
+
+Memory grows only with compressed entries: 1/4 or 1/128 of the tokens.
+"""
 
 from typing import List, Optional
 
 import mlx.core as mx
 
-_ENTRY_STEP = 256
+from .kvcodec import IndexCodec, KVCodec
+
+ENTRY_STEP = 64  # entries are allocated in blocks of this many rows
+
+
+def _assign(parts: tuple, index, new_parts: tuple) -> None:
+    for part, new in zip(parts, new_parts):
+        part[:, index] = new
+
+
+def _own(a: mx.array) -> mx.array:
+    """A distinct array object: storage is updated in place, so snapshots must not alias it."""
+    return mx.array(a)
 
 
 class CompressorState:
-    """State of one compressor (the attention's, or the lightning indexer's)."""
+    """One compressor's state; `codec` turns entries into stored arrays and back."""
 
-    def __init__(self):
+    _RAW = ("pending_kv", "pending_gate", "prev_kv", "prev_gate")
+
+    def __init__(self, codec):
+        self.codec = codec
         self.pending_kv: Optional[mx.array] = None  # [B, < ratio, c*d] tokens of the open window
         self.pending_gate: Optional[mx.array] = None
         self.prev_kv: Optional[mx.array] = None  # [B, ratio, d] Ca halves of the last closed window
         self.prev_gate: Optional[mx.array] = None
-        self._entries: Optional[mx.array] = None  # [B, capacity, d]
+        self._parts: Optional[tuple] = None  # encoded entries, [B, capacity, ...] each
         self.n_entries = 0
 
-    @property
-    def entries(self) -> Optional[mx.array]:
-        if self._entries is None:
-            return None
-        return self._entries[:, : self.n_entries]
-
-    def append(self, new: mx.array) -> None:
-        n = new.shape[1]
+    def append(self, rows: mx.array) -> None:
+        n = rows.shape[1]
         if n == 0:
             return
+        encoded = self.codec.encode(rows)
         end = self.n_entries + n
-        if self._entries is None or end > self._entries.shape[1]:
-            capacity = ((end + _ENTRY_STEP - 1) // _ENTRY_STEP) * _ENTRY_STEP
-            grown = mx.zeros((new.shape[0], capacity, new.shape[2]), dtype=new.dtype)
-            if self._entries is not None and self.n_entries:
-                grown[:, : self.n_entries] = self._entries[:, : self.n_entries]
-            self._entries = grown
-        self._entries[:, self.n_entries : end] = new
+        if self._parts is None or end > self._parts[0].shape[1]:
+            capacity = -(-end // ENTRY_STEP) * ENTRY_STEP
+            grown = []
+            for i, new in enumerate(encoded):
+                g = mx.zeros((new.shape[0], capacity, *new.shape[2:]), dtype=new.dtype)
+                if self._parts is not None and self.n_entries:
+                    g[:, : self.n_entries] = self._parts[i][:, : self.n_entries]
+                grown.append(g)
+            self._parts = tuple(grown)
+        _assign(self._parts, slice(self.n_entries, end), encoded)
         self.n_entries = end
 
-    _FIELDS = ("pending_kv", "pending_gate", "prev_kv", "prev_gate", "entries")
+    def parts(self) -> tuple:
+        return tuple(p[:, : self.n_entries] for p in self._parts)
+
+    def entries(self) -> Optional[mx.array]:
+        """All entries, decoded: [B, T, d]."""
+        return self.codec.decode(self.parts()) if self.n_entries else None
+
+    def gather(self, indices: mx.array) -> mx.array:
+        """Entries picked per query: indices [B, Lq, k] -> decoded [B, Lq, k, d]."""
+        b = mx.arange(indices.shape[0])[:, None, None]
+        return self.codec.decode(tuple(p[b, indices] for p in self._parts))
 
     def arrays(self) -> List[mx.array]:
-        return [a for a in (getattr(self, f) for f in self._FIELDS) if a is not None]
+        out = [a for a in (getattr(self, f) for f in self._RAW) if a is not None]
+        return out + list(self._parts or ())
 
     def to_state(self, prefix: str, out: dict) -> None:
-        for f in self._FIELDS:
+        for f in self._RAW:
             value = getattr(self, f)
             if value is not None:
                 out[f"{prefix}.{f}"] = value
+        if self.n_entries:
+            for i, p in enumerate(self.parts()):
+                out[f"{prefix}.entries.{i}"] = p
 
     def load_state(self, prefix: str, arrays: dict) -> None:
-        for f in self._FIELDS[:-1]:
+        for f in self._RAW:
             setattr(self, f, arrays.get(f"{prefix}.{f}"))
-        self._entries = arrays.get(f"{prefix}.entries")
-        self.n_entries = 0 if self._entries is None else self._entries.shape[1]
+        parts, i = [], 0
+        while f"{prefix}.entries.{i}" in arrays:
+            parts.append(_own(arrays[f"{prefix}.entries.{i}"]))
+            i += 1
+        self._parts = tuple(parts) or None
+        self.n_entries = parts[0].shape[1] if parts else 0
 
 
 class LayerCache:
-    def __init__(self, sliding_window: int, ratio: int):
+    def __init__(self, sliding_window: int, ratio: int, kv_codec: KVCodec, index_codec: Optional[IndexCodec]):
         self.sliding_window = sliding_window
         self.ratio = ratio
+        self.kv_codec = kv_codec
         self.offset = 0
-        self.window: Optional[mx.array] = None  # [B, <= sliding_window - 1, hd]
-        self.compressor = CompressorState() if ratio else None
-        self.indexer = CompressorState() if ratio == 4 else None
+        self._ring: Optional[tuple] = None  # encoded rows; position p lives in slot p % sliding_window
+        self.compressor = CompressorState(kv_codec) if ratio else None
+        self.indexer = CompressorState(index_codec) if ratio == 4 else None
 
-    def update_window(self, kv: mx.array):
-        """Append this step's kv rows; return (keys, absolute position of keys[:, 0])."""
-        if self.window is None:
-            keys, first = kv, self.offset
+    def window_keys(self, kv: mx.array):
+        """Store this step's (already rounded) kv rows; return (keys, position of keys[:, 0]).
+
+        keys = the up to sliding_window - 1 earlier rows followed by kv.
+        """
+        W, start, L = self.sliding_window, self.offset, kv.shape[1]
+        first = max(0, start - (W - 1))
+        if start > first:
+            slots = mx.arange(first, start) % W
+            previous = self.kv_codec.decode(tuple(p[:, slots] for p in self._ring))
+            keys = mx.concatenate([previous, kv], axis=1)
         else:
-            keys, first = mx.concatenate([self.window, kv], axis=1), self.offset - self.window.shape[1]
-        # The next query sees at most sliding_window - 1 earlier rows.
-        self.window = keys[:, -(self.sliding_window - 1) :]
+            keys = kv
+        if self._ring is None:
+            zeros = mx.zeros((kv.shape[0], W, kv.shape[2]), dtype=kv.dtype)
+            self._ring = tuple(mx.array(p) for p in self.kv_codec.encode(zeros))
+        keep = min(L, W)
+        slots = mx.arange(start + L - keep, start + L) % W
+        _assign(self._ring, slots, self.kv_codec.encode(kv[:, L - keep :]))
         return keys, first
 
     def arrays(self) -> List[mx.array]:
-        out = [self.window] if self.window is not None else []
+        out = list(self._ring or ())
         for state in (self.compressor, self.indexer):
             if state is not None:
                 out += state.arrays()
@@ -88,8 +138,8 @@ class LayerCache:
         return sum(a.nbytes for a in self.arrays())
 
     def to_state(self, prefix: str, out: dict) -> None:
-        if self.window is not None:
-            out[f"{prefix}.window"] = self.window
+        for i, p in enumerate(self._ring or ()):
+            out[f"{prefix}.ring.{i}"] = _own(p)
         for name in ("compressor", "indexer"):
             state = getattr(self, name)
             if state is not None:
@@ -97,7 +147,11 @@ class LayerCache:
 
     def load_state(self, prefix: str, arrays: dict, offset: int) -> None:
         self.offset = offset
-        self.window = arrays.get(f"{prefix}.window")
+        ring, i = [], 0
+        while f"{prefix}.ring.{i}" in arrays:
+            ring.append(_own(arrays[f"{prefix}.ring.{i}"]))
+            i += 1
+        self._ring = tuple(ring) or None
         for name in ("compressor", "indexer"):
             state = getattr(self, name)
             if state is not None:
@@ -105,8 +159,10 @@ class LayerCache:
 
 
 class ModelCache:
-    def __init__(self, layers: List[LayerCache]):
+    def __init__(self, layers: List[LayerCache], kv_dtype: str, index_dtype: str):
         self.layers = layers
+        self.kv_dtype = kv_dtype
+        self.index_dtype = index_dtype
 
     @property
     def offset(self) -> int:
@@ -119,17 +175,29 @@ class ModelCache:
     def state(self) -> List[mx.array]:
         return [a for layer in self.layers for a in layer.arrays()]
 
+    def _signature(self) -> str:
+        return ",".join(str(layer.ratio) for layer in self.layers)
+
     def to_state(self):
         """(arrays, metadata) that `load_state` restores exactly; metadata values are strings."""
         arrays = {}
         for i, layer in enumerate(self.layers):
             layer.to_state(f"layers.{i}", arrays)
-        meta = {"offset": str(self.offset), "ratios": ",".join(str(l.ratio) for l in self.layers)}
+        meta = {
+            "offset": str(self.offset),
+            "ratios": self._signature(),
+            "kv_dtype": self.kv_dtype,
+            "index_dtype": self.index_dtype,
+        }
         return arrays, meta
 
     def load_state(self, arrays: dict, meta: dict) -> None:
-        ratios = ",".join(str(l.ratio) for l in self.layers)
-        if meta.get("ratios") != ratios:
-            raise ValueError(f"cache was saved for layer schedule [{meta.get('ratios')}], this model has [{ratios}]")
+        if meta.get("ratios") != self._signature():
+            raise ValueError(
+                f"cache was saved for layer schedule [{meta.get('ratios')}], this model has [{self._signature()}]"
+            )
+        for key in ("kv_dtype", "index_dtype"):
+            if meta.get(key) != getattr(self, key):
+                raise ValueError(f"cache was saved with {key}={meta.get(key)!r}, this cache uses {getattr(self, key)!r}")
         for i, layer in enumerate(self.layers):
             layer.load_state(f"layers.{i}", arrays, int(meta["offset"]))

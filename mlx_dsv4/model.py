@@ -9,6 +9,7 @@ from .attention import Attention
 from .cache import LayerCache, ModelCache
 from .config import ModelArgs
 from .hc import hc_head, hc_merge, hc_split
+from .kvcodec import IndexCodec, KVCodec
 from .moe import MoE
 
 
@@ -51,11 +52,23 @@ class Model(nn.Module):
         self.hc_head_base = mx.zeros((hc,))
         self.hc_head_scale = mx.ones((1,))
 
-    def make_cache(self) -> ModelCache:
-        a = self.args
-        return ModelCache([LayerCache(a.sliding_window, r) for r in a.compress_ratios])
+    @property
+    def dtype(self):
+        """The activation dtype: that of the embedding, or bfloat16 when it is quantised."""
+        w = self.embed.weight
+        return w.dtype if mx.issubdtype(w.dtype, mx.floating) else mx.bfloat16
 
-    def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None) -> mx.array:
+    def make_cache(self, kv_dtype: str = "fp8", index_dtype: str = "fp4") -> ModelCache:
+        """A fresh cache. kv_dtype: "fp8" (as trained), "bf16" or "float" (the activation dtype, exact);
+        index_dtype for the indexer keys: "fp4", "fp8", "bf16" or "float"."""
+        a = self.args
+        kv = KVCodec(kv_dtype, a.head_dim, a.qk_rope_head_dim, self.dtype)
+        index = IndexCodec(index_dtype, a.index_head_dim, self.dtype) if 4 in a.compress_ratios else None
+        layers = [LayerCache(a.sliding_window, r, kv, index if r == 4 else None) for r in a.compress_ratios]
+        return ModelCache(layers, kv_dtype, index_dtype)
+
+    def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False) -> mx.array:
+        """Logits [B, L, vocab] (or [B, 1, vocab] with last_only) for tokens [B, L], continuing `cache`."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, length], got {tokens.shape}")
         if cache is None:
@@ -65,5 +78,7 @@ class Model(nn.Module):
         h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, tokens, layer_cache)
+        if last_only:
+            h = h[:, -1:]
         x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
         return self.head(self.norm(x))

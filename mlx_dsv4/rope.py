@@ -47,29 +47,17 @@ def inv_freq_for(args: ModelArgs, compressed: bool) -> mx.array:
     )
 
 
-class RopeTable:
-    """cos/sin for arbitrary integer positions with one inverse-frequency set."""
+class Rope:
+    """Rotates pairs (2j, 2j+1) of the last `dims` features at positions (offset + i) * stride."""
 
     def __init__(self, inv_freq: mx.array):
-        self.inv_freq = inv_freq
+        self.dims = inv_freq.shape[0] * 2
+        self._periods = 1.0 / inv_freq
 
-    def __call__(self, positions: mx.array):
-        angles = positions.astype(mx.float32)[..., None] * self.inv_freq
-        return mx.cos(angles), mx.sin(angles)
-
-
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array, inverse: bool = False) -> mx.array:
-    """Rotate pairs (2j, 2j+1) of the last 2*len(cos) dims of x.
-
-    cos/sin have shape [..., L, rd/2] and broadcast against x[..., L, :]
-    (insert head axes before calling).
-    """
-    rd = cos.shape[-1] * 2
-    dtype = x.dtype
-    nope, rope = x[..., :-rd], x[..., -rd:].astype(mx.float32)
-    pairs = rope.reshape(*rope.shape[:-1], rd // 2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    if inverse:
-        sin = -sin
-    rotated = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(rope.shape)
-    return mx.concatenate([nope, rotated.astype(dtype)], axis=-1)
+    def __call__(self, x: mx.array, offset: int, stride: int = 1, inverse: bool = False) -> mx.array:
+        rd = self.dims
+        freqs = -self._periods if inverse else self._periods
+        rotated = mx.fast.rope(
+            x[..., -rd:], rd, traditional=True, base=None, scale=float(stride), offset=offset, freqs=freqs
+        )
+        return mx.concatenate([x[..., :-rd], rotated], axis=-1)

@@ -10,7 +10,8 @@ from conftest import PARITY_VOCAB
 from mlx_dsv4.attention import Indexer
 from mlx_dsv4.cache import CompressorState
 from mlx_dsv4.hc import hc_split
-from mlx_dsv4.rope import RopeTable, apply_rope, inv_freq_for
+from mlx_dsv4.kvcodec import KVCodec
+from mlx_dsv4.rope import Rope, inv_freq_for
 from parity import reference_model
 
 
@@ -41,14 +42,17 @@ def test_interleaved_partial_rope_and_inverse(pair):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 3, 9, ours.args.head_dim)).astype(np.float32)
     pos = np.arange(100, 109)
-    cos, sin = RopeTable(inv_freq_for(ours.args, True))(mx.array(pos))
+    rope = Rope(inv_freq_for(ours.args, True))
     tcos, tsin = ref.model.rotary_emb(torch.zeros(1), torch.tensor(pos)[None], layer_type="compress")
     expect = apply_rotary_pos_emb(torch.tensor(x), tcos, tsin).numpy()
-    got = apply_rope(mx.array(x), cos, sin)
+    got = rope(mx.array(x), offset=100)
     close(got, expect)
     rd = ours.args.qk_rope_head_dim
     assert np.array_equal(np.array(got)[..., :-rd], x[..., :-rd])  # leading dims untouched
-    close(apply_rope(got, cos, sin, inverse=True), x)
+    close(rope(got, offset=100, inverse=True), x)
+    # strided positions (compressed entries sit at w * ratio)
+    tcos, tsin = ref.model.rotary_emb(torch.zeros(1), torch.tensor(pos * 4)[None], layer_type="compress")
+    close(rope(mx.array(x), offset=100, stride=4), apply_rotary_pos_emb(torch.tensor(x), tcos, tsin).numpy())
 
 
 def test_mhc_split_matches_reference(pair):
@@ -107,40 +111,50 @@ def test_indexer_selects_the_same_entries_as_reference(pair):
         ref(torch.tensor(tokens), use_cache=False)
     for h in handles:
         h.remove()
-    original = Indexer.__call__
+    original = Indexer.select
 
     def recording(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         our_sel.append((np.array(out[0]), np.array(out[1])))
         return out
 
-    Indexer.__call__ = recording
+    Indexer.select = recording
     try:
-        ours(mx.array(tokens))
+        ours(mx.array(tokens), cache=ours.make_cache("float", "float"))
     finally:
-        Indexer.__call__ = original
-    assert len(ref_sel) == len(our_sel) == ours.args.compress_ratios.count(4)
+        Indexer.select = original
+    n_csa = ours.args.compress_ratios.count(4)
+    assert len(ref_sel) == n_csa
+    # ours selects per query block; stitch the blocks of each layer back together
+    per_layer = len(our_sel) // n_csa
     topk = ours.args.index_topk
     dropped = 0
-    for r, (idx, valid) in zip(ref_sel, our_sel):
-        for t in range(tokens.shape[1]):
-            expect = set(r[0, t][r[0, t] >= 0].tolist())
-            assert set(idx[0, t][valid[0, t]].tolist()) == expect, f"position {t}"
-            dropped += max(0, (t + 1) // 4 - topk)
+    for layer, r in enumerate(ref_sel):
+        blocks = our_sel[layer * per_layer : (layer + 1) * per_layer]
+        t = 0
+        for idx, valid in blocks:
+            for row in range(idx.shape[1]):
+                expect = set(r[0, t][r[0, t] >= 0].tolist())
+                assert set(idx[0, row][valid[0, row]].tolist()) == expect, f"layer {layer} position {t}"
+                dropped += max(0, (t + 1) // 4 - topk)
+                t += 1
+        assert t == tokens.shape[1]
     assert dropped > 0
 
 
 def test_compressor_streaming_equals_one_shot(pair):
     ours, _ = pair
     attn = ours.layers[2].attn  # ratio 4: exercises the overlap half across calls
-    x = mx.array(np.random.default_rng(3).normal(size=(1, 37, ours.args.hidden_size)).astype(np.float32))
-    one = CompressorState()
-    full = attn.compressor(x, one, attn.rope)
-    streamed = CompressorState()
+    a = ours.args
+    x = mx.array(np.random.default_rng(3).normal(size=(1, 37, a.hidden_size)).astype(np.float32))
+    codec = KVCodec("float", a.head_dim, a.qk_rope_head_dim, mx.float32)
+    one = CompressorState(codec)
+    attn.compressor(x, one, attn.rope)
+    streamed = CompressorState(codec)
     for t in range(37):
         attn.compressor(x[:, t : t + 1], streamed, attn.rope)
     assert one.n_entries == streamed.n_entries == 9
-    close(streamed.entries, full)
+    close(streamed.entries(), one.entries())
     assert streamed.pending_kv.shape[1] == 1  # only the open window is kept
 
 
@@ -152,16 +166,18 @@ def test_cache_keeps_only_the_window_and_entries(pair):
     ours(tokens[:, 200:], cache=cache)
     assert cache.offset == 300
     for layer, r in zip(cache.layers, ours.args.compress_ratios):
-        assert layer.window.shape[1] == ours.args.sliding_window - 1
+        assert all(p.shape[1] == ours.args.sliding_window for p in layer._ring)  # a ring, not a growing array
         if r:
             assert layer.compressor.n_entries == 300 // r
+            assert layer.compressor.pending_kv.shape[1] == 300 % r
     assert cache.nbytes > 0
 
 
 def test_no_cache_equals_fresh_cache(pair):
     ours, _ = pair
     tokens = mx.array(np.random.default_rng(6).integers(0, PARITY_VOCAB, (1, 150)))
-    close(ours(tokens), ours(tokens, cache=ours.make_cache()), 0)
+    close(ours(tokens), ours(tokens, cache=ours.make_cache()), 0)  # the default cache is FP8
+    close(ours(tokens, last_only=True), np.array(ours(tokens))[:, -1:], 0)
 
 
 def test_cache_state_round_trip_continues_identically(pair):
@@ -173,8 +189,21 @@ def test_cache_state_round_trip_continues_identically(pair):
     mx.eval(arrays)
     restored = ours.make_cache()
     restored.load_state(dict(arrays), dict(meta))
-    assert restored.offset == 261 and restored.nbytes == cache.nbytes
+    assert restored.offset == 261 and 0 < restored.nbytes <= cache.nbytes  # restored without spare capacity
     close(ours(tokens[:, 261:], cache=restored), ours(tokens[:, 261:], cache=cache), 0)
     other = mlx_dsv4.model.Model(mlx_dsv4.ModelArgs.from_dict({**mlx_dsv4.tiny.tiny_config("pro"), "vocab_size": 512}))
     with pytest.raises(ValueError, match="layer schedule"):
         other.make_cache().load_state(dict(arrays), dict(meta))
+
+
+def test_cache_snapshot_is_not_changed_by_later_decoding(pair):
+    ours, _ = pair
+    tokens = mx.array(np.random.default_rng(9).integers(0, PARITY_VOCAB, (1, 140)))
+    cache = ours.make_cache()
+    ours(tokens[:, :130], cache=cache)
+    arrays, meta = cache.to_state()
+    as_np = lambda v: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)
+    before = {k: as_np(v) for k, v in arrays.items()}
+    ours(tokens[:, 130:], cache=cache)  # writes into the ring and the entry buffers
+    for k, v in arrays.items():
+        assert np.array_equal(as_np(v), before[k]), k

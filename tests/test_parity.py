@@ -12,6 +12,11 @@ SEQ = 640  # five ratio-128 entries, 160 ratio-4 entries against index_topk = 16
 TOL = 1e-3
 
 
+def exact_cache(model):
+    """Cache storage in the model's own dtype: the reference keeps float32 kv."""
+    return model.make_cache(kv_dtype="float", index_dtype="float")
+
+
 @pytest.fixture(scope="module", params=["flash", "pro"])
 def case(request, tiny_dirs):
     path = tiny_dirs[request.param]
@@ -32,20 +37,20 @@ def test_sequence_exercises_compression(case):
 
 def test_prefill_one_shot(case):
     _, model, tokens, ref = case
-    ours = np.array(model(mx.array(tokens[:1])))
+    ours = np.array(model(mx.array(tokens[:1]), cache=exact_cache(model)))
     assert rel_err(ours, ref[:1]) < TOL
 
 
 def test_batch_of_two(case):
     _, model, tokens, ref = case
-    ours = np.array(model(mx.array(tokens)))
+    ours = np.array(model(mx.array(tokens), cache=exact_cache(model)))
     assert rel_err(ours[0], ref[0]) < TOL
     assert rel_err(ours[1], ref[1]) < TOL
 
 
 def test_prefill_uneven_chunks(case):
     _, model, tokens, ref = case
-    cache = model.make_cache()
+    cache = exact_cache(model)
     outs, start = [], 0
     while start < SEQ:
         piece = tokens[1:, start : start + 77]
@@ -58,7 +63,7 @@ def test_prefill_uneven_chunks(case):
 def test_prefill_then_decode(case):
     _, model, tokens, ref = case
     n_prefill = SEQ - 64 - 5  # decoding crosses ratio-4 and ratio-128 window boundaries
-    cache = model.make_cache()
+    cache = exact_cache(model)
     outs = [np.array(model(mx.array(tokens[:1, :n_prefill]), cache=cache))]
     for t in range(n_prefill, SEQ):
         outs.append(np.array(model(mx.array(tokens[:1, t : t + 1]), cache=cache)))
@@ -76,7 +81,7 @@ def test_reference_cache_path_agrees(tiny_dirs):
     chunked = reference_logits(path, tokens, chunks=[77, 77, 77, 69])
     assert rel_err(chunked, one_shot) < TOL
     model = mlx_dsv4.load_model(path)
-    cache = model.make_cache()
+    cache = exact_cache(model)
     ours = np.concatenate(
         [np.array(model(mx.array(tokens[:, s : s + n]), cache=cache)) for s, n in [(0, 77), (77, 77), (154, 77), (231, 69)]],
         axis=1,

@@ -1,0 +1,293 @@
+"""`mlx-dsv4 chat`: an interactive conversation that keeps its prompt cache between turns."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .cli_generate import (
+    THINKING,
+    ProgressBar,
+    Renderer,
+    add_model_arguments,
+    add_sampling_arguments,
+    format_bytes,
+    prefix_length,
+    sampling_kwargs,
+)
+
+HELP = """commands:
+  /think [chat|think|think-max]  toggle reasoning (or pick a mode)
+  /reset                         forget the conversation and its cache
+  /save FILE                     save the conversation and its prompt cache
+  /load FILE                     resume a conversation saved with /save
+  /tools [FILE|off]              list the tools, load OpenAI tool definitions from a JSON file, or drop them
+  /help                          this text
+  /quit                          leave (Ctrl-D works too)
+Ctrl-C stops a reply and keeps what was generated. Tool calls are shown, not run
+(the agent loop runs tools)."""
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--thinking", choices=sorted(THINKING), default="chat", help="initial reasoning mode")
+    p.add_argument("--tools", type=Path, default=None, help="JSON file with OpenAI tool definitions")
+    add_sampling_arguments(p)
+    p.add_argument("--on-overflow", choices=["error", "drop_oldest"], default="error",
+                   help="with --max-kv-size: refuse a turn that does not fit, or drop the oldest turns")
+    p.add_argument("--history-file", type=Path, default=None,
+                   help="readline history (default ~/.mlx_dsv4_history)")
+
+
+def load_tools(path) -> list:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "tools" in data:
+        data = data["tools"]
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON list of tools (or an object with a 'tools' list)")
+    from .chat import render_tools_block
+
+    render_tools_block(data)  # validates
+    return data
+
+
+def _tool_name(tool):
+    return tool.get("function", tool).get("name", "?")
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, args, out=None, err=None):
+        from .generate import PromptCache
+
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.mode = args.thinking
+        self.system = args.system
+        self.tools = load_tools(args.tools) if args.tools else None
+        self.messages = []
+        self.prompt_cache = PromptCache(model, max_snapshots=3)
+
+    def say(self, text=""):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def conversation(self):
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        if self.tools and not head:
+            head = [{"role": "system", "content": ""}]
+        if head and self.tools:
+            head[0]["tools"] = self.tools
+        return head + self.messages
+
+    # -- commands ------------------------------------------------------------
+
+    def command(self, line) -> bool:
+        """Run a slash command; False when the session should end."""
+        name, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if name in ("/quit", "/exit", "/q"):
+            return False
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/think":
+            if rest and rest not in THINKING:
+                self.say(f"unknown mode {rest!r}; use one of {', '.join(sorted(THINKING))}")
+            else:
+                self.mode = rest or ("chat" if self.mode != "chat" else "think")
+                self.say(f"[thinking mode: {self.mode}]")
+        elif name == "/reset":
+            self.messages = []
+            self.prompt_cache.clear()
+            self.say("[conversation and cache cleared]")
+        elif name == "/save":
+            self.save(rest)
+        elif name == "/load":
+            self.load(rest)
+        elif name == "/tools":
+            self.tools_command(rest)
+        else:
+            self.say(f"unknown command {name}; /help lists them")
+        return True
+
+    def save(self, path):
+        from .generate import save_prompt_cache
+
+        if not path:
+            self.say("usage: /save FILE")
+            return
+        if not len(self.prompt_cache):
+            self.say("nothing to save yet")
+            return
+        state = {"messages": self.messages, "system": self.system, "thinking": self.mode, "tools": self.tools}
+        try:
+            save_prompt_cache(path, self.prompt_cache, metadata={"chat": state})
+        except OSError as e:
+            self.say(f"error: {e}")
+            return
+        tokens = len(self.prompt_cache.tokens)
+        self.say(f"[saved {len(self.messages)} messages and a cache of {tokens} tokens to {path}]")
+
+    def load(self, path):
+        from .generate import PromptCacheError, load_prompt_cache
+
+        if not path:
+            self.say("usage: /load FILE")
+            return
+        try:
+            pc = load_prompt_cache(path, self.model, strict=False)
+        except (PromptCacheError, OSError) as e:
+            self.say(f"error: {e}")
+            return
+        state = pc.metadata.get("chat")
+        if not state:
+            self.say(f"error: {path} holds a prompt cache but no conversation (not saved by /save)")
+            return
+        pc.max_snapshots = max(pc.max_snapshots, 3)
+        self.prompt_cache = pc
+        self.messages = state["messages"]
+        self.system = state.get("system")
+        self.mode = state.get("thinking", self.mode)
+        self.tools = state.get("tools")
+        self.say(f"[loaded {len(self.messages)} messages and a cache of {len(pc.tokens)} tokens; "
+                 f"thinking mode {self.mode}]")
+
+    def tools_command(self, rest):
+        if rest == "off":
+            self.tools = None
+            self.say("[tools removed]")
+        elif rest:
+            try:
+                self.tools = load_tools(rest)
+            except Exception as e:  # unreadable file, bad JSON, invalid schema: all reported the same way
+                self.say(f"error: {e}")
+                return
+            self.say(f"[{len(self.tools)} tool(s): {', '.join(_tool_name(t) for t in self.tools)}]")
+        elif self.tools:
+            for tool in self.tools:
+                fn = tool.get("function", tool)
+                self.say(f"  {fn.get('name')}: {fn.get('description', '')}")
+        else:
+            self.say("[no tools; /tools FILE loads OpenAI tool definitions]")
+
+    # -- a turn --------------------------------------------------------------
+
+    def turn(self, user_text):
+        from .chat import ChatFormatError
+        from .generate import KVCacheLimitError, PromptCacheError, fit_messages, stream_generate
+
+        thinking_mode, effort = THINKING[self.mode]
+        options = dict(thinking_mode=thinking_mode, reasoning_effort=effort)
+        self.messages.append({"role": "user", "content": user_text})
+        args = self.args
+        try:
+            kept, ids = fit_messages(
+                self.model, self.tokenizer, self.conversation(), max_tokens=args.max_tokens,
+                kv_cache_limit=args.max_kv_size, on_overflow=args.on_overflow,
+                prompt_cache=self.prompt_cache, **options,
+            )
+        except (ChatFormatError, KVCacheLimitError) as e:
+            self.messages.pop()
+            self.say(f"error: {e}")
+            return
+        dropped = len(self.conversation()) - len(kept)
+        if dropped:
+            self.messages = self.messages[dropped:]
+            self.say(f"[dropped the {dropped} oldest message(s) to fit --max-kv-size]")
+        marks = [prefix_length(self.tokenizer, kept, ids, **options)]
+        bar = ProgressBar(stream=self.err, min_total=args.prefill_step + 1)
+        renderer = Renderer(thinking_mode, out=self.out, err=self.err)
+        last = None
+        steps = stream_generate(
+            self.model, self.tokenizer, ids, seed=args.seed, prompt_cache=self.prompt_cache,
+            progress=bar, snapshot_at=[m for m in marks if m], **sampling_kwargs(args),
+        )
+        try:
+            for step in steps:
+                bar.clear()
+                renderer.feed(step.text)
+                last = step
+        except KeyboardInterrupt:
+            steps.close()
+        except PromptCacheError as e:
+            self.messages.pop()
+            self.say(f"error: {e}")
+            return
+        finally:
+            bar.clear()
+        message = renderer.finish()
+        self.messages.append(message)
+        if last is None:
+            self.say("[interrupted]")
+            return
+        prefilled = last.prompt_tokens - last.cached_tokens
+        parts = [
+            f"{prefilled} new prompt tokens prefilled, {last.cached_tokens} cached",
+            f"{last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s",
+            f"prompt {last.prompt_tps:.1f} tok/s",
+            f"cache {format_bytes(last.cache_bytes)}",
+        ]
+        if last.finish_reason != "stop":
+            parts.append(last.finish_reason or "interrupted")
+        self.say("[" + " | ".join(parts) + "]")
+
+
+def _setup_readline(history_file):
+    try:
+        import readline
+    except ImportError:
+        return None
+    path = Path(history_file or os.environ.get("MLX_DSV4_HISTORY", Path.home() / ".mlx_dsv4_history"))
+    try:
+        readline.read_history_file(str(path))
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            readline.write_history_file(str(path))
+        except OSError:
+            pass
+
+    return save
+
+
+def run(args) -> int:
+    from .config import ConfigError
+    from .loader import CheckpointError, load
+
+    try:
+        model, tokenizer = load(args.model)
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        session = ChatSession(model, tokenizer, args)
+    except (OSError, ValueError) as e:
+        print(f"error: --tools: {e}", file=sys.stderr)
+        return 1
+    save_history = _setup_readline(args.history_file) if sys.stdin.isatty() else None
+    session.say(f"mlx-dsv4 chat: {args.model} | thinking mode {session.mode} | /help for commands")
+    try:
+        while True:
+            try:
+                line = input(">>> ")
+            except KeyboardInterrupt:
+                session.say("^C (Ctrl-D or /quit leaves)")
+                continue
+            except EOFError:
+                session.say()
+                break
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not session.command(line):
+                    break
+                continue
+            session.turn(line)
+    finally:
+        if save_history:
+            save_history()
+    return 0

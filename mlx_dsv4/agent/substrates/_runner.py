@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import resource
+import signal
 import sys
 import traceback
 
@@ -114,6 +115,10 @@ def main():
     if spec["mode"] == "command":
         try:
             _confine(spec)
+            # Python ignores these; a command must die of them as it would from a shell.
+            for name in ("SIGPIPE", "SIGXFSZ", "SIGXCPU"):
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), signal.SIG_DFL)
             os.execvpe(spec["argv"][0], spec["argv"], os.environ)
         except OSError as err:
             sys.stderr.write(f"cannot run {spec['argv'][0]!r}: {err}\n")

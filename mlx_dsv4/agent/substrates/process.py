@@ -130,7 +130,11 @@ class ProcessSubstrate(Substrate):
             output_bytes=self.limits.output_bytes,
             on_timeout=self.on_timeout,
         )
-        return interpret_command(*outcome, timeout=self.limits.timeout)
+        return interpret_command(*self.unwrap(outcome), timeout=self.limits.timeout)
+
+    def unwrap(self, outcome):
+        """The outcome as the tool saw it (a wrapper may report signals as exit codes)."""
+        return outcome
 
     def run_function(self, function, arguments):
         spec = function_spec(function, arguments)
@@ -146,7 +150,7 @@ class ProcessSubstrate(Substrate):
             output_bytes=self.limits.output_bytes,
             on_timeout=self.on_timeout,
         )
-        return interpret_function(*outcome, timeout=self.limits.timeout)
+        return interpret_function(*self.unwrap(outcome), timeout=self.limits.timeout)
 
     def on_timeout(self):
         pass

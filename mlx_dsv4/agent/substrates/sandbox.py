@@ -5,6 +5,7 @@ without them it refuses to run."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,16 @@ class SandboxSubstrate(ProcessSubstrate):
             '(literal "/dev/null") (literal "/dev/tty") (literal "/dev/dtracehelper"))))',
             f'(deny file-read-data (require-not (require-any (literal "/") {read_rules})))',
         ])
+
+    def unwrap(self, outcome):
+        exit_code, sig, *rest = outcome
+        if self.platform.startswith("linux") and sig is None and exit_code is not None and exit_code > 128:
+            # bwrap exits with 128 + the signal that ended the sandboxed process.
+            try:
+                return (None, signal.Signals(exit_code - 128).name, *rest)
+            except ValueError:
+                pass
+        return outcome
 
     def wrap(self, argv, *, function_paths=()):
         if self.platform == "darwin":

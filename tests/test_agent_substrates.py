@@ -1,0 +1,394 @@
+"""The execution substrates hold their limits: each test makes a tool misbehave and
+checks that the damage is contained and reported as a result, never raised."""
+
+import os
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mlx_dsv4.agent import (
+    ContainerSubstrate,
+    FunctionSubstrate,
+    ProcessSubstrate,
+    SandboxSubstrate,
+    SubstrateUnavailable,
+    Tool,
+    make_substrate,
+    shell_tool,
+)
+from mlx_dsv4.agent.substrates import sandbox as sandbox_module
+
+# Tools for child processes must be importable by a fresh interpreter, and their
+# module must not pull in MLX (slow to import), so they live in a generated module.
+PROBES = '''
+import os, socket, time
+import encodings.idna  # as root, tools run as nobody and cannot import lazily from a private interpreter
+
+def add(a, b):
+    print("adding", a, b)
+    return a + b
+
+def spin():
+    while True:
+        pass
+
+def allocate(megabytes):
+    block = bytearray(megabytes << 20)
+    return len(block)
+
+def write_file(name, megabytes):
+    chunk = b"x" * (1 << 20)
+    with open(name, "wb") as f:
+        for _ in range(megabytes):
+            f.write(chunk)
+    return os.path.getsize(name)
+
+def fork_many(attempts):
+    forked, refused = 0, 0
+    for _ in range(attempts):
+        try:
+            pid = os.fork()
+        except OSError:
+            refused += 1
+            continue
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        forked += 1
+    return {"forked": forked, "refused": refused}
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+def connect(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        return "connected"
+
+def environment():
+    return dict(os.environ)
+
+def where():
+    return os.getcwd()
+
+def fail():
+    raise RuntimeError("tool failed on purpose")
+'''
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("probe_module")
+    (directory / "agent_probe_tools.py").write_text(PROBES)
+    os.chmod(directory, 0o755)
+    sys.path.insert(0, str(directory))
+    import agent_probe_tools
+
+    yield agent_probe_tools
+    sys.path.remove(str(directory))
+    sys.modules.pop("agent_probe_tools", None)
+
+
+def tool_of(function):
+    return Tool(function.__name__, "", {"type": "object"}, function=function)
+
+
+def command(argv):
+    return Tool("cmd", "", {"type": "object"}, command=lambda _: argv)
+
+
+def sh(script):
+    return command(["/bin/sh", "-c", script])
+
+
+def bwrap_works():
+    try:
+        SandboxSubstrate().close()
+        return True
+    except SubstrateUnavailable:
+        return False
+
+
+needs_sandbox = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not bwrap_works(),
+    reason="bubblewrap is not installed or cannot create namespaces here",
+)
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT semantics checked on Linux")
+
+
+def tight(cls=ProcessSubstrate, **overrides):
+    options = dict(timeout=3.0, memory_bytes=512 << 20, file_size_bytes=1 << 20, max_processes=16,
+                   output_bytes=4096)
+    options.update(overrides)
+    return cls(**options)
+
+
+@pytest.fixture(params=["process", pytest.param("sandbox", marks=needs_sandbox)])
+def confined(request):
+    kind = ProcessSubstrate if request.param == "process" else SandboxSubstrate
+    made = []
+
+    def make(**overrides):
+        substrate = tight(kind, **overrides)
+        made.append(substrate)
+        return substrate
+
+    yield make
+    for substrate in made:
+        substrate.close()
+
+
+# -- function ------------------------------------------------------------------------
+
+
+def test_function_substrate_reports_exceptions_as_results(probes):
+    substrate = FunctionSubstrate()
+    assert substrate.run(tool_of(probes.add), {"a": 2, "b": 3}).value == 5
+    failed = substrate.run(tool_of(probes.fail), {})
+    assert failed.status == "error" and "tool failed on purpose" in failed.error
+
+
+# -- process and sandbox: limits -----------------------------------------------------
+
+
+def test_function_tool_runs_in_a_child_with_output_separate_from_result(confined, probes):
+    result = confined().run(tool_of(probes.add), {"a": 2, "b": 40})
+    assert result.status == "ok" and result.value == 42
+    assert result.output == "adding 2 40\n"
+    failed = confined().run(tool_of(probes.fail), {})
+    assert failed.status == "error" and "RuntimeError: tool failed on purpose" in failed.error
+
+
+def test_runaway_loop_is_killed_at_the_wall_clock_timeout(confined, probes):
+    substrate = confined(timeout=1.0, cpu_seconds=60)
+    start = time.monotonic()
+    result = substrate.run(tool_of(probes.spin), {})
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout" and "1 s time limit" in result.error
+    assert elapsed < 3.0
+    slept = substrate.run(sh("sleep 30"), {})
+    assert slept.status == "timeout" and slept.duration_s < 3.0
+
+
+@linux_only
+def test_cpu_limit_stops_a_busy_loop_before_the_timeout(probes):
+    with tight(timeout=20.0, cpu_seconds=1) as substrate:
+        result = substrate.run(tool_of(probes.spin), {})
+    assert result.status == "killed" and result.signal in ("SIGXCPU", "SIGKILL")
+    assert result.duration_s < 15.0
+
+
+@linux_only
+def test_ten_gigabyte_write_is_stopped_at_the_file_size_limit(confined, probes):
+    substrate = confined(file_size_bytes=1 << 20)
+    python_write = substrate.run(tool_of(probes.write_file), {"name": "big.bin", "megabytes": 10240})
+    assert python_write.status == "error" and "File too large" in python_write.error
+    assert os.path.getsize(os.path.join(substrate.workdir, "big.bin")) <= 1 << 20
+    shell_write = substrate.run(command(["dd", "if=/dev/zero", "of=big2.bin", "bs=1M", "count=10240"]), {})
+    assert shell_write.status == "killed" and shell_write.signal == "SIGXFSZ"
+    assert os.path.getsize(os.path.join(substrate.workdir, "big2.bin")) <= 1 << 20
+
+
+def _tasks_of(uid):
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += 1
+            except OSError:
+                pass
+    return count
+
+
+@linux_only
+def test_fork_bomb_is_held_to_the_process_limit_and_cleaned_up(confined, probes):
+    substrate = confined(max_processes=8, timeout=3.0)
+    counted = substrate.run(tool_of(probes.fork_many), {"attempts": 40})
+    assert counted.status == "ok"
+    assert counted.value["forked"] <= 8 and counted.value["refused"] >= 32
+    uid = substrate.drop[0] if substrate.drop else os.getuid()
+    before = _tasks_of(uid)
+    bomb = substrate.run(sh("b() { b | b & }; b; sleep 30"), {})
+    assert bomb.status in ("timeout", "error", "ok", "killed")
+    assert bomb.duration_s < 6.0
+    time.sleep(0.3)
+    assert _tasks_of(uid) <= before  # nothing of the bomb survives the kill
+
+
+def test_memory_limit_turns_a_huge_allocation_into_an_error(confined, probes):
+    result = confined(memory_bytes=256 << 20).run(tool_of(probes.allocate), {"megabytes": 2048})
+    assert result.status == "error" and "MemoryError" in result.error
+
+
+def test_output_is_capped(confined):
+    result = confined(output_bytes=1000).run(command(["yes"]), {})
+    assert result.status == "output_limit" and result.truncated
+    assert len(result.output) <= 1000
+
+
+def test_environment_is_scrubbed_and_workdir_private(confined, probes, monkeypatch):
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    substrate = confined()
+    env = substrate.run(tool_of(probes.environment), {}).value
+    assert "SECRET_TOKEN" not in env
+    assert set(env) <= {"PATH", "HOME", "TMPDIR", "LANG", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "LC_CTYPE", "PWD"}
+    assert env["HOME"] == substrate.workdir
+    assert substrate.run(tool_of(probes.where), {}).value == substrate.workdir
+    assert stat.S_IMODE(os.stat(substrate.workdir).st_mode) == 0o700
+    other = confined()
+    assert other.workdir != substrate.workdir
+    workdir = substrate.workdir
+    substrate.close()
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop happens only as root")
+def test_root_runs_tools_as_nobody(confined):
+    result = confined().run(command(["id", "-u"]), {})
+    assert result.output.strip() == "65534"
+
+
+def test_command_tool_missing_program_is_an_error_result(confined):
+    result = confined().run(command(["/no/such/program"]), {})
+    assert result.status == "error" and result.exit_code == 127
+
+
+def test_local_function_cannot_leave_the_process():
+    def local(x):
+        return x
+
+    result = tight().run(tool_of(local), {"x": 1})
+    assert result.status == "error" and "module-level" in result.error
+
+
+# -- sandbox: isolation --------------------------------------------------------------
+
+
+@pytest.fixture
+def open_dir():
+    """A world-readable directory (pytest's own temp root is private to its user)."""
+    path = tempfile.mkdtemp(prefix="agent-test-")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_sandbox
+def test_sandbox_cannot_read_outside_its_directory(probes, open_dir):
+    secret = open_dir / "secret.txt"
+    secret.write_text("top secret")
+    os.chmod(secret, 0o644)
+    with tight(ProcessSubstrate) as plain:
+        assert plain.run(tool_of(probes.read_text), {"path": str(secret)}).value == "top secret"
+    with tight(SandboxSubstrate) as sandbox:
+        by_function = sandbox.run(tool_of(probes.read_text), {"path": str(secret)})
+        assert by_function.status == "error" and "top secret" not in by_function.output
+        by_shell = sandbox.run(sh(f"cat {secret}"), {})
+        assert by_shell.status == "error" and "top secret" not in by_shell.output
+        assert sandbox.run(sh("cat /etc/shadow /etc/hostname"), {}).status == "error"
+        with open(os.path.join(sandbox.workdir, "inside.txt"), "w") as f:
+            f.write("mine")
+        assert sandbox.run(sh("cat inside.txt"), {}).output == "mine"
+
+
+@needs_sandbox
+def test_sandbox_cannot_open_a_socket(probes):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        with tight(ProcessSubstrate) as plain:
+            assert plain.run(tool_of(probes.connect), {"port": port}).value == "connected"
+        with tight(SandboxSubstrate) as sandbox:
+            result = sandbox.run(tool_of(probes.connect), {"port": port})
+            assert result.status == "error" and ("refused" in result.error or "unreachable" in result.error)
+            outward = sandbox.run(tool_of(probes.connect), {"port": 80})
+            assert outward.status == "error"
+    finally:
+        server.close()
+
+
+@needs_sandbox
+def test_sandbox_filesystem_is_read_only_outside_the_workdir(open_dir):
+    shared = open_dir
+    (shared / "notes.txt").write_text("TODO: read me\n")
+    with tight(SandboxSubstrate, read_only=[shared]) as sandbox:
+        assert sandbox.run(sh(f"cat {shared}/notes.txt"), {}).output == "TODO: read me\n"
+        for target in (f"{shared}/new.txt", "/tmp/escape.txt", "/usr/escape.txt", "/escape.txt"):
+            assert sandbox.run(sh(f"echo x > {target}"), {}).status == "error", target
+        assert sandbox.run(sh("echo ok > here.txt && cat here.txt"), {}).output == "ok\n"
+    assert sorted(os.listdir(shared)) == ["notes.txt"]
+
+
+# -- refusing rather than degrading ----------------------------------------------------
+
+
+def test_sandbox_refuses_without_bubblewrap(monkeypatch):
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    with pytest.raises(SubstrateUnavailable, match="bubblewrap"):
+        SandboxSubstrate(platform="linux")
+    with pytest.raises(SubstrateUnavailable, match="sandbox-exec"):
+        SandboxSubstrate(platform="darwin")
+    with pytest.raises(SubstrateUnavailable):
+        make_substrate("sandbox", platform="linux")
+
+
+def test_sandbox_refuses_when_bubblewrap_cannot_create_namespaces(monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: str(fake))
+    with pytest.raises(SubstrateUnavailable, match="No permissions"):
+        SandboxSubstrate(platform="linux")
+
+
+def test_macos_profile_denies_network_and_foreign_files(monkeypatch, tmp_path):
+    fake = tmp_path / "sandbox-exec"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: str(fake))
+    with SandboxSubstrate(platform="darwin", read_only=[tmp_path]) as sandbox:
+        profile = sandbox.seatbelt_profile()
+        argv = sandbox.wrap(["python", "runner.py"])
+        workdir = os.path.realpath(sandbox.workdir)
+    assert "(deny network*)" in profile
+    assert f'(deny file-write* (require-not (require-any (subpath "{workdir}")' in profile
+    assert "(deny file-read-data (require-not" in profile and f'(subpath "{os.path.realpath(tmp_path)}")' in profile
+    assert argv[:2] == [str(fake), "-p"] and argv[-2:] == ["python", "runner.py"]
+
+
+def test_container_refuses_without_a_working_runtime(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SubstrateUnavailable, match="docker or podman"):
+        ContainerSubstrate()
+    broken = tmp_path / "docker"
+    broken.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(SubstrateUnavailable, match="Cannot connect to the Docker daemon"):
+        ContainerSubstrate()
+
+
+def test_container_runs_commands_isolated(monkeypatch, tmp_path):
+    record = tmp_path / "argv.txt"
+    fake = tmp_path / "podman"
+    fake.write_text(f'#!/bin/sh\n[ "$1" = info ] && exit 0\nprintf "%s\\n" "$@" > {record}\necho from-container\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with ContainerSubstrate(image="alpine:3", runtime="podman", max_processes=16, memory_bytes=1 << 28) as box:
+        result = box.run(shell_tool(), {"command": "echo hi"})
+        workdir = box.workdir
+    assert result.status == "ok" and result.output == "from-container\n"
+    argv = record.read_text().split("\n")
+    for flag, value in (("--network", "none"), ("--pids-limit", "16"), ("--memory", str(1 << 28)),
+                        ("--user", "65534:65534"), ("--pull", "never")):
+        assert argv[argv.index(flag) + 1] == value
+    assert "--read-only" in argv and f"{workdir}:/work:rw" in argv
+    assert argv[argv.index("alpine:3") + 1 :] == ["/bin/sh", "-c", "echo hi", ""]

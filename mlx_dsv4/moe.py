@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
+from .layers import GatheredLinear
 
 from .config import ModelArgs
 
@@ -30,9 +30,9 @@ class RoutedExperts(nn.Module):
 
     def __init__(self, dim: int, hidden: int, n_experts: int, limit: float):
         super().__init__()
-        self.w1 = SwitchLinear(dim, hidden, n_experts, bias=False)
-        self.w2 = SwitchLinear(hidden, dim, n_experts, bias=False)
-        self.w3 = SwitchLinear(dim, hidden, n_experts, bias=False)
+        self.w1 = GatheredLinear(dim, hidden, n_experts, bias=False)
+        self.w2 = GatheredLinear(hidden, dim, n_experts, bias=False)
+        self.w3 = GatheredLinear(dim, hidden, n_experts, bias=False)
         self.limit = limit
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:

@@ -131,7 +131,7 @@ class Attention(nn.Module):
             self.indexer = Indexer(args)
         self.rope = Rope(inv_freq_for(args, compressed=self.ratio > 0))
 
-    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache, query_block: Optional[int] = QUERY_BLOCK) -> mx.array:
         B, L, _ = x.shape
         H, hd, start = self.n_heads, self.head_dim, cache.offset
 
@@ -155,8 +155,9 @@ class Attention(nn.Module):
 
         sinks = self.attn_sink.astype(mx.float32)
         blocks = []
-        for q0 in range(0, L, QUERY_BLOCK):
-            q1 = min(L, q0 + QUERY_BLOCK)
+        step = query_block or L
+        for q0 in range(0, L, step):
+            q1 = min(L, q0 + step)
             q_pos = start + mx.arange(q0, q1)
             k0 = max(0, start + q0 - self.window + 1 - first)
             k1 = start + q1 - first

@@ -96,10 +96,12 @@ class CompressorState:
 
 
 class LayerCache:
-    def __init__(self, sliding_window: int, ratio: int, kv_codec: KVCodec, index_codec: Optional[IndexCodec]):
+    def __init__(self, sliding_window: int, ratio: int, kv_codec: KVCodec, index_codec: Optional[IndexCodec],
+                 keep_all_rows: bool = False):
         self.sliding_window = sliding_window
         self.ratio = ratio
         self.kv_codec = kv_codec
+        self.keep_all_rows = keep_all_rows  # baseline mode: every raw row is kept, none recycled
         self.offset = 0
         self._ring: Optional[tuple] = None  # encoded rows; position p lives in slot p % sliding_window
         self.compressor = CompressorState(kv_codec) if ratio else None
@@ -110,6 +112,11 @@ class LayerCache:
 
         keys = the up to sliding_window - 1 earlier rows followed by kv.
         """
+        if self.keep_all_rows:
+            new = self.kv_codec.encode(kv)
+            self._ring = new if self._ring is None else tuple(
+                mx.concatenate([old, n], axis=1) for old, n in zip(self._ring, new))
+            return self.kv_codec.decode(self._ring), 0
         W, start, L = self.sliding_window, self.offset, kv.shape[1]
         first = max(0, start - (W - 1))
         if start > first:
@@ -159,10 +166,11 @@ class LayerCache:
 
 
 class ModelCache:
-    def __init__(self, layers: List[LayerCache], kv_dtype: str, index_dtype: str):
+    def __init__(self, layers: List[LayerCache], kv_dtype: str, index_dtype: str, query_block: Optional[int]):
         self.layers = layers
         self.kv_dtype = kv_dtype
         self.index_dtype = index_dtype
+        self.query_block = query_block  # None: all queries of a step at once (dense baseline)
 
     @property
     def offset(self) -> int:

@@ -5,7 +5,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import Attention
+from .attention import QUERY_BLOCK, Attention
 from .cache import LayerCache, ModelCache
 from .config import ModelArgs
 from .hc import hc_head, hc_merge, hc_split
@@ -30,11 +30,11 @@ class Block(nn.Module):
         self.hc_ffn_base = mx.zeros((mix,))
         self.hc_ffn_scale = mx.ones((3,))
 
-    def __call__(self, h: mx.array, tokens: mx.array, cache: LayerCache) -> mx.array:
+    def __call__(self, h: mx.array, tokens: mx.array, cache: LayerCache, query_block) -> mx.array:
         a = self.args
         opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
         x, post, comb = hc_split(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, **opts)
-        h = hc_merge(self.attn(self.attn_norm(x), cache), h, post, comb)
+        h = hc_merge(self.attn(self.attn_norm(x), cache, query_block), h, post, comb)
         x, post, comb = hc_split(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, **opts)
         return hc_merge(self.ffn(self.ffn_norm(x), tokens), h, post, comb)
 
@@ -58,14 +58,19 @@ class Model(nn.Module):
         w = self.embed.weight
         return w.dtype if mx.issubdtype(w.dtype, mx.floating) else mx.bfloat16
 
-    def make_cache(self, kv_dtype: str = "fp8", index_dtype: str = "fp4") -> ModelCache:
+    def make_cache(self, kv_dtype: str = "fp8", index_dtype: str = "fp4", naive: bool = False) -> ModelCache:
         """A fresh cache. kv_dtype: "fp8" (as trained), "bf16" or "float" (the activation dtype, exact);
-        index_dtype for the indexer keys: "fp4", "fp8", "bf16" or "float"."""
+        index_dtype for the indexer keys: "fp4", "fp8", "bf16" or "float".
+
+        naive=True is the benchmark baseline: every raw kv row is kept and each step's
+        queries are scored in one dense block.
+        """
         a = self.args
         kv = KVCodec(kv_dtype, a.head_dim, a.qk_rope_head_dim, self.dtype)
         index = IndexCodec(index_dtype, a.index_head_dim, self.dtype) if 4 in a.compress_ratios else None
-        layers = [LayerCache(a.sliding_window, r, kv, index if r == 4 else None) for r in a.compress_ratios]
-        return ModelCache(layers, kv_dtype, index_dtype)
+        layers = [LayerCache(a.sliding_window, r, kv, index if r == 4 else None, keep_all_rows=naive)
+                  for r in a.compress_ratios]
+        return ModelCache(layers, kv_dtype, index_dtype, query_block=None if naive else QUERY_BLOCK)
 
     def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False) -> mx.array:
         """Logits [B, L, vocab] (or [B, 1, vocab] with last_only) for tokens [B, L], continuing `cache`."""
@@ -77,7 +82,7 @@ class Model(nn.Module):
         x = self.embed(tokens)
         h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer(h, tokens, layer_cache)
+            h = layer(h, tokens, layer_cache, cache.query_block)
         if last_only:
             h = h[:, -1:]
         x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)

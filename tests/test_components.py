@@ -207,3 +207,14 @@ def test_cache_snapshot_is_not_changed_by_later_decoding(pair):
     ours(tokens[:, 130:], cache=cache)  # writes into the ring and the entry buffers
     for k, v in arrays.items():
         assert np.array_equal(as_np(v), before[k]), k
+
+
+def test_naive_baseline_cache_computes_the_same_logits(pair):
+    ours, _ = pair
+    tokens = mx.array(np.random.default_rng(10).integers(0, PARITY_VOCAB, (1, 300)))
+    fast, naive = ours.make_cache("float", "float"), ours.make_cache("float", "float", naive=True)
+    a = [ours(tokens[:, :290], cache=fast)] + [ours(tokens[:, t : t + 1], cache=fast) for t in range(290, 300)]
+    b = [ours(tokens[:, :290], cache=naive)] + [ours(tokens[:, t : t + 1], cache=naive) for t in range(290, 300)]
+    close(mx.concatenate(a, axis=1), mx.concatenate(b, axis=1), 1e-5)
+    assert naive.layers[0]._ring[0].shape[1] == 300  # every raw row kept
+    assert naive.nbytes > fast.nbytes

@@ -196,11 +196,14 @@ def run_child(argv, *, stdin_data=b"", cwd=None, env=None, timeout, output_bytes
     return exit_code, sig, bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), status, truncated, time.perf_counter() - start
 
 
+_LIMIT_SIGNALS = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)"}
+
+
 def decode(data):
     return data.decode("utf-8", errors="replace")
 
 
-def interpret_command(exit_code, sig, stdout, stderr, status, truncated, duration, *, timeout, limit_note=""):
+def interpret_command(exit_code, sig, stdout, stderr, status, truncated, duration, *, timeout):
     """ExecutionResult of a command: stdout and stderr together are its output."""
     output = decode(stdout)
     if stderr:
@@ -212,17 +215,12 @@ def interpret_command(exit_code, sig, stdout, stderr, status, truncated, duratio
         return ExecutionResult("output_limit", output=output, error="killed for exceeding the output limit",
                                exit_code=exit_code, signal=sig, duration_s=duration, truncated=True)
     if sig is not None:
-        return ExecutionResult("killed", output=output, error=f"ended by {sig}{limit_note_for(sig, limit_note)}",
+        return ExecutionResult("killed", output=output, error=f"ended by {sig}{_LIMIT_SIGNALS.get(sig, '')}",
                                signal=sig, duration_s=duration, truncated=truncated)
     if exit_code != 0:
         return ExecutionResult("error", output=output, error=f"exit code {exit_code}", exit_code=exit_code,
                                duration_s=duration, truncated=truncated)
     return ExecutionResult("ok", output=output, exit_code=0, duration_s=duration, truncated=truncated)
-
-
-def limit_note_for(sig, note=""):
-    reasons = {"SIGXCPU": " (CPU time limit)", "SIGXFSZ": " (file size limit)", "SIGKILL": "", "SIGSEGV": ""}
-    return reasons.get(sig, "") + note
 
 
 def interpret_function(exit_code, sig, stdout, stderr, status, truncated, duration, *, timeout):
@@ -248,7 +246,7 @@ def interpret_function(exit_code, sig, stdout, stderr, status, truncated, durati
         return ExecutionResult("error", error=payload.get("error"), output=output, exit_code=exit_code,
                                signal=sig, duration_s=duration, truncated=truncated)
     if sig is not None:
-        return ExecutionResult("killed", output=output, error=f"ended by {sig}{limit_note_for(sig)}",
+        return ExecutionResult("killed", output=output, error=f"ended by {sig}{_LIMIT_SIGNALS.get(sig, '')}",
                                signal=sig, duration_s=duration, truncated=truncated)
     return ExecutionResult("error", output=output, error=f"the tool process exited with code {exit_code} without a result",
                            exit_code=exit_code, duration_s=duration, truncated=truncated)

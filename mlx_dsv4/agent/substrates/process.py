@@ -67,7 +67,8 @@ class ProcessSubstrate(Substrate):
     The environment holds only PATH, HOME, TMPDIR, LANG and the names in ``env``; the
     working directory is private (mode 0700, removed by ``close``) unless ``workdir`` is
     given. Python function tools must be module-level so a fresh interpreter can import
-    them. As root, tools run as ``user`` (default nobody). A tool that detaches into a
+    them. As root, tools run as ``user`` (default nobody) after their module is imported,
+so later imports need an interpreter that user can read. A tool that detaches into a
     new session escapes the kill at the timeout; use ``sandbox`` for untrusted code.
     """
 

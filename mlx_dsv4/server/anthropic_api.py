@@ -263,6 +263,7 @@ class MessageEvents:
         self.id = message_id
         self.index = -1
         self.open = None  # kind of the open block
+        self.open_call = None  # parser index of the call in an open tool_use block
 
     def start(self, prompt_tokens):
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.plan.model, "content": [],
@@ -303,10 +304,14 @@ class MessageEvents:
                     out += self._open("text", {"type": "text", "text": ""})
                 out.append(self._delta({"type": "text_delta", "text": event.text}))
             elif isinstance(event, ToolCallStarted):
-                out += self._open("tool_use", {"type": "tool_use", "id": assembler.call_id(event.index),
-                                               "name": event.name, "input": {}})
-            elif isinstance(event, ToolCallComplete):
+                # Blocks cannot interleave: only the first call of a block opens early; the
+                # parser completes all calls together at the end of the block.
                 if self.open != "tool_use":
+                    out += self._open("tool_use", {"type": "tool_use", "id": assembler.call_id(event.index),
+                                                   "name": event.name, "input": {}})
+                    self.open_call = event.index
+            elif isinstance(event, ToolCallComplete):
+                if self.open != "tool_use" or self.open_call != event.index:
                     out += self._open("tool_use", {"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
                 out.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
                 out += self._close()

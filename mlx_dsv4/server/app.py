@@ -157,6 +157,8 @@ class Server:
             body = await _read_json(request)
             plan = parse(body, ctx)
             await run_in_threadpool(_prepare, plan, ctx)
+            if ctx.engine.pending >= ctx.engine.max_queue:
+                raise APIError(503, f"the server is busy ({ctx.engine.pending} requests waiting); retry later")
         except APIError as err:
             return error_response(err, flavour)
         except Exception as err:  # noqa: BLE001 - a request must never take the server down

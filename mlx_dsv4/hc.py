@@ -5,6 +5,8 @@ scaled per stream (post), and mixes the old streams through a doubly-stochastic
 matrix (comb, projected with Sinkhorn iterations). All of it runs in float32.
 """
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 
@@ -25,6 +27,16 @@ def _sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
 
 def hc_split(streams, fn, base, scale, *, iters: int, eps: float, norm_eps: float):
     """streams [B, L, hc, D] -> (sublayer input [B, L, D], post [B, L, hc], comb [B, L, hc, hc])."""
+    return _compiled_split(iters, eps, norm_eps)(streams, fn, base, scale)
+
+
+@lru_cache(maxsize=None)
+def _compiled_split(iters: int, eps: float, norm_eps: float):
+    # ~100 tiny ops (Sinkhorn iterations): fusing them matters more than the matmul in decoding
+    return mx.compile(lambda streams, fn, base, scale: _split(streams, fn, base, scale, iters, eps, norm_eps))
+
+
+def _split(streams, fn, base, scale, iters, eps, norm_eps):
     hc = streams.shape[-2]
     mixes = _mixes(streams, fn, norm_eps)
     base = base.astype(mx.float32)

@@ -31,10 +31,15 @@ def _fp8_encode(nope: mx.array):
     return mx.to_fp8(x / scale), (exp + 127).astype(mx.uint8)
 
 
-def _fp8_decode(codes: mx.array, exps: mx.array, dtype) -> mx.array:
+@mx.compile
+def _fp8_decode_f32(codes: mx.array, exps: mx.array) -> mx.array:
     n = codes.shape[-1]
     scale = mx.repeat(mx.power(2.0, exps.astype(mx.float32) - 127), FP8_GROUP, axis=-1)[..., :n]
-    return (mx.from_fp8(codes, mx.float32) * scale).astype(dtype)
+    return mx.from_fp8(codes, mx.float32) * scale
+
+
+def _fp8_decode(codes: mx.array, exps: mx.array, dtype) -> mx.array:
+    return _fp8_decode_f32(codes, exps).astype(dtype)
 
 
 class KVCodec:

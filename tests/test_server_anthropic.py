@@ -127,7 +127,7 @@ def test_errors(server, client):
         client.messages.create(model=MODEL, max_tokens=5, messages=user("x"),
                                tools=[{"name": "f", "input_schema": "nope"}])
     with pytest.raises(anthropic.BadRequestError):
-        client.messages.create(model=MODEL, max_tokens=5, messages=user("word " * 4000))
+        client.messages.create(model=MODEL, max_tokens=5, messages=user("word " * (server.health()["max_kv_tokens"] + 10)))
     with pytest.raises(anthropic.AuthenticationError) as err:
         anthropic.Anthropic(base_url=server.base, api_key="wrong", max_retries=0).messages.create(
             model=MODEL, max_tokens=5, messages=user("x"))

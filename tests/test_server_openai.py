@@ -217,11 +217,14 @@ def test_errors(server, client):
         client.chat.completions.create(model=MODEL, messages=user("x"), tools=[bad_schema], max_tokens=1)
     assert "parameters" in err.value.body["param"]
 
-    with pytest.raises(openai.BadRequestError) as err:  # the memory guard (--max-kv-size)
-        client.chat.completions.create(model=MODEL, messages=user("word " * 4000), max_tokens=1)
-    assert err.value.body["code"] == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=100_000)
+    fit = server.health()["max_kv_tokens"]  # the memory guard (--max-kv-size)
+    assert 0 < fit < 50_000
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=user("word " * (fit + 10)), max_tokens=1)
+    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=user("x"), max_tokens=fit + 10)
+    assert err.value.body["param"] == "max_tokens"
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0).models.list()

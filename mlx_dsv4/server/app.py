@@ -97,31 +97,24 @@ async def _read_json(request):
 
 
 def _prepare(plan, ctx):
-    """Tokenise the prompt and check it (with max_tokens) against the context and memory limits."""
-    from ..generate import KVCacheLimitError, check_kv_limit
-
+    """Tokenise the prompt and check it (with max_tokens) against the context and the memory guard."""
     engine = ctx.engine
     if not plan.prompt_ids:
         plan.prompt_ids = engine.tokenizer.encode(plan.prompt, add_special_tokens=False)
     n = len(plan.prompt_ids)
     sampling = plan.sampling
-    limit = ctx.max_context
-    if limit is not None:
+    param = "messages" if plan.parse else "prompt"
+    for limit, what in ((ctx.max_context, "the context"), (engine.kv_tokens, "the KV cache memory limit")):
+        if limit is None:
+            continue
         if n >= limit:
-            raise APIError(400, f"the prompt has {n} tokens; the context holds {limit}",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(400, f"the prompt has {n} tokens; {what} holds {limit}",
+                           param=param, code="context_length_exceeded")
         if n + sampling.max_tokens > limit:
             if sampling.max_tokens_given:
-                raise APIError(400, f"{n} prompt tokens + max_tokens {sampling.max_tokens} exceed the context of "
-                                    f"{limit} tokens", param="max_tokens", code="context_length_exceeded")
+                raise APIError(400, f"{n} prompt tokens + max_tokens {sampling.max_tokens} exceed {what} "
+                                    f"({limit} tokens)", param="max_tokens", code="context_length_exceeded")
             sampling.max_tokens = limit - n
-    if engine.kv_cache_limit is not None:
-        try:
-            check_kv_limit(engine.model, n, sampling.max_tokens, engine.kv_cache_limit)
-        except KVCacheLimitError as err:
-            if sampling.max_tokens_given or err.tokens_that_fit <= n:
-                raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded")
-            sampling.max_tokens = err.tokens_that_fit - n
 
 
 def _note_stop_sequence(log, plan, tokenizer):

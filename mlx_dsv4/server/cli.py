@@ -52,10 +52,17 @@ def run(args):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
+    if os.environ.get(SCRIPT_ENV):
+        print(f"warning: {SCRIPT_ENV} is set: test-only scripted completions replace sampling for matching prompts",
+              file=sys.stderr)
     engine = Engine(args.model, kv_cache_limit=args.max_kv_size, max_queue=args.max_queue,
                     prefill_step=args.prefill_step, script_path=os.environ.get(SCRIPT_ENV) or None)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    engine.start()
+    try:
+        engine.start()
+    except Exception as err:  # noqa: BLE001 - a checkpoint that does not load is a usage error
+        print(f"error: cannot load {args.model}: {err}", file=sys.stderr)
+        return 1
     model_args = engine.model.args
     max_context = args.max_context or getattr(model_args, "max_position_embeddings", None)
     defaults = Defaults(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -94,6 +94,7 @@ class Engine:
         self.script = _load_script(script_path) if script_path else []
         self.model = None
         self.tokenizer = None
+        self.kv_tokens = None  # longest sequence whose cache fits kv_cache_limit
         self.prompt_cache = None
         self._jobs = queue.Queue()
         self._ready = threading.Event()
@@ -102,6 +103,7 @@ class Engine:
         self._lock = threading.Lock()
         self.pending = 0  # submitted and not finished
         self.active = False
+        self._current = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
     # -- lifecycle -----------------------------------------------------------------
@@ -117,6 +119,9 @@ class Engine:
 
     def stop(self):
         if self._thread is not None:
+            current = self._current
+            if current is not None:
+                current.cancelled.set()
             self._jobs.put(None)
             self._thread.join(timeout=10)
 
@@ -127,6 +132,11 @@ class Engine:
 
             self.model, self.tokenizer = load(self.model_path)
             self.prompt_cache = PromptCache(self.model)
+            if self.kv_cache_limit is not None:
+                from ..generate import tokens_that_fit
+
+                # Measured here once, on the engine thread: request threads never touch the model.
+                self.kv_tokens = tokens_that_fit(self.model, self.kv_cache_limit)
         except BaseException as err:  # noqa: BLE001 - reported to start()
             self._load_error = err
             self._ready.set()
@@ -163,6 +173,7 @@ class Engine:
         from ..generate import KVCacheLimitError, PromptCacheError, stream_generate
 
         self.active = True
+        self._current = job
         tokenizer = self.tokenizer
         outcome = "completed"
         try:
@@ -198,6 +209,7 @@ class Engine:
             job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
         finally:
             self.active = False
+            self._current = None
             self._finish(job, outcome)
 
     def _finish(self, job, outcome):
@@ -238,6 +250,7 @@ class Engine:
             "pending": self.pending,
             **self.counts,
             "prompt_cache_snapshots": len(self.prompt_cache) if self.prompt_cache is not None else 0,
+            "max_kv_tokens": self.kv_tokens,
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }
 

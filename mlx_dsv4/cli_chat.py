@@ -198,7 +198,7 @@ class ChatSession:
         marks = [prefix_length(self.tokenizer, kept, ids, **options)]
         bar = ProgressBar(stream=self.err, min_total=args.prefill_step + 1)
         renderer = Renderer(thinking_mode, out=self.out, err=self.err)
-        last = None
+        last, interrupted = None, False
         steps = stream_generate(
             self.model, self.tokenizer, ids, seed=args.seed, prompt_cache=self.prompt_cache,
             progress=bar, snapshot_at=[m for m in marks if m], **sampling_kwargs(args),
@@ -210,6 +210,7 @@ class ChatSession:
                 last = step
         except KeyboardInterrupt:
             steps.close()
+            interrupted = True
         except PromptCacheError as e:
             self.messages.pop()
             self.say(f"error: {e}")
@@ -228,8 +229,9 @@ class ChatSession:
             f"prompt {last.prompt_tps:.1f} tok/s",
             f"cache {format_bytes(last.cache_bytes)}",
         ]
-        if last.finish_reason != "stop":
-            parts.append(last.finish_reason or "interrupted")
+        reason = "interrupted" if interrupted else last.finish_reason
+        if reason != "stop":
+            parts.append(reason)
         self.say("[" + " | ".join(parts) + "]")
 
 

@@ -180,8 +180,9 @@ class Renderer:
         return message
 
 
-def stats_line(step, prefilled=None) -> str:
-    prefilled = step.prompt_tokens - step.cached_tokens if prefilled is None else prefilled
+def stats_line(step, reason=None) -> str:
+    prefilled = step.prompt_tokens - step.cached_tokens
+    reason = reason or step.finish_reason
     parts = [
         f"prompt {step.prompt_tokens} tokens ({prefilled} prefilled, {step.cached_tokens} cached) "
         f"at {step.prompt_tps:.1f} tok/s",
@@ -189,8 +190,8 @@ def stats_line(step, prefilled=None) -> str:
         f"cache {format_bytes(step.cache_bytes)}",
         f"peak memory {format_bytes(step.peak_memory)}",
     ]
-    if step.finish_reason not in ("stop", None):
-        parts.append(f"finish: {step.finish_reason}")
+    if reason != "stop":
+        parts.append(f"finish: {reason}")
     return " | ".join(parts)
 
 
@@ -307,7 +308,7 @@ def run(args) -> int:
             out["usage"] = usage(last)
         print(json.dumps(out, ensure_ascii=False, indent=2))
     if last is not None:
-        print(stats_line(last), file=sys.stderr)
+        print(stats_line(last, reason), file=sys.stderr)
     if prompt_cache is not None and not existed and len(prompt_cache):
         save_prompt_cache(cache_file, prompt_cache)
         print(f"saved prompt cache to {cache_file}", file=sys.stderr)

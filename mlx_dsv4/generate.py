@@ -21,6 +21,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 PROMPT_CACHE_FORMAT = "mlx-dsv4-prompt-cache/1"
+_PROBE_SPAN = 32768  # tokens the memory probe spans
+_PROBE_STEP = 2039
 
 
 class PromptCacheError(ValueError):
@@ -86,26 +88,29 @@ def model_fingerprint(model) -> str:
 def cache_growth(model):
     """(bytes per token, fixed bytes) of the decoding cache, measured on this model.
 
-    The cache is filled lazily (graph construction only, nothing is computed) to
-    lengths that reach its steady state: a full sliding window and whole
-    compression periods, sampling where the open compression windows are fullest.
+    The cache is filled lazily (graph construction only, nothing is computed) past a
+    full sliding window and over many compression windows and storage blocks, in
+    steps that sample every phase of them; the line fitted through the sizes,
+    raised to the largest of them, bounds the cache from above.
     """
     cached = getattr(model, "_dsv4_cache_growth", None)
     if cached is not None:
         return cached
     a = model.args
-    period = 1
-    for r in a.compress_ratios:
-        if r:
-            period = period * r // math.gcd(period, r)
-    base = a.sliding_window + period
     cache = model.make_cache()
     samples = []
-    for n in (base - 1, base, base + period - 1, base + period):
-        model(mx.zeros((1, n - cache.offset), dtype=mx.int32), cache=cache)
+    n, end = 0, a.sliding_window + _PROBE_SPAN
+    while n < end:
+        # A prime step lands on every phase of the compression windows and storage blocks.
+        step = _PROBE_STEP if n else a.sliding_window + max(a.compress_ratios + [1]) - 1
+        model(mx.zeros((1, step), dtype=mx.int32), cache=cache)
+        n += step
         samples.append((n, cache.nbytes))
     del cache
-    slope = (samples[3][1] - samples[1][1]) / period
+    mean_n = sum(n for n, _ in samples) / len(samples)
+    mean_b = sum(b for _, b in samples) / len(samples)
+    slope = sum((n - mean_n) * (b - mean_b) for n, b in samples) / sum((n - mean_n) ** 2 for n, _ in samples)
+    slope = max(slope, 0.0)
     fixed = max(b - slope * n for n, b in samples)
     growth = (slope, fixed)
     try:
@@ -554,7 +559,7 @@ def stream_generate(
         return token, logprobs[0, token[0]]
 
     cache = None
-    pending = None  # a sampled (token, logprob) not yet handed out
+    pending = None  # a sampled (token, logprob, text) not yet handed out
     try:
         snapshot = prompt_cache.match(ids) if prompt_cache is not None else None
         if snapshot is not None:
@@ -584,7 +589,7 @@ def stream_generate(
             token = int(y.item())
             lp = float(logprob.item())
             generated.append(token)
-            pending = (token, lp)
+            pending = (token, lp, "")
             if t_first is None:
                 t_first = time.perf_counter()
                 prompt_tps = (n_prompt - cached) / (t_first - t_start)
@@ -594,6 +599,7 @@ def stream_generate(
                 reason, piece = "stop", ""
             else:
                 piece, hit = text.add(token)
+                pending = (token, lp, piece)
                 reason = "stop" if hit else ("length" if len(generated) >= max_tokens else None)
                 if reason is None:
                     # Queue the next forward pass before handing this token out, so the
@@ -623,8 +629,8 @@ def stream_generate(
             cache = model.make_cache()
         elif prompt_cache is not None and consistent and len(fed) > cached:
             prompt_cache.add(fed, cache)
-        token, lp = pending if pending is not None else (None, None)
-        yield step_out(text.flush(), token, lp, "interrupted")
+        token, lp, piece = pending if pending is not None else (None, None, "")
+        yield step_out(piece + text.flush(), token, lp, "interrupted")
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:

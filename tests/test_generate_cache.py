@@ -1,0 +1,171 @@
+"""Prompt caches: reuse across turns, files, and the errors for caches that do not fit."""
+
+import dataclasses
+
+import mlx.core as mx
+import pytest
+
+from generate_support import tiny_chat_dir, tiny_chat_model
+from mlx_dsv4.generate import (
+    PromptCache,
+    PromptCacheError,
+    generate,
+    load_prompt_cache,
+    save_prompt_cache,
+)
+from mlx_dsv4.loader import load_model
+from mlx_dsv4.model import Model
+
+SYSTEM = "<｜begin▁of▁sentence｜>" + "You are a storyteller who only writes about animals. " * 12
+
+
+@pytest.fixture(scope="module")
+def mt():
+    return tiny_chat_model()
+
+
+@pytest.fixture(scope="module")
+def first_turn(mt):
+    """A prompt long enough to close ratio-4 windows and one ratio-128 window."""
+    _, tok = mt
+    ids = tok.encode(SYSTEM + "<｜User｜>Write about a heron.<｜Assistant｜></think>")
+    assert len(ids) > 130
+    return ids
+
+
+def test_multi_turn_prefills_only_the_new_tokens(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+    one = generate(model, tok, first_turn, max_tokens=6, prompt_cache=pc)
+    assert one.stats["cached_tokens"] == 0
+    new = tok.encode("<｜end▁of▁sentence｜><｜User｜>And a crane?<｜Assistant｜></think>")
+    second_prompt = first_turn + one.tokens + new
+    two = generate(model, tok, second_prompt, max_tokens=6, prompt_cache=pc)
+    assert two.stats["cached_tokens"] == len(first_turn) + len(one.tokens)
+    assert two.stats["prompt_tokens"] - two.stats["cached_tokens"] == len(new)
+    assert two.tokens == generate(model, tok, second_prompt, max_tokens=6).tokens
+    # a third turn extends the second
+    third_prompt = second_prompt + two.tokens + new
+    three = generate(model, tok, third_prompt, max_tokens=4, prompt_cache=pc)
+    assert three.stats["cached_tokens"] == len(second_prompt) + len(two.tokens)
+    assert three.tokens == generate(model, tok, third_prompt, max_tokens=4).tokens
+
+
+def test_diverging_turn_reuses_the_prompt_snapshot(mt, first_turn):
+    """Thinking-mode history drops the reasoning: the next prompt diverges right after the
+    previous prompt's last token, so the snapshot taken before that token is the match."""
+    model, tok = mt
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=4, prompt_cache=pc)
+    other = first_turn[:-1] + tok.encode("<think>Hmm.</think>Fine.<｜end▁of▁sentence｜><｜User｜>More<｜Assistant｜>")
+    result = generate(model, tok, other, max_tokens=4, prompt_cache=pc)
+    assert result.stats["cached_tokens"] == len(first_turn) - 1
+    assert result.tokens == generate(model, tok, other, max_tokens=4).tokens
+
+
+def test_unrelated_prompt_is_recomputed_in_memory(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=2, prompt_cache=pc)
+    unrelated = tok.encode("<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>")
+    result = generate(model, tok, unrelated, max_tokens=3, prompt_cache=pc)
+    assert result.stats["cached_tokens"] == 0  # no snapshot is a prefix of it
+    assert result.tokens == generate(model, tok, unrelated, max_tokens=3).tokens
+
+
+def test_same_prompt_twice_prefills_one_token(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+    a = generate(model, tok, first_turn, max_tokens=5, prompt_cache=pc)
+    b = generate(model, tok, first_turn, max_tokens=5, prompt_cache=pc)
+    assert b.stats["cached_tokens"] == len(first_turn) - 1
+    assert a.tokens == b.tokens
+
+
+def test_restored_file_gives_the_same_tokens_as_uninterrupted_generation(mt, first_turn, tmp_path):
+    model, tok = mt
+    continuation = tok.encode("<｜end▁of▁sentence｜><｜User｜>Now a story about an otter.<｜Assistant｜></think>")
+    uninterrupted = generate(model, tok, first_turn + continuation, max_tokens=8)
+
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=3, prompt_cache=pc)
+    path = tmp_path / "turn.cache"
+    save_prompt_cache(path, pc)
+    assert path.is_file()
+
+    fresh_model = load_model(tiny_chat_dir())  # a new process would load the model again
+    restored = load_prompt_cache(path, fresh_model)
+    result = generate(fresh_model, tok, first_turn + continuation, max_tokens=8, prompt_cache=restored)
+    assert result.stats["cached_tokens"] == len(first_turn) - 1
+    assert result.tokens == uninterrupted.tokens
+
+
+def test_snapshot_at_a_shared_system_prefix(mt, tmp_path):
+    model, tok = mt
+    system = tok.encode(SYSTEM)
+    q1 = system + tok.encode("<｜User｜>Write about a heron.<｜Assistant｜></think>")
+    q2 = system + tok.encode("<｜User｜>Write about a mole.<｜Assistant｜></think>")
+    pc = PromptCache(model)
+    generate(model, tok, q1, max_tokens=2, prompt_cache=pc, snapshot_at=[len(system)], prefill_step=64)
+    save_prompt_cache(tmp_path / "system.cache", pc)
+    restored = load_prompt_cache(tmp_path / "system.cache", model)
+    result = generate(model, tok, q2, max_tokens=6, prompt_cache=restored)
+    assert result.stats["cached_tokens"] == len(system)
+    assert result.tokens == generate(model, tok, q2, max_tokens=6).tokens
+
+
+def test_encode_keeps_the_models_own_tokens(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+    reply = generate(model, tok, first_turn, max_tokens=6, prompt_cache=pc)
+    history_text = tok.decode(first_turn + reply.tokens)
+    follow_up = "<｜end▁of▁sentence｜><｜User｜>Again<｜Assistant｜></think>"
+    ids = pc.encode(history_text + follow_up, tok)
+    assert ids == first_turn + reply.tokens + tok.encode(follow_up)
+    assert pc.encode("<｜begin▁of▁sentence｜>unrelated", tok) == tok.encode("<｜begin▁of▁sentence｜>unrelated")
+
+
+def test_file_from_another_model_is_rejected(mt, first_turn, tmp_path):
+    model, tok = mt
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=2, prompt_cache=pc)
+    save_prompt_cache(tmp_path / "a.cache", pc)
+
+    other = load_model(tiny_chat_dir())
+    other.norm.weight = other.norm.weight * 1.5  # same architecture, different weights
+    with pytest.raises(PromptCacheError, match="different model"):
+        load_prompt_cache(tmp_path / "a.cache", other)
+
+    args = dataclasses.replace(model.args, compress_ratios=[0, 128, 4])
+    with pytest.raises(PromptCacheError, match="different model"):
+        load_prompt_cache(tmp_path / "a.cache", Model(args))
+
+    # an in-memory cache is bound to its model as well
+    with pytest.raises(PromptCacheError, match="different model"):
+        generate(other, tok, first_turn, max_tokens=1, prompt_cache=pc)
+
+
+def test_file_with_a_different_prefix_is_rejected(mt, first_turn, tmp_path):
+    model, tok = mt
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=2, prompt_cache=pc)
+    save_prompt_cache(tmp_path / "p.cache", pc)
+    restored = load_prompt_cache(tmp_path / "p.cache", model)
+    diverging = first_turn[:20] + tok.encode(" something else entirely<｜Assistant｜></think>")
+    with pytest.raises(PromptCacheError, match="differs at token 20"):
+        generate(model, tok, diverging, max_tokens=2, prompt_cache=restored)
+
+
+def test_not_a_prompt_cache_file(mt, tmp_path):
+    model, _ = mt
+    bogus = tmp_path / "weights.safetensors"
+    mx.save_safetensors(str(bogus), {"x": mx.zeros((2,))})
+    with pytest.raises(PromptCacheError, match="not an mlx-dsv4 prompt cache"):
+        load_prompt_cache(bogus, model)
+    (tmp_path / "garbage.cache").write_bytes(b"not safetensors at all")
+    with pytest.raises(PromptCacheError, match="not a readable"):
+        load_prompt_cache(tmp_path / "garbage.cache", model)
+    with pytest.raises(PromptCacheError, match="no such"):
+        load_prompt_cache(tmp_path / "missing.cache", model)
+    with pytest.raises(PromptCacheError, match="empty"):
+        save_prompt_cache(tmp_path / "empty.cache", PromptCache(model))

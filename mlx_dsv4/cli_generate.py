@@ -227,7 +227,8 @@ def add_arguments(p):
     p.add_argument("--prompt", required=True, help="the user message ('-' reads it from stdin)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--thinking", choices=sorted(THINKING), default="chat",
-                   help="chat (default), think (reasoning first) or think-max (reasoning effort max)")
+                   help="chat (default), think (reasoning first) or think-max (reasoning effort max); "
+                        "reasoning is shown dimmed on a terminal and goes to stderr when stdout is redirected")
     add_sampling_arguments(p)
     p.add_argument("--prompt-cache", type=Path, default=None, metavar="FILE",
                    help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")

@@ -66,7 +66,7 @@ class GenerationResult:
 
 
 def model_fingerprint(model) -> str:
-    """Hash of the architecture and of the (small, always float) norm weights."""
+    """Hash of the architecture, the tensor layout and the (small, always float) norm weights."""
     cached = getattr(model, "_dsv4_fingerprint", None)
     if cached is not None:
         return cached
@@ -74,8 +74,9 @@ def model_fingerprint(model) -> str:
     args = model.args
     h.update(json.dumps(getattr(args, "__dict__", str(args)), sort_keys=True, default=str).encode())
     for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        # names, shapes and dtypes tell quantisations apart; norm weights tell checkpoints apart
+        h.update(f"{name}:{value.shape}:{value.dtype};".encode())
         if name.endswith("norm.weight"):
-            h.update(name.encode())
             h.update(memoryview(value.astype(mx.float32)))
     fingerprint = h.hexdigest()[:32]
     try:
@@ -477,8 +478,11 @@ def stream_generate(
 ) -> Iterator[GenerationStep]:
     """Generate from ``prompt`` one token at a time.
 
-    ``prompt``: text (tokenised as is, no BOS added), token ids, or a list of chat
-    messages (encoded with ``mlx_dsv4.chat.encode_messages(**chat_options)``).
+    ``prompt``: text (tokenised as is, no BOS added; with a ``prompt_cache`` the part
+    that repeats the cached history keeps the cached ids, see ``PromptCache.encode``),
+    token ids, or a list of chat messages (encoded with
+    ``mlx_dsv4.chat.encode_messages(**chat_options)``). A caller that closes the
+    generator early still leaves the tokens decoded so far in ``prompt_cache``.
     Stops at an EOS id (``eos_token_ids``, default the tokenizer's), at the first stop
     string (not included in the text), after ``max_tokens``, or on KeyboardInterrupt
     (finish_reason "interrupted", the partial output kept). ``progress(done, total)``
@@ -497,7 +501,10 @@ def stream_generate(
                               kv_cache_limit=kv_cache_limit, on_overflow=on_overflow,
                               prompt_cache=prompt_cache, **(chat_options or {}))
     else:
-        ids = _prompt_ids(tokenizer, prompt)
+        if isinstance(prompt, str) and prompt_cache is not None:
+            ids = prompt_cache.encode(prompt, tokenizer)
+        else:
+            ids = _prompt_ids(tokenizer, prompt)
         if kv_cache_limit is not None:
             check_kv_limit(model, len(ids), max_tokens, kv_cache_limit)
     if not ids:
@@ -576,6 +583,7 @@ def stream_generate(
             fed.extend(ids[a:b])
             consistent = True
             mx.eval(cache.state())
+            mx.clear_cache()
             if prompt_cache is not None and b in snapshot_at:
                 prompt_cache.add(fed, cache)
             if progress is not None:
@@ -607,7 +615,14 @@ def stream_generate(
                     y, logprob = forward([token])
                     mx.async_eval(y, logprob)
             if reason is None:
-                yield step_out(piece, token, lp)
+                try:
+                    yield step_out(piece, token, lp)
+                except GeneratorExit:
+                    # The caller stopped early (a tool call, a cancelled request): keep what
+                    # the cache holds for the next turn.
+                    if prompt_cache is not None and consistent:
+                        prompt_cache.add(fed, cache)
+                    raise
                 pending = None
                 continue
             if prompt_cache is not None:

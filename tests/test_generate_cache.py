@@ -3,6 +3,7 @@
 import dataclasses
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from generate_support import tiny_chat_dir, tiny_chat_model
@@ -12,6 +13,7 @@ from mlx_dsv4.generate import (
     generate,
     load_prompt_cache,
     save_prompt_cache,
+    stream_generate,
 )
 from mlx_dsv4.loader import load_model
 from mlx_dsv4.model import Model
@@ -136,6 +138,11 @@ def test_file_from_another_model_is_rejected(mt, first_turn, tmp_path):
     with pytest.raises(PromptCacheError, match="different model"):
         load_prompt_cache(tmp_path / "a.cache", other)
 
+    quantised = load_model(tiny_chat_dir())  # same weights, another storage format
+    nn.quantize(quantised, class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
+    with pytest.raises(PromptCacheError, match="different model"):
+        load_prompt_cache(tmp_path / "a.cache", quantised)
+
     args = dataclasses.replace(model.args, compress_ratios=[0, 128, 4])
     with pytest.raises(PromptCacheError, match="different model"):
         load_prompt_cache(tmp_path / "a.cache", Model(args))
@@ -169,3 +176,26 @@ def test_not_a_prompt_cache_file(mt, tmp_path):
         load_prompt_cache(tmp_path / "missing.cache", model)
     with pytest.raises(PromptCacheError, match="empty"):
         save_prompt_cache(tmp_path / "empty.cache", PromptCache(model))
+
+
+def test_text_prompts_extend_the_cached_history(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+    first_text = tok.decode(first_turn)
+    reply = generate(model, tok, first_text, max_tokens=6, prompt_cache=pc)
+    follow_up = "<｜end▁of▁sentence｜><｜User｜>Again<｜Assistant｜></think>"
+    second = generate(model, tok, first_text + reply.text + follow_up, max_tokens=4, prompt_cache=pc)
+    assert second.stats["cached_tokens"] == len(first_turn) + len(reply.tokens)
+    assert second.stats["prompt_tokens"] == second.stats["cached_tokens"] + len(tok.encode(follow_up))
+
+
+def test_closing_the_stream_early_keeps_the_decoded_tokens(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+    steps = stream_generate(model, tok, first_turn, max_tokens=50, prompt_cache=pc)
+    taken = [next(steps).token for _ in range(3)]
+    steps.close()
+    extra = tok.encode("<｜User｜>Go on<｜Assistant｜></think>")
+    result = generate(model, tok, first_turn + taken + extra, max_tokens=4, prompt_cache=pc)
+    assert result.stats["cached_tokens"] == len(first_turn) + len(taken)
+    assert result.tokens == generate(model, tok, first_turn + taken + extra, max_tokens=4).tokens

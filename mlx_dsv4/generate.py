@@ -511,6 +511,7 @@ def stream_generate(
         raise ValueError("the prompt is empty")
     if prefill_step < 1:
         raise ValueError("prefill_step must be positive")
+    snapshot_at = set(snapshot_at)
 
     if seed is not None:
         mx.random.seed(seed)

@@ -199,3 +199,19 @@ def test_closing_the_stream_early_keeps_the_decoded_tokens(mt, first_turn):
     result = generate(model, tok, first_turn + taken + extra, max_tokens=4, prompt_cache=pc)
     assert result.stats["cached_tokens"] == len(first_turn) + len(taken)
     assert result.tokens == generate(model, tok, first_turn + taken + extra, max_tokens=4).tokens
+
+
+def test_interrupted_prefill_resumes_where_it_stopped(mt, first_turn):
+    model, tok = mt
+    pc = PromptCache(model)
+
+    def stop_after_two_chunks(done, total):
+        if done >= 32:
+            raise KeyboardInterrupt
+
+    steps = list(stream_generate(model, tok, first_turn, max_tokens=4, prefill_step=16, prompt_cache=pc,
+                                 progress=stop_after_two_chunks))
+    assert [s.finish_reason for s in steps] == ["interrupted"]
+    resumed = generate(model, tok, first_turn, max_tokens=4, prompt_cache=pc)
+    assert resumed.stats["cached_tokens"] == 32
+    assert resumed.tokens == generate(model, tok, first_turn, max_tokens=4).tokens

@@ -20,9 +20,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .memory import kv_bytes
+
 PROMPT_CACHE_FORMAT = "mlx-dsv4-prompt-cache/1"
-_PROBE_SPAN = 32768  # tokens the memory probe spans
-_PROBE_STEP = 2039
 
 
 class PromptCacheError(ValueError):
@@ -86,56 +86,27 @@ def model_fingerprint(model) -> str:
     return fingerprint
 
 
-def cache_growth(model):
-    """(bytes per token, fixed bytes) of the decoding cache, measured on this model.
-
-    The cache is filled lazily (graph construction only, nothing is computed) past a
-    full sliding window and over many compression windows and storage blocks, in
-    steps that sample every phase of them; the line fitted through the sizes,
-    raised to the largest of them, bounds the cache from above.
-    """
-    cached = getattr(model, "_dsv4_cache_growth", None)
-    if cached is not None:
-        return cached
-    a = model.args
-    cache = model.make_cache()
-    samples = []
-    n, end = 0, a.sliding_window + _PROBE_SPAN
-    while n < end:
-        # A prime step lands on every phase of the compression windows and storage blocks.
-        step = _PROBE_STEP if n else a.sliding_window + max(a.compress_ratios + [1]) - 1
-        model(mx.zeros((1, step), dtype=mx.int32), cache=cache)
-        n += step
-        samples.append((n, cache.nbytes))
-    del cache
-    mean_n = sum(n for n, _ in samples) / len(samples)
-    mean_b = sum(b for _, b in samples) / len(samples)
-    slope = sum((n - mean_n) * (b - mean_b) for n, b in samples) / sum((n - mean_n) ** 2 for n, _ in samples)
-    slope = max(slope, 0.0)
-    fixed = max(b - slope * n for n, b in samples)
-    growth = (slope, fixed)
-    try:
-        object.__setattr__(model, "_dsv4_cache_growth", growth)
-    except AttributeError:
-        pass
-    return growth
-
-
 def estimate_cache_bytes(model, n_tokens: int) -> int:
-    """About how many bytes the decoding cache holds after ``n_tokens`` tokens (an upper
-    estimate once the sliding window is full)."""
-    slope, fixed = cache_growth(model)
-    return int(math.ceil(fixed + slope * n_tokens))
+    """Bytes the decoding cache (`model.make_cache()` defaults) holds after `n_tokens` tokens: exact."""
+    return kv_bytes(model.args, n_tokens, dtype=model.dtype)
 
 
 def tokens_that_fit(model, limit_bytes: int) -> int:
-    """The longest sequence whose estimated cache stays within ``limit_bytes``."""
-    slope, fixed = cache_growth(model)
-    if limit_bytes < fixed:
+    """The longest sequence whose cache stays within `limit_bytes`."""
+    if estimate_cache_bytes(model, 1) > limit_bytes:
         return 0
-    if slope <= 0:
-        return 1 << 62
-    return int((limit_bytes - fixed) // slope)
+    low, high = 1, 1
+    while estimate_cache_bytes(model, high) <= limit_bytes:
+        low, high = high, high * 2
+        if high > 1 << 40:
+            return high
+    while high - low > 1:  # the size only grows with the token count
+        mid = (low + high) // 2
+        if estimate_cache_bytes(model, mid) <= limit_bytes:
+            low = mid
+        else:
+            high = mid
+    return low
 
 
 def _format_bytes(n: float) -> str:

@@ -7,7 +7,6 @@ from generate_support import tiny_chat_model
 from mlx_dsv4.chat import encode_messages
 from mlx_dsv4.generate import (
     KVCacheLimitError,
-    cache_growth,
     estimate_cache_bytes,
     fit_messages,
     generate,
@@ -28,17 +27,14 @@ def real_cache_bytes(model, n, evaluate=True):
     return cache.nbytes
 
 
-def test_estimate_bounds_the_real_cache_and_tracks_its_growth(mt):
+def test_estimate_equals_the_real_cache(mt):
     model, _ = mt
     for n in (10, 150, 383, 895):
-        assert real_cache_bytes(model, n) <= estimate_cache_bytes(model, n), n
+        assert real_cache_bytes(model, n) == estimate_cache_bytes(model, n), n
     # Long sequences: the sizes of unevaluated caches (shapes are known without computing).
     for n in (5000, 20000):
-        assert real_cache_bytes(model, n, evaluate=False) <= estimate_cache_bytes(model, n), n
-    actual = real_cache_bytes(model, 30000, evaluate=False)
-    assert estimate_cache_bytes(model, 30000) == pytest.approx(actual, rel=0.1)
-    slope, _ = cache_growth(model)
-    assert slope > 0
+        assert real_cache_bytes(model, n, evaluate=False) == estimate_cache_bytes(model, n), n
+    assert estimate_cache_bytes(model, 20000) > estimate_cache_bytes(model, 5000)
 
 
 def test_refusal_says_how_many_tokens_fit(mt):
@@ -46,7 +42,7 @@ def test_refusal_says_how_many_tokens_fit(mt):
     limit = 300_000
     fit = tokens_that_fit(model, limit)
     assert fit > 1000
-    assert real_cache_bytes(model, fit, evaluate=False) <= limit
+    assert real_cache_bytes(model, fit, evaluate=False) <= limit < real_cache_bytes(model, fit + 64, evaluate=False)
     prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>Hello<｜Assistant｜></think>")
     with pytest.raises(KVCacheLimitError) as err:
         generate(model, tok, prompt, max_tokens=fit, kv_cache_limit=limit)

@@ -10,7 +10,6 @@ restores the longest one the next prompt extends. ``save_prompt_cache`` /
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

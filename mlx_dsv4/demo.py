@@ -1,8 +1,12 @@
-"""`mlx-dsv4 demo`: build a tiny random V4 checkpoint, load it, and decode with the cache.
+"""`mlx-dsv4 demo`: the whole path on a tiny random V4 checkpoint.
 
-The tiny model's weights are random, so its tokens are meaningless; the demo
-shows the whole path (checkpoint -> load -> prefill -> cached decoding) works
-and how fast it runs here.
+1. write a tiny checkpoint in the official layout and load it;
+2. prefill a prompt and decode greedily with the FP8 cache (speed, cache size);
+3. a chat turn through the V4 chat encoding and the tokenizer;
+4. an agent round trip: a DSML tool call parsed, validated, executed, answered;
+5. save the prompt cache to a file, restore it, and check the continuation matches.
+
+The weights are random, so every generated text is random too.
 """
 
 import tempfile
@@ -12,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 PROMPT_LEN = 300  # crosses several ratio-4 and two ratio-128 compression windows
+RANDOM_NOTE = "(random weights: the text is random)"
 
 
 def add_arguments(p):
@@ -23,8 +28,7 @@ def add_arguments(p):
 def greedy_decode(model, prompt: mx.array, n_tokens: int):
     cache = model.make_cache()
     t0 = time.perf_counter()
-    logits = model(prompt, cache=cache)
-    token = mx.argmax(logits[:, -1], axis=-1)
+    token = mx.argmax(model(prompt, cache=cache, last_only=True)[:, -1], axis=-1)
     mx.eval(token)
     t1 = time.perf_counter()
     out = [token]
@@ -38,25 +42,91 @@ def greedy_decode(model, prompt: mx.array, n_tokens: int):
     return generated, cache, t1 - t0, t2 - t1
 
 
+def _decode_speed(model, args):
+    prompt = mx.array([[0] + [(97 * i + 13) % 128000 + 100 for i in range(PROMPT_LEN - 1)]])
+    tokens, cache, t_prefill, t_decode = greedy_decode(model, prompt, args.tokens)
+    print(f"Greedy continuation ids {RANDOM_NOTE}: {tokens[0].tolist()[:16]} ...")
+    print(f"prompt: {PROMPT_LEN} tokens in {t_prefill:.3f} s = {PROMPT_LEN / t_prefill:.1f} tok/s")
+    steps = args.tokens - 1  # the first token comes out of the prefill
+    print(f"decode: {steps} cached steps in {t_decode:.3f} s = {steps / max(t_decode, 1e-9):.1f} tok/s")
+    print(f"cache: {cache.nbytes} bytes for {cache.offset} tokens "
+          f"(kv rows in {cache.kv_dtype}, indexer keys in {cache.index_dtype})")
+
+
+def _chat_turn(model, tokenizer):
+    from .chat import encode_messages, parse_completion
+    from .generate import generate
+
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Name three rivers in Europe."}]
+    prompt = encode_messages(messages, thinking_mode="chat")
+    result = generate(model, tokenizer, prompt, max_tokens=24)
+    reply = parse_completion(result.text, "chat", strict=False)
+    print(f"chat turn {RANDOM_NOTE}: {reply['content'][:80]!r} "
+          f"[{result.stats.get('prompt_tokens')} prompt tokens, finish: {result.finish_reason}]")
+
+
+def _agent_round_trip(model, tokenizer, log_path: Path):
+    from .agent import Agent
+
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: first addend
+            b: second addend
+        """
+        return a + b
+
+    script = iter([
+        '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="add">\n'
+        '<｜DSML｜parameter name="a" string="false">20</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="b" string="false">22</｜DSML｜parameter>\n'
+        '</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>',
+        "20 + 22 = 42.<｜end▁of▁sentence｜>",
+    ])
+    agent = Agent(model, tokenizer, tools=[add], substrate="function", log_path=log_path,
+                  completion_fn=lambda prompt: iter([next(script)]))
+    result = agent.run("What is 20 + 22?")
+    call = result.tool_calls[0]
+    print(f"agent (scripted model output, the tiny model cannot plan): called {call.name}({call.arguments}) "
+          f"-> {call.result.value}; final answer {result.content!r}; steps logged to {log_path.name}")
+
+
+def _cache_round_trip(model, tokenizer, path: Path):
+    from .generate import PromptCache, generate, load_prompt_cache, save_prompt_cache
+
+    document = "<｜begin▁of▁sentence｜>" + " ".join(f"fact {i}: the value is {i * 7 % 13}." for i in range(40))
+    question = document + "<｜User｜>Which fact is largest?<｜Assistant｜></think>"
+    uninterrupted = generate(model, tokenizer, question, max_tokens=12)
+    pc = PromptCache(model)
+    generate(model, tokenizer, document, max_tokens=1, prompt_cache=pc)
+    save_prompt_cache(path, pc)
+    restored = load_prompt_cache(path, model)
+    again = generate(model, tokenizer, question, max_tokens=12, prompt_cache=restored)
+    same = again.tokens == uninterrupted.tokens
+    print(f"prompt cache: saved {path.stat().st_size} bytes; restored run reused "
+          f"{again.stats.get('cached_tokens')} tokens and {'matches' if same else 'DIFFERS FROM'} "
+          f"the uninterrupted generation")
+    return same
+
+
 def run(args):
-    from . import load_model
+    from . import load
     from .tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.dir or Path(tmp) / "tiny-v4"
         print(f"Writing a tiny random DeepSeek-V4 checkpoint (official layout) to {path}")
         write_tiny_checkpoint(path, preset="flash", seed=args.seed)
-        model = load_model(path)
+        model, tokenizer = load(path)
         a = model.args
         print(
             f"Loaded: {a.num_hidden_layers} layers (compress ratios {a.compress_ratios}), hidden {a.hidden_size}, "
-            f"{a.n_routed_experts} experts, vocab {a.vocab_size}"
+            f"{a.n_routed_experts} experts, vocab {a.vocab_size}. {RANDOM_NOTE}"
         )
-        prompt = mx.array([[0] + [(97 * i + 13) % 128000 + 100 for i in range(PROMPT_LEN - 1)]])
-        tokens, cache, t_prefill, t_decode = greedy_decode(model, prompt, args.tokens)
-        print(f"Greedy continuation ids (random weights, so random tokens): {tokens[0].tolist()[:16]} ...")
-        print(f"prompt: {PROMPT_LEN} tokens in {t_prefill:.3f} s = {PROMPT_LEN / t_prefill:.1f} tok/s")
-        steps = args.tokens - 1  # the first token comes out of the prefill
-        print(f"decode: {steps} cached steps in {t_decode:.3f} s = {steps / max(t_decode, 1e-9):.1f} tok/s")
-        print(f"cache: {cache.nbytes} bytes for {cache.offset} tokens")
-    return 0
+        _decode_speed(model, args)
+        _chat_turn(model, tokenizer)
+        _agent_round_trip(model, tokenizer, Path(tmp) / "agent-steps.jsonl")
+        ok = _cache_round_trip(model, tokenizer, Path(tmp) / "prompt-cache.safetensors")
+    return 0 if ok else 1

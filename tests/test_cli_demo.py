@@ -25,9 +25,12 @@ def test_demo_runs_under_a_minute_and_reports_speed_and_cache(tmp_path):
     assert elapsed < 60
     assert re.search(r"prompt: 300 tokens in [\d.]+ s = [\d.]+ tok/s", out.stdout)
     assert re.search(r"decode: 63 cached steps in [\d.]+ s = [\d.]+ tok/s", out.stdout)
-    cache = re.search(r"cache: (\d+) bytes for 363 tokens", out.stdout)
+    cache = re.search(r"cache: (\d+) bytes for 363 tokens \(kv rows in fp8, indexer keys in fp4\)", out.stdout)
     assert cache and int(cache.group(1)) > 0
-    assert "random" in out.stdout
+    assert "random weights: the text is random" in out.stdout
+    assert re.search(r"chat turn .*\[\d+ prompt tokens, finish: (length|stop)\]", out.stdout)
+    assert 'called add({"a": 20, "b": 22}) -> 42; final answer \'20 + 22 = 42.\'' in out.stdout
+    assert re.search(r"restored run reused \d+ tokens and matches the uninterrupted generation", out.stdout)
     mlx_dsv4.load_model(tmp_path / "tiny")  # the checkpoint it wrote is a real one
 
 

@@ -68,7 +68,7 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
     cfg, d, ckpt, units, warnings = prepare(src, recipe, include_mtp)
     for w in warnings:
         log(f"warning: {w}")
-    est = estimate_units(units, d, recipe, context)
+    est = estimate_units(units, cfg, recipe, context)
     for line in est.lines():
         log(line)
     total = sum(u.nbytes for u in units)

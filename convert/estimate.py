@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..memory import kv_bytes
 from . import layout
 from .plan import plan_units, sources_from_config
 from .recipes import Recipe
@@ -17,18 +18,6 @@ def human(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def kv_cache_bytes(d: layout.Dims, context: int, itemsize: int = 2) -> int:
-    """Cache for `context` tokens: sliding window per layer plus compressed entries (and indexer keys)."""
-    total = 0
-    for r in d.ratios[: d.L]:
-        total += min(context, 128) * d.hd * itemsize
-        if r == 4:
-            total += (context // 4) * (d.hd + d.ihd) * itemsize
-        elif r == 128:
-            total += (context // 128) * d.hd * itemsize
-    return total
 
 
 @dataclass
@@ -51,23 +40,24 @@ class Estimate:
             + (f" + {human(self.mtp_bytes)} MTP" if self.mtp_bytes else "")
             + f" (source {human(self.in_bytes)})",
             f"estimated unified memory to run: {self.memory_bytes / GB:.1f} GB "
-            f"(weights {self.model_bytes / GB:.1f} + KV cache at {self.context} tokens "
+            f"(weights {self.model_bytes / GB:.1f} + FP8 KV cache at {self.context} tokens "
             f"{self.kv_bytes / GB:.2f} + runtime {RUNTIME_OVERHEAD / GB:.0f})",
         ]
 
 
-def estimate_units(units, d: layout.Dims, recipe: Recipe, context: int) -> Estimate:
+def estimate_units(units, cfg: dict, recipe: Recipe, context: int) -> Estimate:
+    """Sizes of the planned output; memory counts the default decoding cache (FP8 kv, FP4 indexer keys)."""
     return Estimate(recipe.describe(),
                     sum(u.nbytes for u in units if u.group == "model"),
                     sum(u.nbytes for u in units if u.group == "mtp"),
-                    sum(u.in_bytes for u in units), context, kv_cache_bytes(d, context))
+                    sum(u.in_bytes for u in units), context, kv_bytes(cfg, context))
 
 
 def estimate_config(cfg: dict, recipe: Recipe, context: int, include_mtp: bool = True) -> Estimate:
     d = layout.dims(cfg)
     units = plan_units(sources_from_config(d, include_mtp), d,
                        lambda m, fam, kind, k: recipe.decide(fam, kind, k), recipe.float_dtype, include_mtp)
-    return estimate_units(units, d, recipe, context)
+    return estimate_units(units, cfg, recipe, context)
 
 
 TABLE_RECIPES = [

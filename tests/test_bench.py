@@ -1,0 +1,118 @@
+"""Smoke tests for `mlx-dsv4 bench` at toy sizes (the real figures are in docs/performance.md)."""
+
+import importlib.util
+import json
+
+import pytest
+
+import mlx.core as mx
+
+from mlx_dsv4 import bench
+from mlx_dsv4.config import ModelArgs
+from mlx_dsv4.memory import kv_bytes
+
+TOY = [
+    "--layers", "0,4,128",
+    "--hidden-size", "64", "--num-attention-heads", "2", "--head-dim", "64", "--qk-rope-head-dim", "16",
+    "--q-lora-rank", "32", "--o-groups", "2", "--o-lora-rank", "16",
+    "--index-n-heads", "2", "--index-head-dim", "32", "--index-topk", "8",
+    "--sliding-window", "16", "--moe-intermediate-size", "32",
+    "--experts", "4", "--experts-per-token", "2", "--vocab-size", "256",
+    "--contexts", "64,160", "--chunk", "64", "--decode-steps", "2", "--bandwidth-mb", "8",
+]
+
+HAVE_VLM = importlib.util.find_spec("mlx_vlm") is not None
+
+
+def run_bench(tmp_path, capsys, *extra):
+    out = tmp_path / "bench.json"
+    rc = bench.main([*TOY, "--checkpoint-dir", str(tmp_path / "ckpt"), "--json", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def by_key(summary):
+    return {(r["impl"], r["context"]): r for r in summary["results"]}
+
+
+def test_parse_contexts_and_layers():
+    assert bench.parse_contexts("32k,1k,8192,1K") == [1024, 8192, 32768]
+    assert bench.parse_layers("4,128") == [4, 128]
+    assert bench.parse_layers("3") == [4, 128, 4]
+    assert bench.parse_layers("128") == [128]
+    with pytest.raises(ValueError):
+        bench.parse_layers("4,64")
+    with pytest.raises(ValueError):
+        bench.parse_contexts("0")
+
+
+def test_cli_dispatches_bench():
+    from mlx_dsv4.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--contexts", "1k,2k", "--layers", "2"])
+    assert args._run is bench.run
+    assert bench.parse_contexts(args.contexts) == [1024, 2048]
+    assert args.hidden_size == 4096 and args.num_attention_heads == 64 and args.head_dim == 512
+
+
+def test_ours_and_naive_side_by_side(tmp_path, capsys):
+    summary, text = run_bench(tmp_path, capsys, "--impls", "ours,naive")
+    results = by_key(summary)
+    for impl in ("ours", "naive"):
+        for ctx in (64, 160):
+            r = results[(impl, ctx)]
+            assert r["error"] is None and r["skipped"] is None
+            assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
+            assert r["peak_bytes"] > 0 and r["cache_bytes"] > 0
+    # our cache is exactly what memory.kv_bytes predicts for the tokens it holds (the toy checkpoint
+    # keeps norm weights in float32, so the compressors' open-window activations are float32)
+    cfg = ModelArgs.from_path(summary["checkpoint"])
+    for ctx in (64, 160):
+        held = ctx + 1 + summary["decode_steps"]
+        assert results[("ours", ctx)]["cache_bytes"] == kv_bytes(cfg, held, "fp8", "fp4", dtype=mx.float32)
+    # the naive cache keeps every row in bf16: more bytes per token than ours
+    assert results[("ours", 160)]["cache_bytes"] < results[("naive", 160)]["cache_bytes"]
+    # roofline and targets are reported, with a verdict per target
+    assert summary["roofline_tok_s"] > 0 and summary["weights"]["decode_weight_bytes"] > 0
+    assert set(summary["targets"]) == {"decode_vs_mlx_vlm", "decode_roofline", "prefill_growth",
+                                       "peak_memory_vs_mlx_vlm"}
+    assert summary["targets"]["prefill_growth"]["pass"] in (True, False)
+    assert summary["targets"]["decode_vs_mlx_vlm"]["pass"] is None  # no mlx-vlm run: n/a, not a pass
+    assert "decode roofline" in text and "ours as ratios" in text
+    assert "PASS" in text or "FAIL" in text
+    # the checkpoint is reused on a second run
+    _, text = run_bench(tmp_path, capsys, "--impls", "ours", "--contexts", "64")
+    assert "reusing checkpoint" in text
+
+
+def test_missing_mlx_vlm_is_reported_not_fatal(tmp_path, capsys, monkeypatch):
+    class Missing:
+        def __init__(self, path):
+            raise ImportError("No module named 'mlx_vlm'")
+
+    monkeypatch.setattr(bench, "VlmRunner", Missing)
+    summary, text = run_bench(tmp_path, capsys, "--impls", "ours,mlx-vlm", "--contexts", "64")
+    assert "mlx-vlm" in summary["skipped_impls"]
+    assert "not installed" in text
+    assert by_key(summary)[("ours", 64)]["decode_tok_s"] > 0
+
+
+def test_naive_guard_skips_with_reason(tmp_path, capsys):
+    summary, text = run_bench(tmp_path, capsys, "--impls", "ours,naive", "--contexts", "64",
+                              "--naive-max-gb", "0.000001")
+    assert "exceeds --naive-max-gb" in by_key(summary)[("naive", 64)]["skipped"]
+    summary, _ = run_bench(tmp_path, capsys, "--impls", "ours,naive", "--naive-max-context", "100")
+    results = by_key(summary)
+    assert results[("naive", 64)]["skipped"] is None and results[("naive", 64)]["decode_tok_s"] > 0
+    assert "--naive-max-context" in results[("naive", 160)]["skipped"]
+    assert summary["targets"]["prefill_growth"]["pass"] in (True, False)
+
+
+@pytest.mark.skipif(not HAVE_VLM, reason="mlx-vlm not installed (optional extra 'bench')")
+def test_mlx_vlm_baseline_runs_on_the_same_weights(tmp_path, capsys):
+    summary, text = run_bench(tmp_path, capsys, "--impls", "ours,mlx-vlm", "--contexts", "160")
+    r = by_key(summary)[("mlx-vlm", 160)]
+    assert r["error"] is None and r["prefill_tok_s"] > 0 and r["cache_bytes"] > 0
+    assert summary["agreement"]["argmax_agree"] >= 0.9
+    assert summary["targets"]["decode_vs_mlx_vlm"]["pass"] in (True, False)
+    assert "mlx-vlm" in text

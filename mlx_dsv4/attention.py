@@ -11,7 +11,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from .layers import GatheredLinear
+from .layers import GroupedLinear
 
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         self.wq_b = nn.Linear(args.q_lora_rank, H * hd, bias=False)
         self.wkv = nn.Linear(dim, hd, bias=False)
         self.kv_norm = nn.RMSNorm(hd, eps=self.eps)
-        self.wo_a = GatheredLinear(H * hd // G, args.o_lora_rank, G, bias=False)
+        self.wo_a = GroupedLinear(H * hd // G, args.o_lora_rank, G, bias=False)
         self.wo_b = nn.Linear(G * args.o_lora_rank, dim, bias=False)
         self.attn_sink = mx.zeros((H,))
         if self.ratio:

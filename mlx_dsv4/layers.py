@@ -1,7 +1,11 @@
-"""Gathered (per-expert / per-group) linear layers."""
+"""Gathered (per-expert) and grouped (per-head-group) linear layers."""
 
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwitchLinear
+
+
+def _cpu_half(w: mx.array) -> bool:
+    return w.dtype != mx.float32 and mx.default_device().type == mx.DeviceType.cpu
 
 
 class GatheredLinear(SwitchLinear):
@@ -9,15 +13,30 @@ class GatheredLinear(SwitchLinear):
 
     MLX's CPU gather_mm only runs in float32 (quantised gathers run in any
     dtype), so on the CPU backend unquantised bf16/f16 weights go through
-    float32 there; Metal and CUDA take the native path.
+    float32: only the experts in use when few are, all of them otherwise.
+    Metal and CUDA take the native path.
     """
 
     def __call__(self, x, indices, sorted_indices=False):
         w = self["weight"]
-        if w.dtype == mx.float32 or mx.default_device().type != mx.DeviceType.cpu:
+        if not _cpu_half(w):
             return super().__call__(x, indices, sorted_indices)
+        if indices.size < w.shape[0]:
+            picked = w[indices].astype(mx.float32)  # [..., k, out, in]
+            return (x.astype(mx.float32) @ picked.swapaxes(-1, -2)).astype(x.dtype)
         y = mx.gather_mm(
             x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
             rhs_indices=indices, sorted_indices=sorted_indices,
         )
         return y.astype(x.dtype)
+
+
+class GroupedLinear(SwitchLinear):
+    """One weight slice per group: x [..., G, 1, in] -> [..., G, 1, out].
+
+    Every group is used on every call, so unquantised weights need no gather;
+    quantised (QuantizedSwitchLinear, via to_quantized) gather by group index.
+    """
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return x @ self["weight"].swapaxes(-1, -2)

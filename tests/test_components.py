@@ -218,3 +218,20 @@ def test_naive_baseline_cache_computes_the_same_logits(pair):
     close(mx.concatenate(a, axis=1), mx.concatenate(b, axis=1), 1e-5)
     assert naive.layers[0]._ring[0].shape[1] == 300  # every raw row kept
     assert naive.nbytes > fast.nbytes
+
+
+@pytest.mark.parametrize("n_tokens", [1, 40], ids=["few-experts", "all-experts"])
+def test_gathered_linear_half_precision_matches_float32(n_tokens):
+    from mlx_dsv4.layers import GatheredLinear
+
+    rng = np.random.default_rng(12)
+    layer = GatheredLinear(16, 8, 6, bias=False)
+    layer.weight = mx.array(rng.normal(size=(6, 8, 16)).astype(np.float32)).astype(mx.bfloat16)
+    x = mx.array(rng.normal(size=(n_tokens, 1, 1, 16)).astype(np.float32)).astype(mx.bfloat16)
+    idx = mx.array(rng.integers(0, 6, (n_tokens, 2)))
+    got = layer(x, idx)
+    w = np.array(layer.weight.astype(mx.float32))
+    xs = np.array(x.astype(mx.float32))
+    expect = np.einsum("nd,nkod->nko", xs[:, 0, 0], w[np.array(idx)])[:, :, None, :]
+    assert got.dtype == mx.bfloat16 and got.shape == (n_tokens, 2, 1, 8)
+    close(got.astype(mx.float32), expect, 1e-2)

@@ -92,14 +92,14 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).astype(mx.float32) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         return q, w
 
-    def select(self, q: mx.array, w: mx.array, keys: mx.array, visible: mx.array):
+    def select(self, q: mx.array, w: mx.array, keys: CompressorState, visible: mx.array):
         """Top-k entries per query: (indices [B, Lq, k], valid [B, Lq, k]).
 
-        q [B, H, Lq, d], w [B, Lq, H], keys [B, T, d], visible [Lq, 1] entries each query may see.
+        q [B, H, Lq, d], w [B, Lq, H], keys: the indexer's entries, visible [Lq, 1] entries each query may see.
         """
-        scores = nn.relu(q @ keys[:, None].swapaxes(-1, -2))  # [B, H, Lq, T]
+        scores = nn.relu(keys.scores(q))  # [B, H, Lq, T]
         scores = (w[:, :, None, :] @ scores.transpose(0, 2, 1, 3)).squeeze(2)  # [B, Lq, T]
-        T = keys.shape[1]
+        T = keys.n_entries
         scores = mx.where(mx.arange(T) < visible, scores, -mx.inf)
         k = min(self.topk, T)
         indices = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
@@ -142,14 +142,13 @@ class Attention(nn.Module):
         kv = cache.kv_codec.decode(cache.kv_codec.encode(kv))  # attend to exactly what the cache stores
         keys, first = cache.window_keys(kv)
 
-        entries = index_q = index_w = index_keys = None
+        entries = index_q = index_w = None
         if self.ratio:
             self.compressor(x, cache.compressor, self.rope)
             if self.ratio == 4:
                 self.indexer.compressor(x, cache.indexer, self.rope)
                 if cache.indexer.n_entries:
                     index_q, index_w = self.indexer.queries(x, q_lora, self.rope, start)
-                    index_keys = cache.indexer.entries().astype(mx.float32)
             elif cache.compressor.n_entries:
                 entries = cache.compressor.entries()
 
@@ -172,7 +171,7 @@ class Attention(nn.Module):
             if index_q is None:
                 blocks.append(self._sdpa(qb, win, mask, sinks))
                 continue
-            indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], index_keys, visible)
+            indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible)
             picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
             if q1 - q0 == 1:  # one query: its picked entries are ordinary keys
                 blocks.append(self._sdpa(qb, mx.concatenate([win, picked[:, 0]], axis=1),

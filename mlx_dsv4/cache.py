@@ -66,6 +66,10 @@ class CompressorState:
         """All entries, decoded: [B, T, d]."""
         return self.codec.decode(self.parts()) if self.n_entries else None
 
+    def scores(self, q: mx.array) -> mx.array:
+        """q [B, H, Lq, d] against every entry: [B, H, Lq, T] (indexer keys)."""
+        return self.codec.scores(q, self.parts())
+
     def gather(self, indices: mx.array) -> mx.array:
         """Entries picked per query: indices [B, Lq, k] -> decoded [B, Lq, k, d]."""
         b = mx.arange(indices.shape[0])[:, None, None]

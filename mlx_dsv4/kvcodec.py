@@ -100,6 +100,14 @@ class IndexCodec:
             return mx.dequantize(*parts, group_size=32, bits=bits, mode=mode).astype(self.dtype)
         return parts[0].astype(self.dtype)
 
+    def scores(self, q: mx.array, parts: tuple) -> mx.array:
+        """q [B, H, Lq, d] float32 against stored keys [B, T, ...] -> [B, H, Lq, T], without decoding them."""
+        if self.kind in self._MX_MODES and q.shape[0] == 1:
+            mode, bits = self._MX_MODES[self.kind]
+            w, scales = (p[0] for p in parts)
+            return mx.quantized_matmul(q, w, scales, transpose=True, group_size=32, bits=bits, mode=mode)
+        return q @ self.decode(parts).astype(q.dtype)[:, None].swapaxes(-1, -2)
+
     def row_bytes(self) -> int:
         if self.kind in self._MX_MODES:
             return self.head_dim * self._MX_MODES[self.kind][1] // 8 + self.head_dim // 32

@@ -235,3 +235,15 @@ def test_gathered_linear_half_precision_matches_float32(n_tokens):
     expect = np.einsum("nd,nkod->nko", xs[:, 0, 0], w[np.array(idx)])[:, :, None, :]
     assert got.dtype == mx.bfloat16 and got.shape == (n_tokens, 2, 1, 8)
     close(got.astype(mx.float32), expect, 1e-2)
+
+
+@pytest.mark.parametrize("kind", ["fp4", "fp8", "bf16"])
+def test_index_scores_on_stored_keys_equal_decoded_keys(kind):
+    from mlx_dsv4.kvcodec import IndexCodec
+
+    rng = np.random.default_rng(13)
+    codec = IndexCodec(kind, 64, mx.float32)
+    parts = codec.encode(mx.array(rng.normal(size=(1, 50, 64)).astype(np.float32)))
+    q = mx.array(rng.normal(size=(1, 3, 5, 64)).astype(np.float32))
+    expect = np.array(q) @ np.array(codec.decode(parts))[:, None].swapaxes(-1, -2)
+    close(codec.scores(q, parts), expect, 1e-5)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from .layers import GroupedLinear
+from .layers import GroupedLinear, RMSNorm
 
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
@@ -32,7 +32,7 @@ class Compressor(nn.Module):
         self.wkv = nn.Linear(dim, width, bias=False)
         self.wgate = nn.Linear(dim, width, bias=False)
         self.ape = mx.zeros((ratio, width))
-        self.norm = nn.RMSNorm(head_dim, eps=eps)
+        self.norm = RMSNorm(head_dim, eps=eps)
 
     def __call__(self, x: mx.array, state: CompressorState, rope: Rope) -> None:
         """Feed x [B, L, D]; closed windows are appended to state as entries."""
@@ -118,10 +118,10 @@ class Attention(nn.Module):
         self.scale = args.head_dim**-0.5
         dim, hd, H, G = args.hidden_size, args.head_dim, args.num_attention_heads, args.o_groups
         self.wq_a = nn.Linear(dim, args.q_lora_rank, bias=False)
-        self.q_norm = nn.RMSNorm(args.q_lora_rank, eps=self.eps)
+        self.q_norm = RMSNorm(args.q_lora_rank, eps=self.eps)
         self.wq_b = nn.Linear(args.q_lora_rank, H * hd, bias=False)
         self.wkv = nn.Linear(dim, hd, bias=False)
-        self.kv_norm = nn.RMSNorm(hd, eps=self.eps)
+        self.kv_norm = RMSNorm(hd, eps=self.eps)
         self.wo_a = GroupedLinear(H * hd // G, args.o_lora_rank, G, bias=False)
         self.wo_b = nn.Linear(G * args.o_lora_rank, dim, bias=False)
         self.attn_sink = mx.zeros((H,))

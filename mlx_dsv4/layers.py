@@ -1,7 +1,19 @@
-"""Gathered (per-expert) and grouped (per-head-group) linear layers."""
+"""Norms and gathered (per-expert) / grouped (per-head-group) linear layers."""
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose output keeps the input's dtype.
+
+    The release stores norm weights in float32; like the reference, the product is
+    taken in float32 and cast back, so bf16 activations stay bf16.
+    """
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self["weight"], self.eps).astype(x.dtype)
 
 
 def _cpu_half(w: mx.array) -> bool:

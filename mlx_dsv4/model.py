@@ -10,6 +10,7 @@ from .cache import LayerCache, ModelCache
 from .config import ModelArgs
 from .hc import hc_head, hc_merge, hc_split
 from .kvcodec import IndexCodec, KVCodec
+from .layers import RMSNorm
 from .moe import MoE
 
 
@@ -19,8 +20,8 @@ class Block(nn.Module):
         self.args = args
         D, hc = args.hidden_size, args.hc_mult
         mix = (2 + hc) * hc
-        self.attn_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
-        self.ffn_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.attn_norm = RMSNorm(D, eps=args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.attn = Attention(args, layer_id)
         self.ffn = MoE(args, layer_id)
         self.hc_attn_fn = mx.zeros((mix, hc * D))
@@ -46,7 +47,7 @@ class Model(nn.Module):
         D, hc = args.hidden_size, args.hc_mult
         self.embed = nn.Embedding(args.vocab_size, D)
         self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.head = nn.Linear(D, args.vocab_size, bias=False)
         self.hc_head_fn = mx.zeros((hc, hc * D))
         self.hc_head_base = mx.zeros((hc,))

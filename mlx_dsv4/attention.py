@@ -188,8 +188,17 @@ class Attention(nn.Module):
         return self.wo_b(out)
 
     def _sdpa(self, q, keys, mask, sinks):
+        B, H, Lq, hd = q.shape
         k = keys[:, None]
-        return mx.fast.scaled_dot_product_attention(q, k, k, scale=self.scale, mask=mask, sinks=sinks.astype(q.dtype))
+        if Lq > 1 or mx.default_device().type != mx.DeviceType.cpu:
+            return mx.fast.scaled_dot_product_attention(q, k, k, scale=self.scale, mask=mask, sinks=sinks.astype(q.dtype))
+        # One query on the CPU backend (no fused kernel there): the heads share one kv
+        # head, so score all of them with a single [H, hd] x [hd, T] product.
+        s = (q.reshape(B, 1, H, hd) @ k.swapaxes(-1, -2)).astype(mx.float32) * self.scale  # [B, 1, H, T]
+        s = mx.where(mask.reshape(-1, 1, 1, mask.shape[-1]), s, -mx.inf)
+        s = mx.concatenate([s, mx.broadcast_to(sinks.reshape(1, 1, H, 1), (B, 1, H, 1))], axis=-1)
+        p = mx.softmax(s, axis=-1, precise=True)[..., :-1].astype(q.dtype)
+        return (p @ k).reshape(B, H, 1, hd)
 
     def _sparse(self, q, win, mask, picked, valid, sinks):
         """Attention over window keys shared by the block plus per-query gathered entries."""

@@ -179,6 +179,10 @@ class Attention(nn.Module):
                                          sinks))
             else:
                 blocks.append(self._sparse(qb, win, mask, picked, valid, sinks))
+                if L > step:
+                    # Finish each block before building the next: evaluated lazily, every
+                    # block's gathered entries ([block, top-k, head_dim]) could be live at once.
+                    mx.eval(blocks[-1])
         out = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
         cache.offset += L
 

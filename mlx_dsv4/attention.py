@@ -139,7 +139,6 @@ class Attention(nn.Module):
         q = self.wq_b(q_lora).reshape(B, L, H, hd)
         q = self.rope(mx.fast.rms_norm(q, None, self.eps).transpose(0, 2, 1, 3), offset=start)
         kv = self.rope(self.kv_norm(self.wkv(x)), offset=start)
-        kv = cache.kv_codec.decode(cache.kv_codec.encode(kv))  # attend to exactly what the cache stores
         keys, first = cache.window_keys(kv)
 
         entries = index_q = index_w = None

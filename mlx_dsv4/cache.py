@@ -112,29 +112,31 @@ class LayerCache:
         self.indexer = CompressorState(index_codec) if ratio == 4 else None
 
     def window_keys(self, kv: mx.array):
-        """Store this step's (already rounded) kv rows; return (keys, position of keys[:, 0]).
+        """Store this step's kv rows; return (keys, position of keys[:, 0]).
 
-        keys = the up to sliding_window - 1 earlier rows followed by kv.
+        keys = the up to sliding_window - 1 earlier rows followed by kv, all as stored
+        (decode(encode(.))), so prefill and decoding attend to the same values.
         """
+        encoded = self.kv_codec.encode(kv)
+        rounded = self.kv_codec.decode(encoded)
         if self.keep_all_rows:
-            new = self.kv_codec.encode(kv)
-            self._ring = new if self._ring is None else tuple(
-                mx.concatenate([old, n], axis=1) for old, n in zip(self._ring, new))
+            self._ring = encoded if self._ring is None else tuple(
+                mx.concatenate([old, n], axis=1) for old, n in zip(self._ring, encoded))
             return self.kv_codec.decode(self._ring), 0
         W, start, L = self.sliding_window, self.offset, kv.shape[1]
         first = max(0, start - (W - 1))
         if start > first:
             slots = mx.arange(first, start) % W
             previous = self.kv_codec.decode(tuple(p[:, slots] for p in self._ring))
-            keys = mx.concatenate([previous, kv], axis=1)
+            keys = mx.concatenate([previous, rounded], axis=1)
         else:
-            keys = kv
+            keys = rounded
         if self._ring is None:
             zeros = mx.zeros((kv.shape[0], W, kv.shape[2]), dtype=kv.dtype)
             self._ring = tuple(mx.array(p) for p in self.kv_codec.encode(zeros))
         keep = min(L, W)
         slots = mx.arange(start + L - keep, start + L) % W
-        _assign(self._ring, slots, self.kv_codec.encode(kv[:, L - keep :]))
+        _assign(self._ring, slots, tuple(p[:, L - keep :] for p in encoded))
         return keys, first
 
     def arrays(self) -> List[mx.array]:

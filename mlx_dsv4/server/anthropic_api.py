@@ -11,6 +11,7 @@ from .common import (
     new_id,
     parse_sampling,
     render_chat_prompt,
+    tools_for_choice,
     validate_functions,
 )
 from .errors import APIError, anthropic_body
@@ -189,10 +190,7 @@ def parse_messages_request(body, ctx, *, count_only=False):
                               stop_name="stop_sequences")
     tools, names = _tools(body)
     choice, named = _tool_choice(body, names)
-    if choice == "none":
-        tools, names = [], set()
-    elif named is not None:
-        tools = [t for t in tools if t["function"]["name"] == named]
+    tools, names = tools_for_choice(tools, names, choice, named)
     prompt = render_chat_prompt(messages, tools=tools, thinking_mode=thinking_mode, reasoning_effort=None,
                                 response_format=None, param="messages")
     prefix = ""

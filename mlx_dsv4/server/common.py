@@ -169,6 +169,15 @@ def validate_functions(functions, param):
     return names
 
 
+def tools_for_choice(tools, names, choice, named):
+    """The tools to render for a parsed tool_choice: none for "none", only the named one for a name."""
+    if choice == "none":
+        return [], set()
+    if named is not None:
+        return [t for t in tools if t["function"]["name"] == named], names
+    return tools, names
+
+
 def forced_tool_prefix(name=None):
     """Assistant text that commits the model to a tool call (chat mode), optionally of ``name``."""
     prefix = f"\n\n<{DSML}{TOOL_CALLS_TAG}>\n<{DSML}{INVOKE_TAG} name=\""

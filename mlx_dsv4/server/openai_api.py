@@ -13,6 +13,7 @@ from .common import (
     parse_sampling,
     raw_prompt,
     render_chat_prompt,
+    tools_for_choice,
     validate_functions,
 )
 from .errors import APIError
@@ -117,10 +118,7 @@ def parse_chat_request(body, ctx):
     thinking_mode, effort = _thinking(body)
     tools, names = _tools(body)
     choice, named = _tool_choice(body, names)
-    if choice == "none":
-        tools, names = [], set()
-    elif named is not None:
-        tools = [t for t in tools if t["function"]["name"] == named]
+    tools, names = tools_for_choice(tools, names, choice, named)
     prompt = render_chat_prompt(
         messages, tools=tools, thinking_mode=thinking_mode, reasoning_effort=effort,
         response_format=_response_format(body),

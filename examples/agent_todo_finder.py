@@ -38,19 +38,11 @@ def main(argv=None):
     parser.add_argument("--log", type=Path, help="JSONL step log")
     args = parser.parse_args(argv)
 
-    from mlx_dsv4 import load
-    from mlx_dsv4.tiny import write_tiny_checkpoint
-
     sys.path.insert(0, str(Path(__file__).parent))
-    from agent_weather_calculator import print_events
+    from agent_weather_calculator import load_model_or_tiny, print_events
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        if path is None:
-            path = Path(tmp) / "tiny-v4"
-            write_tiny_checkpoint(path, seed=0)
-            print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
-        model, tokenizer = load(path)
+        model, tokenizer = load_model_or_tiny(args.model, Path(tmp))
         with build_agent(model, tokenizer, args.repo, max_steps=args.max_steps, max_tokens=args.max_tokens,
                          log_path=args.log, on_event=print_events) as agent:
             result = agent.run(f"Find the TODO comments in {args.repo.resolve()}.")

@@ -88,6 +88,18 @@ def print_events(event):
               f"{record.result.to_content(200)}]", flush=True)
 
 
+def load_model_or_tiny(path, scratch: Path):
+    """Load the checkpoint at `path`, or build a tiny random one in `scratch` when none is given."""
+    from mlx_dsv4 import load
+    from mlx_dsv4.tiny import write_tiny_checkpoint
+
+    if path is None:
+        path = scratch / "tiny-v4"
+        write_tiny_checkpoint(path, seed=0)
+        print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
+    return load(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="Is it warmer in Paris or Oslo, and by how many degrees?")
@@ -98,16 +110,8 @@ def main(argv=None):
     parser.add_argument("--log", type=Path, help="JSONL step log")
     args = parser.parse_args(argv)
 
-    from mlx_dsv4 import load
-    from mlx_dsv4.tiny import write_tiny_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        if path is None:
-            path = Path(tmp) / "tiny-v4"
-            write_tiny_checkpoint(path, seed=0)
-            print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
-        model, tokenizer = load(path)
+        model, tokenizer = load_model_or_tiny(args.model, Path(tmp))
         with build_agent(model, tokenizer, max_steps=args.max_steps, max_tokens=args.max_tokens,
                          thinking_mode=args.thinking, log_path=args.log, on_event=print_events) as agent:
             result = agent.run(args.question)

@@ -151,6 +151,12 @@ class Attention(nn.Module):
             elif cache.compressor.n_entries:
                 entries = cache.compressor.entries()
 
+        # A multi-query step picks up to L * top-k entries: when that exceeds the entries
+        # there are, decoding all of them once is cheaper than decoding each query's picks.
+        decoded = None
+        if index_q is not None and L > 1 and cache.compressor.n_entries <= L * self.indexer.topk:
+            decoded = cache.compressor.entries()
+
         sinks = self.attn_sink.astype(mx.float32)
         blocks = []
         step = query_block or L
@@ -171,7 +177,10 @@ class Attention(nn.Module):
                 blocks.append(self._sdpa(qb, win, mask, sinks))
                 continue
             indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible)
-            picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
+            if decoded is None:
+                picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
+            else:
+                picked = decoded[mx.arange(B)[:, None, None], indices]
             if q1 - q0 == 1:  # one query: its picked entries are ordinary keys
                 blocks.append(self._sdpa(qb, mx.concatenate([win, picked[:, 0]], axis=1),
                                          mx.concatenate([mx.broadcast_to(mask, (B, 1, mask.shape[1])), valid], axis=2)[:, None],

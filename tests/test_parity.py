@@ -101,6 +101,19 @@ def test_prefill_uneven_chunks(case):
     assert_matches(np.concatenate(outs, axis=1), ref[1:], case.storage)
 
 
+def test_short_chunks_after_long_prefill(case):
+    """Chunks of a few queries facing many entries gather and decode each query's picks
+    (long chunks decode every entry once and gather from that): both must agree with the reference."""
+    _, model, tokens, ref = case
+    cache = case.cache()
+    n_prefill = SEQ - 40
+    outs = [np.array(model(mx.array(tokens[:1, :n_prefill]), cache=cache))]
+    assert cache.layers[model.args.compress_ratios.index(4)].compressor.n_entries > 3 * model.args.index_topk
+    for t in range(n_prefill, SEQ, 3):
+        outs.append(np.array(model(mx.array(tokens[:1, t : t + 3]), cache=cache)))
+    assert_matches(np.concatenate(outs, axis=1), ref[:1], case.storage)
+
+
 def test_prefill_then_decode(case):
     _, model, tokens, ref = case
     n_prefill = SEQ - 64 - 5  # decoding crosses ratio-4 and ratio-128 window boundaries

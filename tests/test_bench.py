@@ -116,3 +116,32 @@ def test_mlx_vlm_baseline_runs_on_the_same_weights(tmp_path, capsys):
     assert summary["agreement"]["argmax_agree"] >= 0.9
     assert summary["targets"]["decode_vs_mlx_vlm"]["pass"] in (True, False)
     assert "mlx-vlm" in text
+
+
+def test_decode_floor_reads_the_roofline_weights(tmp_path, capsys):
+    """benchmarks/decode_floor.py times products over exactly the weights the roofline counts."""
+    import sys
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    from mlx_dsv4.loader import load_model
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_floor", Path(__file__).parent.parent / "benchmarks" / "decode_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    assert floor.main([*TOY, "--checkpoint-dir", str(tmp_path / "ckpt")]) == 0
+    text = capsys.readouterr().out
+    assert "floor, weight products only:" in text
+    assert "floor at     64," in text and "floor at    160," in text
+
+    model = load_model(next((tmp_path / "ckpt").iterdir()))
+    read = sum(w.nbytes for _, w in floor.weight_products(model))
+    counted = bench.decode_weight_bytes(model)["decode_weight_bytes"]
+    vectors = sum(p.nbytes for _, p in tree_flatten(model.parameters()) if p.ndim < 2)
+    embed_row = model.embed.weight.nbytes // model.args.vocab_size
+    assert counted - vectors - embed_row <= read <= counted
+    keys = [k.shape[0] for _, k in floor.attention_products(model, 160)]
+    a = model.args
+    assert keys == [min(160, a.sliding_window) + {0: 0, 4: min(a.index_topk, 40), 128: 1}[r] for r in a.compress_ratios]

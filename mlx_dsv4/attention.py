@@ -16,6 +16,7 @@ from .layers import GroupedLinear, RMSNorm
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
 from .rope import Rope, inv_freq_for
+from .streams import on, parallel_streams, split_tokens
 
 QUERY_BLOCK = 128
 
@@ -37,8 +38,7 @@ class Compressor(nn.Module):
     def __call__(self, x: mx.array, state: CompressorState, rope: Rope) -> None:
         """Feed x [B, L, D]; closed windows are appended to state as entries."""
         r = self.ratio
-        kv = self.wkv(x)
-        gate = self.wgate(x).astype(mx.float32)
+        kv, gate = split_tokens(lambda x: (self.wkv(x), self.wgate(x).astype(mx.float32)), x)
         if state.pending_kv is not None:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             gate = mx.concatenate([state.pending_gate, gate], axis=1)
@@ -85,20 +85,25 @@ class Indexer(nn.Module):
         self.compressor = Compressor(args.hidden_size, self.head_dim, 4, args.rms_norm_eps)
 
     def queries(self, x, q_lora, rope: Rope, offset: int):
-        """(queries [B, H, L, d] float32, head weights [B, L, H] float32)."""
+        """(queries [B, L, H, d] float32, head weights [B, L, H] float32)."""
         B, L, _ = x.shape
         q = self.wq_b(q_lora).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = rope(q, offset=offset).astype(mx.float32)
         w = self.weights_proj(x).astype(mx.float32) * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        return q, w
+        return q.transpose(0, 2, 1, 3), w
 
-    def select(self, q: mx.array, w: mx.array, keys: CompressorState, visible: mx.array):
+    def select(self, q: mx.array, w: mx.array, keys: CompressorState, visible: mx.array,
+               keys_t: Optional[mx.array] = None):
         """Top-k entries per query: (indices [B, Lq, k], valid [B, Lq, k]).
 
-        q [B, H, Lq, d], w [B, Lq, H], keys: the indexer's entries, visible [Lq, 1] entries each query may see.
+        q [B, H, Lq, d], w [B, Lq, H], keys: the indexer's entries, visible [Lq, 1] entries each
+        query may see; keys_t: those entries decoded, float32 [B, d, T] (see `Attention`).
         """
-        scores = nn.relu(keys.scores(q))  # [B, H, Lq, T]
-        scores = (w[:, :, None, :] @ scores.transpose(0, 2, 1, 3)).squeeze(2)  # [B, Lq, T]
+        if keys_t is None:
+            scores = keys.scores(q)  # [B, H, Lq, T]
+        else:
+            scores = q @ keys_t[:, None]
+        scores = (nn.relu(scores) * w.transpose(0, 2, 1)[..., None]).sum(axis=1)  # [B, Lq, T]
         T = keys.n_entries
         scores = mx.where(mx.arange(T) < visible, scores, -mx.inf)
         k = min(self.topk, T)
@@ -135,10 +140,8 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         H, hd, start = self.n_heads, self.head_dim, cache.offset
 
-        q_lora = self.q_norm(self.wq_a(x))
-        q = self.wq_b(q_lora).reshape(B, L, H, hd)
-        q = self.rope(mx.fast.rms_norm(q, None, self.eps).transpose(0, 2, 1, 3), offset=start)
-        kv = self.rope(self.kv_norm(self.wkv(x)), offset=start)
+        q_lora, q, kv = split_tokens(lambda first, x: self._project(x, start + first), x, pass_first=True)
+        q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
         keys, first = cache.window_keys(kv)
 
         entries = index_q = index_w = None
@@ -147,57 +150,85 @@ class Attention(nn.Module):
             if self.ratio == 4:
                 self.indexer.compressor(x, cache.indexer, self.rope)
                 if cache.indexer.n_entries:
-                    index_q, index_w = self.indexer.queries(x, q_lora, self.rope, start)
+                    index_q, index_w = split_tokens(
+                        lambda first, x, q_lora: self.indexer.queries(x, q_lora, self.rope, start + first),
+                        x, q_lora, pass_first=True)
+                    index_q = index_q.transpose(0, 2, 1, 3)
             elif cache.compressor.n_entries:
                 entries = cache.compressor.entries()
 
         # A multi-query step picks up to L * top-k entries: when that exceeds the entries
         # there are, decoding all of them once is cheaper than decoding each query's picks.
-        decoded = None
+        decoded = index_keys = None
         if index_q is not None and L > 1 and cache.compressor.n_entries <= L * self.indexer.topk:
             decoded = cache.compressor.entries()
+        if index_q is not None and L > 1:
+            # Every query block scores all indexer keys: decode them once, laid out [d, T], the
+            # operand layout the CPU backend's float32 matmul runs fastest with.
+            index_keys = mx.contiguous(cache.indexer.entries().astype(mx.float32).swapaxes(-1, -2))
 
         sinks = self.attn_sink.astype(mx.float32)
         blocks = []
         step = query_block or L
-        for q0 in range(0, L, step):
-            q1 = min(L, q0 + step)
-            q_pos = start + mx.arange(q0, q1)
-            k0 = max(0, start + q0 - self.window + 1 - first)
-            k1 = start + q1 - first
-            win = keys[:, k0:k1]
-            delta = q_pos[:, None] - (first + k0 + mx.arange(k1 - k0))[None, :]
-            mask = (delta >= 0) & (delta < self.window)
-            visible = ((q_pos + 1) // self.ratio)[:, None] if self.ratio else None
-            qb = q[:, :, q0:q1]
-            if entries is not None:
-                win = mx.concatenate([win, entries], axis=1)
-                mask = mx.concatenate([mask, mx.arange(entries.shape[1]) < visible], axis=1)
-            if index_q is None:
-                blocks.append(self._sdpa(qb, win, mask, sinks))
-                continue
-            indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible)
-            if decoded is None:
-                picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
-            else:
-                picked = decoded[mx.arange(B)[:, None, None], indices]
-            if q1 - q0 == 1:  # one query: its picked entries are ordinary keys
-                blocks.append(self._sdpa(qb, mx.concatenate([win, picked[:, 0]], axis=1),
-                                         mx.concatenate([mx.broadcast_to(mask, (B, 1, mask.shape[1])), valid], axis=2)[:, None],
-                                         sinks))
-            else:
-                blocks.append(self._sparse(qb, win, mask, picked, valid, sinks))
-                if L > step:
-                    # Finish each block before building the next: evaluated lazily, every
-                    # block's gathered entries ([block, top-k, head_dim]) could be live at once.
-                    mx.eval(blocks[-1])
+        streams = parallel_streams() if L > step else (None,)
+        starts = list(range(0, L, step))
+        for i, q0 in enumerate(starts):
+            with on(streams[i % len(streams)]):
+                blocks.append(self._block(q, q0, min(L, q0 + step), start, keys, first, entries,
+                                          index_q, index_w, index_keys, decoded, cache, sinks))
+            if index_q is not None and L > step and (i % len(streams) == len(streams) - 1 or i == len(starts) - 1):
+                # Finish these blocks before building more: evaluated lazily, every block's
+                # gathered entries ([block, top-k, head_dim]) could be live at once.
+                mx.eval(blocks[-len(streams):])
         out = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
         cache.offset += L
 
-        out = self.rope(out, offset=start, inverse=True).transpose(0, 2, 1, 3)  # [B, L, H, hd]
+        out = out.transpose(0, 2, 1, 3)  # [B, L, H, hd]
+        return split_tokens(lambda first, out: self._output(out, start + first), out, pass_first=True)
+
+    def _project(self, x, offset: int):
+        """Per-token projections: (q_lora [B, L, r], queries [B, L, H, hd], kv rows [B, L, hd])."""
+        B, L, _ = x.shape
+        q_lora = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_lora).reshape(B, L, self.n_heads, self.head_dim)
+        q = self.rope(mx.fast.rms_norm(q, None, self.eps).transpose(0, 2, 1, 3), offset=offset)
+        kv = self.rope(self.kv_norm(self.wkv(x)), offset=offset)
+        return q_lora, q.transpose(0, 2, 1, 3), kv
+
+    def _output(self, out, offset: int):
+        """Attention output [B, L, H, hd] -> [B, L, dim]: RoPE undone, grouped projection."""
+        B, L, H, hd = out.shape
+        out = self.rope(out.transpose(0, 2, 1, 3), offset=offset, inverse=True).transpose(0, 2, 1, 3)
         G = self.args.o_groups
         out = self.wo_a(out.reshape(B, L, G, 1, H * hd // G), mx.arange(G)).reshape(B, L, -1)
         return self.wo_b(out)
+
+    def _block(self, q, q0, q1, start, keys, first, entries, index_q, index_w, index_keys, decoded, cache, sinks):
+        """Attention output [B, H, q1 - q0, hd] for queries q0..q1 of this step."""
+        B = q.shape[0]
+        q_pos = start + mx.arange(q0, q1)
+        k0 = max(0, start + q0 - self.window + 1 - first)
+        k1 = start + q1 - first
+        win = keys[:, k0:k1]
+        delta = q_pos[:, None] - (first + k0 + mx.arange(k1 - k0))[None, :]
+        mask = (delta >= 0) & (delta < self.window)
+        visible = ((q_pos + 1) // self.ratio)[:, None] if self.ratio else None
+        qb = q[:, :, q0:q1]
+        if entries is not None:
+            win = mx.concatenate([win, entries], axis=1)
+            mask = mx.concatenate([mask, mx.arange(entries.shape[1]) < visible], axis=1)
+        if index_q is None:
+            return self._sdpa(qb, win, mask, sinks)
+        indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible, index_keys)
+        if decoded is None:
+            picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
+        else:
+            picked = decoded[mx.arange(B)[:, None, None], indices]
+        if q1 - q0 == 1:  # one query: its picked entries are ordinary keys
+            keys = mx.concatenate([win, picked[:, 0]], axis=1)
+            mask = mx.concatenate([mx.broadcast_to(mask, (B, 1, mask.shape[1])), valid], axis=2)[:, None]
+            return self._sdpa(qb, keys, mask, sinks)
+        return self._sparse(qb, win, mask, picked, valid, sinks)
 
     def _sdpa(self, q, keys, mask, sinks):
         B, H, Lq, hd = q.shape

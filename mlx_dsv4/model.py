@@ -12,6 +12,7 @@ from .hc import hc_head, hc_merge, hc_split
 from .kvcodec import IndexCodec, KVCodec
 from .layers import RMSNorm
 from .moe import MoE
+from .streams import split_tokens
 
 
 class Block(nn.Module):
@@ -34,8 +35,16 @@ class Block(nn.Module):
     def __call__(self, h: mx.array, tokens: mx.array, cache: LayerCache, query_block) -> mx.array:
         a = self.args
         opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        x, post, comb = split_tokens(lambda h: self._attn_input(h, opts), h)
+        out = self.attn(x, cache, query_block)
+        return split_tokens(lambda *a: self._ffn(*a, opts), out, h, post, comb, tokens)
+
+    def _attn_input(self, h, opts):
         x, post, comb = hc_split(h, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, **opts)
-        h = hc_merge(self.attn(self.attn_norm(x), cache, query_block), h, post, comb)
+        return self.attn_norm(x), post, comb
+
+    def _ffn(self, attn_out, h, post, comb, tokens, opts):
+        h = hc_merge(attn_out, h, post, comb)
         x, post, comb = hc_split(h, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, **opts)
         return hc_merge(self.ffn(self.ffn_norm(x), tokens), h, post, comb)
 

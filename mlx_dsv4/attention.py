@@ -104,7 +104,7 @@ class Indexer(nn.Module):
         else:
             scores = q @ keys_t[:, None]
         scores = (nn.relu(scores) * w.transpose(0, 2, 1)[..., None]).sum(axis=1)  # [B, Lq, T]
-        T = keys.n_entries
+        T = scores.shape[-1]
         scores = mx.where(mx.arange(T) < visible, scores, -mx.inf)
         k = min(self.topk, T)
         indices = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
@@ -219,6 +219,8 @@ class Attention(nn.Module):
             mask = mx.concatenate([mask, mx.arange(entries.shape[1]) < visible], axis=1)
         if index_q is None:
             return self._sdpa(qb, win, mask, sinks)
+        if index_keys is not None:  # no query of the block sees past entry (start + q1) // ratio
+            index_keys = index_keys[..., : (start + q1) // self.ratio]
         indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible, index_keys)
         if decoded is None:
             picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]

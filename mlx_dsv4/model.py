@@ -12,7 +12,7 @@ from .hc import hc_head, hc_merge, hc_split
 from .kvcodec import IndexCodec, KVCodec
 from .layers import RMSNorm
 from .moe import MoE
-from .streams import split_tokens
+from .streams import split_outputs, split_tokens
 
 
 class Block(nn.Module):
@@ -96,4 +96,4 @@ class Model(nn.Module):
         if last_only:
             h = h[:, -1:]
         x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
-        return self.head(self.norm(x))
+        return split_outputs(self.head, self.norm(x))

@@ -13,7 +13,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-MAX_STREAMS = 4
+MAX_STREAMS = int(os.environ.get("MLX_DSV4_CPU_STREAMS", "4"))  # 1: every op on the default stream
 MIN_TOKENS_PER_PART = 256  # below this, splitting costs more in dispatch than it saves
 
 
@@ -24,9 +24,10 @@ def _cpu_streams(n: int) -> tuple:
 
 def parallel_streams() -> tuple:
     """One stream per core (at most MAX_STREAMS) on the CPU backend; (None,) elsewhere."""
-    if mx.default_device().type != mx.DeviceType.cpu:
+    n = min(os.cpu_count() or 1, MAX_STREAMS)
+    if mx.default_device().type != mx.DeviceType.cpu or n < 2:
         return (None,)
-    return _cpu_streams(max(1, min(os.cpu_count() or 1, MAX_STREAMS)))
+    return _cpu_streams(n)
 
 
 def on(stream):
@@ -52,3 +53,27 @@ def split_tokens(fn: Callable, *arrays: mx.array, pass_first: bool = False):
     if isinstance(parts[0], tuple):
         return tuple(mx.concatenate(p, axis=1) for p in zip(*parts))
     return mx.concatenate(parts, axis=1)
+
+
+def split_outputs(layer, x: mx.array) -> mx.array:
+    """layer(x) for a bias-free nn.Linear or nn.QuantizedLinear, its output features split
+    across parallel streams, so that a large matrix-vector product (the vocabulary head
+    in decoding) reads its weight on every core."""
+    streams = parallel_streams()
+    w = layer["weight"]
+    n = min(len(streams), w.shape[0] // 1024)
+    if n < 2 or "bias" in layer:
+        return layer(x)
+    bounds = [w.shape[0] * i // n for i in range(n + 1)]
+    parts = []
+    for i in range(n):
+        rows = slice(bounds[i], bounds[i + 1])
+        with on(streams[i]):
+            if "scales" in layer:
+                biases = layer.get("biases")
+                parts.append(mx.quantized_matmul(
+                    x, w[rows], scales=layer["scales"][rows], biases=None if biases is None else biases[rows],
+                    transpose=True, group_size=layer.group_size, bits=layer.bits, mode=layer.mode))
+            else:
+                parts.append(x @ w[rows].T)
+    return mx.concatenate(parts, axis=-1)

@@ -313,8 +313,41 @@ class Result:
     error: Optional[str] = None
 
 
-def measure(runner: Runner, prompt: np.ndarray, context: int, chunk: int, decode_steps: int,
-            rss: RssProbe) -> Result:
+SHORT_PREFILL_S = 5.0  # prefills shorter than this are timed 3 times (median): one run is too noisy
+
+
+def _prefill(runner: Runner, tokens, chunk: int):
+    """(cache, last output, seconds, ms per token of the last chunk)."""
+    cache = runner.make_cache()
+    out = None
+    t0 = last = time.perf_counter()
+    last_chunk_ms = float("nan")
+    for s in range(0, tokens.shape[1], chunk):
+        piece = tokens[:, s : s + chunk]
+        t_chunk = time.perf_counter()
+        out = runner.step(piece, cache)
+        runner.evaluate(out, cache)
+        last = time.perf_counter()
+        last_chunk_ms = 1e3 * (last - t_chunk) / piece.shape[1]
+    return cache, out, last - t0, last_chunk_ms
+
+
+def decode_step(runner: Runner, out, cache):
+    """One greedy step; returns (its output, seconds)."""
+    import mlx.core as mx
+
+    t0 = time.perf_counter()
+    nxt = mx.argmax(out[:, -1], axis=-1).astype(mx.int32)[:, None]
+    out = runner.step(nxt, cache)
+    runner.evaluate(out, cache)
+    return out, time.perf_counter() - t0
+
+
+def measure(runner: Runner, prompt: np.ndarray, context: int, chunk: int, rss: RssProbe):
+    """Prefill `context` tokens and take one untimed decode step: (Result, cache, last output).
+
+    Decode speed is timed afterwards by `paired_decode`, alternating the implementations.
+    """
     import mlx.core as mx
 
     res = Result(runner.name, context)
@@ -325,43 +358,43 @@ def measure(runner: Runner, prompt: np.ndarray, context: int, chunk: int, decode
     mx.reset_peak_memory()
     rss.start()
 
-    cache = runner.make_cache()
     tokens = mx.array(prompt[None, :context].astype(np.int32))
-    out = None
-    t0 = time.perf_counter()
-    last = t0
-    for s in range(0, context, chunk):
-        piece = tokens[:, s : s + chunk]
-        t_chunk = time.perf_counter()
-        out = runner.step(piece, cache)
-        runner.evaluate(out, cache)
-        last = time.perf_counter()
-        res.last_chunk_ms_per_tok = 1e3 * (last - t_chunk) / piece.shape[1]
-    res.prefill_s = last - t0
+    cache, out, seconds, res.last_chunk_ms_per_tok = _prefill(runner, tokens, chunk)
+    if seconds < SHORT_PREFILL_S:
+        times = [seconds]
+        for _ in range(2):
+            del cache, out
+            cache, out, seconds, _ = _prefill(runner, tokens, chunk)
+            times.append(seconds)
+        seconds = float(np.median(times))
+    res.prefill_s = seconds
     res.prefill_tok_s = context / res.prefill_s
-
-    nxt = mx.argmax(out[:, -1], axis=-1).astype(mx.int32)[:, None]
-    out = runner.step(nxt, cache)  # first decode step untimed
-    runner.evaluate(out, cache)
-    if decode_steps > 0:
-        times = []
-        for _ in range(decode_steps):
-            t0 = time.perf_counter()
-            nxt = mx.argmax(out[:, -1], axis=-1).astype(mx.int32)[:, None]
-            out = runner.step(nxt, cache)
-            runner.evaluate(out, cache)
-            times.append(time.perf_counter() - t0)
-        # the median step: steady state, robust to one-off graph compilations and to other load
-        res.decode_ms = 1e3 * float(np.median(times))
-        res.decode_mean_ms = 1e3 * float(np.mean(times))
-        res.decode_tok_s = 1e3 / res.decode_ms
+    out, _ = decode_step(runner, out, cache)  # untimed: one-off shape compilations
 
     res.peak_bytes = max(0, mx.get_peak_memory() - base)
     res.rss_peak_bytes = rss.peak()
     res.cache_bytes = runner.cache_bytes(cache)
-    res.cache_bytes_per_token = res.cache_bytes / (context + 1 + decode_steps)
-    del cache, out
-    return res
+    res.cache_bytes_per_token = res.cache_bytes / (context + 1)
+    return res, cache, out
+
+
+def paired_decode(runners: Dict[str, Runner], states: Dict[str, list], results: Dict[str, Result],
+                  steps: int) -> None:
+    """Time `steps` decode steps per implementation, taking turns step by step (the order
+    reversed every round), so that load from elsewhere on the machine hits all of them alike."""
+    names = list(states)
+    times = {name: [] for name in names}
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            out, cache = states[name]
+            out, seconds = decode_step(runners[name], out, cache)
+            states[name][0] = out
+            times[name].append(seconds)
+    for name in names:
+        r = results[name]
+        r.decode_ms = 1e3 * float(np.median(times[name]))
+        r.decode_mean_ms = 1e3 * float(np.mean(times[name]))
+        r.decode_tok_s = 1e3 / r.decode_ms
 
 
 def warm_up(runner: Runner, prompt: np.ndarray, chunk: int) -> None:
@@ -630,6 +663,7 @@ def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
     rss = RssProbe()
     results: Dict = {}
     for ctx in contexts:
+        states: Dict[str, list] = {}
         for name in order:
             if name == "naive":
                 need = naive_score_bytes(model_args, ctx, args.chunk, 4)
@@ -642,9 +676,10 @@ def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
                     results[(name, ctx)] = Result(name, ctx, skipped=why)
                     log(f"{name:<8} {ctx:>7}: skipped: {why}")
                     continue
-            log(f"{name:<8} {ctx:>7}: prefill + {args.decode_steps} decode steps ...")
+            log(f"{name:<8} {ctx:>7}: prefill ...")
             try:
-                r = measure(runners[name], prompt, ctx, args.chunk, args.decode_steps, rss)
+                r, cache, out = measure(runners[name], prompt, ctx, args.chunk, rss)
+                states[name] = [out, cache]
             except Exception as e:  # one implementation failing must not hide the others' figures
                 r = Result(name, ctx, error=f"{type(e).__name__}: {e}")
             results[(name, ctx)] = r
@@ -652,8 +687,18 @@ def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
                 log(f"{name:<8} {ctx:>7}: error: {r.error}")
             else:
                 log(f"{name:<8} {ctx:>7}: prefill {r.prefill_tok_s:.1f} tok/s ({r.prefill_s:.1f}s), "
-                    f"decode {r.decode_tok_s:.2f} tok/s, peak {_fmt_bytes(r.peak_bytes)}, "
-                    f"cache {r.cache_bytes_per_token:.1f} B/tok")
+                    f"peak {_fmt_bytes(r.peak_bytes)}, cache {r.cache_bytes_per_token:.1f} B/tok")
+        if args.decode_steps > 0 and states:
+            log(f"decode at {ctx}: {args.decode_steps} steps each, {', '.join(states)} taking turns ...")
+            try:
+                paired_decode(runners, states, {n: results[(n, ctx)] for n in states}, args.decode_steps)
+            except Exception as e:
+                for n in states:
+                    results[(n, ctx)].error = f"decode: {type(e).__name__}: {e}"
+            for n in states:
+                log(f"{n:<8} {ctx:>7}: decode {results[(n, ctx)].decode_tok_s:.2f} tok/s")
+        del states
+        gc.collect()
 
     log("")
     log("=" * 100)
@@ -664,7 +709,8 @@ def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
         f"out {c['o_groups']}x{c['o_lora_rank']}, indexer {c['index_n_heads']}x{c['index_head_dim']} "
         f"top-{c['index_topk']}, window {c['sliding_window']}, experts {c['num_experts_per_tok']}/{c['n_routed_experts']}"
         f" x {c['moe_intermediate_size']}, vocab {c['vocab_size']}, {summary['dtype']} weights")
-    log(f"prefill in chunks of {args.chunk}; decode: median of {args.decode_steps} timed steps after one untimed step")
+    log(f"prefill in chunks of {args.chunk} (median of 3 runs when one takes under {SHORT_PREFILL_S:g}s); decode: "
+        f"median of {args.decode_steps} timed steps after one untimed step, implementations taking turns")
     for name in order:
         log(f"  {name}: {runners[name].note}")
     for name, why in skipped_impls.items():

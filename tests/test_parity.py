@@ -11,10 +11,10 @@ from parity import reference_logits, rel_err
 SEQ = 640  # five ratio-128 entries, 160 ratio-4 entries against index_topk = 16
 TOL = 1e-3
 # BF16 storage: rows that differ by one part in 1e7 before rounding can round one BF16 step
-# (4e-3) apart, and such a step can tip a top-k or routing near-tie. Perturbing the weights
-# by 1e-6 moves BF16-storage logits that way at a few percent of positions (float storage:
-# by 4e-6), so most positions, not all, are held to TOL, and the mean KL catches any drift.
-# Rounding at the wrong points misses both bounds widely (tested below).
+# (4e-3) apart, and such a step can tip a top-k or routing near-tie, moving that position's
+# logits far past TOL (test_bf16_storage_amplifies_tiny_perturbations). So most positions, not
+# all, are held to TOL, and the mean KL catches any drift. Rounding at the wrong points misses
+# both bounds widely (test_bf16_bounds_reject_rounding_at_other_points).
 BF16_TOL_SHARE = 0.98
 BF16_MEAN_KL = 1e-5
 
@@ -135,6 +135,27 @@ def test_bf16_bounds_reject_rounding_at_other_points(case):
         ours = np.array(model(mx.array(tokens[:1]), cache=model.make_cache(kv_dtype=kv, index_dtype=index)))
         with pytest.raises(AssertionError):
             assert_matches(ours, ref[:1], "bf16")
+
+
+def test_bf16_storage_amplifies_tiny_perturbations(tiny_dirs):
+    """Why BF16 storage gets a share-of-positions bound: weights moved by one part in 1e6 move
+    float-storage logits by about as much, but tip BF16 roundings, and with them top-k and
+    routing choices, enough to move some positions' logits far past TOL."""
+    from mlx.utils import tree_flatten
+
+    path = tiny_dirs["flash"]
+    tokens = mx.array(np.random.default_rng(123).integers(0, PARITY_VOCAB, (1, SEQ)))
+    model, moved = mlx_dsv4.load_model(path), mlx_dsv4.load_model(path)
+    w = dict(tree_flatten(moved.parameters()))["embed.weight"]
+    moved.embed.weight = w * (1 + 1e-6 * mx.random.normal(w.shape, key=mx.random.key(0)))
+    for storage in ("float", "bf16"):
+        a = np.array(model(tokens, cache=model.make_cache(storage, storage)))
+        b = np.array(moved(tokens, cache=moved.make_cache(storage, storage)))
+        per_position = np.abs(a - b).max(-1) / np.abs(a).max()
+        if storage == "float":
+            assert per_position.max() < 1e-4
+        else:
+            assert per_position.max() > 10 * TOL
 
 
 def test_reference_cache_path_agrees(tiny_dirs):

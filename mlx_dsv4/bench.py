@@ -90,6 +90,9 @@ def add_arguments(p) -> None:
     r.add_argument("--contexts", default=DEFAULT_CONTEXTS,
                    help=f"prompt lengths to measure, comma-separated (default {DEFAULT_CONTEXTS}; "
                         "k/K suffix allowed, e.g. 1k,8k,32k)")
+    r.add_argument("--cpu-streams", type=int, default=None,
+                   help="CPU backend: run our model's independent work on up to N streams, one per core "
+                        "(experimental; default: $MLX_DSV4_CPU_STREAMS or 1)")
     r.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context (default 16)")
     r.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
     r.add_argument("--impls", default=",".join(IMPLS), help=f"implementations to run (default {','.join(IMPLS)})")
@@ -235,8 +238,11 @@ class OursRunner(Runner):
     def __init__(self, model, name: str, kv_dtype: str, index_dtype: str, naive: bool = False):
         self.model, self.name = model, name
         self.kv_dtype, self.index_dtype, self.naive = kv_dtype, index_dtype, naive
+        from .streams import parallel_streams
+
+        n = len(parallel_streams())
         self.note = (f"{kv_dtype} kv, {index_dtype} indexer keys" if not naive
-                     else "bf16 kv, all raw rows kept, dense per-step attention")
+                     else "bf16 kv, all raw rows kept, dense per-step attention") + f", {n} CPU stream(s)"
 
     def make_cache(self):
         return self.model.make_cache(self.kv_dtype, self.index_dtype, naive=self.naive)
@@ -604,6 +610,10 @@ def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
     if "ours" not in impls:
         impls.insert(0, "ours")
 
+    from . import streams
+
+    if args.cpu_streams is not None:
+        streams.MAX_STREAMS = args.cpu_streams
     path = ensure_checkpoint(args, log)
     model_args = ModelArgs.from_path(path)
     log(f"checkpoint {path}: {model_args.num_hidden_layers} layers, ratios {model_args.compress_ratios}, "

@@ -1,9 +1,13 @@
-"""Using every core on MLX's CPU backend.
+"""Using every core on MLX's CPU backend (opt-in: MLX_DSV4_CPU_STREAMS=N).
 
 MLX runs each CPU stream on its own thread, while one op runs on one thread (the CPU
 wheel's BLAS included). Independent pieces of a step placed on different CPU streams
 therefore run side by side. Other devices parallelise within each op and keep the
 default stream.
+
+Off by default: MLX does not promise thread safety across streams, and one long run at
+V4-Flash widths with two streams ended in a segmentation fault inside libmlx (not
+reproduced on a second run).
 """
 
 import contextlib
@@ -13,7 +17,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-MAX_STREAMS = int(os.environ.get("MLX_DSV4_CPU_STREAMS", "4"))  # 1: every op on the default stream
+MAX_STREAMS = int(os.environ.get("MLX_DSV4_CPU_STREAMS", "1"))  # 1: every op on the default stream
 MIN_TOKENS_PER_PART = 256  # below this, splitting costs more in dispatch than it saves
 
 
@@ -23,7 +27,7 @@ def _cpu_streams(n: int) -> tuple:
 
 
 def parallel_streams() -> tuple:
-    """One stream per core (at most MAX_STREAMS) on the CPU backend; (None,) elsewhere."""
+    """One stream per core, at most MAX_STREAMS, on the CPU backend; (None,) elsewhere or when 1."""
     n = min(os.cpu_count() or 1, MAX_STREAMS)
     if mx.default_device().type != mx.DeviceType.cpu or n < 2:
         return (None,)

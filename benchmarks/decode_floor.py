@@ -20,24 +20,14 @@ implementation reaches here.
 
 import argparse
 import sys
-import time
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_dsv4 import bench
+from mlx_dsv4.bench import best_seconds
 from mlx_dsv4.loader import load_model
 from mlx_dsv4.streams import on, parallel_streams
-
-
-def best_seconds(fn, runs: int = 7) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def weight_products(model):

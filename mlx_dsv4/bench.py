@@ -416,19 +416,23 @@ def warm_up(runner: Runner, prompt: np.ndarray, chunk: int) -> None:
         runner.evaluate(out, cache)
 
 
+def best_seconds(fn, runs: int = 5) -> float:
+    """Fastest of `runs` timed calls of fn, after one untimed call."""
+    fn()
+    t = float("inf")
+    for _ in range(runs):
+        s = time.perf_counter()
+        fn()
+        t = min(t, time.perf_counter() - s)
+    return t
+
+
 def measure_bandwidth(size_mb: int, dtype) -> dict:
     """Read bandwidth, bytes/s: best of a full reduction over a large array and of a
     matrix-vector product over a large weight matrix in the model's dtype."""
     import mlx.core as mx
 
-    def best(fn, n=5):
-        fn()
-        t = float("inf")
-        for _ in range(n):
-            s = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - s)
-        return t
+    best = best_seconds
 
     from .streams import on, parallel_streams
 

@@ -160,9 +160,9 @@ class Attention(nn.Module):
         # A multi-query step picks up to L * top-k entries: when that exceeds the entries
         # there are, decoding all of them once is cheaper than decoding each query's picks.
         decoded = index_keys = None
-        if index_q is not None and L > 1 and cache.compressor.n_entries <= L * self.indexer.topk:
-            decoded = cache.compressor.entries()
         if index_q is not None and L > 1:
+            if cache.compressor.n_entries <= L * self.indexer.topk:
+                decoded = cache.compressor.entries()
             # Every query block scores all indexer keys: decode them once, laid out [d, T], the
             # operand layout the CPU backend's float32 matmul runs fastest with.
             index_keys = mx.contiguous(cache.indexer.entries().astype(mx.float32).swapaxes(-1, -2))

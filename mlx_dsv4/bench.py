@@ -432,14 +432,12 @@ def measure_bandwidth(size_mb: int, dtype) -> dict:
     matrix-vector product over a large weight matrix in the model's dtype."""
     import mlx.core as mx
 
-    best = best_seconds
-
     from .streams import on, parallel_streams
 
     n = max(1, size_mb * MB // 4)
     a = mx.random.normal((n,))
     mx.eval(a)
-    sum_bw = a.nbytes / best(lambda: mx.eval(a.sum()))
+    sum_bw = a.nbytes / best_seconds(lambda: mx.eval(a.sum()))
     # the same reduction split over one stream per core (what the model's own split work can reach)
     streams = parallel_streams()
     pieces = [a[i * n // len(streams) : (i + 1) * n // len(streams)] for i in range(len(streams))]
@@ -451,14 +449,14 @@ def measure_bandwidth(size_mb: int, dtype) -> dict:
                 sums.append(piece.sum())
         mx.eval(sums)
 
-    sum_bw = max(sum_bw, a.nbytes / best(split_sum))
+    sum_bw = max(sum_bw, a.nbytes / best_seconds(split_sum))
     del a, pieces
     cols = 4096
     rows = max(1, size_mb * MB // (cols * dtype.size))
     w = mx.random.normal((rows, cols)).astype(dtype)
     x = mx.random.normal((1, cols)).astype(dtype)
     mx.eval(w, x)
-    gemv_bw = w.nbytes / best(lambda: mx.eval(x @ w.T))
+    gemv_bw = w.nbytes / best_seconds(lambda: mx.eval(x @ w.T))
     del w, x
     gc.collect()
     mx.clear_cache()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
-from . import hub, layout, transform
+from . import hub, transform
+from ..config import ConfigError, read_config
 from .errors import ConvertError
 from .estimate import GB, estimate_units, human
-from .plan import check_against_config, plan_units, quantization_config, sources_from_checkpoint
+from .plan import check_against_config, model_args, plan_units, quantization_config, sources_from_checkpoint
 from .reader import Checkpoint
 from .recipes import Recipe
 from .verify import verify_dir
@@ -26,29 +26,23 @@ def _natural(name: str):
 
 
 def load_config(src: Path) -> dict:
-    path = src / "config.json"
     try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: unreadable: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return cfg
+        return read_config(src / "config.json")
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
 
 
 def prepare(src: Path, recipe: Recipe, include_mtp: bool = True):
     """Validate the source against its config and plan the output; nothing is written."""
     cfg = load_config(src)
-    d = layout.dims(cfg, str(src / "config.json"))
+    args = model_args(cfg, str(src / "config.json"))
     ckpt = Checkpoint(src)
     srcs = sources_from_checkpoint(ckpt)
-    warnings = check_against_config(srcs, d, str(src))
-    units = plan_units(srcs, d, lambda m, fam, kind, k: recipe.decide(fam, kind, k), recipe.float_dtype,
+    warnings = check_against_config(srcs, args, str(src))
+    units = plan_units(srcs, args, lambda m, fam, kind, k: recipe.decide(fam, kind, k), recipe.float_dtype,
                        include_mtp)
     units.sort(key=lambda u: (u.group, _natural(u.name)))
-    return cfg, d, ckpt, units, warnings
+    return cfg, args, ckpt, units, warnings
 
 
 def output_config(cfg: dict, units) -> dict:
@@ -65,10 +59,10 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
             log=lambda s: print(s, file=sys.stderr)) -> dict:
     t0 = time.time()
     src = hub.resolve(str(hf_path), revision)
-    cfg, d, ckpt, units, warnings = prepare(src, recipe, include_mtp)
+    cfg, args, ckpt, units, warnings = prepare(src, recipe, include_mtp)
     for w in warnings:
         log(f"warning: {w}")
-    est = estimate_units(units, cfg, recipe, context)
+    est = estimate_units(units, args, recipe, context)
     for line in est.lines():
         log(line)
     total = sum(u.nbytes for u in units)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..memory import kv_bytes
-from . import layout
-from .plan import plan_units, sources_from_config
+from ..config import ModelArgs
+from .plan import model_args, plan_units, sources_from_config
 from .recipes import Recipe
 
 RUNTIME_OVERHEAD = 2 * 10**9  # activations, MLX buffers, tokenizer: a rough fixed allowance
@@ -45,19 +45,19 @@ class Estimate:
         ]
 
 
-def estimate_units(units, cfg: dict, recipe: Recipe, context: int) -> Estimate:
+def estimate_units(units, args: ModelArgs, recipe: Recipe, context: int) -> Estimate:
     """Sizes of the planned output; memory counts the default decoding cache (FP8 kv, FP4 indexer keys)."""
     return Estimate(recipe.describe(),
                     sum(u.nbytes for u in units if u.group == "model"),
                     sum(u.nbytes for u in units if u.group == "mtp"),
-                    sum(u.in_bytes for u in units), context, kv_bytes(cfg, context))
+                    sum(u.in_bytes for u in units), context, kv_bytes(args, context))
 
 
 def estimate_config(cfg: dict, recipe: Recipe, context: int, include_mtp: bool = True) -> Estimate:
-    d = layout.dims(cfg)
-    units = plan_units(sources_from_config(d, include_mtp), d,
+    args = model_args(cfg)
+    units = plan_units(sources_from_config(args, include_mtp), args,
                        lambda m, fam, kind, k: recipe.decide(fam, kind, k), recipe.float_dtype, include_mtp)
-    return estimate_units(units, cfg, recipe, context)
+    return estimate_units(units, args, recipe, context)
 
 
 TABLE_RECIPES = [

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import layout
+from .. import spec
+from ..config import ConfigError, ModelArgs
 from .errors import ConvertError
 from .reader import FLOAT_DTYPES, INT_DTYPES, Checkpoint
 from .recipes import Quant
@@ -113,15 +114,23 @@ def sources_from_checkpoint(ckpt: Checkpoint) -> dict[str, Source]:
     return out
 
 
-def check_against_config(srcs: dict[str, Source], d: layout.Dims, where: str) -> list[str]:
+def model_args(cfg: dict, source: str = "config.json") -> ModelArgs:
+    """The config's ModelArgs; its problems become ConvertError naming the file."""
+    try:
+        return ModelArgs.from_dict(cfg)
+    except ConfigError as e:
+        raise ConvertError(f"{source}: {e}") from None
+
+
+def check_against_config(srcs: dict[str, Source], args: ModelArgs, where: str) -> list[str]:
     """Raise on shapes inconsistent with config.json or missing tensors; return warnings."""
-    has_mtp = any(layout.is_mtp(n) for n in srcs)
-    expected = layout.expected_shapes(d, include_mtp=has_mtp)
+    has_mtp = any(spec.is_mtp(n) for n in srcs)
+    expected = spec.official_tensors(args, mtp=has_mtp)
     warnings = []
     for name, s in srcs.items():
         want = expected.get(name)
         if want is None:
-            if layout.is_mtp(name):
+            if spec.is_mtp(name):
                 warnings.append(f"{s.file}: tensor {name!r}: unknown MTP tensor, copied as is")
                 continue
             raise ConvertError(f"{s.file}: tensor {name!r}: not a DeepSeek-V4 tensor for this config.json")
@@ -129,20 +138,21 @@ def check_against_config(srcs: dict[str, Source], d: layout.Dims, where: str) ->
             raise ConvertError(f"{s.file}: tensor {name!r}: shape {list(s.shape)} is inconsistent with "
                                f"config.json (expected {list(want)})")
     # the MTP layer's exact contents vary between exports: check shapes, not completeness
-    missing = [n for n in expected if n not in srcs and not layout.is_mtp(n)]
+    missing = [n for n in expected if n not in srcs and not spec.is_mtp(n)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConvertError(f"{where}: missing tensor {missing[0]!r}{more} required by config.json")
-    if d.mtp and not has_mtp:
-        warnings.append(f"{where}: config.json declares {d.mtp} MTP layer(s) but the checkpoint has no mtp.* tensors")
+    n_mtp = args.num_nextn_predict_layers
+    if n_mtp and not has_mtp:
+        warnings.append(f"{where}: config.json declares {n_mtp} MTP layer(s) but the checkpoint has no mtp.* tensors")
     return warnings
 
 
-def sources_from_config(d: layout.Dims, include_mtp: bool = True) -> dict[str, Source]:
+def sources_from_config(args: ModelArgs, include_mtp: bool = True) -> dict[str, Source]:
     """The Hub release's tensors as declared by a config alone (for size estimates)."""
     out = {}
-    for name, shape in layout.expected_shapes(d, include_mtp).items():
-        st = layout.release_storage(name, shape, d)
+    for name, shape in spec.official_tensors(args, mtp=include_mtp).items():
+        st = spec.release_storage(name, args)
         if st == "fp8":
             n, k = shape
             nbytes = n * k + math.ceil(n / 128) * math.ceil(k / 128)
@@ -171,42 +181,39 @@ def _module_outputs(module: str, q: Quant | None, shape: tuple, float_dtype: str
     return outs
 
 
-def plan_units(srcs: dict[str, Source], d: layout.Dims, decide, float_dtype: str,
+def plan_units(srcs: dict[str, Source], args: ModelArgs, decide, float_dtype: str,
                include_mtp: bool = True) -> list[Unit]:
     """`decide(module, family, kind, k)` -> Quant or None picks each module's quantisation."""
     units = []
     experts: dict[tuple, dict] = {}
     for name, s in srcs.items():
-        group = "mtp" if layout.is_mtp(name) else "model"
+        group = "mtp" if spec.is_mtp(name) else "model"
         if group == "mtp" and not include_mtp:
             continue
-        ep = layout.expert_parts(name)
+        ep = spec.expert_parts(name)
         if ep:
             prefix, e, w = ep
             experts.setdefault((prefix, w), {})[e] = s
             continue
         module = name[: -len(".weight")] if name.endswith(".weight") else None
-        family = layout.module_family(module) if module else None
+        family = spec.module_family(module) if module else None
         if s.kind == "int":
             units.append(Unit(name, [s], group, None, [(name, s.dtype, s.shape)]))
         elif family is None:
             if s.kind != "float":
                 raise ConvertError(f"{s.file}: tensor {name!r}: quantised ({s.kind}) but not a linear "
                                    "module the MLX model can quantise")
-            dt = "F32" if layout.keeps_float32(name) else float_dtype
+            dt = "F32" if spec.keeps_float32(name) else float_dtype
             units.append(Unit(name, [s], group, None, [(name, dt, s.shape)]))
         else:
             q = decide(module, family, s.kind, s.shape[-1])
-            shape = s.shape
-            reshape = None
-            if module.endswith(".attn.wo_a"):
-                reshape = (d.og, shape[0] // d.og, shape[1])
-                shape = reshape
+            _, shape, _ = spec.official_to_mlx(name, tuple(s.shape), args)
+            reshape = shape if shape != tuple(s.shape) else None
             units.append(Unit(module, [s], group, q, _module_outputs(module, q, shape, float_dtype),
                               family, reshape))
     for (prefix, w), by_e in experts.items():
-        module = f"{prefix}.{w}"
-        group = "mtp" if layout.is_mtp(module) else "model"
+        module = spec.stacked_expert_name(prefix, w)[: -len(".weight")]
+        group = "mtp" if spec.is_mtp(module) else "model"
         if sorted(by_e) != list(range(len(by_e))):
             gap = next(i for i in range(len(by_e) + 1) if i not in by_e)
             raise ConvertError(f"missing tensor '{prefix}.{gap}.{w}.weight' (experts of {prefix} are not 0..E-1)")
@@ -216,10 +223,10 @@ def plan_units(srcs: dict[str, Source], d: layout.Dims, decide, float_dtype: str
         if len(kinds) > 1 or len(shapes) > 1:
             raise ConvertError(f"{ordered[0].file}: experts of {module} mix precisions or shapes "
                                f"({sorted(kinds)}, {sorted(shapes)})")
-        q = decide(module, layout.EXPERT, ordered[0].kind, ordered[0].shape[-1])
+        q = decide(module, spec.EXPERT, ordered[0].kind, ordered[0].shape[-1])
         shape = (len(ordered),) + tuple(ordered[0].shape)
         units.append(Unit(module, ordered, group, q, _module_outputs(module, q, shape, float_dtype),
-                          layout.EXPERT, shape))
+                          spec.EXPERT, shape))
     return units
 
 

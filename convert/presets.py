@@ -1,4 +1,4 @@
-"""Shape-defining config fields of the released models (V4_FORMAT.md section 1), for estimates
+"""Shape-defining config fields of the released models (their Hub config.json files), for estimates
 without a download.  A checkpoint's own config.json always wins when converting."""
 
 from __future__ import annotations

@@ -116,12 +116,15 @@ class Checkpoint:
         index = self.root / INDEX_NAME
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, TypeError, AssertionError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
                 raise ConvertError(f"{index}: corrupt index (needs a 'weight_map' object): {e}") from None
             by_file: dict[str, list[str]] = {}
             for name, fname in weight_map.items():
+                if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+                    raise ConvertError(f"{index}: weight_map[{name!r}] = {fname!r}: must be the name of a "
+                                       "shard file in the same directory")
                 by_file.setdefault(fname, []).append(name)
             for fname, names in sorted(by_file.items()):
                 path = self.root / fname

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConvertError
-from .layout import AUX, DENSE, EMBED, EXPERT, HEAD
+from ..spec import AUX, DENSE, EMBED, EXPERT, HEAD
 
 AFFINE_BITS = {"q8": 8, "q6": 6, "q4": 4, "q3": 3, "q2": 2}
 RECIPES = ("native", *AFFINE_BITS, "none")

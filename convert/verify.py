@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import layout
+from ..config import ConfigError, read_config
 from .errors import ConvertError
-from .plan import plan_units, sources_from_config
+from .plan import model_args, plan_units, sources_from_config
 from .reader import FLOAT_DTYPES, INT_DTYPES, read_header
 from .recipes import Quant
 from .writer import INDEX
@@ -29,23 +29,34 @@ def verify_dir(out: Path) -> tuple[list[str], dict]:
     out = Path(out)
     problems: list[str] = []
     try:
-        cfg = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        return [f"{out / 'config.json'}: missing or unreadable: {e}"], {}
+        cfg = read_config(out / "config.json")
+    except ConfigError as e:
+        return [str(e)], {}
     if cfg.get("mlx_dsv4_format") != 1:
         problems.append(f"{out / 'config.json'}: mlx_dsv4_format is {cfg.get('mlx_dsv4_format')!r}, expected 1")
     try:
-        d = layout.dims(cfg, str(out / "config.json"))
+        args = model_args(cfg, str(out / "config.json"))
     except ConvertError as e:
         return problems + [str(e)], {}
     qmap = cfg.get("quantization") or {}
+    if not isinstance(qmap, dict):
+        return problems + [f"{out / 'config.json'}: `quantization` must be an object, got {qmap!r}"], {}
 
     def decide(module, family, kind, k):
         q = qmap.get(module)
-        return Quant(q["mode"], int(q["bits"]), int(q["group_size"])) if isinstance(q, dict) else None
+        if not isinstance(q, dict):
+            return None
+        try:
+            return Quant(str(q["mode"]), int(q["bits"]), int(q["group_size"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConvertError(f"{out / 'config.json'}: `quantization.{module}` = {q!r}: needs mode, bits "
+                               "and group_size") from None
 
     has_mtp = (out / INDEX["mtp"]).exists()
-    units = plan_units(sources_from_config(d, has_mtp), d, decide, "BF16", has_mtp)
+    try:
+        units = plan_units(sources_from_config(args, has_mtp), args, decide, "BF16", has_mtp)
+    except ConvertError as e:
+        return problems + [str(e)], {}
     expected = {name: (dt, shape, u.group) for u in units for name, dt, shape in u.outputs}
     stats = {"tensors": 0, "bytes": 0, "files": 0}
     for group in ("model", "mtp"):

@@ -16,6 +16,7 @@ from .layers import GroupedLinear, RMSNorm
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
 from .rope import Rope, inv_freq_for
+from .spec import compressor_width, has_indexer
 from .streams import on, parallel_streams, split_tokens
 
 QUERY_BLOCK = 128
@@ -28,8 +29,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.ratio = ratio
         self.head_dim = head_dim
-        self.overlap = ratio == 4
-        width = head_dim * (2 if self.overlap else 1)
+        width = compressor_width(ratio, head_dim)
+        self.overlap = width > head_dim
         self.wkv = nn.Linear(dim, width, bias=False)
         self.wgate = nn.Linear(dim, width, bias=False)
         self.ape = mx.zeros((ratio, width))
@@ -132,7 +133,7 @@ class Attention(nn.Module):
         self.attn_sink = mx.zeros((H,))
         if self.ratio:
             self.compressor = Compressor(dim, hd, self.ratio, self.eps)
-        if self.ratio == 4:
+        if has_indexer(self.ratio):
             self.indexer = Indexer(args)
         self.rope = Rope(inv_freq_for(args, compressed=self.ratio > 0))
 

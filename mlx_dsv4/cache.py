@@ -13,8 +13,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 from .kvcodec import IndexCodec, KVCodec
-
-ENTRY_STEP = 64  # entries are allocated in blocks of this many rows
+from .memory import ENTRY_STEP
 
 
 def _assign(parts: tuple, index, new_parts: tuple) -> None:

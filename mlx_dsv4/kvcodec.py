@@ -9,13 +9,12 @@ Indexer keys: "fp4" (MLX mxfp4, 32-value groups), "fp8" (mxfp8), "bf16", "float"
 Attention always sees decode(encode(x)), in prefill and in decoding alike.
 """
 
-import math
-
 import mlx.core as mx
+
+from .memory import FP8_GROUP, index_row_bytes, kv_row_bytes
 
 KV_DTYPES = ("fp8", "bf16", "float")
 INDEX_DTYPES = ("fp4", "fp8", "bf16", "float")
-FP8_GROUP = 64
 FP8_MAX = 448.0
 
 
@@ -65,12 +64,7 @@ class KVCodec:
         return parts[0].astype(self.dtype)
 
     def row_bytes(self) -> int:
-        if self.kind == "fp8":
-            nope = self.head_dim - self.rope_dim
-            return nope + math.ceil(nope / FP8_GROUP) + 2 * self.rope_dim
-        if self.kind == "bf16":
-            return 2 * self.head_dim
-        return self.dtype.size * self.head_dim
+        return kv_row_bytes(self.kind, self.head_dim, self.rope_dim, self.dtype.size)
 
 
 class IndexCodec:
@@ -109,8 +103,4 @@ class IndexCodec:
         return q @ self.decode(parts).astype(q.dtype)[:, None].swapaxes(-1, -2)
 
     def row_bytes(self) -> int:
-        if self.kind in self._MX_MODES:
-            return self.head_dim * self._MX_MODES[self.kind][1] // 8 + self.head_dim // 32
-        if self.kind == "bf16":
-            return 2 * self.head_dim
-        return self.dtype.size * self.head_dim
+        return index_row_bytes(self.kind, self.head_dim, self.dtype.size)

@@ -6,17 +6,15 @@ per-module quantisation in config.json["quantization"]).
 """
 
 import json
-import re
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .config import ConfigError, ModelArgs, read_config
 from .model import Model
-
-_EXPERT = re.compile(r"^(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+from .spec import is_mtp, official_to_mlx
 
 
 class CheckpointError(ValueError):
@@ -27,9 +25,15 @@ def _weight_files(path: Path):
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            data = json.loads(index.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: `weight_map` must be an object mapping tensor names to shard "
+                                  "file names in the same directory")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -48,11 +52,12 @@ def read_weights(path: Path) -> dict:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context
             raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
-    return {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    return {k: v for k, v in weights.items() if not is_mtp(k)}
 
 
 def to_mlx_layout(weights: dict, args: ModelArgs) -> dict:
-    """Stack per-expert tensors and shape wo_a for the grouped matmul."""
+    """Official-layout tensors in the Model's layout (`spec.official_to_mlx`): experts stacked,
+    `wo_a` split by group; tensors already in the MLX layout pass through."""
     scales = [k for k in weights if k.endswith(".scale") or k.endswith("weight_scale_inv")]
     if scales:
         raise CheckpointError(
@@ -61,20 +66,19 @@ def to_mlx_layout(weights: dict, args: ModelArgs) -> dict:
         )
     out, experts = {}, {}
     for k, v in weights.items():
-        m = _EXPERT.match(k)
-        if m:
-            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
+        name, shape, e = official_to_mlx(k, tuple(v.shape), args)
+        if e is not None:
+            experts.setdefault(name, {})[e] = v
+        elif v.ndim < len(shape):  # an official 2-D tensor the MLX layout splits (wo_a)
+            out[name] = v.reshape(shape)
         else:
-            out[k] = v
-    for (prefix, name), per_expert in experts.items():
+            out[name] = v
+    for name, per_expert in experts.items():
         missing = sorted(set(range(args.n_routed_experts)) - set(per_expert))
         if missing:
-            raise CheckpointError(f"missing tensors: {prefix}.{{{','.join(map(str, missing))}}}.{name}.weight")
-        out[f"{prefix}.{name}.weight"] = mx.stack([per_expert[e] for e in range(args.n_routed_experts)])
-    G = args.o_groups
-    for k in [k for k in out if k.endswith("attn.wo_a.weight") and out[k].ndim == 2]:
-        w = out[k]
-        out[k] = w.reshape(G, w.shape[0] // G, w.shape[1])
+            prefix, w = name[: -len(".weight")].rsplit(".", 1)
+            raise CheckpointError(f"missing tensors: {prefix}.{{{','.join(map(str, missing))}}}.{w}.weight")
+        out[name] = mx.stack([per_expert[e] for e in range(args.n_routed_experts)])
     for k in [k for k in out if k.endswith("gate.tid2eid")]:
         out[k] = out[k].astype(mx.int32)
     return out
@@ -98,8 +102,11 @@ def load_model(path) -> Model:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    args = ModelArgs.from_path(path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
+    try:
+        args = ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}") from None
     model = Model(args)
     if config.get("quantization"):
         _apply_quantization(model, config["quantization"])

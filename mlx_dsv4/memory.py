@@ -1,13 +1,47 @@
-"""Predicted KV-cache size: what `ModelCache.nbytes` will report after `tokens` tokens."""
+"""KV-cache sizes: the byte count of each stored row, and what `ModelCache.nbytes` will report after
+`tokens` tokens. Pure arithmetic on the config, so size estimates need no model and no MLX."""
 
 import math
 from typing import Union
 
-import mlx.core as mx
-
-from .cache import ENTRY_STEP
 from .config import ModelArgs
-from .kvcodec import IndexCodec, KVCodec
+
+ENTRY_STEP = 64  # compressed entries are allocated in blocks of this many rows
+FP8_GROUP = 64  # kv rows in FP8 carry one power-of-two scale byte per this many values
+INDEX_GROUP = 32  # mxfp4 / mxfp8 indexer keys: one scale byte per this many values
+INDEX_BITS = {"fp4": 4, "fp8": 8}
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per value of an activation dtype: an MLX dtype or its name."""
+    size = getattr(dtype, "size", None)
+    if isinstance(size, int):
+        return size
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown activation dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def kv_row_bytes(kind: str, head_dim: int, rope_dim: int, act_bytes: int) -> int:
+    """One stored kv row: "fp8" (E4M3 non-RoPE dims + scales, BF16 RoPE dims), "bf16" or "float"."""
+    if kind == "fp8":
+        nope = head_dim - rope_dim
+        return nope + math.ceil(nope / FP8_GROUP) + 2 * rope_dim
+    if kind == "bf16":
+        return 2 * head_dim
+    return act_bytes * head_dim
+
+
+
+def index_row_bytes(kind: str, head_dim: int, act_bytes: int) -> int:
+    """One stored indexer key: "fp4"/"fp8" (MX formats), "bf16" or "float"."""
+    if kind in INDEX_BITS:
+        return head_dim * INDEX_BITS[kind] // 8 + head_dim // INDEX_GROUP
+    if kind == "bf16":
+        return 2 * head_dim
+    return act_bytes * head_dim
 
 
 def _compressor_bytes(tokens: int, ratio: int, width: int, row_bytes: int, act_bytes: int, batch: int) -> int:
@@ -21,7 +55,7 @@ def _compressor_bytes(tokens: int, ratio: int, width: int, row_bytes: int, act_b
 
 
 def kv_bytes(config: Union[dict, ModelArgs], tokens: int, kv_dtype: str = "fp8", index_dtype: str = "fp4",
-             dtype=mx.bfloat16, batch: int = 1) -> int:
+             dtype="bfloat16", batch: int = 1) -> int:
     """Bytes of KV cache for `tokens` tokens of one sequence (times `batch`).
 
     dtype is the model's activation dtype (bfloat16 for released checkpoints).
@@ -29,14 +63,14 @@ def kv_bytes(config: Union[dict, ModelArgs], tokens: int, kv_dtype: str = "fp8",
     args = config if isinstance(config, ModelArgs) else ModelArgs.from_dict(config)
     if tokens <= 0:
         return 0
-    act = dtype.size
-    kv = KVCodec(kv_dtype, args.head_dim, args.qk_rope_head_dim, dtype)
-    index = IndexCodec(index_dtype, args.index_head_dim, dtype)
+    act = dtype_bytes(dtype)
+    kv_row = kv_row_bytes(kv_dtype, args.head_dim, args.qk_rope_head_dim, act)
+    index_row = index_row_bytes(index_dtype, args.index_head_dim, act)
     total = 0
     for ratio in args.compress_ratios:
-        total += batch * args.sliding_window * kv.row_bytes()
+        total += batch * args.sliding_window * kv_row
         if ratio:
-            total += _compressor_bytes(tokens, ratio, args.head_dim, kv.row_bytes(), act, batch)
+            total += _compressor_bytes(tokens, ratio, args.head_dim, kv_row, act, batch)
         if ratio == 4:
-            total += _compressor_bytes(tokens, 4, args.index_head_dim, index.row_bytes(), act, batch)
+            total += _compressor_bytes(tokens, 4, args.index_head_dim, index_row, act, batch)
     return total

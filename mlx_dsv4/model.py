@@ -12,6 +12,7 @@ from .hc import hc_head, hc_merge, hc_split
 from .kvcodec import IndexCodec, KVCodec
 from .layers import RMSNorm
 from .moe import MoE
+from .spec import has_indexer, mix_width
 from .streams import split_outputs, split_tokens
 
 
@@ -20,7 +21,7 @@ class Block(nn.Module):
         super().__init__()
         self.args = args
         D, hc = args.hidden_size, args.hc_mult
-        mix = (2 + hc) * hc
+        mix = mix_width(args)
         self.attn_norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.ffn_norm = RMSNorm(D, eps=args.rms_norm_eps)
         self.attn = Attention(args, layer_id)
@@ -77,8 +78,8 @@ class Model(nn.Module):
         """
         a = self.args
         kv = KVCodec(kv_dtype, a.head_dim, a.qk_rope_head_dim, self.dtype)
-        index = IndexCodec(index_dtype, a.index_head_dim, self.dtype) if 4 in a.compress_ratios else None
-        layers = [LayerCache(a.sliding_window, r, kv, index if r == 4 else None, keep_all_rows=naive)
+        index = IndexCodec(index_dtype, a.index_head_dim, self.dtype) if any(map(has_indexer, a.compress_ratios)) else None
+        layers = [LayerCache(a.sliding_window, r, kv, index if has_indexer(r) else None, keep_all_rows=naive)
                   for r in a.compress_ratios]
         return ModelCache(layers, kv_dtype, index_dtype, query_block=None if naive else QUERY_BLOCK)
 

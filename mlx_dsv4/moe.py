@@ -5,6 +5,7 @@ import mlx.nn as nn
 from .layers import GatheredLinear
 
 from .config import ModelArgs
+from .spec import is_hash_layer
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
@@ -87,7 +88,7 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.gate = Gate(args, hashed=layer_id < args.num_hash_layers)
+        self.gate = Gate(args, hashed=is_hash_layer(args, layer_id))
         limit = args.swiglu_limit
         self.experts = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, limit)
         if args.n_shared_experts:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ModelArgs
+from .spec import keeps_float32, official_tensors
+
 PRESETS = {
     # Flash ordering: two sliding-only layers, then CSA/HCA alternating.
     "flash": [0, 0, 4, 128, 4, 128],
@@ -68,91 +71,42 @@ def tiny_config(preset: str = "flash", **overrides) -> dict:
     cfg = json.loads(json.dumps(TINY_CONFIG))
     cfg["compress_ratios"] = list(PRESETS[preset])
     cfg.update(overrides)
-    cfg["num_hidden_layers"] = len(cfg["compress_ratios"])
+    cfg.setdefault("num_hidden_layers", len(cfg["compress_ratios"]))
     cfg["num_hash_layers"] = min(cfg["num_hash_layers"], cfg["num_hidden_layers"])
     return cfg
 
 
-def tiny_weights(cfg: dict, seed: int = 0, mtp: bool = True) -> dict:
-    """Official-layout tensors as float32 numpy arrays."""
+def _draw(rng, name: str, shape: tuple, args):
+    """Random values for one official tensor, scaled as a trained model's roughly are."""
+    if name.endswith("tid2eid"):
+        E, k = args.n_routed_experts, args.num_experts_per_tok
+        return np.stack([rng.permutation(E)[:k] for _ in range(shape[0])]).astype(np.int32)
+    if name == "embed.weight":
+        std, offset = 1.0, 0.0
+    elif name.endswith("norm.weight"):
+        std, offset = 0.1, 1.0
+    elif name.endswith("_fn"):
+        std, offset = 0.1, 0.0
+    elif name.endswith("_base"):
+        std, offset = 0.5, 0.0
+    elif name.endswith("_scale"):  # offset added in float32
+        return 1 + rng.normal(0, 0.1, shape).astype(np.float32)
+    elif name.endswith("attn_sink"):
+        std, offset = 1.0, 0.0
+    elif name.endswith(".ape"):
+        std, offset = 0.5, 0.0
+    elif name.endswith("gate.bias"):
+        std, offset = 0.1, 0.0
+    else:  # a linear weight [out, in]
+        std, offset = shape[1] ** -0.5, 0.0
+    return (offset + rng.normal(0, std, shape)).astype(np.float32)
+
+
+def tiny_weights(cfg, seed: int = 0, mtp: bool = True) -> dict:
+    """Official-layout tensors (every name and shape of `spec.official_tensors`) as numpy arrays."""
+    args = cfg if isinstance(cfg, ModelArgs) else ModelArgs.from_dict(cfg)
     rng = np.random.default_rng(seed)
-    D, V, H, hd = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"], cfg["head_dim"]
-    hc, E, inter = cfg["hc_mult"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
-    G, o_lora, q_lora = cfg["o_groups"], cfg["o_lora_rank"], cfg["q_lora_rank"]
-    IH, Id = cfg["index_n_heads"], cfg["index_head_dim"]
-    mix = (2 + hc) * hc
-
-    def linear(out_dim, in_dim):
-        return rng.normal(0, in_dim**-0.5, (out_dim, in_dim)).astype(np.float32)
-
-    def norm(n):
-        return (1 + rng.normal(0, 0.1, n)).astype(np.float32)
-
-    def normal(shape, std):
-        return rng.normal(0, std, shape).astype(np.float32)
-
-    w = {
-        "embed.weight": normal((V, D), 1.0),
-        "head.weight": linear(V, D),
-        "norm.weight": norm(D),
-        "hc_head_fn": normal((hc, hc * D), 0.1),
-        "hc_head_base": normal(hc, 0.5),
-        "hc_head_scale": (1 + normal(1, 0.1)),
-    }
-
-    def compressor(prefix, width, ratio):
-        c = 2 if ratio == 4 else 1
-        w[f"{prefix}.wkv.weight"] = linear(c * width, D)
-        w[f"{prefix}.wgate.weight"] = linear(c * width, D)
-        w[f"{prefix}.ape"] = normal((ratio, c * width), 0.5)
-        w[f"{prefix}.norm.weight"] = norm(width)
-
-    for i, ratio in enumerate(cfg["compress_ratios"]):
-        p = f"layers.{i}"
-        w[f"{p}.attn_norm.weight"] = norm(D)
-        w[f"{p}.ffn_norm.weight"] = norm(D)
-        for part in ("attn", "ffn"):
-            w[f"{p}.hc_{part}_fn"] = normal((mix, hc * D), 0.1)
-            w[f"{p}.hc_{part}_base"] = normal(mix, 0.5)
-            w[f"{p}.hc_{part}_scale"] = 1 + normal(3, 0.1)
-        a = f"{p}.attn"
-        w[f"{a}.wq_a.weight"] = linear(q_lora, D)
-        w[f"{a}.q_norm.weight"] = norm(q_lora)
-        w[f"{a}.wq_b.weight"] = linear(H * hd, q_lora)
-        w[f"{a}.wkv.weight"] = linear(hd, D)
-        w[f"{a}.kv_norm.weight"] = norm(hd)
-        w[f"{a}.wo_a.weight"] = linear(G * o_lora, H * hd // G)
-        w[f"{a}.wo_b.weight"] = linear(D, G * o_lora)
-        w[f"{a}.attn_sink"] = normal(H, 1.0)
-        if ratio:
-            compressor(f"{a}.compressor", hd, ratio)
-        if ratio == 4:
-            w[f"{a}.indexer.wq_b.weight"] = linear(IH * Id, q_lora)
-            w[f"{a}.indexer.weights_proj.weight"] = linear(IH, D)
-            compressor(f"{a}.indexer.compressor", Id, 4)
-        f = f"{p}.ffn"
-        w[f"{f}.gate.weight"] = linear(E, D)
-        if i < cfg["num_hash_layers"]:
-            k = cfg["num_experts_per_tok"]
-            w[f"{f}.gate.tid2eid"] = np.stack([rng.permutation(E)[:k] for _ in range(V)]).astype(np.int32)
-        else:
-            w[f"{f}.gate.bias"] = normal(E, 0.1)
-        for e in range(E):
-            w[f"{f}.experts.{e}.w1.weight"] = linear(inter, D)
-            w[f"{f}.experts.{e}.w3.weight"] = linear(inter, D)
-            w[f"{f}.experts.{e}.w2.weight"] = linear(D, inter)
-        w[f"{f}.shared_experts.w1.weight"] = linear(inter, D)
-        w[f"{f}.shared_experts.w3.weight"] = linear(inter, D)
-        w[f"{f}.shared_experts.w2.weight"] = linear(D, inter)
-    if mtp:
-        w["mtp.0.enorm.weight"] = norm(D)
-        w["mtp.0.hnorm.weight"] = norm(D)
-        w["mtp.0.e_proj.weight"] = linear(D, D)
-        w["mtp.0.h_proj.weight"] = linear(D, D)
-    return w
-
-
-FLOAT_KEEP_F32 = ("hc_", "attn_sink", ".ape", "norm.weight")
+    return {name: _draw(rng, name, shape, args) for name, shape in official_tensors(args, mtp=mtp).items()}
 
 
 def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtype: str = "float32",
@@ -167,7 +121,7 @@ def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtyp
     arrays = {}
     for name, value in tiny_weights(cfg, seed=seed, mtp=mtp).items():
         a = mx.array(value)
-        if a.dtype == mx.float32 and not any(k in name for k in FLOAT_KEEP_F32):
+        if a.dtype == mx.float32 and not keeps_float32(name):
             a = a.astype(target)
         arrays[name] = a
     cfg["torch_dtype"] = dtype

@@ -118,6 +118,8 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 assert isinstance(weight_map, dict)
+            except OSError as e:
+                raise ConvertError(f"{index}: cannot read: {e.strerror or e}") from None
             except (ValueError, KeyError, TypeError, AssertionError) as e:
                 raise ConvertError(f"{index}: corrupt index (needs a 'weight_map' object): {e}") from None
             by_file: dict[str, list[str]] = {}

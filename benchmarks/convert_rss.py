@@ -52,27 +52,13 @@ print(json.dumps({"baseline": base, "peak": peak}))
 
 def write_random_release(out: Path, shards: int, experts: int, inter: int, hidden: int) -> Path:
     from convert_fixtures import FP4_RULES, FP8_RULES, RELEASE_QUANT, tiny_cfg, write_shards
-    from mlx_dsv4.tiny import tiny_config
+    from mlx_dsv4 import spec
+    from mlx_dsv4.config import ModelArgs
 
     rng = np.random.default_rng(0)
     cfg = tiny_cfg(vocab_size=256, n_routed_experts=experts, moe_intermediate_size=inter, hidden_size=hidden)
-    # shapes from the tiny writer's structure, filled with random codes instead of floats
-    from mlx_dsv4.tiny import tiny_weights
-
-    small = tiny_config("flash", **{k: cfg[k] for k in ("vocab_size", "hidden_size")},
-                        n_routed_experts=1, moe_intermediate_size=inter)
-    shapes = {k: v.shape for k, v in tiny_weights(small, mtp=False).items()}
-    for i in range(cfg["num_hidden_layers"]):
-        for e in range(1, experts):
-            for w in ("w1", "w2", "w3"):
-                shapes[f"layers.{i}.ffn.experts.{e}.{w}.weight"] = shapes[f"layers.{i}.ffn.experts.0.{w}.weight"]
-    for name in list(shapes):
-        if name.endswith("ffn.gate.weight"):
-            shapes[name] = (experts, hidden)
-        elif name.endswith("ffn.gate.bias"):
-            shapes[name] = (experts,)
-        elif name.endswith("tid2eid"):
-            shapes[name] = (cfg["vocab_size"], cfg["num_experts_per_tok"])
+    # every tensor of the checkpoint contract, filled with random codes instead of floats
+    shapes = spec.official_tensors(ModelArgs.from_dict(cfg), mtp=False)
     stored = {}
     for name, shape in shapes.items():
         base = name[: -len(".weight")]

@@ -15,7 +15,7 @@ from .plan import check_against_config, model_args, plan_units, quantization_con
 from .reader import Checkpoint
 from .recipes import Recipe
 from .verify import verify_dir
-from .writer import INDEX, OutputDir, fingerprint, layout_shards
+from .writer import CHECKSUM, INDEX, OutputDir, fingerprint, layout_shards, refuse_overlap
 
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja")
@@ -60,6 +60,7 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
     t0 = time.time()
     src = hub.resolve(str(hf_path), revision)
     cfg, args, ckpt, units, warnings = prepare(src, recipe, include_mtp)
+    refuse_overlap(src, [src / "config.json", *ckpt.files], Path(mlx_path))
     for w in warnings:
         log(f"warning: {w}")
     est = estimate_units(units, args, recipe, context)
@@ -72,12 +73,33 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
     shards = layout_shards(units, int(shard_gb * GB))
     source_id = [(str(p.name), p.stat().st_size, int(p.stat().st_mtime)) for p in ckpt.files]
     fp = fingerprint(shards, {"recipe": recipe.__dict__, "source": source_id})
-    out = OutputDir(Path(mlx_path), fp, resume, overwrite, total)
-    if out.done:
-        log(f"resuming: {len(out.done)} of {len(shards)} shards already written")
+    out = OutputDir(Path(mlx_path), fp, resume, overwrite, total, log)
+    if out.finished:
+        problems, _ = verify_dir(out.out)
+        if problems:
+            raise ConvertError(f"{out.out}: an earlier run moved this output into place and stopped before "
+                               "finishing, but it fails verification; convert again with --overwrite and "
+                               "without --resume:\n  " + "\n  ".join(problems[:20]))
+        log(f"{out.out}: complete; finishing the earlier run that stopped while moving it into place")
+    else:
+        if out.done:
+            log(f"resuming: {len(out.done)} of {len(shards)} shards already written")
+        _write_output(out, src, cfg, units, shards, ckpt, progress)
+    out.finish()
+    n_tensors = sum(len(u.outputs) for u in units)
+    summary = {"tensors": n_tensors, "bytes_in": sum(u.in_bytes for u in units), "bytes_out": total,
+               "shards": len(shards), "seconds": time.time() - t0, "recipe": recipe.describe(),
+               "out": str(mlx_path)}
+    log(f"done: {summary['tensors']} tensors, {human(summary['bytes_in'])} in -> "
+        f"{human(summary['bytes_out'])} out in {summary['shards']} shards, "
+        f"{summary['seconds']:.1f} s, recipe {summary['recipe']} -> {mlx_path}")
+    return summary
 
+
+def _write_output(out: OutputDir, src: Path, cfg: dict, units, shards, ckpt: Checkpoint, progress: bool):
     from tqdm.auto import tqdm
 
+    total = sum(u.nbytes for u in units)
     n_tensors = sum(len(u.outputs) for u in units)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress or None,
                file=sys.stderr)
@@ -101,7 +123,8 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
         files = [s for s in shards if s.group == group]
         if files:
             out.write_json(INDEX[group], {
-                "metadata": {"total_size": sum(s.nbytes for s in files), "format": "mlx"},
+                "metadata": {"total_size": sum(s.nbytes for s in files), "format": "mlx",
+                             CHECKSUM: {s.filename: out.checksum(s) for s in files}},
                 "weight_map": dict(sorted((name, s.filename) for s in files for u in s.units
                                           for name, _, _ in u.outputs))})
     for name in COPY_FILES:
@@ -111,14 +134,7 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
         if f.is_file():
             out.copy_file(f, str(f.relative_to(src)))
     out.write_json("config.json", output_config(cfg, units))
-    problems, _ = verify_dir(out.tmp)
+    # the shards were hashed while written: re-reading them here would only double the I/O
+    problems, _ = verify_dir(out.tmp, checksums=False)
     if problems:
         raise ConvertError("output failed verification (kept in " + str(out.tmp) + "):\n  " + "\n  ".join(problems[:20]))
-    out.finish()
-    summary = {"tensors": n_tensors, "bytes_in": sum(u.in_bytes for u in units), "bytes_out": total,
-               "shards": len(shards), "seconds": time.time() - t0, "recipe": recipe.describe(),
-               "out": str(mlx_path)}
-    log(f"done: {summary['tensors']} tensors, {human(summary['bytes_in'])} in -> "
-        f"{human(summary['bytes_out'])} out in {summary['shards']} shards, "
-        f"{summary['seconds']:.1f} s, recipe {summary['recipe']} -> {mlx_path}")
-    return summary

@@ -9,7 +9,6 @@ memory at the size of what is being converted.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +117,9 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            except OSError as e:
+                raise ConvertError(f"{index}: cannot read: {e.strerror or e}") from None
+            except (ValueError, KeyError, TypeError, AssertionError) as e:
                 raise ConvertError(f"{index}: corrupt index (needs a 'weight_map' object): {e}") from None
             by_file: dict[str, list[str]] = {}
             for name, fname in weight_map.items():

@@ -10,7 +10,7 @@ from .errors import ConvertError
 from .plan import model_args, plan_units, sources_from_config
 from .reader import FLOAT_DTYPES, INT_DTYPES, read_header
 from .recipes import Quant
-from .writer import INDEX
+from .writer import CHECKSUM, INDEX, file_checksum
 
 
 def _read_index(path: Path, problems: list) -> dict:
@@ -24,8 +24,32 @@ def _read_index(path: Path, problems: list) -> dict:
     return {}
 
 
-def verify_dir(out: Path) -> tuple[list[str], dict]:
-    """Returns (problems, stats); an empty problem list means the directory is complete."""
+def _check_checksums(index: Path, shards, problems: list):
+    """Shards whose bytes differ from the SHA-256 recorded in the index when they were written."""
+    try:
+        recorded = json.loads(index.read_text()).get("metadata", {}).get(CHECKSUM)
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable index is reported with its weight_map
+    if not isinstance(recorded, dict):
+        return  # written before shards had checksums
+    for fname in shards:
+        path = index.parent / fname
+        if fname not in recorded:
+            problems.append(f"{path}: no checksum recorded in {index.name}")
+            continue
+        try:
+            actual = file_checksum(path)
+        except OSError as e:
+            problems.append(f"{path}: cannot read: {e.strerror or e}")
+            continue
+        if actual != recorded[fname]:
+            problems.append(f"{path}: contents changed since it was written: SHA-256 {actual}, {index.name} "
+                            f"records {recorded[fname]}")
+
+
+def verify_dir(out: Path, checksums: bool = True) -> tuple[list[str], dict]:
+    """Returns (problems, stats); an empty problem list means the directory is complete.
+    checksums=False skips re-reading the shards to compare them with their recorded SHA-256."""
     out = Path(out)
     problems: list[str] = []
     try:
@@ -81,6 +105,8 @@ def verify_dir(out: Path) -> tuple[list[str], dict]:
             for name in headers[fname]:
                 if wm.get(name) != fname:
                     problems.append(f"{path}: tensor {name!r} is not in {index.name}")
+        if checksums:
+            _check_checksums(index, sorted(headers), problems)
         for name, fname in sorted(wm.items()):
             entry = headers.get(fname, {}).get(name)
             if fname in headers and entry is None:

@@ -1,13 +1,18 @@
-"""Sharded streaming safetensors output with an atomic finish and resumable shards.
+"""Sharded streaming safetensors output with an atomic, resumable finish and resumable shards.
 
 Output goes to a hidden sibling directory ``.NAME.partial``; each shard is written to a
-temporary file, fsynced and renamed, and recorded in a state file, so ``--resume`` skips
-finished shards.  config.json is written last and the directory is renamed into place only
-after verification, so an interrupted run never leaves a directory that loads as complete.
+temporary file, fsynced and renamed, and recorded with its size and SHA-256 (hashed while
+writing) in a state file, so ``--resume`` skips finished shards whose bytes are unchanged.
+Every other file is also written under a temporary name and renamed, so a failed write keeps
+the previous version.  config.json is written last and the directory is renamed into place
+only after verification, so an interrupted run never leaves a directory that loads as
+complete.  The finishing renames are recorded in the state file, which moves with the
+directory and is removed last, so ``--resume`` completes a finish that was cut short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -21,6 +26,7 @@ from .errors import ConvertError
 
 STATE = ".convert-state.json"
 INDEX = {"model": "model.safetensors.index.json", "mtp": "mtp.safetensors.index.json"}
+CHECKSUM = "sha256"  # key of the {shard: hex digest} map in each index's metadata
 
 
 @dataclass
@@ -80,35 +86,118 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def file_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(16 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
+def refuse_overlap(src: Path, inputs, out: Path):
+    """Replacing an output that is, holds or lies inside the input would delete the input."""
+    places = {out.resolve(), partial_dir(out).resolve()}
+    for path in (src, *inputs):
+        real = Path(path).resolve()
+        for place in places:
+            if real == place:
+                how = f"both are {real}"
+            elif place in real.parents:
+                how = f"{real} lies inside {place}"
+            elif real in place.parents:
+                how = f"{place} lies inside {real}"
+            else:
+                continue
+            raise ConvertError(f"output {out} and input {src} overlap ({how}, symbolic links resolved); "
+                               "choose an output directory outside the input; nothing was written")
+
+
 def _io_error(e: OSError, path, what: str) -> ConvertError:
     if e.errno == errno.ENOSPC:
         return ConvertError(f"{path}: output disk is full while writing {what}; previous output is untouched")
     return ConvertError(f"{path}: cannot write {what}: {e.strerror or e}; previous output is untouched")
 
 
+def _replace_file(path: Path, fill, what: str):
+    """fill(temporary path) writes the new contents, which replace `path` only once complete."""
+    part = path.with_name(path.name + ".tmp")
+    try:
+        fill(part)
+        os.replace(part, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        raise _io_error(e, path, what) from None
+
+
+def _backup_path(out: Path) -> Path:
+    """A name next to `out` that nothing uses yet, for the previous output while it is replaced."""
+    path, n = out.parent / f".{out.name}.old", 1
+    while os.path.lexists(path):
+        n += 1
+        path = out.parent / f".{out.name}.old{n}"
+    return path
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _read_state(path: Path) -> dict | None:
+    """The conversion state at `path`, None where there is none."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path}: unreadable conversion state ({e}); remove {path.parent} to start over") from None
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: unreadable conversion state (not an object); remove {path.parent} to start over")
+    return state
+
+
 class OutputDir:
-    def __init__(self, out: Path, fp: str, resume: bool, overwrite: bool, need_bytes: int):
+    def __init__(self, out: Path, fp: str, resume: bool, overwrite: bool, need_bytes: int, log=lambda s: None):
         self.out = Path(out)
         self.tmp = partial_dir(self.out)
         self.fp = fp
-        if self.out.exists() and not overwrite:
-            raise ConvertError(f"{self.out}: already exists; pass --overwrite to replace it")
+        self.log = log
+        self.done: dict[str, dict] = {}
+        self.backup: Path | None = None  # the previous output, once moved aside by finish()
+        # True when an earlier run moved its finished output into place but was stopped before cleaning up
+        self.finished = resume and not self.tmp.exists() and self._finished_earlier()
+        if self.finished:
+            return
+        if os.path.lexists(self.out) and not overwrite:
+            stopped = (self.out / STATE).is_file()
+            raise ConvertError(f"{self.out}: already exists; pass --overwrite to replace it"
+                               + (", or --resume to finish the conversion that was stopped while moving it "
+                                  "into place" if stopped else ""))
         if self.out.exists() and not self.out.is_dir():
             raise ConvertError(f"{self.out}: exists and is not a directory")
-        self.done: dict[str, int] = {}
         parent = self.out.parent
         if not parent.is_dir():
             raise ConvertError(f"{parent}: output parent directory does not exist or is not a directory")
         if self.tmp.exists():
-            state = self._read_state()
+            state = _read_state(self.tmp / STATE)
+            if state is None:
+                raise ConvertError(f"{self.tmp}: exists but holds no conversion state ({STATE}); remove it "
+                                   "to start over")
+            moved = (state.get("finishing") or {}).get("backup")
+            if moved and not os.path.lexists(self.out) and os.path.lexists(parent / moved):
+                self.backup = parent / moved
             if not resume:
                 raise ConvertError(f"{self.tmp}: left by an interrupted conversion; pass --resume to continue "
-                                   "it, or remove it to start over")
+                                   "it, or remove it to start over"
+                                   + (f" (the previous output was moved to {self.backup})" if self.backup else ""))
             if state.get("fingerprint") != fp:
                 raise ConvertError(f"{self.tmp}: was started with a different source or recipe; remove it "
                                    "to start over")
-            self.done = {k: v for k, v in state.get("done", {}).items()
-                         if (self.tmp / k).is_file() and (self.tmp / k).stat().st_size == v}
+            self.done = self._unchanged_shards(state.get("done") or {})
         else:
             try:
                 self.tmp.mkdir()
@@ -118,71 +207,138 @@ class OutputDir:
             except OSError as e:
                 raise _io_error(e, parent, "the output") from None
         free = shutil.disk_usage(self.tmp).free
-        left = need_bytes - sum(self.done.values())
+        left = need_bytes - sum(r["size"] for r in self.done.values())
         if left > free:
             raise ConvertError(f"{parent}: not enough free space: the output needs {left / 1e9:.2f} GB more, "
                                f"{free / 1e9:.2f} GB free; previous output is untouched")
         self._write_state()
 
-    def _read_state(self) -> dict:
+    def _finished_earlier(self) -> bool:
         try:
-            return json.loads((self.tmp / STATE).read_text())
-        except (OSError, ValueError):
-            return {}
+            state = _read_state(self.out / STATE)
+        except ConvertError:
+            return False
+        if not state or state.get("fingerprint") != self.fp or not isinstance(state.get("finishing"), dict):
+            return False
+        moved = state["finishing"].get("backup")
+        if moved and os.path.lexists(self.out.parent / moved):
+            self.backup = self.out.parent / moved
+        return True
 
-    def _write_state(self):
-        tmp = self.tmp / (STATE + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fp, "done": self.done}, indent=1))
-        os.replace(tmp, self.tmp / STATE)
+    def _unchanged_shards(self, recorded: dict) -> dict:
+        """The recorded shards whose bytes still match their checksum; the others are written again."""
+        done = {}
+        for name, rec in recorded.items():
+            path = self.tmp / name
+            why = None
+            if not isinstance(rec, dict) or not isinstance(rec.get(CHECKSUM), str):
+                why = "has no recorded checksum"
+            elif not path.is_file() or path.stat().st_size != rec.get("size"):
+                why = "is missing or its size changed since it was written"
+            else:
+                try:
+                    if file_checksum(path) != rec[CHECKSUM]:
+                        why = "does not match the checksum recorded when it was written"
+                except OSError as e:
+                    why = f"cannot be read ({e.strerror or e})"
+            if why:
+                self.log(f"{path}: {why}; rewriting it")
+            else:
+                done[name] = rec
+        return done
+
+    def _write_state(self, finishing: dict | None = None):
+        state = {"fingerprint": self.fp, "done": self.done}
+        if finishing is not None:
+            state["finishing"] = finishing
+        text = json.dumps(state, indent=1)
+        _replace_file(self.tmp / STATE, lambda p: p.write_text(text), "the conversion state (for --resume)")
 
     def is_done(self, shard: Shard) -> bool:
         return shard.filename in self.done
+
+    def checksum(self, shard: Shard) -> str:
+        return self.done[shard.filename][CHECKSUM]
 
     def write_shard(self, shard: Shard, produce, on_unit=None):
         """produce(unit) -> arrays matching unit.outputs; streamed to disk one unit at a time."""
         final = self.tmp / shard.filename
         part = self.tmp / (shard.filename + ".tmp")
         current = shard.filename
+        digest = hashlib.sha256()
         try:
             with open(part, "wb") as f:
-                f.write(safetensors_header(shard))
+                header = safetensors_header(shard)
+                f.write(header)
+                digest.update(header)
                 for u in shard.units:
                     current = u.name
                     for a in produce(u):
-                        f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+                        if a.size:
+                            data = memoryview(a.reshape(-1)).cast("B")
+                            f.write(data)
+                            digest.update(data)
                     if on_unit:
                         on_unit(u)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(part, final)
+            size = final.stat().st_size
         except OSError as e:
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
             raise _io_error(e, part, f"tensor {current!r}") from None
-        self.done[shard.filename] = final.stat().st_size
+        self.done[shard.filename] = {"size": size, CHECKSUM: digest.hexdigest()}
         self._write_state()
 
     def write_json(self, name: str, obj):
-        try:
-            (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        except OSError as e:
-            raise _io_error(e, self.tmp / name, name) from None
+        text = json.dumps(obj, indent=2) + "\n"
+        _replace_file(self.tmp / name, lambda p: p.write_text(text), name)
 
     def copy_file(self, src: Path, rel: str):
         dst = self.tmp / rel
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
         except OSError as e:
-            raise _io_error(e, dst, rel) from None
+            raise _io_error(e, dst.parent, rel) from None
+        _replace_file(dst, lambda p: shutil.copyfile(src, p), rel)
 
     def finish(self):
-        (self.tmp / STATE).unlink(missing_ok=True)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        """Moves the verified output into place, then removes the previous one.
+
+        The state file records the name the previous output is moved to; it travels with the
+        directory and is removed last, so after a stop at any point ``--resume`` either finds
+        the partial directory (and renames it again) or the finished output (and cleans up)."""
+        if not self.finished:
+            replacing = os.path.lexists(self.out)
+            if replacing:
+                self.backup = _backup_path(self.out)
+            self._write_state({"backup": self.backup.name if self.backup else None})
+            if replacing:
+                try:
+                    os.replace(self.out, self.backup)
+                except OSError as e:
+                    raise ConvertError(f"{self.out}: cannot move the previous output aside to {self.backup}: "
+                                       f"{e.strerror or e}; previous output is untouched, the new one is "
+                                       f"complete in {self.tmp} (--resume finishes it)") from None
+            try:
+                os.replace(self.tmp, self.out)
+            except OSError as e:
+                where = "previous output is untouched"
+                if replacing:
+                    try:
+                        os.replace(self.backup, self.out)
+                    except OSError:
+                        where = f"the previous output is in {self.backup}"
+                raise ConvertError(f"{self.out}: cannot move the new output into place: {e.strerror or e}; "
+                                   f"{where}, the new one is complete in {self.tmp} (--resume finishes it)") from None
+            self.finished = True
+        if self.backup is not None and os.path.lexists(self.backup):
+            try:
+                _remove(self.backup)
+            except OSError as e:
+                self.log(f"warning: could not remove the previous output (moved to {self.backup}): {e.strerror or e}")
+        try:
+            (self.out / STATE).unlink(missing_ok=True)
+        except OSError as e:
+            self.log(f"warning: could not remove {self.out / STATE}: {e.strerror or e}")

@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..sizes import format_decimal_bytes
 from . import hub, layout, transform
 from .errors import ConvertError
-from .estimate import GB, estimate_units, human
+from .estimate import GB, estimate_units
 from .plan import check_against_config, plan_units, quantization_config, sources_from_checkpoint
 from .reader import Checkpoint
 from .recipes import Recipe
@@ -124,7 +125,7 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
     summary = {"tensors": n_tensors, "bytes_in": sum(u.in_bytes for u in units), "bytes_out": total,
                "shards": len(shards), "seconds": time.time() - t0, "recipe": recipe.describe(),
                "out": str(mlx_path)}
-    log(f"done: {summary['tensors']} tensors, {human(summary['bytes_in'])} in -> "
-        f"{human(summary['bytes_out'])} out in {summary['shards']} shards, "
+    log(f"done: {summary['tensors']} tensors, {format_decimal_bytes(summary['bytes_in'])} in -> "
+        f"{format_decimal_bytes(summary['bytes_out'])} out in {summary['shards']} shards, "
         f"{summary['seconds']:.1f} s, recipe {summary['recipe']} -> {mlx_path}")
     return summary

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dsv4 import bench
 from mlx_dsv4.bench import best_seconds
+from mlx_dsv4.cli.bench import add_arguments
 from mlx_dsv4.loader import load_model
 from mlx_dsv4.streams import on, parallel_streams
 
@@ -82,7 +83,7 @@ def attend(q, k):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    bench.add_arguments(p)
+    add_arguments(p)
     args = p.parse_args(argv)
     path = bench.ensure_checkpoint(args, print)
     model = load_model(path)

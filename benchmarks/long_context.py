@@ -11,7 +11,7 @@ mlx-vlm is optional: `pip install 'mlx-dsv4[bench]'`; without it that column is 
 
 import sys
 
-from mlx_dsv4.bench import main
+from mlx_dsv4.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

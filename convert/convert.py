@@ -7,10 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import hub, transform
 from ..config import ConfigError, read_config
+from ..sizes import format_decimal_bytes
+from . import hub, transform
 from .errors import ConvertError
-from .estimate import GB, estimate_units, human
+from .estimate import GB, estimate_units
 from .plan import check_against_config, model_args, plan_units, quantization_config, sources_from_checkpoint
 from .reader import Checkpoint
 from .recipes import Recipe
@@ -90,8 +91,8 @@ def convert(hf_path, mlx_path, recipe: Recipe, *, revision=None, include_mtp=Tru
     summary = {"tensors": n_tensors, "bytes_in": sum(u.in_bytes for u in units), "bytes_out": total,
                "shards": len(shards), "seconds": time.time() - t0, "recipe": recipe.describe(),
                "out": str(mlx_path)}
-    log(f"done: {summary['tensors']} tensors, {human(summary['bytes_in'])} in -> "
-        f"{human(summary['bytes_out'])} out in {summary['shards']} shards, "
+    log(f"done: {summary['tensors']} tensors, {format_decimal_bytes(summary['bytes_in'])} in -> "
+        f"{format_decimal_bytes(summary['bytes_out'])} out in {summary['shards']} shards, "
         f"{summary['seconds']:.1f} s, recipe {summary['recipe']} -> {mlx_path}")
     return summary
 

@@ -6,18 +6,12 @@ from dataclasses import dataclass
 
 from ..memory import kv_bytes
 from ..config import ModelArgs
+from ..sizes import format_decimal_bytes
 from .plan import model_args, plan_units, sources_from_config
 from .recipes import Recipe
 
 RUNTIME_OVERHEAD = 2 * 10**9  # activations, MLX buffers, tokenizer: a rough fixed allowance
 GB = 10**9
-
-
-def human(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -36,9 +30,9 @@ class Estimate:
     def lines(self) -> list[str]:
         return [
             f"recipe: {self.recipe}",
-            f"output size: {human(self.model_bytes)} model"
-            + (f" + {human(self.mtp_bytes)} MTP" if self.mtp_bytes else "")
-            + f" (source {human(self.in_bytes)})",
+            f"output size: {format_decimal_bytes(self.model_bytes)} model"
+            + (f" + {format_decimal_bytes(self.mtp_bytes)} MTP" if self.mtp_bytes else "")
+            + f" (source {format_decimal_bytes(self.in_bytes)})",
             f"estimated unified memory to run: {self.memory_bytes / GB:.1f} GB "
             f"(weights {self.model_bytes / GB:.1f} + FP8 KV cache at {self.context} tokens "
             f"{self.kv_bytes / GB:.2f} + runtime {RUNTIME_OVERHEAD / GB:.0f})",

@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from .sizes import format_bytes
+
 # V4-Flash's per-layer dimensions (config.json keys) and what the benchmark shrinks.
 FLASH_DIMS = {
     "hidden_size": 4096,
@@ -65,47 +67,6 @@ MB = 1 << 20
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def add_arguments(p) -> None:
-    g = p.add_argument_group("model (V4-Flash per-layer dimensions by default)")
-    g.add_argument("--checkpoint", default=None,
-                   help="use this official-layout checkpoint directory instead of building one")
-    g.add_argument("--checkpoint-dir", default=None,
-                   help="where built checkpoints are kept and reused (default ~/.cache/mlx-dsv4/bench)")
-    g.add_argument("--layers", default=DEFAULT_RATIOS,
-                   help="compress ratio per layer, comma-separated (0, 4 or 128), or a layer count N "
-                        f"for N layers alternating CSA/HCA (default {DEFAULT_RATIOS})")
-    g.add_argument("--experts", type=int, default=4, help="routed experts per layer (default 4)")
-    g.add_argument("--experts-per-token", type=int, default=2, help="active routed experts (default 2)")
-    g.add_argument("--vocab-size", type=int, default=32768,
-                   help="vocabulary (default 32768; V4's is 129280, which only adds the same "
-                        "embedding/head cost to every implementation)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    g.add_argument("--seed", type=int, default=0)
-    for key, value in FLASH_DIMS.items():
-        g.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=value,
-                       help=f"default {value}")
-    r = p.add_argument_group("measurement")
-    r.add_argument("--contexts", default=DEFAULT_CONTEXTS,
-                   help=f"prompt lengths to measure, comma-separated (default {DEFAULT_CONTEXTS}; "
-                        "k/K suffix allowed, e.g. 1k,8k,32k)")
-    r.add_argument("--cpu-streams", type=int, default=None,
-                   help="CPU backend: run our model's independent work on up to N streams, one per core "
-                        "(experimental; default: $MLX_DSV4_CPU_STREAMS or 1)")
-    r.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context (default 16)")
-    r.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
-    r.add_argument("--impls", default=",".join(IMPLS), help=f"implementations to run (default {','.join(IMPLS)})")
-    r.add_argument("--kv-dtype", default="fp8", help="our cache's kv storage (default fp8)")
-    r.add_argument("--index-dtype", default="fp4", help="our cache's indexer-key storage (default fp4)")
-    r.add_argument("--naive-max-gb", type=float, default=8.0,
-                   help="skip the naive baseline at contexts where its dense score block alone would "
-                        "exceed this many GB (default 8)")
-    r.add_argument("--naive-max-context", type=int, default=None,
-                   help="skip the naive baseline above this context (its dense attention grows with the "
-                        "square of the context; default: no limit)")
-    r.add_argument("--bandwidth-mb", type=int, default=512, help="array size for the bandwidth probe (default 512)")
-    r.add_argument("--json", dest="json_out", default=None, help="also write all figures to this JSON file")
 
 
 def parse_contexts(text: str) -> List[int]:
@@ -495,11 +456,7 @@ def naive_score_bytes(args, context: int, chunk: int, itemsize: int) -> int:
 
 
 def _fmt_bytes(n) -> str:
-    if n is None:
-        return "n/a"
-    if n >= 1 << 30:
-        return f"{n / (1 << 30):.2f} GB"
-    return f"{n / MB:.1f} MB"
+    return "n/a" if n is None else format_bytes(n, digits=2)
 
 
 def _ratio(a, b) -> float:
@@ -599,6 +556,14 @@ def report(summary: dict, results: Dict, contexts: List[int], impls: List[str], 
 
 
 def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
+    """Measure and report as the flags of `mlx-dsv4 bench` say; returns the summary (JSON-able)."""
+    from .streams import cpu_stream_limit
+
+    with cpu_stream_limit(args.cpu_streams):
+        return _run_benchmark(args, log)
+
+
+def _run_benchmark(args, log: Callable[[str], None]) -> dict:
     import mlx.core as mx
 
     from .config import ModelArgs
@@ -612,10 +577,6 @@ def run_benchmark(args, log: Callable[[str], None] = print) -> dict:
     if "ours" not in impls:
         impls.insert(0, "ours")
 
-    from . import streams
-
-    if args.cpu_streams is not None:
-        streams.MAX_STREAMS = args.cpu_streams
     path = ensure_checkpoint(args, log)
     model_args = ModelArgs.from_path(path)
     log(f"checkpoint {path}: {model_args.num_hidden_layers} layers, ratios {model_args.compress_ratios}, "
@@ -759,24 +720,3 @@ def agreement(ours: Runner, vlm: Runner, prompt: np.ndarray, log, n: int = 256) 
     }
     del a, b, h
     return out
-
-
-def run(args) -> int:
-    try:
-        run_benchmark(args)
-    except ValueError as e:
-        print(f"mlx-dsv4 bench: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mlx-dsv4 bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,12 +19,6 @@ PROMPT_LEN = 300  # crosses several ratio-4 and two ratio-128 compression window
 RANDOM_NOTE = "(random weights: the text is random)"
 
 
-def add_arguments(p):
-    p.add_argument("--dir", type=Path, default=None, help="where to write the tiny checkpoint (default: a temp dir)")
-    p.add_argument("--tokens", type=int, default=64, help="tokens to decode greedily")
-    p.add_argument("--seed", type=int, default=0)
-
-
 def greedy_decode(model, prompt: mx.array, n_tokens: int):
     cache = model.make_cache()
     t0 = time.perf_counter()
@@ -42,12 +36,12 @@ def greedy_decode(model, prompt: mx.array, n_tokens: int):
     return generated, cache, t1 - t0, t2 - t1
 
 
-def _decode_speed(model, args):
+def _decode_speed(model, n_tokens):
     prompt = mx.array([[0] + [(97 * i + 13) % 128000 + 100 for i in range(PROMPT_LEN - 1)]])
-    tokens, cache, t_prefill, t_decode = greedy_decode(model, prompt, args.tokens)
+    tokens, cache, t_prefill, t_decode = greedy_decode(model, prompt, n_tokens)
     print(f"Greedy continuation ids {RANDOM_NOTE}: {tokens[0].tolist()[:16]} ...")
     print(f"prompt: {PROMPT_LEN} tokens in {t_prefill:.3f} s = {PROMPT_LEN / t_prefill:.1f} tok/s")
-    steps = args.tokens - 1  # the first token comes out of the prefill
+    steps = n_tokens - 1  # the first token comes out of the prefill
     print(f"decode: {steps} cached steps in {t_decode:.3f} s = {steps / max(t_decode, 1e-9):.1f} tok/s")
     print(f"cache: {cache.nbytes} bytes for {cache.offset} tokens "
           f"(kv rows in {cache.kv_dtype}, indexer keys in {cache.index_dtype})")
@@ -111,21 +105,22 @@ def _cache_round_trip(model, tokenizer, path: Path):
     return same
 
 
-def run(args):
+def run_demo(directory=None, n_tokens: int = 64, seed: int = 0) -> int:
+    """The walk-through above, printed; 0 when the restored prompt cache continues exactly."""
     from . import load
     from .tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.dir or Path(tmp) / "tiny-v4"
+        path = Path(directory) if directory else Path(tmp) / "tiny-v4"
         print(f"Writing a tiny random DeepSeek-V4 checkpoint (official layout) to {path}")
-        write_tiny_checkpoint(path, preset="flash", seed=args.seed)
+        write_tiny_checkpoint(path, preset="flash", seed=seed)
         model, tokenizer = load(path)
         a = model.args
         print(
             f"Loaded: {a.num_hidden_layers} layers (compress ratios {a.compress_ratios}), hidden {a.hidden_size}, "
             f"{a.n_routed_experts} experts, vocab {a.vocab_size}. {RANDOM_NOTE}"
         )
-        _decode_speed(model, args)
+        _decode_speed(model, n_tokens)
         _chat_turn(model, tokenizer)
         _agent_round_trip(model, tokenizer, Path(tmp) / "agent-steps.jsonl")
         ok = _cache_round_trip(model, tokenizer, Path(tmp) / "prompt-cache.safetensors")

@@ -17,9 +17,13 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .memory import kv_bytes
+from .mlx_lm_import import import_mlx_lm
+from .sizes import format_bytes
+
+_sample_utils = import_mlx_lm("sample_utils")
+make_logits_processors, make_sampler = _sample_utils.make_logits_processors, _sample_utils.make_sampler
 
 PROMPT_CACHE_FORMAT = "mlx-dsv4-prompt-cache/1"
 
@@ -108,14 +112,6 @@ def tokens_that_fit(model, limit_bytes: int) -> int:
     return low
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def check_kv_limit(model, n_prompt: int, max_tokens: int, limit_bytes: int) -> None:
     """Raise ``KVCacheLimitError`` when prompt + max_tokens would not fit in ``limit_bytes``."""
     needed = n_prompt + max_tokens
@@ -125,7 +121,7 @@ def check_kv_limit(model, n_prompt: int, max_tokens: int, limit_bytes: int) -> N
     room = max(fit - n_prompt, 0)
     raise KVCacheLimitError(
         f"the KV cache for {n_prompt} prompt + {max_tokens} new tokens needs about "
-        f"{_format_bytes(estimate_cache_bytes(model, needed))}, over the limit of {_format_bytes(limit_bytes)}: "
+        f"{format_bytes(estimate_cache_bytes(model, needed))}, over the limit of {format_bytes(limit_bytes)}: "
         f"{fit} tokens fit"
         + (f", so at most {room} new tokens after this prompt" if room else ", fewer than this prompt alone"),
         tokens_that_fit=fit,

@@ -2,7 +2,10 @@
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
+
+from .mlx_lm_import import import_mlx_lm
+
+SwitchLinear = import_mlx_lm("models.switch_layers").SwitchLinear
 
 
 class RMSNorm(nn.RMSNorm):

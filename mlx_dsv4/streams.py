@@ -1,4 +1,5 @@
-"""Using every core on MLX's CPU backend (opt-in: MLX_DSV4_CPU_STREAMS=N).
+"""Using every core on MLX's CPU backend (opt-in: MLX_DSV4_CPU_STREAMS=N, or
+``with cpu_stream_limit(N):`` around the work).
 
 MLX runs each CPU stream on its own thread, while one op runs on one thread (the CPU
 wheel's BLAS included). Independent pieces of a step placed on different CPU streams
@@ -13,12 +14,46 @@ reproduced on a second run).
 import contextlib
 import functools
 import os
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Optional
 
 import mlx.core as mx
 
-MAX_STREAMS = int(os.environ.get("MLX_DSV4_CPU_STREAMS", "1"))  # 1: every op on the default stream
+STREAMS_ENV = "MLX_DSV4_CPU_STREAMS"
+_stream_limit: ContextVar[Optional[int]] = ContextVar("mlx_dsv4_cpu_stream_limit", default=None)
 MIN_TOKENS_PER_PART = 256  # below this, splitting costs more in dispatch than it saves
+
+
+def max_cpu_streams() -> int:
+    """The most CPU streams work is split over here: the innermost cpu_stream_limit, else
+    $MLX_DSV4_CPU_STREAMS, else 1 (every op on the default stream)."""
+    limit = _stream_limit.get()
+    if limit is not None:
+        return limit
+    text = os.environ.get(STREAMS_ENV, "1")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{STREAMS_ENV} must be a positive number of streams, got {text!r}")
+    return value
+
+
+@contextlib.contextmanager
+def cpu_stream_limit(n: Optional[int]):
+    """Within the block (in this thread or task only), split work over at most ``n`` CPU
+    streams; None keeps the setting in force."""
+    if n is None:
+        yield
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of CPU streams must be a positive integer, got {n!r}")
+    token = _stream_limit.set(n)
+    try:
+        yield
+    finally:
+        _stream_limit.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,8 +62,8 @@ def _cpu_streams(n: int) -> tuple:
 
 
 def parallel_streams() -> tuple:
-    """One stream per core, at most MAX_STREAMS, on the CPU backend; (None,) elsewhere or when 1."""
-    n = min(os.cpu_count() or 1, MAX_STREAMS)
+    """One stream per core, at most max_cpu_streams(), on the CPU backend; (None,) elsewhere or when 1."""
+    n = min(os.cpu_count() or 1, max_cpu_streams())
     if mx.default_device().type != mx.DeviceType.cpu or n < 2:
         return (None,)
     return _cpu_streams(n)

@@ -128,24 +128,3 @@ def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtyp
     mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
-
-
-def add_arguments(p):
-    p.add_argument("out", help="output directory")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="flash")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--layers", type=str, default=None,
-                   help="comma-separated compress ratios per layer (each 0, 4 or 128), e.g. 0,0,4,128")
-    p.add_argument("--vocab-size", type=int, default=None)
-
-
-def run(args):
-    overrides = {}
-    if args.layers:
-        overrides["compress_ratios"] = [int(r) for r in args.layers.split(",")]
-    if args.vocab_size:
-        overrides["vocab_size"] = args.vocab_size
-    out = write_tiny_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype, **overrides)
-    print(f"wrote tiny DeepSeek-V4 checkpoint to {out}")
-    return 0

@@ -7,7 +7,8 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_dsv4 import bench
+from mlx_dsv4 import bench, streams
+from mlx_dsv4.cli import build_parser, main
 from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.memory import kv_bytes
 
@@ -26,7 +27,7 @@ HAVE_VLM = importlib.util.find_spec("mlx_vlm") is not None
 
 def run_bench(tmp_path, capsys, *extra):
     out = tmp_path / "bench.json"
-    rc = bench.main([*TOY, "--checkpoint-dir", str(tmp_path / "ckpt"), "--json", str(out), *extra])
+    rc = main(["bench", *TOY, "--checkpoint-dir", str(tmp_path / "ckpt"), "--json", str(out), *extra])
     assert rc == 0
     return json.loads(out.read_text()), capsys.readouterr().out
 
@@ -47,10 +48,10 @@ def test_parse_contexts_and_layers():
 
 
 def test_cli_dispatches_bench():
-    from mlx_dsv4.cli import build_parser
+    from mlx_dsv4.cli import bench as bench_command
 
     args = build_parser().parse_args(["bench", "--contexts", "1k,2k", "--layers", "2"])
-    assert args._run is bench.run
+    assert args._run is bench_command.run
     assert bench.parse_contexts(args.contexts) == [1024, 2048]
     assert args.hidden_size == 4096 and args.num_attention_heads == 64 and args.head_dim == 512
 
@@ -95,6 +96,15 @@ def test_missing_mlx_vlm_is_reported_not_fatal(tmp_path, capsys, monkeypatch):
     assert "mlx-vlm" in summary["skipped_impls"]
     assert "not installed" in text
     assert by_key(summary)[("ours", 64)]["decode_tok_s"] > 0
+
+
+def test_cpu_streams_flag_holds_for_the_run_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(streams.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv(streams.STREAMS_ENV, raising=False)
+    summary, _ = run_bench(tmp_path, capsys, "--impls", "ours", "--contexts", "64", "--cpu-streams", "2")
+    used = 2 if mx.default_device().type == mx.DeviceType.cpu else 1
+    assert summary["impls"]["ours"].endswith(f", {used} CPU stream(s)")
+    assert streams.max_cpu_streams() == 1 and len(streams.parallel_streams()) == 1
 
 
 def test_naive_guard_skips_with_reason(tmp_path, capsys):

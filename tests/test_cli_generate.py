@@ -115,17 +115,6 @@ def test_bad_model_dir(capsys, tmp_path):
     assert code == 1 and err.startswith("error:")
 
 
-def test_size_flag_parsing():
-    from mlx_dsv4.cli_generate import parse_size
-
-    assert parse_size("1000") == 1000
-    assert parse_size("300KB") == 300_000
-    assert parse_size("2KiB") == 2048
-    assert parse_size("1.5G") == int(1.5 * 1024**3)
-    with pytest.raises(ValueError):
-        parse_size("lots")
-
-
 def test_terminal_output_dims_reasoning_shows_progress_and_stops_on_ctrl_c(model_dir):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(

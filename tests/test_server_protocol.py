@@ -6,9 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from mlx_dsv4.sampling import SamplingParams
 from mlx_dsv4.server import anthropic_api, openai_api
-from mlx_dsv4.server.app import Defaults
-from mlx_dsv4.server.cli import parse_size
 from mlx_dsv4.server.common import Assembler, forced_tool_prefix
 from mlx_dsv4.server.engine import StepLog
 from mlx_dsv4.server.errors import APIError, anthropic_body, openai_body
@@ -23,7 +22,7 @@ COMPLETION = (
 
 
 class Ctx:
-    defaults = Defaults(max_tokens=64)
+    defaults = SamplingParams(max_tokens=64)
     vocab_size = 129280
 
     def check_model(self, name):
@@ -166,13 +165,10 @@ def test_anthropic_conversation_translation():
     assert prompt.endswith("<｜User｜><tool_result>9 C</tool_result>\n\nand?<｜Assistant｜></think>")
 
 
-def test_error_bodies_and_sizes():
+def test_error_bodies():
     err = APIError(400, "bad", param="messages[0].role", code="invalid_messages")
     assert openai_body(err) == {"error": {"message": "bad", "type": "invalid_request_error",
                                           "param": "messages[0].role", "code": "invalid_messages"}}
     assert anthropic_body(err) == {"type": "error", "error": {"type": "invalid_request_error",
                                                               "message": "messages[0].role: bad"}}
     assert anthropic_body(APIError(503, "busy"))["error"]["type"] == "overloaded_error"
-    assert parse_size("24GB") == 24 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1000") == 1000
-    with pytest.raises(Exception):
-        parse_size("lots")

@@ -1,5 +1,8 @@
 """CPU streams: work split across cores gives what one stream gives."""
 
+import contextlib
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -15,12 +18,44 @@ needs_two = pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu, re
 @pytest.fixture
 def stream_count(monkeypatch):
     monkeypatch.setattr(streams.os, "cpu_count", lambda: 2)
+    with contextlib.ExitStack() as scopes:
 
-    def use(n):
-        monkeypatch.setattr(streams, "MAX_STREAMS", n)
-        return streams.parallel_streams()
+        def use(n):
+            scopes.enter_context(streams.cpu_stream_limit(n))
+            return streams.parallel_streams()
 
-    return use
+        yield use
+
+
+def test_stream_limit_is_scoped_and_defaults_to_the_environment(monkeypatch):
+    monkeypatch.setenv(streams.STREAMS_ENV, "3")
+    assert streams.max_cpu_streams() == 3
+    with streams.cpu_stream_limit(2):
+        assert streams.max_cpu_streams() == 2
+        with streams.cpu_stream_limit(1):
+            assert streams.max_cpu_streams() == 1
+        with streams.cpu_stream_limit(None):
+            assert streams.max_cpu_streams() == 2
+        seen_by_another_thread = []
+        thread = threading.Thread(target=lambda: seen_by_another_thread.append(streams.max_cpu_streams()))
+        thread.start()
+        thread.join()
+        assert seen_by_another_thread == [3]
+    assert streams.max_cpu_streams() == 3
+    with pytest.raises(RuntimeError), streams.cpu_stream_limit(4):
+        raise RuntimeError("leaving the block by an exception restores the setting too")
+    assert streams.max_cpu_streams() == 3
+    monkeypatch.delenv(streams.STREAMS_ENV)
+    assert streams.max_cpu_streams() == 1
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1"])
+def test_bad_stream_setting_is_named(monkeypatch, bad):
+    monkeypatch.setenv(streams.STREAMS_ENV, bad)
+    with pytest.raises(ValueError, match=f"MLX_DSV4_CPU_STREAMS .*{bad!r}"):
+        streams.max_cpu_streams()
+    with pytest.raises(ValueError, match="positive integer, got 0"), streams.cpu_stream_limit(0):
+        pass
 
 
 @needs_two

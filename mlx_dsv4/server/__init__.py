@@ -7,5 +7,6 @@ Modules: ``app`` (Starlette routes, body parsing, limits, SSE plumbing), ``opena
 and ``anthropic_api`` (request translation to V4 chat messages, response and stream
 shapes), ``common`` (field validation, sampling, DSML parser -> reply assembly),
 ``engine`` (the model on one thread, a queue of generations, cancellation, the shared
-prompt cache), ``errors`` (error bodies in each API's shape), ``cli``.
+prompt cache), ``errors`` (error bodies in each API's shape). The command is
+``mlx_dsv4.cli.serve``.
 """

@@ -5,8 +5,6 @@ import hmac
 import json
 import time
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import Optional
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -24,18 +22,9 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 DISCONNECT_POLL_S = 0.2
 
 
-@dataclass
-class Defaults:
-    max_tokens: int = 4096
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
-
-
 class Context:
-    """What request parsing needs to know about the served model."""
+    """What request parsing needs to know about the served model; ``defaults`` (SamplingParams)
+    fill the sampling fields a request leaves out."""
 
     def __init__(self, engine, model_name, defaults, *, api_key=None, max_context=None):
         self.engine = engine

@@ -6,7 +6,6 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..chat import (
     ChatFormatError,
@@ -18,6 +17,7 @@ from ..chat import (
     encode_messages,
 )
 from ..chat.special import BOS, DSML, INVOKE_TAG, TOOL_CALLS_TAG
+from ..sampling import SamplingParams
 from .errors import APIError
 
 _MISSING = object()
@@ -59,28 +59,8 @@ def get(body, name, types, *, default=None, required=False, check=None, what=Non
 
 
 @dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-    stop: tuple = ()
-    max_tokens_given: bool = False
-
-    def kwargs(self):
-        return dict(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            stop=self.stop,
-        )
+class Sampling(SamplingParams):
+    max_tokens_given: bool = False  # the request set max_tokens (else it may be cut to fit the context)
 
 
 def parse_stop(value, param):

@@ -183,7 +183,7 @@ class Engine:
             else:
                 ids = self.prompt_cache.encode(job.prompt, tokenizer)
                 text = job.prompt
-            options = job.sampling.kwargs()
+            options = job.sampling.generate_kwargs()
             processors = None
             scripted = self._script_for(text) if self.script else None
             if scripted is not None:

@@ -5,16 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_generate import (
-    THINKING,
-    ProgressBar,
-    Renderer,
-    add_model_arguments,
-    add_sampling_arguments,
-    format_bytes,
-    prefix_length,
-    sampling_kwargs,
-)
+from ..sizes import format_bytes
+from .common import THINKING, add_generation_arguments, add_model_argument, sampling_from_args
 
 HELP = """commands:
   /think [chat|think|think-max]  toggle reasoning (or pick a mode)
@@ -29,11 +21,11 @@ Ctrl-C stops a reply and keeps what was generated. Tool calls are shown, not run
 
 
 def add_arguments(p):
-    add_model_arguments(p)
+    add_model_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--thinking", choices=sorted(THINKING), default="chat", help="initial reasoning mode")
     p.add_argument("--tools", type=Path, default=None, help="JSON file with OpenAI tool definitions")
-    add_sampling_arguments(p)
+    add_generation_arguments(p, what="turns")
     p.add_argument("--on-overflow", choices=["error", "drop_oldest"], default="error",
                    help="with --max-kv-size: refuse a turn that does not fit, or drop the oldest turns")
     p.add_argument("--history-file", type=Path, default=None,
@@ -46,7 +38,7 @@ def load_tools(path) -> list:
         data = data["tools"]
     if not isinstance(data, list):
         raise ValueError("expected a JSON list of tools (or an object with a 'tools' list)")
-    from .chat import render_tools_block
+    from ..chat import render_tools_block
 
     render_tools_block(data)  # validates
     return data
@@ -58,7 +50,7 @@ def _tool_name(tool):
 
 class ChatSession:
     def __init__(self, model, tokenizer, args, out=None, err=None):
-        from .generate import PromptCache
+        from ..generate import PromptCache
 
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.out = out or sys.stdout
@@ -112,7 +104,7 @@ class ChatSession:
         return True
 
     def save(self, path):
-        from .generate import save_prompt_cache
+        from ..generate import save_prompt_cache
 
         if not path:
             self.say("usage: /save FILE")
@@ -130,7 +122,7 @@ class ChatSession:
         self.say(f"[saved {len(self.messages)} messages and a cache of {tokens} tokens to {path}]")
 
     def load(self, path):
-        from .generate import PromptCacheError, load_prompt_cache
+        from ..generate import PromptCacheError, load_prompt_cache
 
         if not path:
             self.say("usage: /load FILE")
@@ -174,8 +166,9 @@ class ChatSession:
     # -- a turn --------------------------------------------------------------
 
     def turn(self, user_text):
-        from .chat import ChatFormatError
-        from .generate import KVCacheLimitError, PromptCacheError, fit_messages, stream_generate
+        from ..chat import ChatFormatError
+        from ..console import ProgressBar, Renderer, prefix_length
+        from ..generate import KVCacheLimitError, PromptCacheError, fit_messages, stream_generate
 
         thinking_mode, effort = THINKING[self.mode]
         options = dict(thinking_mode=thinking_mode, reasoning_effort=effort)
@@ -200,8 +193,9 @@ class ChatSession:
         renderer = Renderer(thinking_mode, out=self.out, err=self.err)
         last, interrupted = None, False
         steps = stream_generate(
-            self.model, self.tokenizer, ids, seed=args.seed, prompt_cache=self.prompt_cache,
-            progress=bar, snapshot_at=[m for m in marks if m], **sampling_kwargs(args),
+            self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, progress=bar,
+            prefill_step=args.prefill_step, snapshot_at=[m for m in marks if m],
+            **sampling_from_args(args).generate_kwargs(),
         )
         try:
             for step in steps:
@@ -257,8 +251,8 @@ def _setup_readline(history_file):
 
 
 def run(args) -> int:
-    from .config import ConfigError
-    from .loader import CheckpointError, load
+    from ..config import ConfigError
+    from ..loader import CheckpointError, load
 
     try:
         model, tokenizer = load(args.model)

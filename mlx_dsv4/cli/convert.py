@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ConvertError
-from .recipes import RECIPES, Recipe
+from ..convert.errors import ConvertError
+from ..convert.recipes import RECIPES, Recipe
+from ..sizes import format_decimal_bytes
 
 
 def _bits(v: str):
@@ -52,9 +53,9 @@ def _recipe(args) -> Recipe:
 
 
 def _estimate(args) -> int:
-    from .convert import load_config
-    from .estimate import estimate_config, size_table
-    from .presets import PRESETS
+    from ..convert.convert import load_config
+    from ..convert.estimate import estimate_config, size_table
+    from ..convert.presets import PRESETS
 
     if args.preset:
         cfg = PRESETS[args.preset]
@@ -63,7 +64,7 @@ def _estimate(args) -> int:
         cfg = load_config(path if path.is_dir() else path.parent) if path.name == "config.json" or path.is_dir() \
             else json.loads(path.read_text())
     elif args.hf_path:
-        from .hub import resolve
+        from ..convert.hub import resolve
 
         cfg = load_config(resolve(args.hf_path, args.revision, allow_patterns=["config.json"]))
     else:
@@ -80,7 +81,7 @@ def _estimate(args) -> int:
 def run(args) -> int:
     try:
         if args.verify:
-            from .verify import verify_dir
+            from ..convert.verify import verify_dir
 
             problems, stats = verify_dir(Path(args.verify))
             for p in problems:
@@ -89,14 +90,14 @@ def run(args) -> int:
                 print(f"verify: {len(problems)} problem(s) in {args.verify}", file=sys.stderr)
                 return 1
             print(f"verify: OK, {stats['tensors']} tensors in {stats['files']} files, "
-                  f"{stats['bytes'] / 1e9:.2f} GB")
+                  f"{format_decimal_bytes(stats['bytes'])}")
             return 0
         if args.estimate_only:
             return _estimate(args)
         if not args.hf_path or not args.mlx_path:
             print("error: convert needs --hf-path and --mlx-path", file=sys.stderr)
             return 2
-        from .convert import convert
+        from ..convert.convert import convert
 
         convert(args.hf_path, args.mlx_path, _recipe(args), revision=args.revision,
                 include_mtp=not args.no_mtp, shard_gb=args.shard_size, max_size_gb=args.max_size,

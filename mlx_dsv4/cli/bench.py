@@ -1,0 +1,57 @@
+"""`mlx-dsv4 bench`: long-context speed and memory, side by side with the baselines (mlx_dsv4.bench)."""
+
+import sys
+
+from ..bench import DEFAULT_CONTEXTS, DEFAULT_RATIOS, FLASH_DIMS, IMPLS
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("model (V4-Flash per-layer dimensions by default)")
+    g.add_argument("--checkpoint", default=None,
+                   help="use this official-layout checkpoint directory instead of building one")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="where built checkpoints are kept and reused (default ~/.cache/mlx-dsv4/bench)")
+    g.add_argument("--layers", default=DEFAULT_RATIOS,
+                   help="compress ratio per layer, comma-separated (0, 4 or 128), or a layer count N "
+                        f"for N layers alternating CSA/HCA (default {DEFAULT_RATIOS})")
+    g.add_argument("--experts", type=int, default=4, help="routed experts per layer (default 4)")
+    g.add_argument("--experts-per-token", type=int, default=2, help="active routed experts (default 2)")
+    g.add_argument("--vocab-size", type=int, default=32768,
+                   help="vocabulary (default 32768; V4's is 129280, which only adds the same "
+                        "embedding/head cost to every implementation)")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    g.add_argument("--seed", type=int, default=0)
+    for key, value in FLASH_DIMS.items():
+        g.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=value,
+                       help=f"default {value}")
+    r = p.add_argument_group("measurement")
+    r.add_argument("--contexts", default=DEFAULT_CONTEXTS,
+                   help=f"prompt lengths to measure, comma-separated (default {DEFAULT_CONTEXTS}; "
+                        "k/K suffix allowed, e.g. 1k,8k,32k)")
+    r.add_argument("--cpu-streams", type=int, default=None,
+                   help="CPU backend: run our model's independent work on up to N streams, one per core "
+                        "(experimental; default: $MLX_DSV4_CPU_STREAMS or 1)")
+    r.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context (default 16)")
+    r.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
+    r.add_argument("--impls", default=",".join(IMPLS), help=f"implementations to run (default {','.join(IMPLS)})")
+    r.add_argument("--kv-dtype", default="fp8", help="our cache's kv storage (default fp8)")
+    r.add_argument("--index-dtype", default="fp4", help="our cache's indexer-key storage (default fp4)")
+    r.add_argument("--naive-max-gb", type=float, default=8.0,
+                   help="skip the naive baseline at contexts where its dense score block alone would "
+                        "exceed this many GiB (default 8)")
+    r.add_argument("--naive-max-context", type=int, default=None,
+                   help="skip the naive baseline above this context (its dense attention grows with the "
+                        "square of the context; default: no limit)")
+    r.add_argument("--bandwidth-mb", type=int, default=512, help="array size for the bandwidth probe (default 512)")
+    r.add_argument("--json", dest="json_out", default=None, help="also write all figures to this JSON file")
+
+
+def run(args) -> int:
+    from ..bench import run_benchmark
+
+    try:
+        run_benchmark(args)
+    except ValueError as e:
+        print(f"mlx-dsv4 bench: {e}", file=sys.stderr)
+        return 2
+    return 0

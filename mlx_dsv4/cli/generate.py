@@ -1,0 +1,103 @@
+"""`mlx-dsv4 generate`: one chat turn from the command line, streamed."""
+
+import json
+import sys
+from pathlib import Path
+
+from .common import THINKING, add_generation_arguments, add_model_argument, sampling_from_args
+
+
+def add_arguments(p):
+    add_model_argument(p)
+    p.add_argument("--prompt", required=True, help="the user message ('-' reads it from stdin)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--thinking", choices=sorted(THINKING), default="chat",
+                   help="chat (default), think (reasoning first) or think-max (reasoning effort max); "
+                        "reasoning is shown dimmed on a terminal and goes to stderr when stdout is redirected")
+    add_generation_arguments(p)
+    p.add_argument("--prompt-cache", type=Path, default=None, metavar="FILE",
+                   help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")
+    p.add_argument("--json", action="store_true",
+                   help="print the parsed message (reasoning_content, content, tool_calls) as JSON")
+
+
+def run(args) -> int:
+    from ..chat import ChatFormatError, encode_messages
+    from ..config import ConfigError
+    from ..console import ProgressBar, Renderer, prefix_length, stats_line, usage
+    from ..generate import (
+        KVCacheLimitError,
+        PromptCache,
+        PromptCacheError,
+        load_prompt_cache,
+        save_prompt_cache,
+        stream_generate,
+    )
+    from ..loader import CheckpointError, load
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    thinking_mode, effort = THINKING[args.thinking]
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": prompt})
+    chat_options = dict(thinking_mode=thinking_mode, reasoning_effort=effort)
+    try:
+        text = encode_messages(messages, **chat_options)
+    except ChatFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load(args.model)
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    cache_file = args.prompt_cache
+    prompt_cache, existed = None, False
+    try:
+        if cache_file is not None:
+            existed = cache_file.exists()
+            prompt_cache = load_prompt_cache(cache_file, model) if existed else PromptCache(model)
+        ids = tokenizer.encode(text)
+        marks = [prefix_length(tokenizer, messages, ids, **chat_options)] if prompt_cache is not None else []
+        bar = ProgressBar(min_total=args.prefill_step + 1)
+        renderer = None if args.json else Renderer(thinking_mode)
+        pieces, last = [], None
+        steps = stream_generate(
+            model, tokenizer, ids, prompt_cache=prompt_cache, progress=bar, prefill_step=args.prefill_step,
+            kv_cache_limit=args.max_kv_size, snapshot_at=[m for m in marks if m],
+            **sampling_from_args(args).generate_kwargs(),
+        )
+        try:
+            for step in steps:
+                bar.clear()
+                pieces.append(step.text)
+                if renderer is not None:
+                    renderer.feed(step.text)
+                last = step
+        except KeyboardInterrupt:
+            steps.close()
+            bar.clear()
+    except (PromptCacheError, KVCacheLimitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    if renderer is not None:
+        message = renderer.finish()
+    else:
+        from ..chat import parse_completion
+
+        parsed = parse_completion("".join(pieces), thinking_mode, strict=False)
+        message = {"role": "assistant", "content": parsed["content"],
+                   "reasoning_content": parsed["reasoning_content"], "tool_calls": parsed["tool_calls"]}
+    reason = last.finish_reason if last is not None and last.finish_reason else "interrupted"
+    if args.json:
+        out = dict(message, finish_reason=reason)
+        if last is not None:
+            out["usage"] = usage(last)
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    if last is not None:
+        print(stats_line(last, reason), file=sys.stderr)
+    if prompt_cache is not None and not existed and len(prompt_cache):
+        save_prompt_cache(cache_file, prompt_cache)
+        print(f"saved prompt cache to {cache_file}", file=sys.stderr)
+    return 130 if reason == "interrupted" else 0

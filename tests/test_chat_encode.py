@@ -1,3 +1,30 @@
+"""Prompt encoder tests: golden prompts, then the encoder's own contract.
+
+Golden prompts live in tests/fixtures/chat: NAME.json holds the messages, the options of
+``encode_messages`` and a ``source`` field saying where the expected text NAME.txt comes
+from. The reference is DeepSeek's own encoder, ``encoding/encoding_dsv4.py`` of the Hub
+repository deepseek-ai/DeepSeek-V4-Flash-0731 at revision
+7872f01b1d1fe23eabc4c98b48bffcef5a386062 (git blob 66f2d30ece5a93e08fbab47aeb9f3541830930ef).
+It was read from the copy in github.com/Lavender3533/colormlm at commit
+13773a18a69003c356c1178827bdba343700ce57 (fast16/research/polaris_meridian_v1/s14_chat_encoding/),
+whose blob is the one that copy's source_contract.json records for the upstream file, and
+which passes DeepSeek's bundled test cases. The reference is run outside this repository
+with ``keep_reasoning=True`` passed as ``drop_thinking=False``; its code is not vendored here.
+Three kinds of golden:
+
+- official_*: DeepSeek's own test cases (encoding/tests/test_input_N.json and test_output_N.txt
+  of that revision);
+- cases whose source says "Produced by the reference encoder": the reference's output on
+  those messages, unedited;
+- the rest: written by hand from the V4 chat format description, then checked byte for byte
+  against the reference's output on the same messages.
+
+DeepSeek's fourth test case uses internal fields (task, mask) that this encoder rejects, so it
+is not a golden. The reference does not define text-part lists as content (it raises) and
+wraps arguments given as an object into one "arguments" parameter; the tests after the
+goldens state this encoder's own behaviour for those inputs.
+"""
+
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +45,8 @@ GOLDEN = sorted(p.stem for p in FIXTURES.glob("*.json"))
 
 def load_case(name):
     case = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
+    source = case.get("source")
+    assert isinstance(source, str) and source.strip(), f"{name}.json: no 'source' saying where {name}.txt comes from"
     # Expected prompts are stored as typed, with one newline closing the file.
     expected = (FIXTURES / f"{name}.txt").read_text(encoding="utf-8")
     assert expected.endswith("\n")
@@ -27,11 +56,12 @@ def load_case(name):
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_prompt(name):
     case, expected = load_case(name)
-    assert encode_messages(case["messages"], **case["options"]) == expected
+    prompt = encode_messages(case["messages"], **case["options"])
+    assert prompt == expected, f"{name}.txt differs; its source: {case['source']}"
 
 
 def test_golden_set_is_complete():
-    assert len(GOLDEN) == 14
+    assert len(GOLDEN) == 21
 
 
 def test_tools_argument_lands_on_the_system_message():

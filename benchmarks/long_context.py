@@ -2,7 +2,7 @@
 
 Same as `mlx-dsv4 bench`; every flag is passed through. Examples:
 
-    python benchmarks/long_context.py                               # issue #6 sizes (1K/8K/32K, V4-Flash dims)
+    python benchmarks/long_context.py                               # default sizes (1K/8K/32K, V4-Flash dims)
     python benchmarks/long_context.py --contexts 256,1024 --layers 2 # quick look
     python benchmarks/long_context.py --help
 

@@ -1,7 +1,10 @@
 """The execution substrates hold their limits: each test makes a tool misbehave and
 checks that the damage is contained and reported as a result, never raised."""
 
+import ctypes
+import importlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -392,3 +395,202 @@ def test_container_runs_commands_isolated(monkeypatch, tmp_path):
         assert argv[argv.index(flag) + 1] == value
     assert "--read-only" in argv and f"{workdir}:/work:rw" in argv
     assert argv[argv.index("alpine:3") + 1 :] == ["/bin/sh", "-c", "echo hi", ""]
+
+
+# -- what the caller's process and folders leave within the tool's reach ---------------
+
+PROJECT_TOOLS = '''
+import ctypes, os, socket, subprocess
+
+def listing(path):
+    return sorted(os.listdir(path))
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+def connect_unix(path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        s.connect(path)
+        return "connected"
+
+def sockets_in_view():
+    found = subprocess.run(["find", "/", "-path", "/proc", "-prune", "-o", "-type", "s", "-print"],
+                           capture_output=True, text=True)
+    return found.stdout.split()
+
+KEY_SYSCALLS = {"x86_64": (249, 250), "aarch64": (218, 219)}  # request_key, keyctl
+
+def session_key(description):
+    request_key, keyctl = KEY_SYSCALLS[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    serial = libc.syscall(ctypes.c_long(request_key), b"user", description.encode(), None, 0)
+    if serial < 0:
+        raise OSError(ctypes.get_errno(), "no such key in reach")
+    payload = ctypes.create_string_buffer(256)
+    size = libc.syscall(ctypes.c_long(keyctl), 11, serial, payload, 256)  # KEYCTL_READ
+    if size < 0:
+        raise OSError(ctypes.get_errno(), "cannot read the key")
+    return payload.raw[:size].decode()
+
+def agent_environment(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read().decode(errors="replace")
+
+def agent_open_file(pid, fd):
+    with open(f"/proc/{pid}/fd/{fd}") as f:
+        return f.read()
+'''
+
+
+@pytest.fixture
+def project(request):
+    """An agent's project folder as a sandbox user would see it: the tools' module next to
+    a private key and a listening Unix socket, the folder on sys.path."""
+    folder = Path(tempfile.mkdtemp(prefix="agent-project-"))
+    os.chmod(folder, 0o755)
+    name = "project_tools_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_")
+    (folder / f"{name}.py").write_text(PROJECT_TOOLS)
+    key = folder / "id_ed25519"
+    key.write_text("PRIVATE KEY MATERIAL")
+    os.chmod(key, 0o644)  # readable by the unprivileged user tools run as under root
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(folder / "agent.sock"))
+    os.chmod(folder / "agent.sock", 0o777)
+    listener.listen(4)
+    sys.path.insert(0, str(folder))
+    module = __import__(name)
+    yield folder, module
+    sys.path.remove(str(folder))
+    sys.modules.pop(name, None)
+    listener.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_sandbox
+def test_sandbox_function_tool_sees_only_its_module_of_the_project_folder(project):
+    folder, tools = project
+    key, sock = str(folder / "id_ed25519"), str(folder / "agent.sock")
+    with tight(ProcessSubstrate) as plain:  # the same tool outside the sandbox reaches both
+        assert plain.run(tool_of(tools.read_text), {"path": key}).value == "PRIVATE KEY MATERIAL"
+        assert plain.run(tool_of(tools.connect_unix), {"path": sock}).value == "connected"
+    with tight(SandboxSubstrate, timeout=20.0) as sandbox:
+        assert sandbox.run(tool_of(tools.listing), {"path": str(folder)}).value == [f"{tools.__name__}.py"]
+        read = sandbox.run(tool_of(tools.read_text), {"path": key})
+        assert read.status == "error" and "FileNotFoundError" in read.error
+        connected = sandbox.run(tool_of(tools.connect_unix), {"path": sock})
+        assert connected.status == "error" and "FileNotFoundError" in connected.error
+        assert sandbox.run(tool_of(tools.sockets_in_view), {}).value == []
+
+
+@needs_sandbox
+def test_sandbox_function_tool_from_a_package_sees_its_package_only(open_dir, request):
+    package = "agent_project_package_" + str(os.getpid())
+    (open_dir / package).mkdir()
+    (open_dir / package / "__init__.py").write_text("")
+    (open_dir / package / "helpers.py").write_text("GREETING = 'hello from the package'\n")
+    (open_dir / package / "tools.py").write_text(
+        "import os\nfrom .helpers import GREETING\n\n"
+        "def look(folder):\n    return GREETING, sorted(os.listdir(folder))\n")
+    (open_dir / ".env").write_text("API_KEY=secret")
+    for path in (open_dir / package, *(open_dir / package).iterdir(), open_dir / ".env"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    sys.path.insert(0, str(open_dir))
+    request.addfinalizer(lambda: sys.path.remove(str(open_dir)))
+    request.addfinalizer(lambda: [sys.modules.pop(n) for n in list(sys.modules) if n.startswith(package)])
+    tools = importlib.import_module(f"{package}.tools")
+    with tight(SandboxSubstrate, timeout=20.0) as sandbox:
+        result = sandbox.run(tool_of(tools.look), {"folder": str(open_dir)})
+    assert result.status == "ok", result.error
+    assert result.value == ["hello from the package", [package]]
+
+
+@needs_sandbox
+def test_sandbox_network_namespace_hides_abstract_unix_sockets(project):
+    _, tools = project
+    listener = socket.socket(socket.AF_UNIX)
+    name = f"\0mlx-dsv4-test-{os.getpid()}"
+    listener.bind(name)
+    listener.listen(1)
+    try:
+        with tight(ProcessSubstrate) as plain:
+            assert plain.run(tool_of(tools.connect_unix), {"path": name}).value == "connected"
+        with tight(SandboxSubstrate) as sandbox:
+            refused = sandbox.run(tool_of(tools.connect_unix), {"path": name})
+            assert refused.status == "error" and "ConnectionRefusedError" in refused.error
+    finally:
+        listener.close()
+
+
+def readable_in_profile(profile, path):
+    """Whether the profile's file-read-data rule lets ``path`` be read."""
+    rule = next(line for line in profile.splitlines() if line.startswith("(deny file-read-data"))
+    for kind, allowed in re.findall(r'\((subpath|literal) "([^"]*)"\)', rule):
+        if path == allowed or (kind == "subpath" and path.startswith(allowed.rstrip("/") + "/")):
+            return True
+    return False
+
+
+def test_macos_profile_reads_only_the_tool_module_of_the_project_folder(monkeypatch, tmp_path, project):
+    folder, tools = project
+    record = tmp_path / "profile.sb"
+    fake = tmp_path / "sandbox-exec"
+    fake.write_text(f'#!/bin/sh\nprintf "%s" "$2" > {record}\nexit 0\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: str(fake))
+    with SandboxSubstrate(platform="darwin") as sandbox:
+        sandbox.run(tool_of(tools.listing), {"path": str(folder)})
+    profile = record.read_text()
+    assert readable_in_profile(profile, os.path.realpath(tools.__file__))
+    for private in (folder / "id_ed25519", folder / "agent.sock", folder):
+        assert not readable_in_profile(profile, os.path.realpath(private)), private
+    for needed in (sandbox_module.RUNNER, os.path.join(sys.base_prefix, "lib")):
+        assert readable_in_profile(profile, os.path.realpath(needed)), needed
+    assert "(deny network*)" in profile  # on macOS this covers connecting to Unix sockets
+
+
+@linux_only
+def test_tool_cannot_read_the_agents_environment_or_open_files_through_proc(confined, project):
+    _, tools = project
+    with open("/proc/self/environ", "rb") as f:
+        agent_environ = f.read().decode(errors="replace")
+    first_variable = agent_environ.split("\0")[0]
+    pid = os.getpid()
+    with tempfile.TemporaryFile("w+") as held:  # unlinked: reachable only through the agent's descriptor
+        held.write("HELD OPEN BY THE AGENT")
+        held.flush()
+        substrate = confined(user=False)  # the tool keeps the agent's own user
+        environ = substrate.run(tool_of(tools.agent_environment), {"pid": pid})
+        assert environ.status == "error", "the tool read the agent's environment"
+        assert "PermissionError" in environ.error or "FileNotFoundError" in environ.error
+        opened = substrate.run(tool_of(tools.agent_open_file), {"pid": pid, "fd": held.fileno()})
+        assert opened.status == "error", "the tool opened a file through the agent's descriptor"
+        assert "PermissionError" in opened.error or "FileNotFoundError" in opened.error
+        by_shell = substrate.run(sh(f"cat /proc/{pid}/environ /proc/{pid}/fd/{held.fileno()}"), {})
+    assert by_shell.status == "error"
+    assert first_variable not in by_shell.output and "HELD OPEN" not in by_shell.output
+
+
+@pytest.fixture
+def agent_session_key():
+    """A key in the agent's kernel session keyring, as Kerberos or keyctl users keep them."""
+    numbers = {"x86_64": (248, 250), "aarch64": (217, 219)}.get(os.uname().machine)  # add_key, keyctl
+    if not sys.platform.startswith("linux") or numbers is None:
+        pytest.skip("kernel keyrings are checked on x86-64 and arm64 Linux")
+    libc = ctypes.CDLL(None, use_errno=True)
+    description = f"mlx-dsv4-test-{os.getpid()}"
+    serial = libc.syscall(ctypes.c_long(numbers[0]), b"user", description.encode(), b"KEYRING SECRET", 14, -3)
+    if serial < 0:
+        pytest.skip(f"keyrings are not permitted here (errno {ctypes.get_errno()})")
+    yield description
+    libc.syscall(ctypes.c_long(numbers[1]), 21, serial)  # KEYCTL_INVALIDATE
+
+
+def test_tool_does_not_inherit_the_agents_session_keyring(confined, project, agent_session_key):
+    _, tools = project
+    in_process = FunctionSubstrate().run(tool_of(tools.session_key), {"description": agent_session_key})
+    assert in_process.value == "KEYRING SECRET"
+    for user in (None, False):
+        result = confined(user=user).run(tool_of(tools.session_key), {"description": agent_session_key})
+        assert result.status == "error" and "no such key in reach" in result.error, user

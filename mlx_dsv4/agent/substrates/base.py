@@ -271,5 +271,25 @@ def function_spec(function, arguments):
     }
 
 
+def tool_source(spec):
+    """What a fresh interpreter must read to import the tool of ``spec`` (from
+    ``function_spec``), and the ``sys.path`` entries that lead there: the directories of
+    its top-level package, or its module file alone. Nothing else of the folder it sits
+    in, which may be the caller's home or project folder."""
+    module = sys.modules.get(spec["module"])
+    name = spec["module"]
+    if name == "__main__":
+        # ``python -m package.script`` keeps the real name in the module's spec.
+        name = getattr(getattr(module, "__spec__", None), "name", None) or name
+    top = sys.modules.get(name.split(".")[0]) if name != "__main__" else None
+    package_dirs = [os.path.abspath(p) for p in getattr(top, "__path__", None) or []]
+    if package_dirs:
+        return package_dirs, sorted({os.path.dirname(p) for p in package_dirs})
+    if spec["file"]:
+        source = os.path.abspath(spec["file"])
+        return [source], [os.path.dirname(source)]
+    return [], []
+
+
 def python_executable():
     return sys.executable

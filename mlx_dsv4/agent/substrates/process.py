@@ -70,6 +70,14 @@ class ProcessSubstrate(Substrate):
     them. As root, tools run as ``user`` (default nobody) after their module is imported,
 so later imports need an interpreter that user can read. A tool that detaches into a
     new session escapes the kill at the timeout; use ``sandbox`` for untrusted code.
+
+    A tool that keeps the agent's user (not root, or ``user=False``) runs in a user
+    namespace of its own on Linux, so it cannot read the agent's or any other process's
+    ``/proc/<pid>/environ``, ``fd`` or ``mem``; setuid programs do not gain privileges
+    there. Where user namespaces are not permitted (macOS, some containers and
+    distributions) it runs without one, and any process of the same user, the agent
+    included, is readable to it through ``/proc`` (on macOS, ``ps -E``).
+    Files, network and other processes' command lines are not hidden by this substrate.
     """
 
     name = "process"
@@ -108,11 +116,22 @@ so later imports need an interpreter that user can read. A tool that detaches in
         spec["limits"] = self.limits.for_runner()
         spec["workdir"] = self.workdir
         spec["drop"] = {"uid": self.drop[0], "gid": self.drop[1]} if self.drop else None
+        # Without a change of user, only another user namespace keeps /proc/<agent> closed.
+        spec["user_namespace"] = self.own_user_namespace()
         return (json.dumps(spec) + "\n").encode()
+
+    def own_user_namespace(self):
+        return self.drop is None
 
     def wrap(self, argv, *, function_paths=()):
         """The command line that starts the runner; the sandbox wraps it."""
         return argv
+
+    def tool_imports(self, spec):
+        """Paths to make visible for importing the tool of ``spec``; a substrate with a
+        private filesystem view also narrows ``spec["sys_path"]`` to them. Here the tool
+        sees the whole filesystem and keeps the caller's import path."""
+        return []
 
     def _python(self, isolated_site):
         # -I: no PYTHONPATH, user site or cwd on sys.path; -S as well for commands.
@@ -139,9 +158,7 @@ so later imports need an interpreter that user can read. A tool that detaches in
 
     def run_function(self, function, arguments):
         spec = function_spec(function, arguments)
-        paths = list(spec["sys_path"])
-        if spec["file"]:
-            paths.append(os.path.dirname(os.path.abspath(spec["file"])))
+        paths = self.tool_imports(spec)
         outcome = run_child(
             self.wrap(self._python(True), function_paths=paths),
             stdin_data=self._spec(spec),

@@ -1,16 +1,22 @@
 """``sandbox``: the process substrate inside an OS sandbox with no network and no
-filesystem beyond the system directories (read-only), the listed read-only paths and
-the working directory (read-write). bubblewrap on Linux, sandbox-exec on macOS;
-without them it refuses to run."""
+filesystem beyond the system directories (read-only), the Python installation
+(read-only), the listed read-only paths and the working directory (read-write).
+bubblewrap on Linux, sandbox-exec on macOS; without them it refuses to run.
+
+Unix sockets: bubblewrap's network namespace hides abstract sockets and the host's
+network, but a socket file stays connectable wherever it is mounted, read-only or not;
+so nothing of the caller's folders is mounted beyond the ``read_only`` paths and the
+tool's own module. sandbox-exec's ``(deny network*)`` also refuses Unix sockets."""
 
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 from pathlib import Path
 
-from .base import RUNNER, SubstrateUnavailable
+from .base import RUNNER, SubstrateUnavailable, tool_source
 from .process import ProcessSubstrate
 
 # Enough of the system to run programs; /etc is not bound whole (it may hold secrets).
@@ -28,8 +34,17 @@ _probes = {}
 
 
 def _interpreter_paths():
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(RUNNER)}
-    paths.add(str(Path(os.path.realpath(sys.executable)).parent.parent))
+    """What the runner's interpreter reads: the Python installation, the virtual
+    environment's configuration and executables, the site-packages directories, and the
+    runner. Not ``sys.path`` as a whole: it holds the script's folder and PYTHONPATH
+    entries, and a virtual environment may sit in (or be) a project folder."""
+    paths = {sys.base_prefix, sys.base_exec_prefix, RUNNER}
+    if sys.executable:  # an empty name would resolve to the current directory
+        paths.add(os.path.realpath(sys.executable))
+        if sys.prefix != sys.base_prefix:
+            paths |= {os.path.join(sys.prefix, "pyvenv.cfg"), os.path.dirname(os.path.abspath(sys.executable))}
+    paths |= {p for p in sys.path
+              if os.path.basename(p) in ("site-packages", "dist-packages") and p != site.USER_SITE}
     return paths
 
 
@@ -46,8 +61,11 @@ def _without_nested(paths):
 class SandboxSubstrate(ProcessSubstrate):
     """Process limits plus isolation; see the module docstring.
 
-    ``read_only`` paths are visible (read-only) at the same place inside. Python
-    function tools also see the interpreter and their import paths, read-only.
+    ``read_only`` paths are visible (read-only) at the same place inside; any Unix
+    socket under them stays connectable. Python function tools also see their own
+    module (or the directory of their top-level package), read-only, and import only
+    from there and from the installed packages: other modules beside the tool's are not
+    visible unless listed in ``read_only``.
     Raises ``SubstrateUnavailable`` at construction when the isolation tool is missing
     or does not work here.
     """
@@ -74,6 +92,14 @@ class SandboxSubstrate(ProcessSubstrate):
             self._probe([self.tool, "-p", "(version 1)(allow default)", "/usr/bin/true"])
         else:
             raise SubstrateUnavailable(f"no sandbox is available on {self.platform}")
+
+    def own_user_namespace(self):
+        return False  # bwrap gives the tool its own PID (and, unprivileged, user) namespace
+
+    def tool_imports(self, spec):
+        paths, roots = tool_source(spec)
+        spec["sys_path"] = roots
+        return paths
 
     def _probe(self, argv):
         key = tuple(argv)

@@ -10,7 +10,10 @@ restores the longest one the next prompt extends. ``save_prompt_cache`` /
 
 import hashlib
 import json
+import math
+import numbers
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
@@ -313,17 +316,153 @@ def load_prompt_cache(path, model, *, strict: bool = True, max_snapshots: int = 
 
 # -- generation ---------------------------------------------------------------------
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1024  # characters in one stop string
+
+
+class GenerationParameterError(ValueError):
+    """A generation parameter the model or the sampler cannot use; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """Raise ``GenerationParameterError`` unless ``stop`` holds at most ``MAX_STOP_STRINGS``
+    strings of at most ``MAX_STOP_LENGTH`` characters each."""
+    stop = list(stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise GenerationParameterError("stop", f"may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            raise GenerationParameterError("stop", f"must hold strings, item {i} is {type(s).__name__}")
+        if len(s) > MAX_STOP_LENGTH:
+            raise GenerationParameterError(
+                "stop", f"strings may be at most {MAX_STOP_LENGTH} characters long, item {i} has {len(s)}")
+
+
+def check_sampling_parameters(model, *, max_tokens=256, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                              repetition_penalty=None, repetition_context_size=20, seed=None, stop=()) -> None:
+    """Raise ``GenerationParameterError`` naming the first parameter ``stream_generate`` cannot use
+    with ``model`` (``top_k`` must stay below its vocabulary size)."""
+    vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
+    top_k_range = f"an integer in [0, {vocab_size})" if vocab_size else "a non-negative integer"
+    checks = (
+        ("max_tokens", max_tokens, _is_integer(max_tokens) and max_tokens >= 1, "a positive integer"),
+        ("temperature", temperature, _is_finite_number(temperature) and temperature >= 0, "a finite number >= 0"),
+        ("top_p", top_p, _is_finite_number(top_p) and 0 < top_p <= 1, "a number in (0, 1]"),
+        ("top_k", top_k, _is_integer(top_k) and 0 <= top_k and (not vocab_size or top_k < vocab_size),
+         f"{top_k_range} (0 turns top-k off)"),
+        ("min_p", min_p, _is_finite_number(min_p) and 0 <= min_p <= 1, "a number in [0, 1]"),
+        ("repetition_penalty", repetition_penalty,
+         repetition_penalty is None or (_is_finite_number(repetition_penalty) and repetition_penalty > 0),
+         "None or a finite number > 0"),
+        ("repetition_context_size", repetition_context_size,
+         _is_integer(repetition_context_size) and repetition_context_size >= 1, "a positive integer"),
+        ("seed", seed, seed is None or (_is_integer(seed) and 0 <= seed < 2**64), "None or an integer in [0, 2**64)"),
+    )
+    for name, value, valid, requirement in checks:
+        if not valid:
+            raise GenerationParameterError(name, f"must be {requirement}, got {value!r}")
+    check_stop_strings(stop)
+
+
+def _global_random_seed() -> Optional[int]:
+    """The seed that recreates MLX's global PRNG key (``mx.random.seed(s)`` makes the key
+    ``[s >> 32, s & 0xFFFFFFFF]``), or None when the key can no longer be evaluated."""
+    try:
+        high, low = mx.random.state[0].tolist()
+    except (RuntimeError, ValueError):
+        return None
+    return (high << 32) | low
+
+
+def _restore_global_random_seed(seed: Optional[int]) -> None:
+    # A compiled sampler that raises while it is being traced leaves a placeholder as the
+    # global key, and every later random draw in the process would fail on it.
+    if seed is not None:
+        mx.random.seed(seed)
+
+
+class _StopStrings:
+    """Aho-Corasick automaton over the stop strings.
+
+    Text goes in one character at a time, at constant amortised cost, so the work per
+    token does not depend on how much text came before. ``held`` is the length of the
+    longest end of the text so far that begins a stop string: the text to hold back.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self._next = [{}]  # node -> {character: node}; a node is a prefix of a stop string
+        self._depth = [0]
+        self._fallback = [0]  # node of the longest proper suffix that is a prefix too
+        self._match = [0]  # length of the longest stop string ending at the node; 0 for none
+        for stop in stops:
+            node = 0
+            for ch in stop:
+                child = self._next[node].get(ch)
+                if child is None:
+                    child = len(self._next)
+                    self._next[node][ch] = child
+                    self._next.append({})
+                    self._depth.append(self._depth[node] + 1)
+                    self._fallback.append(0)
+                    self._match.append(0)
+                node = child
+            self._match[node] = len(stop)
+        queue = deque(self._next[0].values())
+        while queue:
+            node = queue.popleft()
+            for ch, child in self._next[node].items():
+                fallback = self._fallback[node]
+                while fallback and ch not in self._next[fallback]:
+                    fallback = self._fallback[fallback]
+                self._fallback[child] = self._next[fallback].get(ch, 0)
+                self._match[child] = self._match[child] or self._match[self._fallback[child]]
+                queue.append(child)
+        self._node = 0
+
+    @property
+    def held(self) -> int:
+        return self._depth[self._node]
+
+    def feed(self, text: str) -> Optional[int]:
+        """Where in ``text`` the earliest-starting stop string completed by it begins
+        (negative: in the held text before it), or None."""
+        following, fallback, match = self._next, self._fallback, self._match
+        node, first = self._node, None
+        for i, ch in enumerate(text):
+            while node and ch not in following[node]:
+                node = fallback[node]
+            node = following[node].get(ch, 0)
+            if match[node] and (first is None or i + 1 - match[node] < first):
+                first = i + 1 - match[node]
+        self._node = node
+        return first
+
 
 class _TextStream:
-    """Detokenised text with stop strings held back until they are decided."""
+    """Detokenised text with stop strings held back until they are decided.
+
+    Only the held-back end of the text is kept: it is shorter than the longest stop string.
+    """
 
     def __init__(self, tokenizer, stop: Sequence[str]):
         self.detok = tokenizer.new_detokenizer() if hasattr(tokenizer, "new_detokenizer") else tokenizer.detokenizer
         self.detok.reset()
-        self.stop = [s for s in stop if s]
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.text = ""
-        self.emitted = 0
+        stops = [s for s in stop if s]
+        self.stops = _StopStrings(stops) if stops else None
+        self.held = ""
 
     def add(self, token: int):
         """(new text, hit a stop string)."""
@@ -331,35 +470,23 @@ class _TextStream:
         return self._advance(self.detok.last_segment)
 
     def _advance(self, segment):
-        start = max(0, len(self.text) - self.longest + 1)
-        self.text += segment
-        if self.stop:
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                end = min(hits)
-                out = self.text[self.emitted:end] if end > self.emitted else ""
-                self.text = self.text[:end]
-                self.emitted = len(self.text)
-                return out, True
-            hold = 0
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(self.text)), hold, -1):
-                    if self.text.endswith(s[:k]):
-                        hold = k
-                        break
-            end = len(self.text) - hold
-        else:
-            end = len(self.text)
-        out = self.text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return out, False
+        if self.stops is None:
+            return segment, False
+        text = self.held + segment
+        start = self.stops.feed(segment)
+        if start is not None:
+            self.held = ""
+            return text[: len(text) - len(segment) + start], True
+        keep = len(text) - self.stops.held
+        self.held = text[keep:]
+        return text[:keep], False
 
     def flush(self):
         self.detok.finalize()
         out, hit = self._advance(self.detok.last_segment)
         if not hit:
-            out += self.text[self.emitted:]
-            self.emitted = len(self.text)
+            out += self.held
+            self.held = ""
         return out
 
 
@@ -417,6 +544,176 @@ def _chunks(start: int, end: int, step: int, marks: Iterable[int]):
             previous = b
 
 
+def _prompt_token_ids(model, tokenizer, prompt, *, max_tokens, kv_cache_limit, on_overflow, prompt_cache,
+                      chat_options) -> List[int]:
+    """The prompt as token ids (from text, ids or chat messages), checked against ``kv_cache_limit``."""
+    if _is_messages(prompt):
+        _, ids = fit_messages(model, tokenizer, list(prompt), max_tokens=max_tokens,
+                              kv_cache_limit=kv_cache_limit, on_overflow=on_overflow,
+                              prompt_cache=prompt_cache, **(chat_options or {}))
+    else:
+        if isinstance(prompt, str) and prompt_cache is not None:
+            ids = prompt_cache.encode(prompt, tokenizer)
+        else:
+            ids = _prompt_ids(tokenizer, prompt)
+        if kv_cache_limit is not None:
+            check_kv_limit(model, len(ids), max_tokens, kv_cache_limit)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+class _Generation:
+    """One ``stream_generate`` call: the model cache and the tokens it holds, the sampled
+    tokens, and the statistics each step reports."""
+
+    def __init__(self, model, tokenizer, ids, *, sampler, processors, eos, stop, prompt_cache):
+        self.model = model
+        self.ids = ids
+        self.sampler = sampler
+        self.processors = processors
+        self.eos = eos
+        self.text = _TextStream(tokenizer, stop)
+        self.prompt_cache = prompt_cache
+        self.cache = None
+        self.fed: List[int] = []  # tokens whose forward pass is in the cache
+        self.consistent = True  # the cache holds exactly `fed` (False while a forward is being built)
+        self.cached = 0  # prompt tokens restored from the prompt cache
+        self.generated: List[int] = []
+        self.history = mx.array(ids, dtype=mx.int32) if processors else None
+        self.pending = None  # a sampled (token, logprob, text) not yet handed out
+        self.prompt_tps = 0.0
+        self.t_start = time.perf_counter()
+        self.t_first = None
+        mx.reset_peak_memory()
+
+    def step(self, text_piece, token, logprob, reason=None) -> GenerationStep:
+        decode_time = time.perf_counter() - self.t_first if self.t_first is not None else 0.0
+        n_gen = len(self.generated)
+        return GenerationStep(
+            text=text_piece,
+            token=token,
+            logprob=logprob,
+            prompt_tokens=len(self.ids),
+            cached_tokens=self.cached,
+            prompt_tps=self.prompt_tps,
+            generation_tokens=n_gen,
+            generation_tps=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory(),
+            cache_bytes=self.cache.nbytes,
+            finish_reason=reason,
+        )
+
+    def _run_model(self, tokens: List[int]):
+        self.consistent = False
+        logits = self.model(mx.array([tokens], dtype=mx.int32), cache=self.cache)
+        self.fed.extend(tokens)
+        self.consistent = True
+        return logits
+
+    # -- prefill --------------------------------------------------------------------
+
+    def prefill(self, prefill_step: int, snapshot_at: set, progress):
+        """Restore the longest cached prefix, then run the rest of the prompt but its last
+        token in chunks; the last one's logits give the first sample."""
+        ids, prompt_cache = self.ids, self.prompt_cache
+        snapshot = prompt_cache.match(ids) if prompt_cache is not None else None
+        if snapshot is not None:
+            self.cache = prompt_cache.restore(snapshot, self.model)
+            self.cached = len(snapshot.tokens)
+            self.fed = list(snapshot.tokens)
+        else:
+            self.cache = self.model.make_cache()
+        n_prompt = len(ids)
+        todo = n_prompt - 1 - self.cached
+        for a, b in _chunks(self.cached, n_prompt - 1, prefill_step, snapshot_at):
+            self._run_model(ids[a:b])
+            mx.eval(self.cache.state())
+            mx.clear_cache()
+            if prompt_cache is not None and b in snapshot_at:
+                prompt_cache.add(self.fed, self.cache)
+            if progress is not None:
+                progress(b - self.cached, todo)
+        if prompt_cache is not None and n_prompt > 1 and self.cached < n_prompt - 1:
+            prompt_cache.add(self.fed, self.cache)
+
+    # -- decoding -------------------------------------------------------------------
+
+    def _sample(self, tokens: List[int]):
+        """Run ``tokens``; the next token and its log-probability (not evaluated yet)."""
+        logits = self._run_model(tokens)[:, -1, :]
+        for processor in self.processors:
+            logits = processor(self.history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = self.sampler(logprobs).reshape(-1)
+        return token, logprobs[0, token[0]]
+
+    def decode(self, max_tokens: int) -> Iterator[GenerationStep]:
+        y, logprob = self._sample(self.ids[-1:])
+        mx.async_eval(y, logprob)
+        while True:
+            token = int(y.item())
+            lp = float(logprob.item())
+            self.generated.append(token)
+            self.pending = (token, lp, "")
+            if self.t_first is None:
+                self.t_first = time.perf_counter()
+                self.prompt_tps = (len(self.ids) - self.cached) / (self.t_first - self.t_start)
+            if self.processors:
+                self.history = mx.concatenate([self.history, y.astype(mx.int32)])
+            reason, piece = self._stop_reason(token, max_tokens)
+            self.pending = (token, lp, piece)
+            if reason is not None:
+                yield self._finish(token, lp, piece, reason)
+                return
+            # Queue the next forward pass before handing this token out, so the device
+            # works while the caller prints.
+            y, logprob = self._sample([token])
+            mx.async_eval(y, logprob)
+            try:
+                yield self.step(piece, token, lp)
+            except GeneratorExit:
+                # The caller stopped early (a tool call, a cancelled request): keep what
+                # the cache holds for the next turn.
+                if self.prompt_cache is not None and self.consistent:
+                    self.prompt_cache.add(self.fed, self.cache)
+                raise
+            self.pending = None
+
+    # -- stopping -------------------------------------------------------------------
+
+    def _stop_reason(self, token: int, max_tokens: int):
+        """(why generation stops at ``token``, or None; the text ``token`` adds)."""
+        if token in self.eos:
+            return "stop", ""
+        piece, hit = self.text.add(token)
+        if hit:
+            return "stop", piece
+        return ("length" if len(self.generated) >= max_tokens else None), piece
+
+    def _finish(self, token, logprob, piece, reason) -> GenerationStep:
+        if self.prompt_cache is not None:
+            # Leave every sampled token in the cache, so the next turn only adds its own.
+            if len(self.fed) < len(self.ids) + len(self.generated):
+                self._run_model([token])
+            mx.eval(self.cache.state())
+            self.prompt_cache.add(self.fed, self.cache)
+        if reason != "stop" or token in self.eos:
+            piece += self.text.flush()
+        self.pending = None
+        return self.step(piece, token, logprob, reason)
+
+    def interrupted(self) -> GenerationStep:
+        """The last step after a KeyboardInterrupt: the partial output, and the prompt cache
+        updated when the cache holds whole forward passes."""
+        if self.cache is None:
+            self.cache = self.model.make_cache()
+        elif self.prompt_cache is not None and self.consistent and len(self.fed) > self.cached:
+            self.prompt_cache.add(self.fed, self.cache)
+        token, lp, piece = self.pending if self.pending is not None else (None, None, "")
+        return self.step(piece + self.text.flush(), token, lp, "interrupted")
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -450,169 +747,51 @@ def stream_generate(
     ``mlx_dsv4.chat.encode_messages(**chat_options)``). A caller that closes the
     generator early still leaves the tokens decoded so far in ``prompt_cache``.
     Stops at an EOS id (``eos_token_ids``, default the tokenizer's), at the first stop
-    string (not included in the text), after ``max_tokens``, or on KeyboardInterrupt
-    (finish_reason "interrupted", the partial output kept). ``progress(done, total)``
-    is called after each prefill chunk. ``kv_cache_limit`` (bytes) refuses prompts whose
-    cache would not fit (``KVCacheLimitError``); with ``on_overflow="drop_oldest"`` a
-    message-list prompt loses its oldest turns until it fits. ``snapshot_at`` lists
-    extra prompt lengths at which ``prompt_cache`` keeps a snapshot (e.g. the end of
-    the system prompt).
+    string (not included in the text; at most ``MAX_STOP_STRINGS`` of at most
+    ``MAX_STOP_LENGTH`` characters), after ``max_tokens``, or on KeyboardInterrupt
+    (finish_reason "interrupted", the partial output kept). Sampling parameters out of
+    range raise ``GenerationParameterError`` (a ValueError) before anything runs; a
+    generation that fails leaves MLX's global random state as it found it.
+    ``progress(done, total)`` is called after each prefill chunk. ``kv_cache_limit``
+    (bytes) refuses prompts whose cache would not fit (``KVCacheLimitError``); with
+    ``on_overflow="drop_oldest"`` a message-list prompt loses its oldest turns until it
+    fits. ``snapshot_at`` lists extra prompt lengths at which ``prompt_cache`` keeps a
+    snapshot (e.g. the end of the system prompt).
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")
+    check_sampling_parameters(model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repetition_penalty=repetition_penalty,
+                              repetition_context_size=repetition_context_size, seed=seed, stop=stop)
     if prompt_cache is not None:
         prompt_cache.check_model(model)
-    if _is_messages(prompt):
-        _, ids = fit_messages(model, tokenizer, list(prompt), max_tokens=max_tokens,
-                              kv_cache_limit=kv_cache_limit, on_overflow=on_overflow,
-                              prompt_cache=prompt_cache, **(chat_options or {}))
-    else:
-        if isinstance(prompt, str) and prompt_cache is not None:
-            ids = prompt_cache.encode(prompt, tokenizer)
-        else:
-            ids = _prompt_ids(tokenizer, prompt)
-        if kv_cache_limit is not None:
-            check_kv_limit(model, len(ids), max_tokens, kv_cache_limit)
-    if not ids:
-        raise ValueError("the prompt is empty")
+    ids = _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
+                            on_overflow=on_overflow, prompt_cache=prompt_cache, chat_options=chat_options)
     if prefill_step < 1:
         raise ValueError("prefill_step must be positive")
-    snapshot_at = set(snapshot_at)
 
-    if seed is not None:
-        mx.random.seed(seed)
-    if sampler is None:
-        sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = list(logits_processors or [])
-    processors += make_logits_processors(repetition_penalty=repetition_penalty,
-                                         repetition_context_size=repetition_context_size)
-    eos = set(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    text = _TextStream(tokenizer, stop)
-
-    n_prompt = len(ids)
-    fed: List[int] = []  # tokens whose forward pass is in the cache
-    consistent = True  # the cache holds exactly `fed` (False while a forward is being built)
-    cached = 0
-    generated: List[int] = []
-    history = mx.array(ids, dtype=mx.int32) if processors else None
-    prompt_tps = 0.0
-    t_start = time.perf_counter()
-    t_first = None
-    mx.reset_peak_memory()
-
-    def step_out(text_piece, token, logprob, reason=None):
-        now = time.perf_counter()
-        decode_time = now - t_first if t_first is not None else 0.0
-        n_gen = len(generated)
-        return GenerationStep(
-            text=text_piece,
-            token=token,
-            logprob=logprob,
-            prompt_tokens=n_prompt,
-            cached_tokens=cached,
-            prompt_tps=prompt_tps,
-            generation_tokens=n_gen,
-            generation_tps=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory(),
-            cache_bytes=cache.nbytes,
-            finish_reason=reason,
-        )
-
-    def forward(tokens: List[int]):
-        nonlocal consistent, history
-        consistent = False
-        logits = model(mx.array([tokens], dtype=mx.int32), cache=cache)[:, -1, :]
-        fed.extend(tokens)
-        consistent = True
-        if processors:
-            for p in processors:
-                logits = p(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        token = token.reshape(-1)
-        return token, logprobs[0, token[0]]
-
-    cache = None
-    pending = None  # a sampled (token, logprob, text) not yet handed out
+    random_seed = _global_random_seed()
     try:
-        snapshot = prompt_cache.match(ids) if prompt_cache is not None else None
-        if snapshot is not None:
-            cache = prompt_cache.restore(snapshot, model)
-            cached = len(snapshot.tokens)
-            fed = list(snapshot.tokens)
-        else:
-            cache = model.make_cache()
-        # Prefill all but the last prompt token; the last one's logits give the first sample.
-        todo = n_prompt - 1 - cached
-        for a, b in _chunks(cached, n_prompt - 1, prefill_step, snapshot_at):
-            consistent = False
-            model(mx.array([ids[a:b]], dtype=mx.int32), cache=cache)
-            fed.extend(ids[a:b])
-            consistent = True
-            mx.eval(cache.state())
-            mx.clear_cache()
-            if prompt_cache is not None and b in snapshot_at:
-                prompt_cache.add(fed, cache)
-            if progress is not None:
-                progress(b - cached, todo)
-        if prompt_cache is not None and n_prompt > 1 and cached < n_prompt - 1:
-            prompt_cache.add(fed, cache)
-
-        y, logprob = forward(ids[-1:])
-        mx.async_eval(y, logprob)
-        while True:
-            token = int(y.item())
-            lp = float(logprob.item())
-            generated.append(token)
-            pending = (token, lp, "")
-            if t_first is None:
-                t_first = time.perf_counter()
-                prompt_tps = (n_prompt - cached) / (t_first - t_start)
-            if processors:
-                history = mx.concatenate([history, y.astype(mx.int32)])
-            if token in eos:
-                reason, piece = "stop", ""
-            else:
-                piece, hit = text.add(token)
-                pending = (token, lp, piece)
-                reason = "stop" if hit else ("length" if len(generated) >= max_tokens else None)
-                if reason is None:
-                    # Queue the next forward pass before handing this token out, so the
-                    # device works while the caller prints.
-                    y, logprob = forward([token])
-                    mx.async_eval(y, logprob)
-            if reason is None:
-                try:
-                    yield step_out(piece, token, lp)
-                except GeneratorExit:
-                    # The caller stopped early (a tool call, a cancelled request): keep what
-                    # the cache holds for the next turn.
-                    if prompt_cache is not None and consistent:
-                        prompt_cache.add(fed, cache)
-                    raise
-                pending = None
-                continue
-            if prompt_cache is not None:
-                # Leave every sampled token in the cache, so the next turn only adds its own.
-                if len(fed) < n_prompt + len(generated):
-                    consistent = False
-                    model(mx.array([[token]], dtype=mx.int32), cache=cache)
-                    fed.append(token)
-                    consistent = True
-                mx.eval(cache.state())
-                prompt_cache.add(fed, cache)
-            if reason != "stop" or token in eos:
-                piece += text.flush()
-            pending = None
-            yield step_out(piece, token, lp, reason)
-            break
-    except KeyboardInterrupt:
-        if cache is None:
-            cache = model.make_cache()
-        elif prompt_cache is not None and consistent and len(fed) > cached:
-            prompt_cache.add(fed, cache)
-        token, lp, piece = pending if pending is not None else (None, None, "")
-        yield step_out(piece + text.flush(), token, lp, "interrupted")
+        if seed is not None:
+            mx.random.seed(seed)
+        if sampler is None:
+            sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=int(top_k))
+        processors = list(logits_processors or [])
+        processors += make_logits_processors(repetition_penalty=repetition_penalty,
+                                             repetition_context_size=repetition_context_size)
+        eos = set(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        run = _Generation(model, tokenizer, ids, sampler=sampler, processors=processors, eos=eos, stop=stop,
+                          prompt_cache=prompt_cache)
+        try:
+            run.prefill(prefill_step, set(snapshot_at), progress)
+            yield from run.decode(max_tokens)
+        except KeyboardInterrupt:
+            if _global_random_seed() is None:
+                _restore_global_random_seed(random_seed)
+            yield run.interrupted()
+    except Exception:
+        _restore_global_random_seed(random_seed)
+        raise
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:

@@ -11,6 +11,7 @@ from mlx_dsv4.chat import (
     parse_completion,
     tool_calls_to_dsml,
 )
+from strict_json import strict_json
 
 EOS = "<｜end▁of▁sentence｜>"
 
@@ -284,3 +285,45 @@ def test_parsing_time_is_linear():
     per_char_ratio = (large_time / len(large)) / (small_time / len(small))
     assert per_char_ratio < 4
     assert large_time < 20
+
+
+# -- strict JSON in tool-call arguments ------------------------------------------------
+
+NON_FINITE_VALUES = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "[1, 2e400]", '{"a": NaN}']
+
+
+@pytest.mark.parametrize("value", NON_FINITE_VALUES)
+def test_strict_parsing_refuses_non_finite_arguments_naming_the_parameter(value):
+    with pytest.raises(ChatFormatError, match="parameter 'days' is not valid JSON") as caught:
+        parse_completion(BLOCK.replace(">3<", f">{value}<") + EOS, "chat", strict=True)
+    assert caught.value.offset == BLOCK.encode().index(b'<\xef\xbd\x9cDSML\xef\xbd\x9cparameter name="days"')
+
+
+@pytest.mark.parametrize("value", NON_FINITE_VALUES)
+@pytest.mark.parametrize("typed", [True, False])
+def test_lenient_parsing_keeps_non_finite_arguments_as_text(value, typed):
+    block = BLOCK.replace(">3<", f">{value}<")
+    if not typed:
+        block = block.replace('name="days" string="false"', 'name="days"')
+    parsed = lenient(block + EOS)
+    arguments = parsed["tool_calls"][0]["function"]["arguments"]
+    assert strict_json(arguments) == {"city": "Paris", "days": value}
+    assert any("'days'" in repair for repair in parsed["repairs"])
+
+
+def test_large_finite_numbers_stay_numbers():
+    numbers = "[1e308, -2.5e-300, 123456789012345678901234567890]"
+    parsed = parse_completion(BLOCK.replace(">3<", f">{numbers}<") + EOS, "chat")
+    assert strict_json(parsed["tool_calls"][0]["function"]["arguments"])["days"] == json.loads(numbers)
+
+
+@pytest.mark.parametrize("arguments", ['{"days": NaN}', '{"days": 1e999}', '{"days": -Infinity}',
+                                       {"days": float("nan")}, {"days": float("inf")}])
+def test_tool_call_arguments_in_messages_must_be_strict_json(arguments):
+    call = {"id": "x", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    with pytest.raises(ChatFormatError, match="JSON") as caught:
+        encode_messages(messages, thinking_mode="chat")
+    assert caught.value.index == 1 and caught.value.field.startswith("tool_calls[0].function.arguments")
+    with pytest.raises(ChatFormatError, match="JSON"):
+        tool_calls_to_dsml([call])

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from mlx_dsv4.chat import (
@@ -174,3 +176,31 @@ def test_random_documents_split_anywhere_agree():
         pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
         assert outcome(thinking_mode, strict, pieces) == expected, (text, cuts)
         assert outcome(thinking_mode, strict, list(text)) == expected, text
+
+
+TOOL_BLOCK_OPEN = '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="now">\n'
+
+
+@pytest.mark.parametrize(
+    "thinking_mode, head, tail, expected",
+    [
+        ("chat", "Hello", "x" + EOS, lambda n: [ContentDelta("Hello" + " " * n + "x")]),
+        ("thinking", "Hmm", "</think>ok" + EOS, lambda n: [ReasoningDelta("Hmm" + " " * n), ContentDelta("ok")]),
+        ("chat", TOOL_BLOCK_OPEN, "</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS,
+         lambda n: [ToolCallStarted(0, "now"), ToolCallComplete(0, "now", "{}", "call_0")]),
+    ],
+    ids=["content", "reasoning", "between-tags"],
+)
+def test_whitespace_fed_one_character_at_a_time_takes_linear_time(thinking_mode, head, tail, expected):
+    # Holding 200k characters of whitespace in a string rebuilt per character took 78 s;
+    # in linear time it is well under a second here. Stop early rather than wait that out.
+    n, budget = 200_000, 8.0
+    parser = DSMLStreamParser(thinking_mode, call_id_factory=call_ids)
+    events = parser.feed(head)
+    start = time.process_time()
+    for i in range(n):
+        events += parser.feed(" ")
+        if i % 1000 == 0:
+            assert time.process_time() - start < budget, f"{i} characters took over {budget} s"
+    events += parser.feed(tail) + parser.finish()
+    assert merged(events)[:-1] == expected(n)

@@ -52,6 +52,9 @@ SCRIPT = [
     {"match": "json-probe", "completion": '{"ok": true}'},
     {"match": "stop-probe", "completion": "alpha beta gamma"},
     {"match": "hello-probe", "completion": "Hello there!"},
+    # tool-call arguments that Python's json module reads but strict JSON does not
+    {"match": "nan-argument-probe", "completion": TOOL_CALL.replace(">3<", ">NaN<")},
+    {"match": "overflow-argument-probe", "completion": TOOL_CALL.replace(">3<", ">1e999<")},
 ]
 
 _state = {}

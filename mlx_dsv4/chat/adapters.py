@@ -6,31 +6,10 @@ such a block back into OpenAI ``tool_calls``. ``render_tools_block`` renders Ope
 function tools as the tools section of a system or developer message.
 """
 
-import json
-
 from .errors import ChatFormatError
-from .special import (
-    DSML,
-    INVOKE_TAG,
-    PARAMETER_TAG,
-    RESERVED_STRINGS,
-    TOOL_CALLS_TAG,
-    TOOLS_BLOCK_TEMPLATE,
-)
-
-
-def to_json(value):
-    """JSON exactly as the official encoder writes it: default separators, no ASCII escaping."""
-    return json.dumps(value, ensure_ascii=False)
-
-
-def check_reserved(text, *, index=None, field=None):
-    """Raise if ``text`` contains a string that would tokenise to a protocol token."""
-    for reserved in RESERVED_STRINGS:
-        if reserved in text:
-            raise ChatFormatError(
-                f"contains the reserved protocol string {reserved!r}", index=index, field=field
-            )
+from .parse import parse_completion
+from .special import DSML, INVOKE_TAG, PARAMETER_TAG, TOOL_CALLS_TAG, TOOLS_BLOCK_TEMPLATE
+from .wiretext import check_reserved, strict_json_loads, to_json
 
 
 def tool_functions(tools, *, index=None, field="tools"):
@@ -49,7 +28,7 @@ def tool_functions(tools, *, index=None, field="tools"):
             )
         try:
             check_reserved(to_json(function), index=index, field=where)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ChatFormatError(f"is not JSON serialisable: {err}", index=index, field=where)
         functions.append(function)
     return functions
@@ -65,8 +44,8 @@ def arguments_object(arguments, *, index=None, field="arguments"):
     """The arguments of one call as a dict: JSON text of an object, or a dict."""
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as err:
+            arguments = strict_json_loads(arguments)
+        except (ValueError, RecursionError) as err:
             raise ChatFormatError(f"is not valid JSON: {err}", index=index, field=field)
     if not isinstance(arguments, dict):
         raise ChatFormatError("must be a JSON object", index=index, field=field)
@@ -146,8 +125,6 @@ def dsml_to_tool_calls(text, *, strict=True, call_id_factory=None):
     Raises ``ChatFormatError`` on anything but a single well-formed block (strict), or
     when lenient parsing cannot recover a complete block.
     """
-    from .parse import parse_completion
-
     block = text.lstrip()
     skipped = len(text[: len(text) - len(block)].encode("utf-8"))
     # Parsed as a chat completion that is nothing but the block; that adds two bytes.

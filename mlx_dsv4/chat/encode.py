@@ -8,7 +8,7 @@ where the release drops it, then each turn is rendered with its transition.
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .adapters import check_reserved, openai_call_parts, render_invoke, render_tools_block, to_json
+from .adapters import openai_call_parts, render_invoke, render_tools_block
 from .errors import ChatFormatError
 from .special import (
     ASSISTANT,
@@ -25,6 +25,7 @@ from .special import (
     TOOL_RESULT_OPEN,
     USER,
 )
+from .wiretext import check_reserved, to_json
 
 THINKING_MODES = ("chat", "thinking")
 

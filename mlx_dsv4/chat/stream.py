@@ -15,15 +15,14 @@ stray protocol tokens, text around the tool-call block) and lists each repair in
 announced by ``ToolCallStarted`` that turns out malformed or truncated never completes.
 """
 
-import json
 import re
 import secrets
 from dataclasses import dataclass
 
-from .adapters import to_json
 from .errors import ChatFormatError
 from .lexer import Lexer
 from .special import INVOKE_TAG, PARAMETER_TAG, TOOL_CALLS_TAG
+from .wiretext import strict_json_loads, to_json
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,8 @@ class DSMLStreamParser:
         self._lexer = Lexer()
         self._state = "reasoning" if thinking_mode == "thinking" else "content"
         self._block_state = None
-        self._held_whitespace = ""
-        self._gap = ""
+        self._held_whitespace = []  # pieces: held back one by one, joined once
+        self._gap = []  # pieces of the text between two tags of a tool_calls block
         self._gap_offset = 0
         self._call = None
         self._parameter = None  # [name, string flag or None, value pieces, offset]
@@ -171,14 +170,17 @@ class DSMLStreamParser:
 
     def _add_text(self, kind, text):
         # Trailing whitespace waits: before a tool-call block its last blank line is not content.
-        combined = self._held_whitespace + text
-        kept = combined.rstrip(_WHITESPACE)
-        self._emit(kind, kept)
-        self._held_whitespace = combined[len(kept) :]
+        kept = text.rstrip(_WHITESPACE)
+        if kept:
+            self._emit(kind, "".join(self._held_whitespace) + kept)
+            self._held_whitespace = []
+        trailing = text[len(kept) :]
+        if trailing:
+            self._held_whitespace.append(trailing)
 
     def _flush_whitespace(self, kind):
-        self._emit(kind, self._held_whitespace)
-        self._held_whitespace = ""
+        self._emit(kind, "".join(self._held_whitespace))
+        self._held_whitespace = []
 
     def _drop(self, token, what):
         self._problem(f"unexpected {what} {token.raw[:40]!r}", token.offset, "dropped")
@@ -241,8 +243,8 @@ class DSMLStreamParser:
             self._drop(token, "protocol marker in the content")
 
     def _start_block(self, token, kind):
-        held = self._held_whitespace
-        self._held_whitespace = ""
+        held = "".join(self._held_whitespace)
+        self._held_whitespace = []
         if held.endswith("\n\n"):
             self._emit(kind, held[:-2])
         else:
@@ -251,11 +253,11 @@ class DSMLStreamParser:
         self._block_state = "calls"
         self._block_offset = token.offset
         self._block_calls = []
-        self._gap = ""
+        self._gap = []
         self._gap_offset = token.offset + len(token.raw.encode("utf-8"))
         if token.name == INVOKE_TAG:
             self._problem("<invoke> without an opening <tool_calls> tag", token.offset)
-            self._gap = "\n"
+            self._gap = ["\n"]
             self._in_block(token)
         else:
             self._check_plain_tag(token)
@@ -268,8 +270,8 @@ class DSMLStreamParser:
             self._problem(f"unexpected attributes in {token.raw[:40]!r}", token.offset, "ignored")
 
     def _check_gap(self, token, allowed):
-        gap = self._gap
-        self._gap = ""
+        gap = "".join(self._gap)
+        self._gap = []
         if gap in allowed:
             return
         if self.strict:
@@ -303,13 +305,13 @@ class DSMLStreamParser:
                 self._call.broken = True
                 self._parameter = None
                 self._block_state = "invoke"
-                self._gap = ""
+                self._gap = []
                 self._in_block(token)
             return
         if kind == "text":
             if not self._gap:
                 self._gap_offset = token.offset
-            self._gap += token.raw
+            self._gap.append(token.raw)
             return
         if kind == "eos":
             self._truncated_block(token.offset)
@@ -317,7 +319,7 @@ class DSMLStreamParser:
             self._state = "done"
             return
         if kind != "tag":
-            self._gap = ""
+            self._gap = []
             self._drop(token, "protocol marker in the tool_calls block")
             return
         name, closing = token.name, token.closing
@@ -331,7 +333,7 @@ class DSMLStreamParser:
                 self._check_plain_tag(token)
                 self._end_block(end_offset)
             else:
-                self._gap = ""
+                self._gap = []
                 self._drop(token, "DSML tag")
         else:  # inside an invoke
             if name == PARAMETER_TAG and not closing:
@@ -342,14 +344,14 @@ class DSMLStreamParser:
                 self._check_plain_tag(token)
                 self._end_call()
             elif (name == TOOL_CALLS_TAG and closing) or (name == INVOKE_TAG and not closing):
-                self._gap = ""
+                self._gap = []
                 self._problem(f"invoke {self._call.name!r} is not closed", token.offset)
                 self._end_call()
-                self._gap = "\n"
+                self._gap = ["\n"]
                 self._in_block(token)
                 return
             else:
-                self._gap = ""
+                self._gap = []
                 self._drop(token, "DSML tag")
         self._gap_offset = end_offset
 
@@ -407,14 +409,14 @@ class DSMLStreamParser:
             value = text
         elif string == "false":
             try:
-                value = json.loads(text)
+                value = strict_json_loads(text)
             except (ValueError, RecursionError):
                 self._problem(f"parameter {name!r} is not valid JSON", offset, "kept as a string")
                 value = text
         else:
             self._problem(f"parameter {name!r} has no string attribute", offset, "typed from its text")
             try:
-                value = json.loads(text)
+                value = strict_json_loads(text)
             except (ValueError, RecursionError):
                 value = text
             if isinstance(value, str):

@@ -2,7 +2,6 @@
 
 import asyncio
 import hmac
-import json
 import time
 from contextlib import suppress
 
@@ -13,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..chat.wiretext import strict_json_loads
 from . import anthropic_api, openai_api
 from .common import Assembler
 from .engine import StepLog
@@ -59,10 +59,6 @@ def _check_auth(request, ctx):
         raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
 
-def _no_constants(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def _read_json(request):
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
@@ -77,7 +73,7 @@ async def _read_json(request):
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        body = strict_json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json")
     if not isinstance(body, dict):
@@ -86,8 +82,15 @@ async def _read_json(request):
 
 
 def _prepare(plan, ctx):
-    """Tokenise the prompt and check it (with max_tokens) against the context and the memory guard."""
+    """Check sampling against the model, tokenise the prompt and check it (with max_tokens)
+    against the context and the memory guard."""
+    from ..generate import GenerationParameterError, check_sampling_parameters
+
     engine = ctx.engine
+    try:
+        check_sampling_parameters(engine.model, **plan.sampling.kwargs())
+    except GenerationParameterError as err:
+        raise APIError(400, f"'{err.field}' {err.problem}", param=err.field, code="invalid_value")
     if not plan.prompt_ids:
         plan.prompt_ids = engine.tokenizer.encode(plan.prompt, add_special_tokens=False)
     n = len(plan.prompt_ids)

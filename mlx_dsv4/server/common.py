@@ -68,8 +68,14 @@ def parse_stop(value, param):
         return ()
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value) or len(value) > 16:
-        raise APIError(400, f"'{param}' must be a non-empty string or a list of at most 16 of them", param=param)
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise APIError(400, f"'{param}' must be a non-empty string or a list of them", param=param)
+    from ..generate import GenerationParameterError, check_stop_strings
+
+    try:
+        check_stop_strings(value)
+    except GenerationParameterError as err:
+        raise APIError(400, f"'{param}' {err.problem}", param=param, code="invalid_value")
     return tuple(value)
 
 
@@ -270,4 +276,4 @@ def finish_reason(assembler, engine_reason):
 
 
 def dumps(obj):
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -8,7 +8,6 @@ from contextlib import suppress
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
@@ -88,7 +87,7 @@ def _prepare(plan, ctx):
 
     engine = ctx.engine
     try:
-        check_sampling_parameters(engine.model, **plan.sampling.kwargs())
+        check_sampling_parameters(engine.model, **plan.sampling.generate_kwargs())
     except GenerationParameterError as err:
         raise APIError(400, f"'{err.field}' {err.problem}", param=err.field, code="invalid_value")
     if not plan.prompt_ids:

@@ -76,29 +76,20 @@ def tiny_config(preset: str = "flash", **overrides) -> dict:
     return cfg
 
 
+# (name suffix, standard deviation, offset) of the random values; linear weights [out, in] not listed
+# here get std in**-0.5. "_scale" adds its offset after the float32 cast.
+DRAW_RULES = (("embed.weight", 1.0, 0.0), ("norm.weight", 0.1, 1.0), ("_fn", 0.1, 0.0), ("_base", 0.5, 0.0),
+              ("_scale", 0.1, 1.0), ("attn_sink", 1.0, 0.0), (".ape", 0.5, 0.0), ("gate.bias", 0.1, 0.0))
+
+
 def _draw(rng, name: str, shape: tuple, args):
     """Random values for one official tensor, scaled as a trained model's roughly are."""
     if name.endswith("tid2eid"):
         E, k = args.n_routed_experts, args.num_experts_per_tok
         return np.stack([rng.permutation(E)[:k] for _ in range(shape[0])]).astype(np.int32)
-    if name == "embed.weight":
-        std, offset = 1.0, 0.0
-    elif name.endswith("norm.weight"):
-        std, offset = 0.1, 1.0
-    elif name.endswith("_fn"):
-        std, offset = 0.1, 0.0
-    elif name.endswith("_base"):
-        std, offset = 0.5, 0.0
-    elif name.endswith("_scale"):  # offset added in float32
-        return 1 + rng.normal(0, 0.1, shape).astype(np.float32)
-    elif name.endswith("attn_sink"):
-        std, offset = 1.0, 0.0
-    elif name.endswith(".ape"):
-        std, offset = 0.5, 0.0
-    elif name.endswith("gate.bias"):
-        std, offset = 0.1, 0.0
-    else:  # a linear weight [out, in]
-        std, offset = shape[1] ** -0.5, 0.0
+    suffix, std, offset = next((r for r in DRAW_RULES if name.endswith(r[0])), ("", shape[-1] ** -0.5, 0.0))
+    if suffix == "_scale":
+        return offset + rng.normal(0, std, shape).astype(np.float32)
     return (offset + rng.normal(0, std, shape)).astype(np.float32)
 
 

@@ -1,5 +1,6 @@
 """Start-up: help, estimates, make-tiny, `import mlx_dsv4` and loading a model import neither
-torch, transformers nor mlx-lm's package (whose __init__ imports transformers)."""
+torch, transformers nor mlx-lm's package (whose __init__ imports transformers); help and
+estimates do not even import MLX."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 from mlx_dsv4.cli import SUBCOMMANDS
 
 HEAVY = ("torch", "transformers", "mlx_lm")
+WITH_MLX = HEAVY + ("mlx",)
 
 # Runs CODE, then reports the heavy top-level packages in sys.modules as the process exits.
 PROBE = """
@@ -27,9 +29,9 @@ atexit.register(report)
 RUN_CLI = "from mlx_dsv4.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
-def heavy_imports(tmp_path, code, *argv):
+def heavy_imports(tmp_path, code, *argv, watch=HEAVY):
     report = tmp_path / f"report-{len(list(tmp_path.iterdir()))}.json"
-    env = dict(os.environ, HEAVY=json.dumps(HEAVY), REPORT=str(report))
+    env = dict(os.environ, HEAVY=json.dumps(watch), REPORT=str(report))
     run = subprocess.run([sys.executable, "-c", PROBE + code, *argv], env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
@@ -39,13 +41,13 @@ def heavy_imports(tmp_path, code, *argv):
 @pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in SUBCOMMANDS],
                          ids=lambda argv: " ".join(argv))
 def test_help(tmp_path, argv):
-    loaded, out = heavy_imports(tmp_path, RUN_CLI, *argv)
+    loaded, out = heavy_imports(tmp_path, RUN_CLI, *argv, watch=WITH_MLX)
     assert out.startswith("usage: mlx-dsv4")
     assert loaded == []
 
 
 def test_estimate_only(tmp_path):
-    loaded, out = heavy_imports(tmp_path, RUN_CLI, "convert", "--estimate-only", "--preset", "flash")
+    loaded, out = heavy_imports(tmp_path, RUN_CLI, "convert", "--estimate-only", "--preset", "flash", watch=WITH_MLX)
     assert "estimated unified memory" in out
     assert loaded == []
 

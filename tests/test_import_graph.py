@@ -131,3 +131,24 @@ def test_package_has_no_module_level_import_cycle():
     graph = import_graph(PACKAGE, module_level_only=True, roots=declared_packages())
     assert f"{PACKAGE}.convert" in graph and f"{PACKAGE}.server.app" in graph
     assert find_cycle(graph) is None
+
+
+LEAVES = {f"{PACKAGE}.{m}" for m in ("config", "spec", "memory", "sizes", "sampling")}
+
+
+def test_leaf_modules_import_only_leaves():
+    graph = import_graph(PACKAGE, module_level_only=False, roots=declared_packages())
+    for leaf in LEAVES:
+        assert graph[leaf] <= LEAVES, (leaf, graph[leaf] - LEAVES)
+    assert graph[f"{PACKAGE}.config"] == set() and graph[f"{PACKAGE}.sizes"] == set()
+
+
+def test_converter_depends_only_on_leaf_modules():
+    """Estimating and converting never build the model: the converter reads the checkpoint contract,
+    the config parser and the size helpers, nothing else of the package."""
+    convert = f"{PACKAGE}.convert"
+    graph = import_graph(PACKAGE, module_level_only=False, roots=declared_packages())
+    for module, targets in graph.items():
+        if module == convert or module.startswith(convert + "."):
+            outside = {t for t in targets if not (t == convert or t.startswith(convert + "."))}
+            assert outside <= LEAVES | {PACKAGE}, (module, outside - LEAVES)

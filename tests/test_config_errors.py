@@ -143,3 +143,45 @@ def test_bad_index(weight_map, expect, checkpoint, tmp_path):
         mlx_dsv4.load_model(src)
     with pytest.raises(ConvertError, match=expect):
         convert(src, tmp_path / "out", Recipe("native"), progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("flag, value", [("--shard-size", "nan"), ("--shard-size", "-1"), ("--max-size", "inf"),
+                                         ("--context", "0"), ("--context", "many")])
+def test_convert_flags_refuse_non_finite_and_non_positive(flag, value, capsys):
+    from mlx_dsv4.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--estimate-only", "--preset", "flash", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err
+
+
+@pytest.mark.parametrize("text, expect", [(b"not json at all", "invalid JSON"), (b"[1]", "got list"),
+                                          (b'{"hidden_size": null}', "missing field")])
+def test_estimate_from_a_bad_config_file(text, expect, tmp_path, capsys):
+    from mlx_dsv4.cli import main
+
+    path = tmp_path / "settings.txt"
+    path.write_bytes(text)
+    assert main(["convert", "--estimate-only", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err and expect in err
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_commands_report_a_bad_config_by_field(command, checkpoint, converted, tmp_path, capsys):
+    from mlx_dsv4.cli import main
+
+    change, field, value = BAD_CONFIGS["NaN in an integer field"]
+    if command == "generate":
+        src = with_config(checkpoint, tmp_path, json.dumps(bad_config(change)).encode())
+        rc = main(["generate", "--model", str(src), "--prompt", "hi", "--max-tokens", "1"])
+    else:
+        cfg = json.loads((converted / "config.json").read_text()) | change
+        src = with_config(converted, tmp_path, json.dumps(cfg).encode())
+        rc = main(["convert", "--verify", str(src)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    check_message(err, field, value)
+    assert "Traceback" not in err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +21,19 @@ def _bits(v: str):
         raise argparse.ArgumentTypeError(f"expected bits (2-8), 'native' or 'none', got {v!r}") from None
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-path", help="Hub repo id (e.g. deepseek-ai/DeepSeek-V4-Flash) or local directory")
     p.add_argument("--revision", help="Hub branch, tag or commit")
@@ -34,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="float dtype of unquantised tensors (default bfloat16; float32 for --recipe none)")
     p.add_argument("--no-mtp", action="store_true", help="drop the MTP (mtp.*) tensors")
-    p.add_argument("--shard-size", type=float, default=5.0, help="max shard size in GB (default 5)")
-    p.add_argument("--max-size", type=float, help="refuse when the output would exceed this many GB")
-    p.add_argument("--context", type=int, default=32768, help="context length for the memory estimate")
+    p.add_argument("--shard-size", type=_positive(float), default=5.0, help="max shard size in GB (default 5)")
+    p.add_argument("--max-size", type=_positive(float), help="refuse when the output would exceed this many GB")
+    p.add_argument("--context", type=_positive(int), default=32768, help="context length for the memory estimate")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--estimate-only", action="store_true", help="print size and memory estimates, write nothing")
@@ -53,6 +66,7 @@ def _recipe(args) -> Recipe:
 
 
 def _estimate(args) -> int:
+    from ..config import ConfigError, read_config
     from ..convert.convert import load_config
     from ..convert.estimate import estimate_config, size_table
     from ..convert.presets import PRESETS
@@ -60,9 +74,13 @@ def _estimate(args) -> int:
     if args.preset:
         cfg = PRESETS[args.preset]
     elif args.config:
-        path = Path(args.config)
-        cfg = load_config(path if path.is_dir() else path.parent) if path.name == "config.json" or path.is_dir() \
-            else json.loads(path.read_text())
+        from ..convert.plan import model_args
+
+        try:
+            cfg = read_config(args.config)
+        except ConfigError as e:
+            raise ConvertError(str(e)) from None
+        model_args(cfg, args.config)  # errors name this file
     elif args.hf_path:
         from ..convert.hub import resolve
 

@@ -94,6 +94,10 @@ class DeepseekV4LayerCache:
     def meta_state(self) -> str:
         return ""
 
+    def __deepcopy__(self, memo):
+        # mlx-lm's server copies cached prompts; the codecs hold MLX dtypes, which do not copy
+        return type(self).from_state(self.state)
+
     @classmethod
     def from_state(cls, state, meta_state=None):
         obj = cls.__new__(cls)

@@ -291,3 +291,19 @@ def test_mlx_lm_server_answers_the_openai_client(checkpoint, loaded, tmp_path):
         assert answers == {p: expected(p) for p in prompts}
     finally:
         server.stop()
+
+
+def test_converted_quantised_checkpoint_loads_in_mlx_lm(checkpoint, tmp_path):
+    from mlx_lm import load as mlx_lm_load
+
+    from mlx_dsv4 import load
+    from mlx_dsv4.cli import main
+
+    out = tmp_path / "q4"
+    assert main(["convert", "--hf-path", str(checkpoint), "--mlx-path", str(out), "--recipe", "q4", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_file"] == MODEL_FILE
+    assert (out / CHAT_TEMPLATE_FILE).read_text() == (checkpoint / CHAT_TEMPLATE_FILE).read_text()
+    model, _ = mlx_lm_load(str(out), trust_remote_code=True)
+    ours, _ = load(out)
+    ids = mx.array([[0, 128803, 19923, 1031, 128804, 128822]])
+    assert mx.array_equal(model(ids, cache=model.make_cache()), ours(ids))

@@ -68,16 +68,17 @@ def machine_memory() -> MachineMemory:
 
 
 def fitting_recipe(config: dict, budget: int, context: int) -> Optional[str]:
-    """The first converter recipe of the size table (largest first) whose weights plus FP8 cache at
-    ``context`` tokens fit ``budget`` bytes, as ``--recipe ...`` text; None when none fits."""
+    """The largest recipe of the converter's size table whose weights plus FP8 cache at ``context``
+    tokens fit ``budget`` bytes, as ``--recipe ...`` text; None when none fits."""
     from .convert.estimate import TABLE_RECIPES, estimate_config
     from .convert.recipes import Recipe
 
+    fitting = []
     for label, kwargs in TABLE_RECIPES:
         estimate = estimate_config(config, Recipe(**kwargs), context, include_mtp=False)
         if estimate.model_bytes + estimate.kv_bytes <= budget:
-            return f"--recipe {label}"
-    return None
+            fitting.append((estimate.model_bytes, label))
+    return f"--recipe {max(fitting)[1]}" if fitting else None
 
 
 def check_fit(config: dict, weight_bytes: int, where: str, context: int = DEFAULT_CONTEXT) -> None:

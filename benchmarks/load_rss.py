@@ -19,29 +19,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import PRELUDE  # noqa: E402
+
 CHILD = r"""
-import json, os, resource, sys
 import mlx.core as mx
 from mlx_dsv4.loader import load_model
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-def maxrss():
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-linux = os.path.exists("/proc/self/clear_refs")
-if linux:
-    open("/proc/self/clear_refs", "w").write("5")
-    base = status("VmRSS")
-else:
-    base = maxrss()
+""" + PRELUDE + r"""
 model = load_model(sys.argv[1])
-peak = status("VmHWM") if linux else maxrss()
-print(json.dumps({"baseline": base, "peak": peak, "active": mx.get_active_memory()}))
+print(json.dumps({"baseline": base, "peak": peak(), "active": mx.get_active_memory()}))
 """
 
 

@@ -1,23 +1,18 @@
 """Loading maps the safetensors lazily and never holds two copies of the weights."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_rss.py"
-    spec = importlib.util.spec_from_file_location("load_rss", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import load_rss  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     # about 155 MiB: 6 layers of 32 experts of 3 x 256 x 512 bfloat16 weights
-    return _bench().measure(hidden=256, inter=512, experts=32, vocab=4096, workdir=tmp_path_factory.mktemp("rss"))
+    return load_rss.measure(hidden=256, inter=512, experts=32, vocab=4096, workdir=tmp_path_factory.mktemp("rss"))
 
 
 def test_converted_checkpoint_loads_within_its_bytes_plus_ten_percent(measured):

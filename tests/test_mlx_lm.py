@@ -8,15 +8,14 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import mlx.core as mx
 import pytest
 
 from mlx_dsv4.chat import encode_messages
 from mlx_dsv4.mlx_lm_files import CHAT_TEMPLATE_FILE, MODEL_FILE
+from test_server_support import ServerProcess, free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat"
 GOLDEN = sorted(p.stem for p in FIXTURES.glob("*.json"))
@@ -217,40 +216,18 @@ def test_mlx_lm_prompt_cache_file_needs_the_model_loaded_first(checkpoint, loade
     assert result.returncode != 0 and "KeyError: 'DeepseekV4LayerCache'" in result.stderr
 
 
-class _MlxLmServer:
-    def __init__(self, checkpoint, log_path):
-        import socket
+class _MlxLmServer(ServerProcess):
+    """``mlx_lm server`` in a subprocess, on a free loopback port."""
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, checkpoint, log_path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_lm", "server", "--model", str(checkpoint), "--trust-remote-code",
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError(f"mlx_lm server did not start:\n{self.output()}")
-
-    def output(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self._wait_ready(timeout=120)
 
 
 def test_mlx_lm_server_answers_the_openai_client(checkpoint, loaded, tmp_path):

@@ -7,7 +7,6 @@ for ``tokenizer.apply_chat_template``. No MLX import: the converter uses this mo
 """
 
 import json
-import shutil
 from pathlib import Path
 
 MODEL_FILE = "mlx_dsv4_model.py"

@@ -20,33 +20,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import PRELUDE  # noqa: E402
 
 CHILD = r"""
-import json, os, resource, sys
-from pathlib import Path
 from mlx_dsv4.convert.convert import convert
 from mlx_dsv4.convert.recipes import Recipe
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-def maxrss():
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
+""" + PRELUDE + r"""
 src, out, recipe = sys.argv[1:4]
-linux = os.path.exists("/proc/self/clear_refs")
-if linux:
-    # importing the package has a transient peak; reset the high-water mark so it does not hide ours
-    open("/proc/self/clear_refs", "w").write("5")
-    base = status("VmRSS")
-else:
-    base = maxrss()
 convert(src, out, Recipe(recipe, group_size=32), shard_gb=0.03, progress=False, log=lambda s: None)
-peak = status("VmHWM") if linux else maxrss()
-print(json.dumps({"baseline": base, "peak": peak}))
+print(json.dumps({"baseline": base, "peak": peak()}))
 """
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, read_config
+from ..mlx_lm_files import mlx_lm_config, write_mlx_lm_files
 from ..sizes import format_decimal_bytes
 from . import hub, transform
 from .errors import ConvertError
@@ -134,7 +135,9 @@ def _write_output(out: OutputDir, src: Path, cfg: dict, units, shards, ckpt: Che
     for f in sorted((src / "encoding").rglob("*")) if (src / "encoding").is_dir() else []:
         if f.is_file():
             out.copy_file(f, str(f.relative_to(src)))
-    out.write_json("config.json", output_config(cfg, units))
+    # mlx-lm opens the output through these (model file, chat template); the source's template is replaced
+    write_mlx_lm_files(out.tmp, write=out.write_text, tokenizer=False)
+    out.write_json("config.json", mlx_lm_config(output_config(cfg, units)))
     # the shards were hashed while written: re-reading them here would only double the I/O
     problems, _ = verify_dir(out.tmp, checksums=False)
     if problems:

@@ -295,6 +295,9 @@ class OutputDir:
         text = json.dumps(obj, indent=2) + "\n"
         _replace_file(self.tmp / name, lambda p: p.write_text(text), name)
 
+    def write_text(self, name: str, text: str):
+        _replace_file(self.tmp / name, lambda p: p.write_text(text, encoding="utf-8"), name)
+
     def copy_file(self, src: Path, rel: str):
         dst = self.tmp / rel
         try:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .device_memory import wired_limit
 from .memory import kv_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
@@ -783,8 +784,9 @@ def stream_generate(
         run = _Generation(model, tokenizer, ids, sampler=sampler, processors=processors, eos=eos, stop=stop,
                           prompt_cache=prompt_cache)
         try:
-            run.prefill(prefill_step, set(snapshot_at), progress)
-            yield from run.decode(max_tokens)
+            with wired_limit(model):
+                run.prefill(prefill_step, set(snapshot_at), progress)
+                yield from run.decode(max_tokens)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)

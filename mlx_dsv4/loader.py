@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs, read_config
+from .device_memory import DEFAULT_CONTEXT, check_fit
 from .model import Model
 from .spec import is_mtp, official_to_mlx
 
@@ -98,7 +99,10 @@ def _apply_quantization(model: Model, quantization: dict) -> None:
     )
 
 
-def load_model(path) -> Model:
+def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True) -> Model:
+    """The model of a checkpoint directory. With ``check_memory``, before any weight is read:
+    ``MemoryFitError`` when the weights exceed the machine's memory, ``MemoryFitWarning`` when
+    weights + FP8 cache for ``context`` tokens exceed what it keeps resident."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -107,6 +111,8 @@ def load_model(path) -> Model:
         args = ModelArgs.from_dict(config)
     except ConfigError as e:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
+    if check_memory:
+        check_fit(config, sum(f.stat().st_size for f in _weight_files(path)), str(path), context)
     model = Model(args)
     if config.get("quantization"):
         _apply_quantization(model, config["quantization"])
@@ -134,7 +140,8 @@ def load_model(path) -> Model:
     return model
 
 
-def load(path):
+def load(path, **options):
+    """(model, tokenizer); ``options`` go to ``load_model``."""
     from .tokenizer import load_tokenizer
 
-    return load_model(path), load_tokenizer(path)
+    return load_model(path, **options), load_tokenizer(path)

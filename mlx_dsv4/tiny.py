@@ -101,8 +101,9 @@ def tiny_weights(cfg, seed: int = 0, mtp: bool = True) -> dict:
 
 
 def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtype: str = "float32",
-                          mtp: bool = True, **config_overrides) -> Path:
-    """Write config.json + model.safetensors (official names, per-expert tensors)."""
+                          mtp: bool = True, mlx_lm: bool = False, **config_overrides) -> Path:
+    """Write config.json + model.safetensors (official names, per-expert tensors); with mlx_lm,
+    also what mlx-lm needs to open the directory (model file, chat template, tokenizer files)."""
     import mlx.core as mx
 
     out = Path(out_dir)
@@ -117,5 +118,10 @@ def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtyp
         arrays[name] = a
     cfg["torch_dtype"] = dtype
     mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
+    if mlx_lm:
+        from .mlx_lm_files import mlx_lm_config, write_mlx_lm_files
+
+        write_mlx_lm_files(out)
+        cfg = mlx_lm_config(cfg)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out

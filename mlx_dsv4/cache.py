@@ -8,12 +8,16 @@
 Memory grows only with compressed entries: 1/4 or 1/128 of the tokens.
 """
 
-from typing import List, Optional
+import re
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
 from .kvcodec import IndexCodec, KVCodec
 from .memory import ENTRY_STEP
+from .spec import compressor_width
+
+Layout = Dict[str, Tuple[tuple, mx.Dtype]]  # array name -> (shape, dtype)
 
 
 def _assign(parts: tuple, index, new_parts: tuple) -> None:
@@ -24,6 +28,17 @@ def _assign(parts: tuple, index, new_parts: tuple) -> None:
 def _own(a: mx.array) -> mx.array:
     """A distinct array object: storage is updated in place, so snapshots must not alias it."""
     return mx.array(a)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _parts_layout(codec, name: str, batch: int, rows: int, out: Layout) -> None:
+    """The (shape, dtype) of each stored part of ``rows`` rows encoded by ``codec``."""
+    probe = codec.encode(mx.zeros((batch, 1, codec.head_dim), dtype=codec.dtype))
+    for i, part in enumerate(probe):
+        out[f"{name}.{i}"] = ((batch, rows, *part.shape[2:]), part.dtype)
 
 
 class CompressorState:
@@ -86,6 +101,20 @@ class CompressorState:
         if self.n_entries:
             for i, p in enumerate(self.parts()):
                 out[f"{prefix}.entries.{i}"] = p
+
+    def layout(self, prefix: str, ratio: int, offset: int, batch: int, activation_dtype, out: Layout) -> None:
+        """What ``to_state`` stores after ``offset`` tokens went through a compressor of ``ratio``."""
+        if not offset:
+            return
+        d = self.codec.head_dim
+        width = compressor_width(ratio, d)
+        out[f"{prefix}.pending_kv"] = ((batch, offset % ratio, width), activation_dtype)
+        out[f"{prefix}.pending_gate"] = ((batch, offset % ratio, width), mx.float32)
+        if width > d and offset >= ratio:  # overlapping windows keep the last closed one's Ca half
+            out[f"{prefix}.prev_kv"] = ((batch, ratio, d), activation_dtype)
+            out[f"{prefix}.prev_gate"] = ((batch, ratio, d), mx.float32)
+        if offset // ratio:
+            _parts_layout(self.codec, f"{prefix}.entries", batch, offset // ratio, out)
 
     def load_state(self, prefix: str, arrays: dict) -> None:
         for f in self._RAW:
@@ -157,6 +186,16 @@ class LayerCache:
             if state is not None:
                 state.to_state(f"{prefix}.{name}", out)
 
+    def layout(self, prefix: str, offset: int, batch: int, activation_dtype, out: Layout) -> None:
+        """What ``to_state`` stores after ``offset`` tokens."""
+        if offset:
+            rows = offset if self.keep_all_rows else self.sliding_window
+            _parts_layout(self.kv_codec, f"{prefix}.ring", batch, rows, out)
+        for name in ("compressor", "indexer"):
+            state = getattr(self, name)
+            if state is not None:
+                state.layout(f"{prefix}.{name}", self.ratio, offset, batch, activation_dtype, out)
+
     def load_state(self, prefix: str, arrays: dict, offset: int) -> None:
         self.offset = offset
         ring, i = [], 0
@@ -204,7 +243,57 @@ class ModelCache:
         }
         return arrays, meta
 
+    def layout(self, offset: int, batch: int = 1, activation_dtype=None) -> Layout:
+        """The name, shape and dtype of every array ``to_state`` returns after ``offset`` tokens
+        of a batch of ``batch`` sequences. ``activation_dtype``: that of the hidden states the
+        compressors project (default: the dtype the kv codec decodes to, the model's)."""
+        if activation_dtype is None and self.layers:
+            activation_dtype = self.layers[0].kv_codec.dtype
+        out = {}
+        for i, layer in enumerate(self.layers):
+            layer.layout(f"layers.{i}", offset, batch, activation_dtype, out)
+        return out
+
+    def check_state(self, arrays: dict, meta: dict, batch: int = 1, activation_dtype=None) -> int:
+        """Raise ``ValueError`` naming the first way (arrays, meta) differ from what ``to_state``
+        gives for this cache (see ``layout``); the offset they hold otherwise."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"the cache metadata must be an object, got {type(meta).__name__}")
+        expected_meta = ("offset", "ratios", "kv_dtype", "index_dtype")
+        unknown = sorted(str(k) for k in meta if k not in expected_meta)
+        if unknown:
+            raise ValueError(f"unknown cache metadata field(s): {', '.join(unknown)}")
+        for key in expected_meta:
+            if not isinstance(meta.get(key), str):
+                raise ValueError(f"cache metadata field {key!r} must be a string, got {meta.get(key)!r}")
+        if meta["ratios"] != self._signature():
+            raise ValueError(
+                f"cache was saved for layer schedule [{meta['ratios']}], this model has [{self._signature()}]"
+            )
+        for key in ("kv_dtype", "index_dtype"):
+            if meta[key] != getattr(self, key):
+                raise ValueError(f"cache was saved with {key}={meta[key]!r}, this cache uses {getattr(self, key)!r}")
+        if not re.fullmatch(r"0|[1-9][0-9]{0,17}", meta["offset"]):
+            raise ValueError(f"cache metadata field 'offset' must be a token count, got {meta['offset']!r}")
+        offset = int(meta["offset"])
+        expected = self.layout(offset, batch, activation_dtype)
+        missing = [k for k in expected if k not in arrays]
+        if missing:
+            raise ValueError(f"array {missing[0]} is missing (a cache of {offset} tokens has {len(expected)} arrays)")
+        unexpected = sorted(str(k) for k in arrays if k not in expected)
+        if unexpected:
+            raise ValueError(f"unexpected array {unexpected[0]} (a cache of {offset} tokens has {len(expected)} arrays)")
+        for name, (shape, dtype) in expected.items():
+            value = arrays[name]
+            if not isinstance(value, mx.array):
+                raise ValueError(f"array {name} is a {type(value).__name__}, not an MLX array")
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                raise ValueError(f"array {name} has shape {tuple(value.shape)} and dtype {_dtype_name(value.dtype)}; "
+                                 f"a cache of {offset} tokens holds shape {shape} and dtype {_dtype_name(dtype)} there")
+        return offset
+
     def load_state(self, arrays: dict, meta: dict) -> None:
+        """Restore what ``to_state`` returned (``check_state`` checks arrays from elsewhere)."""
         if meta.get("ratios") != self._signature():
             raise ValueError(
                 f"cache was saved for layer schedule [{meta.get('ratios')}], this model has [{self._signature()}]"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,11 +30,13 @@ from .sizes import format_bytes
 _sample_utils = import_mlx_lm("sample_utils")
 make_logits_processors, make_sampler = _sample_utils.make_logits_processors, _sample_utils.make_sampler
 
-PROMPT_CACHE_FORMAT = "mlx-dsv4-prompt-cache/1"
+_PROMPT_CACHE_FAMILY = "mlx-dsv4-prompt-cache/"
+PROMPT_CACHE_FORMAT = _PROMPT_CACHE_FAMILY + "2"  # 2: a checksum of the arrays
 
 
 class PromptCacheError(ValueError):
-    """A prompt cache does not belong to this model or does not fit this prompt."""
+    """A prompt cache (or its file) does not belong to this model, does not fit this prompt, or
+    cannot be read or written."""
 
 
 class KVCacheLimitError(ValueError):
@@ -190,10 +193,7 @@ class PromptCache:
         if self.fingerprint is None:
             self.fingerprint = fingerprint
         elif self.fingerprint != fingerprint:
-            raise PromptCacheError(
-                f"this prompt cache was made with a different model (fingerprint {self.fingerprint}, "
-                f"this model is {fingerprint}); delete it or use the model it was made with"
-            )
+            raise PromptCacheError(_different_model(self.fingerprint, fingerprint))
 
     def match(self, ids: Sequence[int]) -> Optional[_Snapshot]:
         """The longest snapshot whose tokens are a proper prefix of ``ids``."""
@@ -245,6 +245,11 @@ class PromptCache:
         return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _different_model(cached: str, model: str) -> str:
+    return (f"this prompt cache was made with a different model (fingerprint {cached}, "
+            f"this model is {model}); delete it or use the model it was made with")
+
+
 def _common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -254,10 +259,34 @@ def _common_prefix(a, b) -> int:
     return n
 
 
+def _arrays_checksum(arrays: dict) -> str:
+    """SHA-256 of every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        value = arrays[name]
+        dtype = str(value.dtype).rsplit(".", 1)[-1]
+        h.update(f"{name}:{dtype}:{tuple(value.shape)};".encode())
+        view = memoryview(value)
+        h.update(view if view.c_contiguous else view.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _activation_dtype(model):
+    """The dtype of the hidden states the model's compressors see (a quantised embedding gives
+    that of its scales); None when the model has no embedding to ask."""
+    embed = getattr(model, "embed", None)
+    return embed(mx.zeros((1, 1), dtype=mx.int32)).dtype if embed is not None else None
+
+
 def save_prompt_cache(path, prompt_cache: PromptCache, metadata: Optional[dict] = None) -> None:
-    """Write the snapshots of ``prompt_cache`` (arrays, token prefixes, model fingerprint)."""
+    """Write the snapshots of ``prompt_cache`` (arrays, token prefixes, model fingerprint,
+    checksum) to ``path``, replacing it only once the whole file is written.
+
+    Raises ``PromptCacheError`` naming the file when it cannot be written."""
     if not prompt_cache.snapshots:
         raise PromptCacheError("the prompt cache is empty: nothing to save")
+    if not prompt_cache.fingerprint:
+        raise PromptCacheError("the prompt cache has no model fingerprint: it was never used with a model")
     arrays, index = {}, []
     for i, s in enumerate(prompt_cache.snapshots):
         for name, value in s.arrays.items():
@@ -269,49 +298,134 @@ def save_prompt_cache(path, prompt_cache: PromptCache, metadata: Optional[dict] 
         extra.update(metadata)
     header = {
         "format": PROMPT_CACHE_FORMAT,
-        "fingerprint": prompt_cache.fingerprint or "",
+        "fingerprint": prompt_cache.fingerprint,
+        "checksum": _arrays_checksum(arrays),
         "snapshots": json.dumps(index),
         "metadata": json.dumps(extra),
     }
-    path = str(path)
-    if not path.endswith(".safetensors"):
-        # mx.save_safetensors appends the suffix; write to the exact name asked for.
-        tmp = path + ".tmp.safetensors"
-        mx.save_safetensors(tmp, arrays, metadata=header)
-        Path(tmp).replace(path)
-    else:
-        mx.save_safetensors(path, arrays, metadata=header)
+    path = Path(path)
+    # Written next to the target, so that the final rename cannot cross file systems.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            mx.save_safetensors(f, arrays, metadata=header)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
+            reason = f"the folder {path.parent} does not exist"
+        else:
+            reason = getattr(e, "strerror", None) or str(e)
+        raise PromptCacheError(f"{path}: cannot write the prompt cache: {reason}") from None
+
+
+def _json_field(header: dict, name: str, kind: type):
+    text = header.get(name)
+    if text is None:
+        raise PromptCacheError(f"the header has no {name!r} field")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise PromptCacheError(f"the header field {name!r} is not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise PromptCacheError(f"the header field {name!r} must hold a JSON {'list' if kind is list else 'object'}, "
+                               f"got {type(value).__name__}")
+    return value
+
+
+def _read_snapshots(arrays: dict, index: list, model) -> List[_Snapshot]:
+    """The snapshots of a prompt-cache file, each checked against the cache ``model`` makes."""
+    if not index:
+        raise PromptCacheError("the file holds no snapshots")
+    groups = [{} for _ in index]
+    for name, value in arrays.items():
+        number, dot, rest = name.partition(".")
+        if not (dot and number.isdigit() and number == str(int(number)) and int(number) < len(index)):
+            raise PromptCacheError(f"unexpected array {name!r}: the header lists {len(index)} snapshot(s)")
+        groups[int(number)][rest] = value
+    vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
+    activation_dtype = _activation_dtype(model)
+    snapshots = []
+    for i, (entry, own) in enumerate(zip(index, groups)):
+        where = f"snapshot {i}"
+        if not isinstance(entry, dict) or set(entry) != {"n_tokens", "meta"}:
+            raise PromptCacheError(f"{where}: expected an object with the fields n_tokens and meta, got {entry!r:.200}")
+        n_tokens = entry["n_tokens"]
+        if not _is_integer(n_tokens) or n_tokens < 0:
+            raise PromptCacheError(f"{where}: n_tokens must be a token count, got {n_tokens!r}")
+        tokens = own.pop("__tokens__", None)
+        if tokens is None:
+            raise PromptCacheError(f"{where}: array {i}.__tokens__ is missing")
+        if tokens.dtype != mx.int32 or tuple(tokens.shape) != (max(n_tokens, 1),):
+            raise PromptCacheError(f"{where}: array {i}.__tokens__ has shape {tuple(tokens.shape)} and dtype "
+                                   f"{tokens.dtype}, expected ({max(n_tokens, 1)},) and int32 for {n_tokens} tokens")
+        tokens = tokens.tolist()[:n_tokens]
+        if vocab_size and any(not 0 <= t < vocab_size for t in tokens):
+            bad = next(t for t in tokens if not 0 <= t < vocab_size)
+            raise PromptCacheError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+        try:
+            offset = model.make_cache().check_state(own, entry["meta"], batch=1, activation_dtype=activation_dtype)
+        except ValueError as e:
+            raise PromptCacheError(f"{where}: {e}") from None
+        if offset != n_tokens:
+            raise PromptCacheError(f"{where}: the cache holds {offset} tokens but n_tokens is {n_tokens}")
+        snapshots.append(_Snapshot(tokens, own, dict(entry["meta"]), i))
+    return snapshots
 
 
 def load_prompt_cache(path, model, *, strict: bool = True, max_snapshots: int = 4) -> PromptCache:
     """Read a file written by ``save_prompt_cache`` for ``model``.
 
-    Raises ``PromptCacheError`` when the file is not a prompt cache or was made with a
-    different model. The returned cache is ``strict``: a prompt that does not extend one
-    of its prefixes is rejected when it is used.
+    Raises ``PromptCacheError`` naming the file and the problem when it is not a prompt
+    cache, was made with another model or is damaged (its header, or an array that does not
+    match the checksum or the shape and dtype ``model``'s cache holds there). The returned
+    cache is ``strict``: a prompt that does not extend one of its prefixes is rejected when
+    it is used.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PromptCacheError(f"{path}: no such prompt cache file")
+    if not path.is_file():
+        raise PromptCacheError(f"{path}: not a file")
     try:
         arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:
         raise PromptCacheError(f"{path}: not a readable safetensors file ({e})") from None
-    if header.get("format") != PROMPT_CACHE_FORMAT:
-        raise PromptCacheError(f"{path}: not an mlx-dsv4 prompt cache (format {header.get('format')!r})")
-    pc = PromptCache(max_snapshots=max(max_snapshots, 1), strict=strict)
-    pc.fingerprint = header.get("fingerprint") or None
-    pc.check_model(model)
-    pc.metadata = json.loads(header.get("metadata", "{}"))
-    index = json.loads(header["snapshots"])
-    pc.max_snapshots = max(pc.max_snapshots, len(index))
-    for i, entry in enumerate(index):
-        prefix = f"{i}."
-        own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        tokens = own.pop("__tokens__").tolist()[: entry["n_tokens"]]
-        snapshot = _Snapshot(tokens, own, entry["meta"], i)
-        pc.restore(snapshot, model)  # validates the layer schedule now rather than at first use
-        pc.snapshots.append(snapshot)
+    try:
+        file_format = header.get("format")
+        if file_format != PROMPT_CACHE_FORMAT:
+            if isinstance(file_format, str) and file_format.startswith(_PROMPT_CACHE_FAMILY):
+                raise PromptCacheError(f"written in format {file_format!r}, this version reads "
+                                       f"{PROMPT_CACHE_FORMAT!r}; delete it to make a new one")
+            raise PromptCacheError(f"not an mlx-dsv4 prompt cache (format {file_format!r})")
+        fingerprint, expected = header.get("fingerprint"), model_fingerprint(model)
+        if not fingerprint:
+            raise PromptCacheError("the file names no model fingerprint, so it cannot be checked against this "
+                                   "model; delete it to make a new one")
+        if fingerprint != expected:
+            raise PromptCacheError(_different_model(fingerprint, expected))
+        index = _json_field(header, "snapshots", list)
+        metadata = _json_field(header, "metadata", dict)
+        checksum = header.get("checksum")
+        if not checksum:
+            raise PromptCacheError("the header has no 'checksum' field")
+        try:
+            actual = _arrays_checksum(arrays)
+        except (RuntimeError, ValueError) as e:
+            raise PromptCacheError(f"cannot read the arrays ({e})") from None
+        if actual != checksum:
+            raise PromptCacheError("the arrays do not match the checksum in the header: the file is damaged")
+        snapshots = _read_snapshots(arrays, index, model)
+    except PromptCacheError as e:
+        raise PromptCacheError(f"{path}: {e}") from None
+    pc = PromptCache(max_snapshots=max(max_snapshots, len(snapshots), 1), strict=strict)
+    pc.fingerprint = expected
+    pc.metadata = metadata
+    pc.snapshots = snapshots
+    pc._clock = len(snapshots)
     return pc
 
 
@@ -353,10 +467,13 @@ def check_stop_strings(stop: Sequence[str]) -> None:
 
 
 def check_sampling_parameters(model, *, max_tokens=256, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
-                              repetition_penalty=None, repetition_context_size=20, seed=None, stop=()) -> None:
+                              repetition_penalty=None, repetition_context_size=20, seed=None, stop=(),
+                              vocab_size=None) -> None:
     """Raise ``GenerationParameterError`` naming the first parameter ``stream_generate`` cannot use
-    with ``model`` (``top_k`` must stay below its vocabulary size)."""
-    vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
+    with ``model`` (``top_k`` must stay below its vocabulary size). ``model`` may be None when
+    ``vocab_size`` is given, e.g. read from the config before the weights are loaded."""
+    if vocab_size is None:
+        vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
     top_k_range = f"an integer in [0, {vocab_size})" if vocab_size else "a non-negative integer"
     checks = (
         ("max_tokens", max_tokens, _is_integer(max_tokens) and max_tokens >= 1, "a positive integer"),

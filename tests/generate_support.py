@@ -29,3 +29,27 @@ def tiny_chat_model(seed: int = 0):
     from mlx_dsv4 import load
 
     return load(tiny_chat_dir(seed))
+
+
+# (flags, the error message that names them) for sampling flags generation cannot use
+BAD_SAMPLING_FLAGS = [
+    (["--top-k", "999999"], r"--top-k must be an integer in \[0, 129280\) \(0 turns top-k off\), got 999999"),
+    (["--top-p", "0"], r"--top-p must be a number in \(0, 1\], got 0.0"),
+    (["--top-p", "1.5"], r"--top-p must be a number in \(0, 1\], got 1.5"),
+    (["--temp", "-1"], r"--temp must be a finite number >= 0, got -1.0"),
+    (["--temp", "nan"], r"--temp must be a finite number >= 0, got nan"),
+    (["--max-tokens", "0"], r"--max-tokens must be a positive integer, got 0"),
+    (["--min-p", "2"], r"--min-p must be a number in \[0, 1\], got 2.0"),
+    (["--repetition-penalty", "0"], r"--repetition-penalty must be .* > 0, got 0.0"),
+    (["--seed", "-1"], r"--seed must be .*, got -1"),
+    (["--stop", "x"] * 17, r"--stop may hold at most 16 strings, got 17"),
+    (["--stop", "x" * 1025], r"--stop strings may be at most 1024 characters long, item 0 has 1025"),
+]
+
+
+def config_only_dir(tmp_path) -> Path:
+    """A checkpoint directory with the tiny model's config and no weights: loading it fails."""
+    model_dir = tmp_path / "config-only"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_bytes((tiny_chat_dir() / "config.json").read_bytes())
+    return model_dir

@@ -3,12 +3,13 @@
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from generate_support import tiny_chat_dir, tiny_chat_model
+from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, tiny_chat_dir, tiny_chat_model
 from mlx_dsv4.chat import encode_messages
 
 pexpect = pytest.importorskip("pexpect")
@@ -124,3 +125,108 @@ def test_ctrl_c_at_the_prompt_and_bad_files(tmp_path):
     command(child, f"/save {tmp_path / 'x.cache'}", r"nothing to save yet")
     child.sendline("/quit")
     child.expect(pexpect.EOF)
+
+
+def rewritten(source, target, **header_fields):
+    """A copy of the prompt-cache file `source` with some header fields replaced."""
+    import mlx.core as mx
+
+    arrays, header = mx.load(str(source), format="safetensors", return_metadata=True)
+    mx.save_safetensors(str(target), arrays, metadata=dict(header, **header_fields))
+    return target
+
+
+def test_failed_commands_keep_the_conversation(tmp_path):
+    saved = tmp_path / "conversation.safetensors"
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    child = spawn(tmp_path, "--max-tokens", "8")
+    new, cached, generated, _ = turn(child, "Hello there")
+    total = new + cached + generated
+    command(child, f"/save {saved}", r"\[saved 2 messages")
+
+    missing = tmp_path / "missing" / "x.cache"
+    command(child, f"/save {missing}", rf"error: {missing}: cannot write the prompt cache: "
+                                       rf"the folder {missing.parent} does not exist")
+    command(child, f"/save {tmp_path}", rf"error: {tmp_path}: cannot write the prompt cache")
+    broken = rewritten(saved, tmp_path / "broken.safetensors", snapshots="[{")
+    command(child, f"/load {broken}", rf"error: {broken}: the header field 'snapshots' is not valid JSON")
+    unknown = rewritten(saved, tmp_path / "unknown.safetensors", fingerprint="")
+    command(child, f"/load {unknown}", rf"error: {unknown}: the file names no model fingerprint")
+    truncated = tmp_path / "truncated.cache"
+    truncated.write_bytes(saved.read_bytes()[:-100])
+    command(child, f"/load {truncated}", rf"error: {truncated}: ")
+    for name, state in [("no_list", {"messages": "Hi"}), ("bad_role", {"messages": [{"role": "robot"}]}),
+                        ("list_role", {"messages": [{"role": ["user"]}]}),
+                        ("bad_mode", {"messages": [], "thinking": ["think"]}), ("no_object", ["Hi"])]:
+        bad = rewritten(saved, tmp_path / f"{name}.safetensors", metadata=json.dumps({"chat": state}))
+        command(child, f"/load {bad}", rf"error: {bad}: ")
+    command(child, f"/tools {deep}", rf"error: {deep}: not valid JSON")
+    command(child, f"/tools {tmp_path / 'none.json'}", rf"error: {tmp_path / 'none.json'}: cannot read it")
+    command(child, f"/tools {tmp_path}", rf"error: {tmp_path}: cannot read it")
+
+    # The next turn extends the first: its messages and its cache are still there.
+    new, cached, _, _ = turn(child, "And again")
+    assert cached == total
+    assert new == n_tokens(EOS + USER + "And again" + ASSISTANT + "</think>")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_a_history_file_that_cannot_be_written_is_reported(tmp_path):
+    history = tmp_path / "missing" / "history"
+    env = dict(os.environ, HOME=str(tmp_path))
+    child = pexpect.spawn(MLX_DSV4, ["chat", "--model", str(tiny_chat_dir()), "--history-file", str(history)],
+                          encoding="utf-8", timeout=60, env=env, dimensions=(40, 250))
+    child.expect(">>> ")
+    child.sendline("/quit")
+    child.expect(rf"error: cannot write the history file {history}: the folder {history.parent} does not exist")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("flags,message", BAD_SAMPLING_FLAGS)
+def test_bad_sampling_flags_are_refused_before_loading(tmp_path, capsys, flags, message):
+    from mlx_dsv4.cli import main
+
+    code = main(["chat", "--model", str(config_only_dir(tmp_path)), *flags])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert re.fullmatch(f"error: {message}\n", err)
+
+
+def test_a_bad_tools_file_is_refused_before_loading(tmp_path, capsys):
+    from mlx_dsv4.cli import main
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    code = main(["chat", "--model", str(config_only_dir(tmp_path)), "--tools", str(deep)])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert err.startswith(f"error: --tools: {deep}: not valid JSON")
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path), PYTHONIOENCODING="utf-8:strict")
+    run = subprocess.run([MLX_DSV4, "chat", "--model", str(tiny_chat_dir()), "--max-tokens", "3"],
+                         input=b"Hello there\nh\xffi\nAnd again\n/quit\n", capture_output=True, env=env, timeout=120)
+    out = run.stdout.decode("utf-8", errors="replace")
+    assert run.returncode == 0, run.stderr.decode()
+    assert "error: the message is not UTF-8 text (character 1 comes from a byte that is not UTF-8)" in out
+    (new, cached, generated, _), (_, cached_next, _, _) = TURN_STATS.findall(out)
+    assert cached == "0" and int(cached_next) == int(new) + int(generated)
+
+
+@pytest.mark.parametrize("system,message", [
+    ("<｜User｜>", "--system: message 0, field 'content': contains the reserved protocol string"),
+    ("a\udcffb", "--system: not UTF-8 text (character 1 comes from a byte that is not UTF-8)"),
+])
+def test_a_bad_system_prompt_is_refused_before_loading(tmp_path, capsys, system, message):
+    from mlx_dsv4.cli import main
+
+    code = main(["chat", "--model", str(config_only_dir(tmp_path)), "--system", system])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")

@@ -1,5 +1,6 @@
 """`mlx-dsv4 generate` on the tiny random checkpoint: in-process, and on a terminal with pexpect."""
 
+import io
 import json
 import re
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from generate_support import tiny_chat_dir, tiny_chat_model
+from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, tiny_chat_dir, tiny_chat_model
 from mlx_dsv4.chat import encode_messages, parse_completion
 from mlx_dsv4.cli import main
 from mlx_dsv4.generate import generate
@@ -131,3 +132,68 @@ def test_terminal_output_dims_reasoning_shows_progress_and_stops_on_ctrl_c(model
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
+
+
+def test_prompt_cache_into_a_missing_folder_prints_the_answer_then_the_error(capsys, model_dir, tmp_path):
+    cache = tmp_path / "missing" / "system.cache"
+    code, out, err = run_cli(capsys, "--model", model_dir, "--prompt", "Name a bird.", "--max-tokens", "10",
+                             "--prompt-cache", str(cache))
+    assert code == 1
+    result, _ = api_reply([{"role": "user", "content": "Name a bird."}], 10)
+    assert out == parse_completion(result.text, "chat", strict=False)["content"] + "\n"
+    assert "generated 10 tokens" in err
+    assert err.endswith(f"error: --prompt-cache: {cache}: cannot write the prompt cache: "
+                        f"the folder {cache.parent} does not exist\n")
+    assert not cache.parent.exists()
+
+
+def test_a_damaged_prompt_cache_file_is_refused_before_generating(capsys, model_dir, tmp_path):
+    cache = tmp_path / "system.cache"
+    code, _, _ = run_cli(capsys, "--model", model_dir, "--prompt", "Name a heron.", "--max-tokens", "2",
+                         "--prompt-cache", str(cache))
+    assert code == 0
+    data = bytearray(cache.read_bytes())
+    data[-1000] ^= 0x01
+    cache.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "--model", model_dir, "--prompt", "Name a gull.", "--max-tokens", "2",
+                             "--prompt-cache", str(cache))
+    assert (code, out) == (1, "")
+    assert err == f"error: {cache}: the arrays do not match the checksum in the header: the file is damaged\n"
+
+
+@pytest.mark.parametrize("flags,message", BAD_SAMPLING_FLAGS)
+def test_bad_sampling_flags_are_refused_before_loading(capsys, tmp_path, flags, message):
+    code, out, err = run_cli(capsys, "--model", str(config_only_dir(tmp_path)), "--prompt", "Hi", *flags)
+    assert (code, out) == (2, "")
+    assert re.fullmatch(f"error: {message}\n", err)
+
+
+def test_bad_sampling_flags_are_refused_with_a_model(capsys, model_dir):
+    code, out, err = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--top-k", "129280")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: --top-k must be an integer in [0, 129280)")
+    code, _, _ = run_cli(capsys, "--model", model_dir, "--prompt", "Hi", "--top-k", "129279", "--max-tokens", "1")
+    assert code == 0
+
+
+def test_prefill_step_must_be_positive(capsys, model_dir):
+    with pytest.raises(SystemExit) as caught:
+        main(["generate", "--model", model_dir, "--prompt", "Hi", "--prefill-step", "0"])
+    assert caught.value.code == 2
+    assert "argument --prefill-step: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_prompt_and_system_that_are_not_utf8_are_refused(capsys, model_dir, monkeypatch):
+    undecodable = "a\udcffb"  # how Python passes on an argument byte that is not UTF-8
+    for flags, name in [(["--prompt", undecodable], "--prompt"), (["--prompt", "Hi", "--system", undecodable],
+                                                                   "--system")]:
+        code, out, err = run_cli(capsys, "--model", model_dir, *flags)
+        assert (code, out) == (2, "")
+        assert err == f"error: {name}: not UTF-8 text (character 1 comes from a byte that is not UTF-8)\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(undecodable))
+    code, out, err = run_cli(capsys, "--model", model_dir, "--prompt", "-")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: --prompt -: standard input: not UTF-8 text (character 1")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a\xffb"), encoding="utf-8", errors="strict"))
+    code, out, err = run_cli(capsys, "--model", model_dir, "--prompt", "-")
+    assert (code, out, err) == (2, "", "error: --prompt -: standard input is not UTF-8 text\n")

@@ -1,6 +1,7 @@
 """Prompt caches: reuse across turns, files, and the errors for caches that do not fit."""
 
 import dataclasses
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,6 +11,7 @@ from generate_support import tiny_chat_dir, tiny_chat_model
 from mlx_dsv4.generate import (
     PromptCache,
     PromptCacheError,
+    _arrays_checksum,
     generate,
     load_prompt_cache,
     save_prompt_cache,
@@ -215,3 +217,162 @@ def test_interrupted_prefill_resumes_where_it_stopped(mt, first_turn):
     resumed = generate(model, tok, first_turn, max_tokens=4, prompt_cache=pc)
     assert resumed.stats["cached_tokens"] == 32
     assert resumed.tokens == generate(model, tok, first_turn, max_tokens=4).tokens
+
+
+# -- damaged and foreign files -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(mt, first_turn, tmp_path_factory):
+    """(path of a valid file, its arrays, its header) for a cache of `first_turn`."""
+    model, tok = mt
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=3, prompt_cache=pc)
+    path = tmp_path_factory.mktemp("saved") / "turn.cache"
+    save_prompt_cache(path, pc)
+    arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+    return path, arrays, header
+
+
+def rewrite(tmp_path, arrays, header, *, resign=False):
+    """A file with `arrays` and the header fields `header`; resign: with the checksum of the
+    new arrays, so that only their layout is wrong."""
+    header = dict(header)
+    if resign:
+        header["checksum"] = _arrays_checksum(arrays)
+    path = tmp_path / "edited.safetensors"
+    mx.save_safetensors(str(path), arrays, metadata=header)
+    return path
+
+
+def refused(path, model, match):
+    with pytest.raises(PromptCacheError, match=match) as caught:
+        load_prompt_cache(path, model)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def with_snapshot_field(header, i, **changes):
+    index = json.loads(header["snapshots"])
+    for key, value in changes.items():
+        if key in index[i]["meta"]:
+            index[i]["meta"][key] = value
+        else:
+            index[i][key] = value
+    return dict(header, snapshots=json.dumps(index))
+
+
+def test_a_file_without_a_fingerprint_is_refused(mt, saved, tmp_path):
+    model, _ = mt
+    path, arrays, header = saved
+    refused(rewrite(tmp_path, arrays, dict(header, fingerprint="")), model, "names no model fingerprint")
+    refused(rewrite(tmp_path, arrays, {k: v for k, v in header.items() if k != "fingerprint"}), model,
+            "names no model fingerprint")
+    refused(rewrite(tmp_path, arrays, dict(header, fingerprint="0" * 32)), model, "different model")
+
+
+def test_damaged_header_fields_are_named(mt, saved, tmp_path):
+    model, _ = mt
+    path, arrays, header = saved
+    refused(rewrite(tmp_path, arrays, dict(header, metadata="{not json")), model,
+            "header field 'metadata' is not valid JSON")
+    refused(rewrite(tmp_path, arrays, dict(header, snapshots="[" * 100000)), model,
+            "header field 'snapshots' is not valid JSON")
+    refused(rewrite(tmp_path, arrays, dict(header, snapshots='{"n_tokens": 3}')), model, "must hold a JSON list")
+    refused(rewrite(tmp_path, arrays, dict(header, snapshots="[]")), model, "holds no snapshots")
+    fewer = json.dumps(json.loads(header["snapshots"])[:-1])
+    refused(rewrite(tmp_path, arrays, dict(header, snapshots=fewer)), model, r"unexpected array '1\.")
+    refused(rewrite(tmp_path, arrays, dict(header, format="mlx-dsv4-prompt-cache/1")), model,
+            "written in format 'mlx-dsv4-prompt-cache/1'.*delete it")
+    n_tokens = json.loads(header["snapshots"])[0]["n_tokens"]
+    for changes, match in [
+        (dict(offset="-1"), "'offset' must be a token count"),
+        (dict(offset="1e3"), "'offset' must be a token count"),
+        (dict(offset=7), "'offset' must be a string"),
+        (dict(offset=str(n_tokens + 1)), "array layers.1.compressor.pending_kv has shape"),
+        (dict(ratios="0,4"), "layer schedule"),
+        (dict(kv_dtype="bf16"), "kv_dtype='bf16'"),
+        (dict(n_tokens=5), r"__tokens__ has shape"),
+        (dict(n_tokens="40"), "n_tokens must be a token count"),
+        (dict(meta=[]), "metadata must be an object"),
+        (dict(extra=1), "expected an object with the fields n_tokens and meta"),
+    ]:
+        refused(rewrite(tmp_path, arrays, with_snapshot_field(header, 0, **changes)), model, match)
+
+
+def test_arrays_of_the_wrong_layout_are_named(mt, saved, tmp_path):
+    model, _ = mt
+    path, arrays, header = saved
+    name = "0.layers.1.compressor.entries.0"
+    for edited, match in [
+        (dict(arrays, **{name: arrays[name][:, :-1]}), f"array {name[2:]} has shape"),
+        (dict(arrays, **{name: arrays[name].astype(mx.float32)}), f"array {name[2:]} has shape .* dtype"),
+        ({k: v for k, v in arrays.items() if k != name}, f"array {name[2:]} is missing"),
+        (dict(arrays, **{"0.layers.0.compressor.pending_kv": mx.zeros((1, 1, 64))}),
+         "unexpected array layers.0.compressor.pending_kv"),
+        (dict(arrays, **{"5.layers.0.ring.0": arrays["0.layers.0.ring.0"]}), "unexpected array '5.layers.0.ring.0'"),
+        (dict(arrays, **{"0.__tokens__": arrays["0.__tokens__"] + 10**7}), "outside the vocabulary"),
+        (dict(arrays, **{"0.__tokens__": arrays["0.__tokens__"][:-1]}), "__tokens__ has shape"),
+    ]:
+        refused(rewrite(tmp_path, edited, header, resign=True), model, match)
+        refused(rewrite(tmp_path, edited, header), model, "do not match the checksum")
+
+
+def test_truncated_and_flipped_files_are_refused(mt, saved, tmp_path):
+    model, _ = mt
+    path, _, _ = saved
+    data = path.read_bytes()
+    damaged = tmp_path / "damaged.cache"
+    for cut in (0, 7, 100, len(data) // 2, len(data) - 1):
+        damaged.write_bytes(data[:cut])
+        refused(damaged, model, "not a readable safetensors file")
+    flipped = bytearray(data)
+    flipped[-1000] ^= 0x10  # inside the array data
+    damaged.write_bytes(bytes(flipped))
+    refused(damaged, model, "do not match the checksum")
+    refused(tmp_path, model, "not a file")
+
+
+def test_saving_into_a_missing_folder_names_it_and_leaves_nothing(mt, saved, tmp_path):
+    model, _ = mt
+    path, _, _ = saved
+    pc = load_prompt_cache(path, model)
+    target = tmp_path / "missing" / "turn.cache"
+    with pytest.raises(PromptCacheError, match=f"{target}: cannot write .*folder {target.parent} does not exist"):
+        save_prompt_cache(target, pc)
+    with pytest.raises(PromptCacheError, match=f"{tmp_path}: cannot write"):
+        save_prompt_cache(tmp_path, pc)  # a folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    save_prompt_cache(tmp_path / "turn.cache", pc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["turn.cache"]
+
+
+@pytest.mark.parametrize("kv_dtype,index_dtype,naive", [("fp8", "fp4", False), ("bf16", "fp8", False),
+                                                         ("float", "bf16", True)])
+def test_layout_is_what_to_state_holds(mt, kv_dtype, index_dtype, naive):
+    model, _ = mt
+    cache = model.make_cache(kv_dtype, index_dtype, naive=naive)
+    offset = 0
+    for chunk in (1, 2, 1, 5, 120, 1, 3, 130):
+        model(mx.array([[7] * chunk]), cache=cache)
+        offset += chunk
+        arrays, meta = cache.to_state()
+        assert {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()} == cache.layout(offset)
+        assert cache.check_state(arrays, meta) == offset
+
+
+def test_a_quantised_embedding_keeps_its_files_loadable(mt, first_turn, tmp_path):
+    """A float32 model whose embedding is quantised computes in float32 (the scales' dtype),
+    which its cache files hold: they load and continue as the uncached run does."""
+    _, tok = mt
+    model = load_model(tiny_chat_dir())
+    nn.quantize(model, class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding))
+                and m.weight.shape[-1] % 64 == 0)
+    assert model.dtype == mx.bfloat16
+    pc = PromptCache(model)
+    generate(model, tok, first_turn, max_tokens=3, prompt_cache=pc)
+    save_prompt_cache(tmp_path / "q.cache", pc)
+    restored = load_prompt_cache(tmp_path / "q.cache", model)
+    extended = first_turn + tok.encode("<｜User｜>More<｜Assistant｜></think>")
+    result = generate(model, tok, extended, max_tokens=4, prompt_cache=restored)
+    assert result.stats["cached_tokens"] == len(first_turn) - 1
+    assert result.tokens == generate(model, tok, extended, max_tokens=4).tokens

@@ -1,6 +1,7 @@
 """Sampling flags and request fields reach generation through one mapping (SamplingParams)."""
 
 import inspect
+import re
 
 import pytest
 
@@ -48,3 +49,15 @@ def test_serve_flags_are_the_defaults_of_requests():
     sampling = parse_sampling(body, defaults, max_tokens_names=("max_tokens",))
     assert sampling.generate_kwargs() == dict(FROM_FLAGS, max_tokens=3, temperature=1.0, top_k=2, seed=4, stop=("x",))
     assert sampling.max_tokens_given
+
+
+def test_serve_refuses_bad_default_sampling_before_loading(tmp_path, capsys):
+    from generate_support import BAD_SAMPLING_FLAGS, config_only_dir
+    from mlx_dsv4.cli import main
+
+    model_dir = config_only_dir(tmp_path)  # loading it would fail: the check comes first
+    for flags, message in BAD_SAMPLING_FLAGS:
+        if flags[0] in ("--seed", "--stop"):  # set per request only
+            continue
+        assert main(["serve", "--model", str(model_dir), *flags]) == 2
+        assert re.fullmatch(f"error: {message}\n", capsys.readouterr().err)

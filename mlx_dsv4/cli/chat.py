@@ -6,7 +6,14 @@ import sys
 from pathlib import Path
 
 from ..sizes import format_bytes
-from .common import THINKING, add_generation_arguments, add_model_argument, sampling_from_args
+from .common import (
+    THINKING,
+    add_generation_arguments,
+    add_model_argument,
+    check_sampling_flags,
+    sampling_from_args,
+    text_problem,
+)
 
 HELP = """commands:
   /think [chat|think|think-max]  toggle reasoning (or pick a mode)
@@ -33,14 +40,25 @@ def add_arguments(p):
 
 
 def load_tools(path) -> list:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """The OpenAI tool definitions in the JSON file ``path``; ValueError naming the file and the problem."""
+    from ..chat import ChatFormatError, render_tools_block
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict) and "tools" in data:
         data = data["tools"]
     if not isinstance(data, list):
-        raise ValueError("expected a JSON list of tools (or an object with a 'tools' list)")
-    from ..chat import render_tools_block
-
-    render_tools_block(data)  # validates
+        raise ValueError(f"{path}: expected a JSON list of tools (or an object with a 'tools' list)")
+    try:
+        render_tools_block(data)  # validates
+    except ChatFormatError as e:
+        raise ValueError(f"{path}: {e}") from None
     return data
 
 
@@ -48,8 +66,43 @@ def _tool_name(tool):
     return tool.get("function", tool).get("name", "?")
 
 
+def _conversation(system, tools, messages) -> list:
+    head = [{"role": "system", "content": system}] if system else []
+    if tools and not head:
+        head = [{"role": "system", "content": ""}]
+    if head and tools:
+        head[0]["tools"] = tools
+    return head + messages
+
+
+def _saved_conversation(state, mode) -> dict:
+    """The conversation /save stored (messages, system, thinking mode, default ``mode``, and
+    tools), checked: ValueError names what is wrong."""
+    from ..chat import ChatFormatError, encode_messages
+
+    if not isinstance(state, dict):
+        raise ValueError(f"the saved conversation must be an object, got {type(state).__name__}")
+    messages, system = state.get("messages"), state.get("system")
+    thinking, tools = state.get("thinking", mode), state.get("tools")
+    if not isinstance(messages, list):
+        raise ValueError(f"the saved messages must be a list, got {type(messages).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"the saved system prompt must be text, got {type(system).__name__}")
+    if not isinstance(thinking, str) or thinking not in THINKING:
+        raise ValueError(f"unknown saved thinking mode {thinking!r}")
+    thinking_mode, effort = THINKING[thinking]
+    conversation = _conversation(system, tools, messages)
+    try:
+        if conversation:
+            encode_messages(conversation, thinking_mode=thinking_mode, reasoning_effort=effort,
+                            add_generation_prompt=False)
+    except ChatFormatError as e:
+        raise ValueError(f"the saved conversation cannot be encoded: {e}") from None
+    return {"messages": messages, "system": system, "thinking": thinking, "tools": tools}
+
+
 class ChatSession:
-    def __init__(self, model, tokenizer, args, out=None, err=None):
+    def __init__(self, model, tokenizer, args, out=None, err=None, tools=None):
         from ..generate import PromptCache
 
         self.model, self.tokenizer, self.args = model, tokenizer, args
@@ -57,7 +110,7 @@ class ChatSession:
         self.err = err or sys.stderr
         self.mode = args.thinking
         self.system = args.system
-        self.tools = load_tools(args.tools) if args.tools else None
+        self.tools = tools
         self.messages = []
         self.prompt_cache = PromptCache(model, max_snapshots=3)
 
@@ -66,12 +119,7 @@ class ChatSession:
         self.out.flush()
 
     def conversation(self):
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        if self.tools and not head:
-            head = [{"role": "system", "content": ""}]
-        if head and self.tools:
-            head[0]["tools"] = self.tools
-        return head + self.messages
+        return _conversation(self.system, self.tools, self.messages)
 
     # -- commands ------------------------------------------------------------
 
@@ -104,7 +152,7 @@ class ChatSession:
         return True
 
     def save(self, path):
-        from ..generate import save_prompt_cache
+        from ..generate import PromptCacheError, save_prompt_cache
 
         if not path:
             self.say("usage: /save FILE")
@@ -115,7 +163,7 @@ class ChatSession:
         state = {"messages": self.messages, "system": self.system, "thinking": self.mode, "tools": self.tools}
         try:
             save_prompt_cache(path, self.prompt_cache, metadata={"chat": state})
-        except OSError as e:
+        except PromptCacheError as e:
             self.say(f"error: {e}")
             return
         tokens = len(self.prompt_cache.tokens)
@@ -129,19 +177,23 @@ class ChatSession:
             return
         try:
             pc = load_prompt_cache(path, self.model, strict=False)
-        except (PromptCacheError, OSError) as e:
+        except PromptCacheError as e:
             self.say(f"error: {e}")
             return
-        state = pc.metadata.get("chat")
-        if not state:
+        if "chat" not in pc.metadata:
             self.say(f"error: {path} holds a prompt cache but no conversation (not saved by /save)")
+            return
+        try:
+            state = _saved_conversation(pc.metadata["chat"], self.mode)
+        except ValueError as e:
+            self.say(f"error: {path}: {e}")
             return
         pc.max_snapshots = max(pc.max_snapshots, 3)
         self.prompt_cache = pc
         self.messages = state["messages"]
-        self.system = state.get("system")
-        self.mode = state.get("thinking", self.mode)
-        self.tools = state.get("tools")
+        self.system = state["system"]
+        self.mode = state["thinking"]
+        self.tools = state["tools"]
         self.say(f"[loaded {len(self.messages)} messages and a cache of {len(pc.tokens)} tokens; "
                  f"thinking mode {self.mode}]")
 
@@ -152,7 +204,7 @@ class ChatSession:
         elif rest:
             try:
                 self.tools = load_tools(rest)
-            except Exception as e:  # unreadable file, bad JSON, invalid schema: all reported the same way
+            except ValueError as e:
                 self.say(f"error: {e}")
                 return
             self.say(f"[{len(self.tools)} tool(s): {', '.join(_tool_name(t) for t in self.tools)}]")
@@ -170,6 +222,10 @@ class ChatSession:
         from ..console import ProgressBar, Renderer, prefix_length
         from ..generate import KVCacheLimitError, PromptCacheError, fit_messages, stream_generate
 
+        problem = text_problem(user_text)
+        if problem:
+            self.say(f"error: the message is {problem}; nothing was sent")
+            return
         thinking_mode, effort = THINKING[self.mode]
         options = dict(thinking_mode=thinking_mode, reasoning_effort=effort)
         self.messages.append({"role": "user", "content": user_text})
@@ -237,15 +293,20 @@ def _setup_readline(history_file):
     path = Path(history_file or os.environ.get("MLX_DSV4_HISTORY", Path.home() / ".mlx_dsv4_history"))
     try:
         readline.read_history_file(str(path))
-    except OSError:
-        pass
+    except FileNotFoundError:
+        pass  # the first session
+    except OSError as e:
+        print(f"error: cannot read the history file {path}: {e.strerror or e}", file=sys.stderr)
     readline.set_history_length(1000)
 
     def save():
         try:
             readline.write_history_file(str(path))
-        except OSError:
-            pass
+        except OSError as e:
+            reason = e.strerror or str(e)
+            if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
+                reason = f"the folder {path.parent} does not exist"
+            print(f"error: cannot write the history file {path}: {reason}", file=sys.stderr)
 
     return save
 
@@ -254,17 +315,39 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..loader import CheckpointError, load
 
+    problem = check_sampling_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        tools = load_tools(args.tools) if args.tools else None
+    except ValueError as e:
+        print(f"error: --tools: {e}", file=sys.stderr)
+        return 1
+    if args.system is not None:
+        from ..chat import ChatFormatError, encode_messages
+
+        problem = text_problem(args.system)
+        if problem is None:
+            try:
+                encode_messages([{"role": "system", "content": args.system}])
+            except ChatFormatError as e:
+                problem = str(e)
+        if problem:
+            print(f"error: --system: {problem}", file=sys.stderr)
+            return 2
     try:
         model, tokenizer = load(args.model)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    try:
-        session = ChatSession(model, tokenizer, args)
-    except (OSError, ValueError) as e:
-        print(f"error: --tools: {e}", file=sys.stderr)
-        return 1
+    session = ChatSession(model, tokenizer, args, tools=tools)
     save_history = _setup_readline(args.history_file) if sys.stdin.isatty() else None
+    # A line that is not UTF-8 reaches the session (which refuses it, or takes it as a file
+    # name) instead of ending it, and file names echo back as they were typed.
+    for stream in (sys.stdin, sys.stdout):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     session.say(f"mlx-dsv4 chat: {args.model} | thinking mode {session.mode} | /help for commands")
     try:
         while True:

@@ -3,6 +3,7 @@
 import argparse
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional
 
 from ..sampling import SamplingParams
 from ..sizes import parse_size
@@ -11,6 +12,17 @@ from ..sizes import parse_size
 THINKING = {"chat": ("chat", None), "think": ("thinking", None), "think-max": ("thinking", "max")}
 
 DEFAULT_SAMPLING = SamplingParams(max_tokens=1024)  # generate and chat
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def size_argument(text: str) -> int:
@@ -45,7 +57,8 @@ def add_sampling_arguments(p, defaults: SamplingParams, *, per_run=True, title="
 
 
 def add_memory_arguments(p, *, what="prompts"):
-    p.add_argument("--prefill-step", type=int, default=2048, help="prompt tokens per prefill chunk (default 2048)")
+    p.add_argument("--prefill-step", type=positive_int, default=2048,
+                   help="prompt tokens per prefill chunk (default 2048)")
     p.add_argument("--max-kv-size", type=size_argument, default=None, metavar="SIZE",
                    help=f"memory guard: refuse {what} whose KV cache would exceed SIZE "
                         "(8G = 8GiB = 2^33 bytes, 8GB = 8*10^9 bytes, a plain number is bytes)")
@@ -63,3 +76,36 @@ def sampling_from_args(args) -> SamplingParams:
     if "stop" in given:
         given["stop"] = tuple(given["stop"])
     return SamplingParams(**given)
+
+
+def text_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not Unicode text the tokenizer takes, or None. Bytes that are not UTF-8
+    reach Python as lone surrogates (command-line arguments, standard input)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not UTF-8 text (character {e.start} comes from a byte that is not UTF-8)"
+    return None
+
+
+def sampling_flag(field: str) -> str:
+    """The flag of add_sampling_arguments whose destination is ``field``."""
+    return "--temp" if field == "temperature" else "--" + field.replace("_", "-")
+
+
+def check_sampling_flags(args) -> Optional[str]:
+    """The problem with the first sampling flag that generation cannot use, naming the flag, or
+    None. The vocabulary size (the bound of --top-k) comes from --model's config, so the check
+    needs no weights; a config that does not read leaves that bound to loading to report."""
+    from ..config import ConfigError, ModelArgs
+    from ..generate import GenerationParameterError, check_sampling_parameters
+
+    try:
+        vocab_size = ModelArgs.from_path(args.model).vocab_size
+    except (ConfigError, OSError):
+        vocab_size = None
+    try:
+        check_sampling_parameters(None, vocab_size=vocab_size, **sampling_from_args(args).generate_kwargs())
+    except GenerationParameterError as e:
+        return f"{sampling_flag(e.field)} {e.problem}"
+    return None

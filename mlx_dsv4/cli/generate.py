@@ -4,7 +4,14 @@ import json
 import sys
 from pathlib import Path
 
-from .common import THINKING, add_generation_arguments, add_model_argument, sampling_from_args
+from .common import (
+    THINKING,
+    add_generation_arguments,
+    add_model_argument,
+    check_sampling_flags,
+    sampling_from_args,
+    text_problem,
+)
 
 
 def add_arguments(p):
@@ -35,7 +42,21 @@ def run(args) -> int:
     )
     from ..loader import CheckpointError, load
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    problem = check_sampling_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    flag = "--prompt -: standard input" if args.prompt == "-" else "--prompt"
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    except UnicodeDecodeError:
+        print(f"error: {flag} is not UTF-8 text", file=sys.stderr)
+        return 2
+    for name, text in ((flag, prompt), ("--system", args.system)):
+        problem = text_problem(text) if text is not None else None
+        if problem:
+            print(f"error: {name}: {problem}", file=sys.stderr)
+            return 2
     thinking_mode, effort = THINKING[args.thinking]
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": prompt})
@@ -98,6 +119,10 @@ def run(args) -> int:
     if last is not None:
         print(stats_line(last, reason), file=sys.stderr)
     if prompt_cache is not None and not existed and len(prompt_cache):
-        save_prompt_cache(cache_file, prompt_cache)
+        try:
+            save_prompt_cache(cache_file, prompt_cache)
+        except PromptCacheError as e:
+            print(f"error: --prompt-cache: {e}", file=sys.stderr)
+            return 1
         print(f"saved prompt cache to {cache_file}", file=sys.stderr)
     return 130 if reason == "interrupted" else 0

@@ -4,7 +4,13 @@ import os
 import sys
 
 from ..sampling import SamplingParams
-from .common import add_memory_arguments, add_model_argument, add_sampling_arguments, sampling_from_args
+from .common import (
+    add_memory_arguments,
+    add_model_argument,
+    add_sampling_arguments,
+    check_sampling_flags,
+    sampling_from_args,
+)
 
 # for requests that do not set them
 DEFAULT_SAMPLING = SamplingParams(max_tokens=4096, temperature=0.6, top_p=0.95)
@@ -33,6 +39,10 @@ def run(args):
 
     if not args.model.is_dir():
         print(f"error: {args.model} is not a checkpoint directory", file=sys.stderr)
+        return 2
+    problem = check_sampling_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",

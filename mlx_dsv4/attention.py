@@ -15,6 +15,7 @@ from .layers import GroupedLinear, RMSNorm
 
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
+from .kvcodec import IndexCodec
 from .rope import Rope, inv_freq_for
 from .spec import compressor_width, has_indexer
 from .streams import on, parallel_streams, split_tokens
@@ -85,11 +86,11 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, self.head_dim, 4, args.rms_norm_eps)
 
-    def queries(self, x, q_lora, rope: Rope, offset: int):
-        """(queries [B, L, H, d] float32, head weights [B, L, H] float32)."""
+    def queries(self, x, q_lora, rope: Rope, offset: int, codec: IndexCodec):
+        """(queries [B, L, H, d] float32 as `codec` scores them, head weights [B, L, H] float32)."""
         B, L, _ = x.shape
         q = self.wq_b(q_lora).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = rope(q, offset=offset).astype(mx.float32)
+        q = codec.queries(rope(q, offset=offset))
         w = self.weights_proj(x).astype(mx.float32) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         return q.transpose(0, 2, 1, 3), w
 
@@ -152,7 +153,8 @@ class Attention(nn.Module):
                 self.indexer.compressor(x, cache.indexer, self.rope)
                 if cache.indexer.n_entries:
                     index_q, index_w = split_tokens(
-                        lambda first, x, q_lora: self.indexer.queries(x, q_lora, self.rope, start + first),
+                        lambda first, x, q_lora: self.indexer.queries(x, q_lora, self.rope, start + first,
+                                                                   cache.indexer.codec),
                         x, q_lora, pass_first=True)
                     index_q = index_q.transpose(0, 2, 1, 3)
             elif cache.compressor.n_entries:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .kvcodec import IndexCodec, KVCodec
+from .kvcodec import IndexCodec, KVCodec, index_rotation
 from .memory import ENTRY_STEP
 from .spec import compressor_width
 
@@ -240,6 +240,7 @@ class ModelCache:
             "ratios": self._signature(),
             "kv_dtype": self.kv_dtype,
             "index_dtype": self.index_dtype,
+            "index_rotation": index_rotation(self.index_dtype),
         }
         return arrays, meta
 
@@ -301,5 +302,10 @@ class ModelCache:
         for key in ("kv_dtype", "index_dtype"):
             if meta.get(key) != getattr(self, key):
                 raise ValueError(f"cache was saved with {key}={meta.get(key)!r}, this cache uses {getattr(self, key)!r}")
+        # Caches saved before indexer keys were rotated carry no rotation and hold unrotated fp4 keys.
+        saved, ours = meta.get("index_rotation", "none"), index_rotation(self.index_dtype)
+        if saved != ours:
+            raise ValueError(f"cache was saved with indexer keys rotated by {saved!r}, this cache rotates them by "
+                             f"{ours!r} (index_dtype={self.index_dtype!r}); rebuild it")
         for i, layer in enumerate(self.layers):
             layer.load_state(f"layers.{i}", arrays, int(meta["offset"]))

@@ -71,7 +71,8 @@ class Model(nn.Module):
 
     def make_cache(self, kv_dtype: str = "fp8", index_dtype: str = "fp4", naive: bool = False) -> ModelCache:
         """A fresh cache. kv_dtype: "fp8" (as trained), "bf16" or "float" (the activation dtype, exact);
-        index_dtype for the indexer keys: "fp4", "fp8", "bf16" or "float".
+        index_dtype for the indexer: "fp4" (as trained: keys and queries Hadamard-rotated, then FP4),
+        "fp8", "bf16" or "float" (unrotated keys, queries as computed).
 
         naive=True is the benchmark baseline: every raw kv row is kept and each step's
         queries are scored in one dense block.

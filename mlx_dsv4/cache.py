@@ -260,7 +260,7 @@ class ModelCache:
         gives for this cache (see ``layout``); the offset they hold otherwise."""
         if not isinstance(meta, dict):
             raise ValueError(f"the cache metadata must be an object, got {type(meta).__name__}")
-        expected_meta = ("offset", "ratios", "kv_dtype", "index_dtype")
+        expected_meta = ("offset", "ratios", "kv_dtype", "index_dtype", "index_rotation")
         unknown = sorted(str(k) for k in meta if k not in expected_meta)
         if unknown:
             raise ValueError(f"unknown cache metadata field(s): {', '.join(unknown)}")
@@ -274,6 +274,9 @@ class ModelCache:
         for key in ("kv_dtype", "index_dtype"):
             if meta[key] != getattr(self, key):
                 raise ValueError(f"cache was saved with {key}={meta[key]!r}, this cache uses {getattr(self, key)!r}")
+        if meta["index_rotation"] != index_rotation(self.index_dtype):
+            raise ValueError(f"cache was saved with indexer keys rotated by {meta['index_rotation']!r}, this cache "
+                             f"rotates them by {index_rotation(self.index_dtype)!r}")
         if not re.fullmatch(r"0|[1-9][0-9]{0,17}", meta["offset"]):
             raise ValueError(f"cache metadata field 'offset' must be a token count, got {meta['offset']!r}")
         offset = int(meta["offset"])

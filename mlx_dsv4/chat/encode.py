@@ -80,7 +80,7 @@ def _validate_fields(message, index):
     if not isinstance(message, dict):
         raise ChatFormatError("must be an object", index=index)
     role = message.get("role")
-    if role not in _ALLOWED_FIELDS:
+    if not isinstance(role, str) or role not in _ALLOWED_FIELDS:
         raise ChatFormatError(f"unknown role {role!r}", index=index, field="role")
     for key, value in message.items():
         if key in _ALLOWED_FIELDS[role]:

@@ -230,7 +230,7 @@ def test_errors(server, client):
         openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0).models.list()
 
     r = httpx.post(server.base + "/v1/chat/completions", content=b"{not json",
-                   headers={"Authorization": f"Bearer {API_KEY}"})
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.get(server.base + "/v1/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 404 and "error" in r.json()

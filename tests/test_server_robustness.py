@@ -186,7 +186,8 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     # a non-streaming request whose client leaves while it runs is cancelled too
     sock = socket.create_connection(("127.0.0.1", server.port))
     payload = json.dumps({**CHAT, "max_tokens": 2000}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + f"Authorization: Bearer {API_KEY}\r\n"
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n".encode()
+                 + f"Authorization: Bearer {API_KEY}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
     deadline = time.time() + 10
     while not server.health()["active"] and time.time() < deadline:

@@ -123,14 +123,19 @@ class ServerProcess:
                 self.proc.wait()
 
 
+def script_env():
+    """The environment that turns the scripted completions (SCRIPT) on."""
+    checkpoint_dir()
+    return {"MLX_DSV4_SERVER_TEST_SCRIPT": str(_state["root"] / "script.json")}
+
+
 def shared_server():
     """The server most tests use: scripted outputs, an API key, greedy by default, a memory guard."""
     if "server" not in _state:
-        checkpoint_dir()
         _state["server"] = ServerProcess(
             ["--served-model-name", MODEL, "--api-key", API_KEY, "--max-kv-size", KV_LIMIT,
              "--temperature", "0", "--max-tokens", "8"],
-            env={"MLX_DSV4_SERVER_TEST_SCRIPT": str(_state["root"] / "script.json")},
+            env=script_env(),
         )
     server = _state["server"]
     assert server.alive(), server.output()

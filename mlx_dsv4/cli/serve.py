@@ -20,8 +20,12 @@ def add_arguments(p):
     add_model_argument(p, help="MLX DeepSeek-V4 checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", default=os.environ.get("MLX_DSV4_API_KEY"),
-                   help="require this key (Authorization: Bearer or x-api-key); default $MLX_DSV4_API_KEY")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require this key (Authorization: Bearer or x-api-key); repeat for several keys, each "
+                        "with its own prompt cache; default: $MLX_DSV4_API_KEY, comma-separated")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host names (NAME or NAME:PORT) answered besides 127.0.0.1, localhost, "
+                        "[::1] and the --host address; '*' answers any")
     p.add_argument("--served-model-name", default=None, help="model id clients must send (default: the directory name)")
     add_sampling_arguments(p, DEFAULT_SAMPLING, per_run=False, title="sampling of requests that do not set it")
     add_memory_arguments(p, what="requests")
@@ -31,9 +35,16 @@ def add_arguments(p):
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
+def api_keys(args):
+    """The --api-key values, else $MLX_DSV4_API_KEY split at commas; blanks and repeats dropped."""
+    given = args.api_key if args.api_key is not None else os.environ.get("MLX_DSV4_API_KEY", "").split(",")
+    return tuple(dict.fromkeys(k.strip() for k in given if k.strip()))
+
+
 def run(args):
     import uvicorn
 
+    from ..server.access import LOOPBACK_NAMES, WILDCARD_ADDRESSES, HostPolicy
     from ..server.app import Context, create_app
     from ..server.engine import SCRIPT_ENV, Engine
 
@@ -44,9 +55,18 @@ def run(args):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    keys = api_keys(args)
+    try:
+        hosts = HostPolicy(args.host, args.port, [h.strip() for h in args.allowed_hosts.split(",") if h.strip()])
+    except ValueError as err:
+        print(f"error: --allowed-hosts: {err}", file=sys.stderr)
+        return 2
+    if args.host not in LOOPBACK_NAMES and not keys:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use the model",
               file=sys.stderr)
+    if args.host in WILDCARD_ADDRESSES and not hosts.entries and not hosts.open:
+        print(f"note: requests must name this server as {hosts.describe()}; add the names clients use "
+              "with --allowed-hosts", file=sys.stderr)
     if os.environ.get(SCRIPT_ENV):
         print(f"warning: {SCRIPT_ENV} is set: test-only scripted completions replace sampling for matching prompts",
               file=sys.stderr)
@@ -62,7 +82,7 @@ def run(args):
     max_context = args.max_context or getattr(model_args, "max_position_embeddings", None)
     defaults = sampling_from_args(args)
     name = args.served_model_name or args.model.resolve().name
-    ctx = Context(engine, name, defaults, api_key=args.api_key, max_context=max_context)
+    ctx = Context(engine, name, defaults, api_keys=keys, max_context=max_context, hosts=None if hosts.open else hosts)
     print(f"serving {name!r} on http://{args.host}:{args.port} (OpenAI /v1/chat/completions, /v1/completions; "
           f"Anthropic /v1/messages)", file=sys.stderr, flush=True)
     try:

@@ -133,7 +133,7 @@ def _tool_choice(body, names):
             raise APIError(400, "'tool_choice' is 'any' but no tools were given", param="tool_choice")
         return "required", None
     if kind == "tool":
-        if choice.get("name") not in names:
+        if not isinstance(choice.get("name"), str) or choice["name"] not in names:
             raise APIError(400, f"'tool_choice.name' {choice.get('name')!r} is not among the tools", param="tool_choice.name")
         return "named", choice["name"]
     raise APIError(400, "'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type")

@@ -1,9 +1,10 @@
 """Routes: OpenAI chat/completions/models, Anthropic messages, health."""
 
 import asyncio
-import hmac
+import ctypes
+import re
 import time
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -13,29 +14,48 @@ from starlette.routing import Route
 
 from ..chat.wiretext import strict_json_loads
 from . import anthropic_api, openai_api
+from .access import HostCheck, check_json_body_type, key_partition
 from .common import Assembler
 from .engine import StepLog
 from .errors import APIError, error_response
+from .prompt_tokens import PromptTokenizer, PromptTooLong, UnbrokenRun
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_BUDGET_BYTES = 4 * MAX_BODY_BYTES  # request bodies held at once (read, decoded, tokenised); past it, 503
+SMALL_BODY_BYTES = 1024 * 1024  # a body this small is never refused for the budget
+PREPARING = 2  # requests decoded, rendered and tokenised at once; the others wait
 DISCONNECT_POLL_S = 0.2
+
+try:  # glibc keeps memory freed by worker threads in their arenas; malloc_trim gives it back
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
 
 
 class Context:
     """What request parsing needs to know about the served model; ``defaults`` (SamplingParams)
-    fill the sampling fields a request leaves out."""
+    fill the sampling fields a request leaves out. ``api_keys``: accepted keys (none: no key
+    needed); ``hosts``: a HostPolicy (None: any Host). The engine must have loaded the model."""
 
-    def __init__(self, engine, model_name, defaults, *, api_key=None, max_context=None):
+    def __init__(self, engine, model_name, defaults, *, api_keys=(), max_context=None, hosts=None):
         self.engine = engine
         self.model_name = model_name
         self.defaults = defaults
-        self.api_key = api_key
+        self.api_keys = tuple(api_keys)
         self.max_context = max_context
+        self.hosts = hosts
         self.created = int(time.time())
+        self.prompt_tokenizer = PromptTokenizer(engine.tokenizer)
 
     @property
     def vocab_size(self):
         return self.engine.model.args.vocab_size
+
+    def token_limit(self):
+        """(tokens, what) of the tightest limit on a sequence, or (None, None)."""
+        limits = [(n, what) for n, what in ((self.max_context, "the context"),
+                                            (self.engine.kv_tokens, "the KV cache memory limit")) if n is not None]
+        return min(limits) if limits else (None, None)
 
     def check_model(self, name):
         if name != self.model_name:
@@ -43,32 +63,78 @@ class Context:
                            param="model", code="model_not_found")
 
 
-def _flavour(request):
-    return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
+def _flavour(path):
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
-def _check_auth(request, ctx):
-    if not ctx.api_key:
-        return
-    supplied = request.headers.get("x-api-key")
-    header = request.headers.get("authorization", "")
-    if supplied is None and header.lower().startswith("bearer "):
-        supplied = header[7:].strip()
-    if supplied is None or not hmac.compare_digest(supplied.encode(), ctx.api_key.encode()):
-        raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+class BodyBudget:
+    """Bytes of request bodies the server holds at once, from the first byte read until the
+    request is tokenised; a large body that does not fit gets 503. Used on the event loop only."""
+
+    def __init__(self, total=BODY_BUDGET_BYTES):
+        self.total = total
+        self.used = 0
+
+    def take(self, n, body_size):
+        if self.used + n > self.total and body_size > SMALL_BODY_BYTES:
+            raise APIError(503, f"the server is busy with other large requests ({self.used} bytes of "
+                                f"request bodies in hand, at most {self.total}); retry later")
+        self.used += n
+
+    def give(self, n):
+        self.used -= n
 
 
-async def _read_json(request):
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
+@asynccontextmanager
+async def _body(request, budget):
+    """The raw body, counted in ``budget`` until the block ends."""
+    held = 0
+    try:
+        length = request.headers.get("content-length")
+        if length is not None and length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        chunks = []
+        async for chunk in request.stream():
+            if held + len(chunk) > MAX_BODY_BYTES:
+                raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+            budget.take(len(chunk), held + len(chunk))
+            held += len(chunk)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        del chunks
+        yield raw
+    finally:
+        budget.give(held)
+        if held > SMALL_BODY_BYTES and budget.used == 0 and _malloc_trim is not None:
+            _malloc_trim(0)
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_surrogates(body):
+    """A JSON escape can write half of a UTF-16 pair ("\\ud800"); no string may hold one."""
+    stack = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                raise APIError(400, f"'{where}' holds an unpaired surrogate (U+{ord(found.group()):04X}), "
+                                    "which is not Unicode text", param=where, code="invalid_json")
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                if _SURROGATE.search(key):
+                    inside = f"'{where}'" if where else "the body"
+                    raise APIError(400, f"a key in {inside} holds an unpaired surrogate, which is not Unicode text",
+                                   param=where or None, code="invalid_json")
+                stack.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in reversed(list(enumerate(value))))
+
+
+def _decode_json(raw):
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -77,7 +143,32 @@ async def _read_json(request):
         raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json")
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    if _ESCAPED_SURROGATE.search(raw):
+        _check_surrogates(body)
     return body
+
+
+def _build(build, raw):
+    """(build(body), None), or (None, an APIError without traceback): a raised error's frames
+    would keep the request's body and prompt alive as long as anything holds the error."""
+    try:
+        return build(_decode_json(raw)), None
+    except APIError as err:
+        return None, APIError(err.status, err.message, param=err.param, code=err.code)
+    except Exception as err:  # noqa: BLE001 - a request must never take the server down
+        return None, APIError(500, f"internal error: {type(err).__name__}: {err}")
+
+
+def _count_prompt_tokens(text, ctx, param):
+    """Token ids of ``text``; 400 as soon as it is known to reach the tightest limit."""
+    limit, what = ctx.token_limit()
+    try:
+        return ctx.prompt_tokenizer.encode(text, limit)
+    except PromptTooLong as err:
+        raise APIError(400, f"the prompt has at least {err.at_least} tokens; {what} holds {limit}",
+                       param=param, code="context_length_exceeded")
+    except UnbrokenRun as err:
+        raise APIError(400, str(err), param=param, code="invalid_value")
 
 
 def _prepare(plan, ctx):
@@ -90,11 +181,11 @@ def _prepare(plan, ctx):
         check_sampling_parameters(engine.model, **plan.sampling.generate_kwargs())
     except GenerationParameterError as err:
         raise APIError(400, f"'{err.field}' {err.problem}", param=err.field, code="invalid_value")
+    param = "messages" if plan.parse else "prompt"
     if not plan.prompt_ids:
-        plan.prompt_ids = engine.tokenizer.encode(plan.prompt, add_special_tokens=False)
+        plan.prompt_ids = _count_prompt_tokens(plan.prompt, ctx, param)
     n = len(plan.prompt_ids)
     sampling = plan.sampling
-    param = "messages" if plan.parse else "prompt"
     for limit, what in ((ctx.max_context, "the context"), (engine.kv_tokens, "the KV cache memory limit")):
         if limit is None:
             continue
@@ -131,16 +222,34 @@ def _engine_args(plan):
 class Server:
     def __init__(self, ctx):
         self.ctx = ctx
+        self.budget = BodyBudget()
+        self.preparing = asyncio.Semaphore(PREPARING)
 
     # -- plumbing ------------------------------------------------------------------
 
+    async def _admit(self, request, build):
+        """Check the key and the body type, read the body within the budget, then ``build(body)``
+        (decode, parse, tokenise) on a worker thread, PREPARING requests at a time. Returns the
+        key's partition and what ``build`` returned."""
+        partition = key_partition(request, self.ctx.api_keys)
+        check_json_body_type(request)
+        async with _body(request, self.budget) as raw, self.preparing:
+            result, error = await run_in_threadpool(_build, build, raw)
+            del raw
+        if error is not None:
+            raise error
+        return partition, result
+
     async def _run(self, request, flavour, parse, respond, stream_format):
         ctx = self.ctx
-        try:
-            _check_auth(request, ctx)
-            body = await _read_json(request)
+
+        def build(body):
             plan = parse(body, ctx)
-            await run_in_threadpool(_prepare, plan, ctx)
+            _prepare(plan, ctx)
+            return plan
+
+        try:
+            partition, plan = await self._admit(request, build)
             if ctx.engine.pending >= ctx.engine.max_queue:
                 raise APIError(503, f"the server is busy ({ctx.engine.pending} requests waiting); retry later")
         except APIError as err:
@@ -149,12 +258,12 @@ class Server:
             return error_response(APIError(500, f"internal error: {type(err).__name__}: {err}"), flavour)
         if plan.stream:
             return StreamingResponse(
-                self._sse(plan, flavour, stream_format(plan)),
+                self._sse(plan, flavour, stream_format(plan), partition),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            result = await self._collect(request, plan, flavour)
+            result = await self._collect(request, plan, flavour, partition)
         except APIError as err:
             return error_response(err, flavour)
         except Exception as err:  # noqa: BLE001
@@ -164,11 +273,11 @@ class Server:
         assembler, log = result
         return JSONResponse(respond(plan, assembler, log))
 
-    async def _collect(self, request, plan, flavour):
+    async def _collect(self, request, plan, flavour, partition):
         assembler, log = _assembler(plan, flavour), StepLog()
 
         async def consume():
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log):
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
                 assembler.feed(step.text)
             assembler.finish()
 
@@ -186,12 +295,12 @@ class Server:
         _note_stop_sequence(log, plan, self.ctx.engine.tokenizer)
         return assembler, log
 
-    async def _sse(self, plan, flavour, fmt):
+    async def _sse(self, plan, flavour, fmt, partition):
         assembler, log = _assembler(plan, flavour), StepLog()
         try:
             for line in fmt.start(len(plan.prompt_ids)) if flavour == "anthropic" else fmt.start():
                 yield line
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log):
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
                 for line in fmt.events(assembler.feed(step.text), assembler):
                     yield line
             for line in fmt.events(assembler.finish(), assembler):
@@ -231,11 +340,13 @@ class Server:
 
     async def count_tokens(self, request):
         ctx = self.ctx
-        try:
-            _check_auth(request, ctx)
-            body = await _read_json(request)
+
+        def build(body):
             plan = anthropic_api.parse_messages_request(body, ctx, count_only=True)
-            ids = await run_in_threadpool(ctx.engine.tokenizer.encode, plan.prompt, False)
+            return _count_prompt_tokens(plan.prompt, ctx, "messages")
+
+        try:
+            _, ids = await self._admit(request, build)
         except APIError as err:
             return error_response(err, "anthropic")
         except Exception as err:  # noqa: BLE001
@@ -251,7 +362,7 @@ class Server:
 
     async def models(self, request):
         try:
-            _check_auth(request, self.ctx)
+            key_partition(request, self.ctx.api_keys)
         except APIError as err:
             return error_response(err, "openai")
         entry = self._model_entry(request)
@@ -261,7 +372,7 @@ class Server:
 
     async def model(self, request):
         try:
-            _check_auth(request, self.ctx)
+            key_partition(request, self.ctx.api_keys)
             self.ctx.check_model(request.path_params["name"])
         except APIError as err:
             return error_response(err, "openai")
@@ -269,17 +380,19 @@ class Server:
 
     async def health(self, request):
         stats = self.ctx.engine.stats()
-        return JSONResponse({"status": "ok" if stats["loaded"] else "loading", "model": self.ctx.model_name, **stats},
+        return JSONResponse({"status": "ok" if stats["loaded"] else "loading", "model": self.ctx.model_name, **stats,
+                             "request_body_bytes": self.budget.used},
                             status_code=200 if stats["loaded"] else 503)
 
 
 async def _http_error(request, exc):
     messages = {404: f"no route for {request.method} {request.url.path}", 405: f"{request.method} is not allowed here"}
-    return error_response(APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail))), _flavour(request))
+    return error_response(APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail))),
+                          _flavour(request.url.path))
 
 
 async def _server_error(request, exc):
-    return error_response(APIError(500, f"internal error: {type(exc).__name__}"), _flavour(request))
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}"), _flavour(request.url.path))
 
 
 def create_app(ctx):
@@ -293,4 +406,5 @@ def create_app(ctx):
         Route("/v1/models/{name:path}", server.model, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    return HostCheck(app, ctx.hosts, _flavour)

@@ -4,6 +4,7 @@ parameters, the generation plan, and assembling a completion from DSML parser ev
 import json
 import re
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -88,7 +89,8 @@ def parse_sampling(body, defaults, *, max_tokens_names, temperature_max=2.0, sto
     top_p = get(body, "top_p", NUMBER, check=lambda v: 0 <= v <= 1, what="a number between 0 and 1")
     top_k = get(body, "top_k", int, check=lambda v: v >= 0, what="a non-negative integer")
     min_p = get(body, "min_p", NUMBER, check=lambda v: 0 <= v <= 1, what="a number between 0 and 1")
-    repetition_penalty = get(body, "repetition_penalty", NUMBER, check=lambda v: v > 0, what="a positive number")
+    repetition_penalty = get(body, "repetition_penalty", NUMBER, check=lambda v: 0 < v <= sys.float_info.max,
+                             what="a positive number")
     seed = get(body, "seed", int)
     stop = parse_stop(body.get(stop_name), stop_name)
     sampling = Sampling(
@@ -97,7 +99,7 @@ def parse_sampling(body, defaults, *, max_tokens_names, temperature_max=2.0, sto
         top_p=defaults.top_p if top_p is None else float(top_p),
         top_k=defaults.top_k if top_k is None else top_k,
         min_p=defaults.min_p if min_p is None else float(min_p),
-        repetition_penalty=repetition_penalty if repetition_penalty is not None else defaults.repetition_penalty,
+        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
         seed=seed,
         stop=stop,
         max_tokens_given=max_tokens is not None,

@@ -3,8 +3,10 @@
 All MLX work (loading, prefill, decoding) happens on the engine thread; request
 handlers submit jobs and read the steps back through an asyncio queue. A job whose
 client went away is cancelled between two tokens (or skipped if still queued), so its
-slot frees at once. One ``PromptCache`` is shared by all requests: a request that
-extends an earlier conversation only prefills the new suffix.
+slot frees at once. A request that extends an earlier conversation only prefills the new
+suffix: prompt-cache snapshots are kept per partition (one per API key; a single one when
+the server has no keys), so a request only reuses, or learns of, prefixes made by requests
+of its own partition.
 """
 
 import asyncio
@@ -23,6 +25,8 @@ from .errors import APIError
 # tokens of ``completion`` (then EOS) through the real model, cache and sampler path,
 # so tests can script the output of a random tiny model. Off unless the variable is set.
 SCRIPT_ENV = "MLX_DSV4_SERVER_TEST_SCRIPT"
+
+PROMPT_CACHE_SNAPSHOTS = 4  # of all partitions together
 
 
 class StepLog:
@@ -49,6 +53,7 @@ class Job:
     prompt_ids: Optional[list]
     sampling: object
     loop: asyncio.AbstractEventLoop
+    partition: object = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -95,7 +100,7 @@ class Engine:
         self.model = None
         self.tokenizer = None
         self.kv_tokens = None  # longest sequence whose cache fits kv_cache_limit
-        self.prompt_cache = None
+        self._prompt_caches = {}  # partition -> PromptCache, least recently used first
         self._jobs = queue.Queue()
         self._ready = threading.Event()
         self._load_error = None
@@ -128,10 +133,10 @@ class Engine:
     def _run(self):
         try:
             from .. import load
-            from ..generate import PromptCache
+            from ..generate import model_fingerprint
 
             self.model, self.tokenizer = load(self.model_path)
-            self.prompt_cache = PromptCache(self.model)
+            model_fingerprint(self.model)  # computed once here; prompt caches check it
             if self.kv_cache_limit is not None:
                 from ..generate import tokens_that_fit
 
@@ -155,6 +160,26 @@ class Engine:
                 if self._jobs.empty():
                     self._release_memory()
 
+    def _prompt_cache(self, partition):
+        from ..generate import PromptCache
+
+        cache = self._prompt_caches.pop(partition, None)
+        if cache is None:
+            cache = PromptCache(self.model, max_snapshots=PROMPT_CACHE_SNAPSHOTS)
+        self._prompt_caches[partition] = cache
+        return cache
+
+    def _trim_prompt_caches(self):
+        """Keep PROMPT_CACHE_SNAPSHOTS snapshots in all: the least recently used partitions give
+        up their oldest ones first."""
+        excess = sum(len(c) for c in self._prompt_caches.values()) - PROMPT_CACHE_SNAPSHOTS
+        for partition, cache in list(self._prompt_caches.items()):
+            while excess > 0 and len(cache):
+                cache.snapshots.remove(min(cache.snapshots, key=lambda s: s.last_used))
+                excess -= 1
+            if not len(cache):
+                del self._prompt_caches[partition]
+
     @staticmethod
     def _release_memory():
         import mlx.core as mx
@@ -175,13 +200,14 @@ class Engine:
         self.active = True
         self._current = job
         tokenizer = self.tokenizer
+        prompt_cache = self._prompt_cache(job.partition)
         outcome = "completed"
         try:
             if job.prompt_ids is not None:
                 ids = list(job.prompt_ids)
                 text = tokenizer.decode(ids) if self.script else ""
             else:
-                ids = self.prompt_cache.encode(job.prompt, tokenizer)
+                ids = prompt_cache.encode(job.prompt, tokenizer)
                 text = job.prompt
             options = job.sampling.generate_kwargs()
             processors = None
@@ -190,7 +216,7 @@ class Engine:
                 forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
                 processors = [_forcing_processor(forced, len(ids))]
             steps = stream_generate(
-                self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=self.prompt_cache,
+                self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
                 kv_cache_limit=self.kv_cache_limit, logits_processors=processors, **options,
             )
             try:
@@ -208,6 +234,7 @@ class Engine:
             outcome = "failed"
             job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
         finally:
+            self._trim_prompt_caches()
             self.active = False
             self._current = None
             self._finish(job, outcome)
@@ -220,13 +247,14 @@ class Engine:
 
     # -- request side (event loop) -------------------------------------------------
 
-    async def stream(self, prompt, prompt_ids, sampling, log):
-        """Steps of one generation; closing the iterator early cancels it."""
+    async def stream(self, prompt, prompt_ids, sampling, log, partition=None):
+        """Steps of one generation; closing the iterator early cancels it. Prompt-cache
+        snapshots are reused only within ``partition``."""
         with self._lock:
             if self.pending >= self.max_queue:
                 raise APIError(503, f"the server is busy ({self.pending} requests waiting); retry later")
             self.pending += 1
-        job = Job(prompt, prompt_ids, sampling, asyncio.get_running_loop())
+        job = Job(prompt, prompt_ids, sampling, asyncio.get_running_loop(), partition=partition)
         self._jobs.put(job)
         try:
             while True:
@@ -249,7 +277,7 @@ class Engine:
             "active": self.active,
             "pending": self.pending,
             **self.counts,
-            "prompt_cache_snapshots": len(self.prompt_cache) if self.prompt_cache is not None else 0,
+            "prompt_cache_snapshots": sum(len(c) for c in list(self._prompt_caches.values())),
             "max_kv_tokens": self.kv_tokens,
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }

@@ -2,7 +2,6 @@
 
 from ..chat import ContentDelta, ReasoningDelta, ToolCallComplete, ToolCallStarted
 from .common import (
-    Assembler,
     Plan,
     dumps,
     finish_reason,
@@ -87,7 +86,7 @@ def _tool_choice(body, names):
         return choice, None
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise APIError(400, f"'tool_choice' names {name!r}, which is not among the tools", param="tool_choice")
         return "named", name
     raise APIError(400, "'tool_choice' must be 'auto', 'none', 'required' or a named function", param="tool_choice")

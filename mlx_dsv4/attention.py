@@ -15,6 +15,7 @@ from .layers import GroupedLinear, RMSNorm
 
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
+from .paths import device_paths
 from .rope import Rope, inv_freq_for
 from .spec import compressor_width, has_indexer
 from .streams import on, parallel_streams, split_tokens
@@ -236,10 +237,10 @@ class Attention(nn.Module):
     def _sdpa(self, q, keys, mask, sinks):
         B, H, Lq, hd = q.shape
         k = keys[:, None]
-        if Lq > 1 or mx.default_device().type != mx.DeviceType.cpu:
+        if Lq > 1 or device_paths().decode_attention == "sdpa":
             return mx.fast.scaled_dot_product_attention(q, k, k, scale=self.scale, mask=mask, sinks=sinks.astype(q.dtype))
-        # One query on the CPU backend (no fused kernel there): the heads share one kv
-        # head, so score all of them with a single [H, hd] x [hd, T] product.
+        # One query, "matmul" path: the heads share one kv head, so score all of them
+        # with a single [H, hd] x [hd, T] product.
         s = (q.reshape(B, 1, H, hd) @ k.swapaxes(-1, -2)).astype(mx.float32) * self.scale  # [B, 1, H, T]
         s = mx.where(mask.reshape(-1, 1, 1, mask.shape[-1]), s, -mx.inf)
         s = mx.concatenate([s, mx.broadcast_to(sinks.reshape(1, 1, H, 1), (B, 1, H, 1))], axis=-1)

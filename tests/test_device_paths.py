@@ -89,12 +89,17 @@ def test_half_precision_experts_on_the_cpu_compute_the_native_gather(dtype, n_pi
     layer.weight = layer.weight.astype(dtype)
     x = mx.random.normal((n_picked, 1, 1, 32), key=mx.random.key(1)).astype(dtype)
     indices = mx.random.randint(0, 8, (n_picked, 1), key=mx.random.key(2))
-    assert paths.device_paths().half_experts == "float32"
-    out = layer(x, indices)
+    with paths.forced_paths("cpu") as chosen:
+        assert chosen.half_experts == "float32"
+        out = layer(x, indices)
     assert out.dtype == dtype
     # gather_mm as Metal and CUDA run it on the half-precision weights: float32 products and sums
     native = mx.gather_mm(x.astype(mx.float32), layer.weight.astype(mx.float32).swapaxes(-1, -2),
                           rhs_indices=indices).astype(dtype)
+    if mx.default_device().type != mx.DeviceType.cpu:
+        with paths.forced_paths("accelerator") as chosen:
+            assert chosen.half_experts == "gather_mm"
+            native = layer(x, indices)
     assert_close(np.array(native.astype(mx.float32)), np.array(out.astype(mx.float32)), rel=1e-2)
     assert np.mean(np.array(native == out)) > 0.95
 

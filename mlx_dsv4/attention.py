@@ -12,10 +12,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from .layers import GroupedLinear, RMSNorm
+from .paths import device_paths
 
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
-from .paths import device_paths
 from .rope import Rope, inv_freq_for
 from .spec import compressor_width, has_indexer
 from .streams import on, parallel_streams, split_tokens

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on an NVIDIA Linux machine without network: MLX's CUDA backend from wheels, then
 #   1. the device MLX runs on,
-#   2. the parity tests (tests/test_parity.py) on that device,
+#   2. the parity tests (tests/test_parity.py) and the device-path tests (tests/test_device_paths.py) on that device,
 #   3. a bfloat16 end-to-end `mlx-dsv4 generate` on a tiny checkpoint,
 #   4. `mlx-dsv4 bench` at V4-Flash's real per-layer widths (one CSA and one HCA layer, 4 routed
 #      experts), next to mlx-vlm when it is installed: absolute tok/s and ratios.
@@ -73,6 +73,7 @@ EOF
 
 if [ "$mode" = gpu ]; then
   step "parity tests on the GPU" 240 "$py" -m pytest -q -x -p no:cacheprovider tests/test_parity.py
+  step "device-path tests on the GPU" 120 "$py" -m pytest -q -x -p no:cacheprovider tests/test_device_paths.py
 else
   step "parity tests (CPU dry run: one case)" 240 "$py" -m pytest -q -x -p no:cacheprovider tests/test_parity.py -k "prefill_one_shot and flash-float"
 fi

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from .kvcodec import IndexCodec, KVCodec, index_rotation
 from .memory import ENTRY_STEP
+from .paths import device_paths
 from .spec import compressor_width
 
 Layout = Dict[str, Tuple[tuple, mx.Dtype]]  # array name -> (shape, dtype)
@@ -82,6 +83,8 @@ class CompressorState:
 
     def scores(self, q: mx.array) -> mx.array:
         """q [B, H, Lq, d] against every entry: [B, H, Lq, T] (indexer keys)."""
+        if device_paths().index_scores == "dequantize":
+            return q @ self.entries().astype(q.dtype)[:, None].swapaxes(-1, -2)
         return self.codec.scores(q, self.parts())
 
     def gather(self, indices: mx.array) -> mx.array:

@@ -4,8 +4,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .mlx_lm_import import import_mlx_lm
+from .paths import device_paths
 
-SwitchLinear = import_mlx_lm("models.switch_layers").SwitchLinear
+_switch_layers = import_mlx_lm("models.switch_layers")
+SwitchLinear, QuantizedSwitchLinear = _switch_layers.SwitchLinear, _switch_layers.QuantizedSwitchLinear
 
 
 class RMSNorm(nn.RMSNorm):
@@ -20,7 +22,7 @@ class RMSNorm(nn.RMSNorm):
 
 
 def _cpu_half(w: mx.array) -> bool:
-    return w.dtype != mx.float32 and mx.default_device().type == mx.DeviceType.cpu
+    return w.dtype != mx.float32 and device_paths().half_experts == "float32"
 
 
 class GatheredLinear(SwitchLinear):
@@ -29,7 +31,7 @@ class GatheredLinear(SwitchLinear):
     MLX's CPU gather_mm only runs in float32 (quantised gathers run in any
     dtype), so on the CPU backend unquantised bf16/f16 weights go through
     float32: only the experts in use when few are, all of them otherwise.
-    Metal and CUDA take the native path.
+    Metal and CUDA take the native path (`DevicePaths.half_experts`).
     """
 
     def __call__(self, x, indices, sorted_indices=False):
@@ -44,6 +46,16 @@ class GatheredLinear(SwitchLinear):
             rhs_indices=indices, sorted_indices=sorted_indices,
         )
         return y.astype(x.dtype)
+
+
+def expert_weights(model) -> str:
+    """The routed experts' weight dtype name ("quantized" when quantised; "none" without experts)."""
+    for _, module in model.named_modules():
+        if isinstance(module, GatheredLinear):
+            return str(module["weight"].dtype).rsplit(".", 1)[-1]
+        if isinstance(module, QuantizedSwitchLinear):
+            return "quantized"
+    return "none"
 
 
 class GroupedLinear(SwitchLinear):

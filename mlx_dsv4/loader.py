@@ -14,7 +14,10 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs, read_config
 from .device_memory import DEFAULT_CONTEXT, check_fit
+from .layers import expert_weights
 from .model import Model
+from .paths import log_paths
+from .streams import parallel_streams
 from .spec import is_mtp, official_to_mlx
 
 
@@ -137,6 +140,7 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
+    log_paths(len(parallel_streams()), expert_weights(model))
     return model
 
 

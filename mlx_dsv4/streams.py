@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from .paths import device_paths
+
 STREAMS_ENV = "MLX_DSV4_CPU_STREAMS"
 _stream_limit: ContextVar[Optional[int]] = ContextVar("mlx_dsv4_cpu_stream_limit", default=None)
 MIN_TOKENS_PER_PART = 256  # below this, splitting costs more in dispatch than it saves
@@ -64,7 +66,7 @@ def _cpu_streams(n: int) -> tuple:
 def parallel_streams() -> tuple:
     """One stream per core, at most max_cpu_streams(), on the CPU backend; (None,) elsewhere or when 1."""
     n = min(os.cpu_count() or 1, max_cpu_streams())
-    if mx.default_device().type != mx.DeviceType.cpu or n < 2:
+    if device_paths().streams != "cpu" or n < 2:
         return (None,)
     return _cpu_streams(n)
 

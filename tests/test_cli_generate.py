@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, tiny_chat_dir, tiny_chat_model
@@ -197,3 +198,25 @@ def test_prompt_and_system_that_are_not_utf8_are_refused(capsys, model_dir, monk
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a\xffb"), encoding="utf-8", errors="strict"))
     code, out, err = run_cli(capsys, "--model", model_dir, "--prompt", "-")
     assert (code, out, err) == (2, "", "error: --prompt -: standard input is not UTF-8 text\n")
+
+
+@pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu, reason="names the CPU's paths")
+def test_verbose_names_the_device_and_the_kernel_paths(capsys, model_dir, monkeypatch):
+    argv = ("--model", model_dir, "--prompt", "Hi", "--max-tokens", "2")
+    code, _, quiet = run_cli(capsys, *argv)
+    assert code == 0 and "attention decode" not in quiet
+    code, _, err = run_cli(capsys, *argv, "--verbose")
+    assert code == 0
+    assert err.splitlines()[:5] == [
+        "device: cpu (cpu paths)",
+        "attention decode: matmul",
+        "expert matmul: gather_mm (float32 weights)",
+        "indexer scores: quantized_matmul",
+        "streams: default stream",
+    ]
+    monkeypatch.setenv("MLX_DSV4_FORCE_PATHS", "accelerator")
+    monkeypatch.setenv("MLX_DSV4_CPU_STREAMS", "2")
+    code, _, err = run_cli(capsys, *argv, "--verbose")
+    assert code == 0
+    assert err.splitlines()[:2] == ["device: cpu (accelerator paths)", "attention decode: sdpa"]
+    assert "streams: default stream" in err.splitlines()

@@ -26,6 +26,8 @@ def add_arguments(p):
                    help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")
     p.add_argument("--json", action="store_true",
                    help="print the parsed message (reasoning_content, content, tool_calls) as JSON")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the device and the kernel paths in use (to stderr) before generating")
 
 
 def run(args) -> int:
@@ -72,6 +74,8 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    if args.verbose:
+        print_paths(model)
     cache_file = args.prompt_cache
     prompt_cache, existed = None, False
     try:
@@ -126,3 +130,13 @@ def run(args) -> int:
             return 1
         print(f"saved prompt cache to {cache_file}", file=sys.stderr)
     return 130 if reason == "interrupted" else 0
+
+
+def print_paths(model) -> None:
+    """The device and the kernel path each device-dependent step takes (mlx_dsv4.paths)."""
+    from ..layers import expert_weights
+    from ..paths import device_paths
+    from ..streams import parallel_streams
+
+    for what, path in device_paths().describe(len(parallel_streams()), expert_weights(model)):
+        print(f"{what}: {path}", file=sys.stderr)

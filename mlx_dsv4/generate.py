@@ -449,7 +449,13 @@ def _is_integer(value) -> bool:
 
 
 def _is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number a float can hold (an integer too large for a float is not)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def check_stop_strings(stop: Sequence[str]) -> None:

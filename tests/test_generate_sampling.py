@@ -41,11 +41,11 @@ def random_key():
 
 INVALID = [
     ("max_tokens", [0, -3, 1.5, True, None]),
-    ("temperature", [-0.1, math.nan, math.inf, "1", None]),
-    ("top_p", [0, -0.5, 1.01, math.nan, None]),
+    ("temperature", [-0.1, math.nan, math.inf, "1", None, 10**400]),
+    ("top_p", [0, -0.5, 1.01, math.nan, None, 10**400]),
     ("top_k", [-1, "VOCAB", "VOCAB+7", 2.0, True]),
-    ("min_p", [-0.01, 1.5, math.nan]),
-    ("repetition_penalty", [0, -1.0, math.inf, "2"]),
+    ("min_p", [-0.01, 1.5, math.nan, -10**400]),
+    ("repetition_penalty", [0, -1.0, math.inf, "2", 10**400]),
     ("repetition_context_size", [0, 2.5]),
     ("seed", [-1, 2**64, 1.5, "7"]),
 ]

@@ -55,3 +55,17 @@ def test_long_context_transient_is_bounded_by_the_entry_block():
 def test_transient_rejects_negative_context():
     with pytest.raises(ValueError, match="context"):
         memory.prefill_transient_bytes(tiny_config(**REDUCED), 128, -1)
+
+
+def test_estimate_only_counts_weights_cache_and_prefill_transient():
+    from mlx_dsv4.convert.estimate import PREFILL_CHUNK, RUNTIME_OVERHEAD, estimate_config
+    from mlx_dsv4.convert.recipes import Recipe
+    from mlx_dsv4.convert.presets import PRESETS
+
+    cfg = PRESETS["flash"]
+    for context in (32768, 1 << 20):
+        est = estimate_config(cfg, Recipe(name="q2"), context)
+        transient = memory.prefill_transient_bytes(cfg, PREFILL_CHUNK, context - PREFILL_CHUNK)
+        assert est.transient_bytes == transient > 0
+        assert est.memory_bytes == est.model_bytes + memory.kv_bytes(cfg, context) + transient + RUNTIME_OVERHEAD
+        assert f"prefill transient ({PREFILL_CHUNK}-token chunks) {transient / 1e9:.2f}" in est.lines()[-1]

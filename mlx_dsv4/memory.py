@@ -115,7 +115,8 @@ def prefill_transient_bytes(config: Union[dict, ModelArgs], chunk: int, context:
             decoded += hd * entries * act  # compressed entries
         block = min(QUERY_BLOCK, chunk)
         in_flight = min(streams, -(-chunk // block))
-        per_block = (2 * Hi * block * min(entries, INDEX_ENTRY_BLOCK) * 4  # scores, weighted scores
+        entry_block = INDEX_ENTRY_BLOCK * max(1, QUERY_BLOCK // block)
+        per_block = (2 * Hi * block * min(entries, entry_block) * 4  # scores, weighted scores
                      + block * k * hd * act  # gathered entries
                      + 3 * H * block * (k + args.sliding_window + block + 1) * 4)  # scores, probabilities
         peak = max(peak, chunk * per_token + decoded + in_flight * per_block)

@@ -70,7 +70,7 @@ def test_indexer_select_is_the_same_for_any_entry_block(kind, use_decoded_keys):
     rng = np.random.default_rng(11)
     keys = CompressorState(IndexCodec(kind, d, mx.float32))
     keys.append(mx.array(rng.normal(size=(1, 237, d)).astype(np.float32)))
-    Lq = 40
+    Lq = 128  # a full query block: entries are scored entry_block at a time
     q = mx.array(rng.normal(size=(1, H, Lq, d)).astype(np.float32))
     w = mx.array(rng.normal(size=(1, Lq, H)).astype(np.float32))
     visible = mx.array(np.linspace(5, 237, Lq).astype(np.int32))[:, None]
@@ -105,3 +105,23 @@ def test_prefill_logits_do_not_depend_on_the_entry_block(tiny_dirs):
 
     whole, blocked = logits(INDEX_ENTRY_BLOCK), logits(7)
     assert np.abs(blocked - whole).max() <= 1e-4 * max(1.0, np.abs(whole).max())
+
+
+def test_fewer_queries_score_more_entries_at_a_time(monkeypatch):
+    """The bound is on a block's scores (queries x entries): one decoding query scores
+    128 x entry_block entries in one piece; a full query block, entry_block at a time."""
+    args = ModelArgs.from_dict(tiny_config())
+    indexer = Indexer(args)
+    indexer.entry_block = 4
+    H, d = args.index_n_heads, args.index_head_dim
+    keys = CompressorState(IndexCodec("float", d, mx.float32))
+    keys.append(mx.random.normal((1, 300, d)))
+    spans = []
+    scores = CompressorState.scores
+    monkeypatch.setattr(CompressorState, "scores", lambda self, q, e0=0, e1=None: spans.append((e0, e1)) or
+                        scores(self, q, e0, e1))
+    for Lq in (1, 64, 128):
+        spans.clear()
+        indexer.select(mx.random.normal((1, H, Lq, d)), mx.random.normal((1, Lq, H)), keys,
+                       mx.full((Lq, 1), 300), None)
+        assert max(e1 - e0 for e0, e1 in spans) == min(300, 4 * 128 // Lq), Lq

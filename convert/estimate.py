@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..memory import kv_bytes
+from ..memory import kv_bytes, prefill_transient_bytes
 from ..config import ModelArgs
 from ..sizes import format_decimal_bytes
 from .plan import model_args, plan_units, sources_from_config
 from .recipes import Recipe
 
-RUNTIME_OVERHEAD = 2 * 10**9  # activations, MLX buffers, tokenizer: a rough fixed allowance
+RUNTIME_OVERHEAD = 1 * 10**9  # MLX buffers, tokenizer: a rough fixed allowance
+PREFILL_CHUNK = 2048  # generate's default prefill step
 GB = 10**9
 
 
@@ -22,10 +23,11 @@ class Estimate:
     in_bytes: int
     context: int
     kv_bytes: int
+    transient_bytes: int = 0
 
     @property
     def memory_bytes(self) -> int:
-        return self.model_bytes + self.kv_bytes + RUNTIME_OVERHEAD
+        return self.model_bytes + self.kv_bytes + self.transient_bytes + RUNTIME_OVERHEAD
 
     def lines(self) -> list[str]:
         return [
@@ -35,16 +37,20 @@ class Estimate:
             + f" (source {format_decimal_bytes(self.in_bytes)})",
             f"estimated unified memory to run: {self.memory_bytes / GB:.1f} GB "
             f"(weights {self.model_bytes / GB:.1f} + FP8 KV cache at {self.context} tokens "
-            f"{self.kv_bytes / GB:.2f} + runtime {RUNTIME_OVERHEAD / GB:.0f})",
+            f"{self.kv_bytes / GB:.2f} + prefill transient ({PREFILL_CHUNK}-token chunks) "
+            f"{self.transient_bytes / GB:.2f} + runtime {RUNTIME_OVERHEAD / GB:.0f})",
         ]
 
 
 def estimate_units(units, args: ModelArgs, recipe: Recipe, context: int) -> Estimate:
-    """Sizes of the planned output; memory counts the default decoding cache (FP8 kv, FP4 indexer keys)."""
+    """Sizes of the planned output; memory counts the default decoding cache (FP8 kv, FP4 indexer keys)
+    and the peak transient of the last prefill chunk before `context` tokens."""
+    chunk = min(PREFILL_CHUNK, context)
     return Estimate(recipe.describe(),
                     sum(u.nbytes for u in units if u.group == "model"),
                     sum(u.nbytes for u in units if u.group == "mtp"),
-                    sum(u.in_bytes for u in units), context, kv_bytes(args, context))
+                    sum(u.in_bytes for u in units), context, kv_bytes(args, context),
+                    prefill_transient_bytes(args, chunk, context - chunk))
 
 
 def estimate_config(cfg: dict, recipe: Recipe, context: int, include_mtp: bool = True) -> Estimate:

@@ -81,11 +81,13 @@ class CompressorState:
         """All entries, decoded: [B, T, d]."""
         return self.codec.decode(self.parts()) if self.n_entries else None
 
-    def scores(self, q: mx.array) -> mx.array:
-        """q [B, H, Lq, d] against every entry: [B, H, Lq, T] (indexer keys)."""
+    def scores(self, q: mx.array, first: int = 0, end: Optional[int] = None) -> mx.array:
+        """q [B, H, Lq, d] against entries first..end (default: all): [B, H, Lq, end - first] (indexer keys)."""
+        end = self.n_entries if end is None else end
+        parts = tuple(p[:, first:end] for p in self._parts)
         if device_paths().index_scores == "dequantize":
-            return q @ self.entries().astype(q.dtype)[:, None].swapaxes(-1, -2)
-        return self.codec.scores(q, self.parts())
+            return q @ self.codec.decode(parts).astype(q.dtype)[:, None].swapaxes(-1, -2)
+        return self.codec.scores(q, parts)
 
     def gather(self, indices: mx.array) -> mx.array:
         """Entries picked per query: indices [B, Lq, k] -> decoded [B, Lq, k, d]."""

@@ -2,28 +2,49 @@
 answer), the prefill progress bar, the stats line and usage figures of a finished run."""
 
 import sys
+import time
 
 from .sizes import format_bytes
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
-class ProgressBar:
-    """Prefill progress on stderr, for prompts of more than one chunk, on a terminal only."""
+def format_duration(seconds: float) -> str:
+    """'42s', '3m05s' or '2h07m'."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
-    def __init__(self, stream=None, min_total=1, width=30):
+
+class ProgressBar:
+    """Prefill progress on stderr, for prompts of more than one chunk, on a terminal only: tokens
+    done, tokens per second since the bar was made, and the time left at that rate."""
+
+    def __init__(self, stream=None, min_total=1, width=30, clock=time.perf_counter):
         self.stream = stream or sys.stderr
         self.min_total = min_total
         self.width = width
         self.shown = False
         self.enabled = self.stream.isatty()
+        self.clock = clock
+        self.started = clock()
 
     def __call__(self, done, total):
         if not self.enabled or total < self.min_total:
             return
         filled = int(self.width * done / max(total, 1))
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\rprefill [{bar}] {done}/{total} tokens")
+        line = f"\rprefill [{bar}] {done}/{total} tokens"
+        elapsed = self.clock() - self.started
+        if done > 0 and elapsed > 0:
+            rate = done / elapsed
+            line += f", {rate:.0f} tok/s"
+            if done < total:
+                line += f", ETA {format_duration((total - done) / rate)}"
+        self.stream.write(line + "\x1b[K")
         self.stream.flush()
         self.shown = True
 

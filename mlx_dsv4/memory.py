@@ -74,3 +74,59 @@ def kv_bytes(config: Union[dict, ModelArgs], tokens: int, kv_dtype: str = "fp8",
         if ratio == 4:
             total += _compressor_bytes(tokens, 4, args.index_head_dim, index_row, act, batch)
     return total
+
+
+# Peak of a prefill chunk beyond the cache. Two phases bound it:
+# - every layer: the float32 hyper-connection streams [chunk, hc_mult, hidden] and what is computed from
+#   them (mixes, normed input, MoE routing and gathered experts). Measured: the peak is proportional to
+#   the chunk and about this many stream-sized float32 copies per token (reduced widths hidden 512,
+#   hc 4, CSA + HCA layer, bf16: 63.5 MiB for a 1024-token chunk after 4096 tokens, 7.9 copies; the
+#   same per token at 2048 tokens, at 0, 2048 or 6144 tokens of context);
+# - a CSA layer: the chunk's queries, all indexer keys decoded, all compressed entries decoded when
+#   the chunk would pick more, and for each query block in flight its score block over at most
+#   INDEX_ENTRY_BLOCK entries, its gathered entries and its attention probabilities. This one grows
+#   with context (the entries) and dominates at long context.
+STREAM_COPIES = 8
+QUERY_BLOCK = 128  # mlx_dsv4.attention.QUERY_BLOCK
+INDEX_ENTRY_BLOCK = 2048  # mlx_dsv4.attention.INDEX_ENTRY_BLOCK
+
+
+def prefill_transient_bytes(config: Union[dict, ModelArgs], chunk: int, context: int, dtype="bfloat16",
+                            batch: int = 1, streams: int = 1) -> int:
+    """Predicted peak bytes, beyond the cache, of prefilling `chunk` tokens after `context` tokens.
+
+    streams: the CPU streams query blocks run on (mlx_dsv4.streams); dtype: the activation dtype.
+    """
+    args = config if isinstance(config, ModelArgs) else ModelArgs.from_dict(config)
+    if chunk <= 0:
+        return 0
+    if context < 0:
+        raise ValueError(f"context must be >= 0 tokens, got {context}")
+    act = dtype_bytes(dtype)
+    stream_row = args.hc_mult * args.hidden_size * 4
+    peak = chunk * STREAM_COPIES * stream_row
+    if 4 in args.compress_ratios:
+        H, hd, k = args.num_attention_heads, args.head_dim, args.index_topk
+        Hi, di = args.index_n_heads, args.index_head_dim
+        entries = (context + chunk) // 4
+        per_token = stream_row + 2 * H * hd * act + Hi * (di + 1) * 4  # streams, queries + output, indexer queries
+        decoded = di * entries * 4  # indexer keys, float32
+        if entries <= chunk * k:
+            decoded += hd * entries * act  # compressed entries
+        block = min(QUERY_BLOCK, chunk)
+        in_flight = min(streams, -(-chunk // block))
+        entry_block = INDEX_ENTRY_BLOCK * max(1, QUERY_BLOCK // block)
+        per_block = (2 * Hi * block * min(entries, entry_block) * 4  # scores, weighted scores
+                     + block * k * hd * act  # gathered entries
+                     + 3 * H * block * (k + args.sliding_window + block + 1) * 4)  # scores, probabilities
+        peak = max(peak, chunk * per_token + decoded + in_flight * per_block)
+    return batch * peak
+
+
+def prefill_peak_bytes(config: Union[dict, ModelArgs], chunk: int, context: int, kv_dtype: str = "fp8",
+                       index_dtype: str = "fp4", dtype="bfloat16", batch: int = 1, streams: int = 1) -> int:
+    """Predicted peak bytes a prefill chunk adds to what was held before it: the cache it adds plus
+    the transient (`prefill_transient_bytes`)."""
+    growth = (kv_bytes(config, context + chunk, kv_dtype, index_dtype, dtype, batch)
+              - kv_bytes(config, context, kv_dtype, index_dtype, dtype, batch))
+    return growth + prefill_transient_bytes(config, chunk, context, dtype, batch, streams)

@@ -874,22 +874,23 @@ DRAFTERS = ("none", "mtp")
 
 def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logits_processors=None,
                 repetition_penalty=None, prompt_cache=None) -> None:
-    """``GenerationParameterError`` when speculative decoding with ``draft`` cannot run as asked."""
+    """``GenerationParameterError`` when speculative decoding with ``draft`` cannot run as asked
+    (``model`` None: every check but the checkpoint's MTP layer)."""
+    if not _is_integer(num_draft) or not 1 <= num_draft <= MAX_DRAFT:
+        raise GenerationParameterError("num_draft", f"must be an integer in 1..{MAX_DRAFT}, got {num_draft!r}")
     if draft is None or draft == "none":
         return
     if draft not in DRAFTERS:
         raise GenerationParameterError("draft", f"must be one of {', '.join(DRAFTERS)}, got {draft!r}")
-    if not _is_integer(num_draft) or not 1 <= num_draft <= MAX_DRAFT:
-        raise GenerationParameterError("num_draft", f"must be an integer in 1..{MAX_DRAFT}, got {num_draft!r}")
-    if not getattr(model, "mtp_layers", ()):
-        raise GenerationParameterError("draft", f"{draft!r} needs an MTP layer (mtp.* tensors), which this "
-                                                "checkpoint does not have")
     if temperature != 0 or sampler is not None:
         raise GenerationParameterError("draft", f"{draft!r} decodes greedily: it needs temperature 0 and no sampler")
     if logits_processors or repetition_penalty is not None:
         raise GenerationParameterError("draft", f"{draft!r} runs no logits processors (repetition penalty)")
     if prompt_cache is not None:
         raise GenerationParameterError("draft", f"{draft!r} does not use a prompt cache")
+    if model is not None and not getattr(model, "mtp_layers", ()):
+        raise GenerationParameterError("draft", f"{draft!r} needs an MTP layer (mtp.* tensors), which this "
+                                                "checkpoint does not have")
 
 
 def stream_generate(

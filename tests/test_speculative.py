@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_dsv4.layers import QuantizedSwitchLinear
 from mlx_dsv4.loader import CheckpointError, load_model, to_mlx_layout
 from mlx_dsv4.model import Block
 from mlx_dsv4.mtp import _mtp_block_args
@@ -164,3 +165,40 @@ def test_speculative_equals_plain_greedy_and_leaves_plain_caches(tiny, plain, k)
     got, _ = mtp(*probe, model.embed, model.head, drafting.draft_cache)
     want, _ = mtp(*probe, model.embed, model.head, ref_draft)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from convert_fixtures import write_release_checkpoint
+    from mlx_dsv4.convert.convert import convert
+    from mlx_dsv4.convert.recipes import Recipe
+
+    root = tmp_path_factory.mktemp("converted")
+    src, _, _ = write_release_checkpoint(root / "src", seed=3, n_shards=2, vocab_size=512)
+    recipes = {"none": Recipe("none", dtype="float32"), "native32": Recipe("native", dtype="float32"),
+               "q4": Recipe("q4", group_size=32, dtype="float32")}
+    for name, recipe in recipes.items():
+        convert(src, root / name, recipe, progress=False, log=lambda s: None)
+    return root
+
+
+def _mtp_logits(path):
+    model = load_model(path, check_memory=False)
+    tokens = mx.array([list(range(3, 35))])
+    _, hidden = model(tokens, model.make_cache("float", "float"), return_hidden=True)
+    mtp = model.mtp_layers[0]
+    logits, _ = mtp(hidden, tokens, model.embed, model.head, mtp.make_cache("float", "float"))
+    return model, np.array(logits.astype(mx.float32))
+
+
+def test_converted_checkpoints_load_their_mtp_layer(converted):
+    assert (converted / "none" / "mtp.safetensors.index.json").exists()
+    assert list((converted / "none").glob("mtp-*.safetensors"))
+    _, ref = _mtp_logits(converted / "none")
+    _, native = _mtp_logits(converted / "native32")
+    assert np.abs(native - ref).max() <= 1e-5 * np.abs(ref).max()
+    model, q4 = _mtp_logits(converted / "q4")
+    mtp = model.mtp_layers[0]
+    assert isinstance(mtp.ffn.experts.w1, QuantizedSwitchLinear)
+    assert "scales" in mtp.attn.wq_a
+    assert np.isfinite(q4).all() and np.abs(q4 - ref).max() < np.abs(ref).max()

@@ -804,12 +804,13 @@ class _Generation:
                 raise
             self.pending = None
 
-    def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int) -> Iterator[GenerationStep]:
+    def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int,
+                           progress=None) -> Iterator[GenerationStep]:
         """Greedy decoding with the MTP drafter: the tokens and steps of ``decode`` with greedy sampling."""
         self.cache = self.model.make_cache()
         self.drafting = GreedyDrafting(self.model, self.cache)
         self.consistent = False
-        logits = self.drafting.prefill(self.ids, prefill_step)
+        logits = self.drafting.prefill(self.ids, prefill_step, progress)
         self.fed = list(self.ids)
         self.consistent = True
         logprobs = logits - mx.logsumexp(logits)
@@ -978,7 +979,7 @@ def stream_generate(
                     run.prefill(prefill_step, set(snapshot_at), progress)
                     yield from run.decode(max_tokens)
                 else:
-                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step)
+                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)

@@ -173,7 +173,8 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
     except ConfigError as e:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
     if check_memory:
-        check_fit(config, sum(f.stat().st_size for f in _weight_files(path)), str(path), context)
+        files = _weight_files(path) + (_mtp_files(path) if mtp else [])
+        check_fit(config, sum(f.stat().st_size for f in set(files)), str(path), context)
     model = Model(args)
     if config.get("quantization"):
         _apply_quantization(model, config["quantization"])

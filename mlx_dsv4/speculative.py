@@ -50,8 +50,9 @@ class GreedyDrafting:
             return self.drafter(hidden, _tokens(next_tokens), self.model.embed, self.model.head, self.draft_cache)
         return None
 
-    def prefill(self, ids: Sequence[int], step: int) -> mx.array:
-        """Run the prompt (all of it) in chunks of `step`; the last position's logits [vocab]."""
+    def prefill(self, ids: Sequence[int], step: int, progress=None) -> mx.array:
+        """Run the prompt (all of it) in chunks of `step`; the last position's logits [vocab].
+        ``progress(done, total)`` after each chunk."""
         logits = None
         for a in range(0, len(ids), step):
             b = min(len(ids), a + step)
@@ -63,6 +64,8 @@ class GreedyDrafting:
             self._draft_feed(hidden[:, :-1], ids[start + 1 : b])
             self.last_hidden = hidden[:, -1:]
             mx.eval(self.last_hidden, self.cache.state(), self.draft_cache.state())
+            if progress is not None:
+                progress(b, len(ids))
         self.tokens = list(ids)
         return logits[0, -1]
 

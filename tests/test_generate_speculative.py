@@ -83,3 +83,13 @@ def test_draft_mtp_needs_a_checkpoint_with_an_mtp_layer():
     model = load_model(tiny_chat_dir(), mtp=False)
     with pytest.raises(GenerationParameterError, match=r"draft 'mtp' needs an MTP layer \(mtp.\* tensors\)"):
         next(stream_generate(model, tok, PROMPT, max_tokens=4, draft="mtp"))
+
+
+def test_draft_mtp_prefills_in_chunks_and_reports_progress(plain):
+    model, tok = tiny_chat_model()
+    calls = []
+    got = generate(model, tok, PROMPT, max_tokens=40, draft="mtp", num_draft=2, prefill_step=3,
+                   progress=lambda done, total: calls.append((done, total)))
+    n = len(tok.encode(PROMPT))
+    assert got.tokens == plain.tokens
+    assert calls == [(min(b, n), n) for b in range(3, n + 3, 3)]

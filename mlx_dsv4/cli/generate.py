@@ -84,7 +84,7 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, mtp=args.draft == "mtp")
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -100,10 +100,11 @@ class _MTPLayers(nn.Module):
         self.mtp = [MTP(args, j) for j in range(args.num_nextn_predict_layers)]
 
 
-def _load_mtp(path: Path, model: Model, config: dict, main_files) -> None:
-    """Attach the checkpoint's MTP layers to `model` (model.mtp_layers); nothing when it has none."""
-    files = list(main_files) + [f for f in _mtp_files(path) if f not in main_files]
-    weights = {k: v for k, v in _read_files(files).items() if is_mtp(k)}
+def _load_mtp(path: Path, model: Model, config: dict, weights: dict) -> None:
+    """Attach the checkpoint's MTP layers to `model` (model.mtp_layers); nothing when it has none.
+    weights: the mtp.* tensors of the main shards; those of the separate MTP shards are added."""
+    weights = dict(weights)
+    weights.update({k: v for k, v in _read_files(_mtp_files(path)).items() if is_mtp(k)})
     if not weights:
         return
     holder = _MTPLayers(model.args)
@@ -178,14 +179,15 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
     model = Model(args)
     if config.get("quantization"):
         _apply_quantization(model, config["quantization"])
-    main_files = _weight_files(path)
-    weights = to_mlx_layout({k: v for k, v in _read_files(main_files).items() if not is_mtp(k)}, args)
+    weights = _read_files(_weight_files(path))
+    mtp_weights = {k: weights.pop(k) for k in [k for k in weights if is_mtp(k)]}
+    weights = to_mlx_layout(weights, args)
     _check_tensors(path, dict(tree_flatten(model.parameters())), weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
     if mtp:
-        _load_mtp(path, model, config, main_files)
+        _load_mtp(path, model, config, mtp_weights)
     log_paths(len(parallel_streams()), expert_weights(model))
     return model
 

@@ -100,11 +100,12 @@ class _MTPLayers(nn.Module):
         self.mtp = [MTP(args, j) for j in range(args.num_nextn_predict_layers)]
 
 
-def _load_mtp(path: Path, model: Model, config: dict, weights: dict) -> None:
-    """Attach the checkpoint's MTP layers to `model` (model.mtp_layers); nothing when it has none.
-    weights: the mtp.* tensors of the main shards; those of the separate MTP shards are added."""
-    weights = dict(weights)
-    weights.update({k: v for k, v in _read_files(_mtp_files(path)).items() if is_mtp(k)})
+def _load_mtp(path: Path, model: Model, config: dict) -> None:
+    """Attach the checkpoint's MTP layers to `model` (model.mtp_layers); nothing when it has none."""
+    main_files = _weight_files(path)
+    files = main_files + [f for f in _mtp_files(path) if f not in main_files]
+    # mx.load reads tensors lazily: only the mtp.* ones kept here are read from disk
+    weights = {k: v for k, v in _read_files(files).items() if is_mtp(k)}
     if not weights:
         return
     holder = _MTPLayers(model.args)
@@ -179,15 +180,13 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
     model = Model(args)
     if config.get("quantization"):
         _apply_quantization(model, config["quantization"])
-    weights = _read_files(_weight_files(path))
-    mtp_weights = {k: weights.pop(k) for k in [k for k in weights if is_mtp(k)]}
-    weights = to_mlx_layout(weights, args)
+    weights = to_mlx_layout(read_weights(path), args)
     _check_tensors(path, dict(tree_flatten(model.parameters())), weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
     if mtp:
-        _load_mtp(path, model, config, mtp_weights)
+        _load_mtp(path, model, config)
     log_paths(len(parallel_streams()), expert_weights(model))
     return model
 

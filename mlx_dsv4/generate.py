@@ -830,9 +830,10 @@ class _Generation:
                     return
                 yield self.step(piece, token, lp)
                 self.pending = None
-            k = min(num_draft, max_tokens - len(self.generated))
+            # no drafts past max_tokens: they could only be thrown away
+            k = max(1, min(num_draft, max_tokens - len(self.generated)))
             self.consistent = False
-            ready = self.drafting.round(token, k) if k > 0 else []
+            ready = self.drafting.round(token, k)
             self.fed = list(self.drafting.tokens)
             self.consistent = True
 

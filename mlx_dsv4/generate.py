@@ -26,6 +26,7 @@ from .device_memory import wired_limit
 from .memory import kv_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
+from .speculative import MAX_DRAFT, GreedyDrafting
 
 _sample_utils = import_mlx_lm("sample_utils")
 make_logits_processors, make_sampler = _sample_utils.make_logits_processors, _sample_utils.make_sampler
@@ -61,6 +62,8 @@ class GenerationStep:
     peak_memory: int
     cache_bytes: int
     finish_reason: Optional[str] = None  # None until the last step: "stop" | "length" | "interrupted"
+    draft_proposed: int = 0  # with speculative decoding: tokens the drafter proposed so far
+    draft_accepted: int = 0  # of those, the ones the model accepted
 
 
 @dataclass
@@ -707,6 +710,7 @@ class _Generation:
         self.history = mx.array(ids, dtype=mx.int32) if processors else None
         self.pending = None  # a sampled (token, logprob, text) not yet handed out
         self.prompt_tps = 0.0
+        self.drafting = None  # GreedyDrafting with speculative decoding
         self.t_start = time.perf_counter()
         self.t_first = None
         mx.reset_peak_memory()
@@ -726,6 +730,8 @@ class _Generation:
             peak_memory=mx.get_peak_memory(),
             cache_bytes=self.cache.nbytes,
             finish_reason=reason,
+            draft_proposed=self.drafting.proposed if self.drafting is not None else 0,
+            draft_accepted=self.drafting.accepted if self.drafting is not None else 0,
         )
 
     def _run_model(self, tokens: List[int]):
@@ -804,6 +810,39 @@ class _Generation:
                 raise
             self.pending = None
 
+    def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int,
+                           progress=None) -> Iterator[GenerationStep]:
+        """Greedy decoding with the MTP drafter: the tokens and steps of ``decode`` with greedy sampling."""
+        self.cache = self.model.make_cache()
+        self.drafting = GreedyDrafting(self.model, self.cache)
+        self.consistent = False
+        logits = self.drafting.prefill(self.ids, prefill_step, progress)
+        self.fed = list(self.ids)
+        self.consistent = True
+        logprobs = logits - mx.logsumexp(logits)
+        token = int(mx.argmax(logits).item())
+        ready = [(token, float(logprobs[token].item()))]
+        while True:
+            for token, lp in ready:
+                self.generated.append(token)
+                self.pending = (token, lp, "")
+                if self.t_first is None:
+                    self.t_first = time.perf_counter()
+                    self.prompt_tps = len(self.ids) / (self.t_first - self.t_start)
+                reason, piece = self._stop_reason(token, max_tokens)
+                self.pending = (token, lp, piece)
+                if reason is not None:
+                    yield self._finish(token, lp, piece, reason)
+                    return
+                yield self.step(piece, token, lp)
+                self.pending = None
+            # no drafts past max_tokens: they could only be thrown away
+            k = max(1, min(num_draft, max_tokens - len(self.generated)))
+            self.consistent = False
+            ready = self.drafting.round(token, k)
+            self.fed = list(self.drafting.tokens)
+            self.consistent = True
+
     # -- stopping -------------------------------------------------------------------
 
     def _stop_reason(self, token: int, max_tokens: int):
@@ -838,6 +877,30 @@ class _Generation:
         return self.step(piece + self.text.flush(), token, lp, "interrupted")
 
 
+DRAFTERS = ("none", "mtp")
+
+
+def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logits_processors=None,
+                repetition_penalty=None, prompt_cache=None) -> None:
+    """``GenerationParameterError`` when speculative decoding with ``draft`` cannot run as asked
+    (``model`` None: every check but the checkpoint's MTP layer)."""
+    if not _is_integer(num_draft) or not 1 <= num_draft <= MAX_DRAFT:
+        raise GenerationParameterError("num_draft", f"must be an integer in 1..{MAX_DRAFT}, got {num_draft!r}")
+    if draft is None or draft == "none":
+        return
+    if draft not in DRAFTERS:
+        raise GenerationParameterError("draft", f"must be one of {', '.join(DRAFTERS)}, got {draft!r}")
+    if temperature != 0 or sampler is not None:
+        raise GenerationParameterError("draft", f"{draft!r} decodes greedily: it needs temperature 0 and no sampler")
+    if logits_processors or repetition_penalty is not None:
+        raise GenerationParameterError("draft", f"{draft!r} runs no logits processors (repetition penalty)")
+    if prompt_cache is not None:
+        raise GenerationParameterError("draft", f"{draft!r} does not use a prompt cache")
+    if model is not None and not getattr(model, "mtp_layers", ()):
+        raise GenerationParameterError("draft", f"{draft!r} needs an MTP layer (mtp.* tensors), which this "
+                                                "checkpoint does not have")
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -862,6 +925,8 @@ def stream_generate(
     on_overflow: str = "error",
     snapshot_at: Iterable[int] = (),
     chat_options: Optional[dict] = None,
+    draft: Optional[str] = None,
+    num_draft: int = 3,
 ) -> Iterator[GenerationStep]:
     """Generate from ``prompt`` one token at a time.
 
@@ -881,6 +946,10 @@ def stream_generate(
     ``on_overflow="drop_oldest"`` a message-list prompt loses its oldest turns until it
     fits. ``snapshot_at`` lists extra prompt lengths at which ``prompt_cache`` keeps a
     snapshot (e.g. the end of the system prompt).
+    ``draft="mtp"``: greedy speculative decoding, the checkpoint's MTP layer proposing
+    ``num_draft`` (1..8) tokens per model forward pass; the output is that of plain greedy
+    decoding (temperature 0, no logits processors, no prompt cache). The steps report the
+    drafter's proposed and accepted token counts.
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")
@@ -893,6 +962,11 @@ def stream_generate(
                             on_overflow=on_overflow, prompt_cache=prompt_cache, chat_options=chat_options)
     if prefill_step < 1:
         raise ValueError("prefill_step must be positive")
+    check_draft(model, draft, num_draft, temperature=temperature, sampler=sampler,
+                logits_processors=logits_processors, repetition_penalty=repetition_penalty,
+                prompt_cache=prompt_cache)
+    if draft == "none":
+        draft = None
 
     random_seed = _global_random_seed()
     try:
@@ -908,8 +982,11 @@ def stream_generate(
                           prompt_cache=prompt_cache)
         try:
             with wired_limit(model):
-                run.prefill(prefill_step, set(snapshot_at), progress)
-                yield from run.decode(max_tokens)
+                if draft is None:
+                    run.prefill(prefill_step, set(snapshot_at), progress)
+                    yield from run.decode(max_tokens)
+                else:
+                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)

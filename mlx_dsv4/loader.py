@@ -16,17 +16,21 @@ from .config import ConfigError, ModelArgs, read_config
 from .device_memory import DEFAULT_CONTEXT, check_fit
 from .layers import expert_weights
 from .model import Model
+from .mtp import MTP
 from .paths import log_paths
 from .streams import parallel_streams
 from .spec import is_mtp, official_to_mlx
+
+
+MTP_INDEX = "mtp.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing files or tensors, or holds unexpected ones."""
 
 
-def _weight_files(path: Path):
-    index = path / "model.safetensors.index.json"
+def _weight_files(path: Path, index_name: str = "model.safetensors.index.json"):
+    index = path / index_name
     if index.exists():
         try:
             data = json.loads(index.read_bytes().decode("utf-8"))
@@ -49,14 +53,69 @@ def _weight_files(path: Path):
     return files
 
 
-def read_weights(path: Path) -> dict:
+def _mtp_files(path: Path):
+    """The converter's separate MTP shards (listed in mtp.safetensors.index.json, or mtp*.safetensors)."""
+    if (path / MTP_INDEX).exists():
+        return _weight_files(path, MTP_INDEX)
+    if (path / "model.safetensors.index.json").exists():
+        return []
+    return sorted(path.glob("mtp*.safetensors"))
+
+
+def _read_files(files) -> dict:
     weights = {}
-    for f in _weight_files(path):
+    for f in files:
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context
             raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
-    return {k: v for k, v in weights.items() if not is_mtp(k)}
+    return weights
+
+
+def read_weights(path: Path) -> dict:
+    return {k: v for k, v in _read_files(_weight_files(path)).items() if not is_mtp(k)}
+
+
+def _check_tensors(path: Path, expected: dict, weights: dict, what: str = "") -> None:
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"missing {what}tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"unexpected {what}tensors ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+        raise CheckpointError(f"{path}: " + "; ".join(lines))
+    bad_shapes = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items() if weights[k].shape != v.shape
+    ]
+    if bad_shapes:
+        raise CheckpointError(f"{path}: tensor shapes inconsistent with config.json: " + "; ".join(bad_shapes[:10]))
+
+
+class _MTPLayers(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.mtp = [MTP(args, j) for j in range(args.num_nextn_predict_layers)]
+
+
+def _load_mtp(path: Path, model: Model, config: dict) -> None:
+    """Attach the checkpoint's MTP layers to `model` (model.mtp_layers); nothing when it has none."""
+    main_files = _weight_files(path)
+    files = main_files + [f for f in _mtp_files(path) if f not in main_files]
+    # mx.load reads tensors lazily: only the mtp.* ones kept here are read from disk
+    weights = {k: v for k, v in _read_files(files).items() if is_mtp(k)}
+    if not weights:
+        return
+    holder = _MTPLayers(model.args)
+    if config.get("quantization"):
+        _apply_quantization(holder, config["quantization"])
+    _check_tensors(path, dict(tree_flatten(holder.parameters())), to_mlx_layout(weights, model.args), "MTP ")
+    holder.load_weights(list(to_mlx_layout(weights, model.args).items()), strict=True)
+    mx.eval(holder.parameters())
+    holder.eval()
+    object.__setattr__(model, "mtp_layers", tuple(holder.mtp))
 
 
 def to_mlx_layout(weights: dict, args: ModelArgs) -> dict:
@@ -102,10 +161,11 @@ def _apply_quantization(model: Model, quantization: dict) -> None:
     )
 
 
-def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True) -> Model:
+def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True, mtp: bool = True) -> Model:
     """The model of a checkpoint directory. With ``check_memory``, before any weight is read:
     ``MemoryFitError`` when the weights exceed the machine's memory, ``MemoryFitWarning`` when
-    weights + FP8 cache for ``context`` tokens exceed what it keeps resident."""
+    weights + FP8 cache for ``context`` tokens exceed what it keeps resident. With ``mtp``, the
+    checkpoint's MTP layers, when it has them, load as ``model.mtp_layers``."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -115,31 +175,18 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
     except ConfigError as e:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
     if check_memory:
-        check_fit(config, sum(f.stat().st_size for f in _weight_files(path)), str(path), context)
+        files = _weight_files(path) + (_mtp_files(path) if mtp else [])
+        check_fit(config, sum(f.stat().st_size for f in set(files)), str(path), context)
     model = Model(args)
     if config.get("quantization"):
         _apply_quantization(model, config["quantization"])
     weights = to_mlx_layout(read_weights(path), args)
-
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        lines = []
-        if missing:
-            lines.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            lines.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-        raise CheckpointError(f"{path}: " + "; ".join(lines))
-    bad_shapes = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items() if weights[k].shape != v.shape
-    ]
-    if bad_shapes:
-        raise CheckpointError(f"{path}: tensor shapes inconsistent with config.json: " + "; ".join(bad_shapes[:10]))
+    _check_tensors(path, dict(tree_flatten(model.parameters())), weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     model.eval()
+    if mtp:
+        _load_mtp(path, model, config)
     log_paths(len(parallel_streams()), expert_weights(model))
     return model
 

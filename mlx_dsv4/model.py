@@ -51,6 +51,10 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
+    # The checkpoint's MTP layers (mlx_dsv4.mtp.MTP), set by the loader outside the parameter
+    # tree: they share `embed` and `head` and do not change what the main model is.
+    mtp_layers: tuple = ()
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -84,8 +88,10 @@ class Model(nn.Module):
                   for r in a.compress_ratios]
         return ModelCache(layers, kv_dtype, index_dtype, query_block=None if naive else QUERY_BLOCK)
 
-    def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False) -> mx.array:
-        """Logits [B, L, vocab] (or [B, 1, vocab] with last_only) for tokens [B, L], continuing `cache`."""
+    def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False,
+                 return_hidden: bool = False):
+        """Logits [B, L, vocab] (or [B, 1, vocab] with last_only) for tokens [B, L], continuing `cache`;
+        with return_hidden, (logits, last hc streams [B, L, hc, D]) as the MTP layers read them."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, length], got {tokens.shape}")
         if cache is None:
@@ -95,7 +101,9 @@ class Model(nn.Module):
         h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, tokens, layer_cache, cache.query_block)
+        hidden = h
         if last_only:
             h = h[:, -1:]
         x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
-        return split_outputs(self.head, self.norm(x))
+        logits = split_outputs(self.head, self.norm(x))
+        return (logits, hidden) if return_hidden else logits

@@ -26,6 +26,11 @@ def add_arguments(p):
                    help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")
     p.add_argument("--json", action="store_true",
                    help="print the parsed message (reasoning_content, content, tool_calls) as JSON")
+    p.add_argument("--draft", choices=["none", "mtp"], default="none",
+                   help="mtp: greedy speculative decoding, the checkpoint's MTP layer drafting tokens that "
+                        "the model verifies (same output as plain greedy decoding; needs --temp 0)")
+    p.add_argument("--num-draft", type=int, default=3, metavar="N",
+                   help="tokens the drafter proposes per model forward pass with --draft mtp (1..8, default 3)")
     p.add_argument("--verbose", action="store_true",
                    help="print the device and the kernel paths in use (to stderr) before generating")
 
@@ -35,11 +40,13 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..console import ProgressBar, Renderer, prefix_length, stats_line, usage
     from ..generate import (
+        GenerationParameterError,
         KVCacheLimitError,
         PromptCache,
         PromptCacheError,
         load_prompt_cache,
         save_prompt_cache,
+        check_draft,
         stream_generate,
     )
     from ..loader import CheckpointError, load
@@ -47,6 +54,14 @@ def run(args) -> int:
     problem = check_sampling_flags(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
+        return 2
+    sampling = sampling_from_args(args).generate_kwargs()
+    draft_options = dict(temperature=sampling["temperature"], repetition_penalty=sampling["repetition_penalty"],
+                         prompt_cache=args.prompt_cache)
+    try:
+        check_draft(None, args.draft, args.num_draft, **draft_options)
+    except GenerationParameterError as e:
+        print(f"error: {_draft_flag(e)}", file=sys.stderr)
         return 2
     flag = "--prompt -: standard input" if args.prompt == "-" else "--prompt"
     try:
@@ -69,11 +84,16 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, mtp=args.draft == "mtp")
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    try:
+        check_draft(model, args.draft, args.num_draft, **draft_options)
+    except GenerationParameterError as e:
+        print(f"error: {args.model}: {_draft_flag(e)}", file=sys.stderr)
+        return 1
     if args.verbose:
         print_paths(model)
     cache_file = args.prompt_cache
@@ -90,7 +110,7 @@ def run(args) -> int:
         steps = stream_generate(
             model, tokenizer, ids, prompt_cache=prompt_cache, progress=bar, prefill_step=args.prefill_step,
             kv_cache_limit=args.max_kv_size, snapshot_at=[m for m in marks if m],
-            **sampling_from_args(args).generate_kwargs(),
+            draft=args.draft, num_draft=args.num_draft, **sampling,
         )
         try:
             for step in steps:
@@ -119,6 +139,11 @@ def run(args) -> int:
         out = dict(message, finish_reason=reason)
         if last is not None:
             out["usage"] = usage(last)
+            if args.draft != "none":
+                out["draft"] = {"drafter": args.draft, "num_draft": args.num_draft,
+                                "proposed": last.draft_proposed, "accepted": last.draft_accepted,
+                                "acceptance_rate": round(last.draft_accepted / last.draft_proposed, 4)
+                                if last.draft_proposed else None}
         print(json.dumps(out, ensure_ascii=False, indent=2))
     if last is not None:
         print(stats_line(last, reason), file=sys.stderr)
@@ -130,6 +155,15 @@ def run(args) -> int:
             return 1
         print(f"saved prompt cache to {cache_file}", file=sys.stderr)
     return 130 if reason == "interrupted" else 0
+
+
+def _draft_flag(e) -> str:
+    """A draft problem worded with the command's flags."""
+    if e.field == "num_draft":
+        return f"--num-draft {e.problem}"
+    return f"--draft {e.problem}".replace("temperature 0 and no sampler", "--temp 0").replace(
+        "logits processors (repetition penalty)", "logits processors (--repetition-penalty)").replace(
+        "a prompt cache", "--prompt-cache")
 
 
 def print_paths(model) -> None:

@@ -1,0 +1,95 @@
+"""stream_generate with draft="mtp": the output of plain greedy decoding, stop handling included."""
+
+import random
+
+import pytest
+
+from generate_support import tiny_chat_model
+from mlx_dsv4.generate import GenerationParameterError, PromptCache, generate, stream_generate
+from mlx_dsv4.speculative import GreedyDrafting
+
+PROMPT = "Speculative decoding keeps greedy output"
+
+
+@pytest.fixture(scope="module")
+def plain():
+    model, tok = tiny_chat_model()
+    return generate(model, tok, PROMPT, max_tokens=40)
+
+
+def _force(monkeypatch, continuation, n_prompt, seed):
+    """The drafter's proposals replaced by the known continuation's next tokens, a random prefix right."""
+    rng = random.Random(seed)
+
+    def adjust(tokens, drafts):
+        pos = len(tokens) - n_prompt
+        right = (continuation[pos : pos + len(drafts)] + [0] * len(drafts))[: len(drafts)]
+        n = rng.randint(0, len(drafts))
+        return right[:n] + [(t + 1) % 1000 for t in right[n:]]
+
+    monkeypatch.setattr(GreedyDrafting, "adjust_drafts", staticmethod(adjust))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_draft_mtp_gives_the_plain_greedy_output(plain, monkeypatch, k):
+    model, tok = tiny_chat_model()
+    _force(monkeypatch, plain.tokens, len(tok.encode(PROMPT)), k)
+    steps = list(stream_generate(model, tok, PROMPT, max_tokens=40, draft="mtp", num_draft=k))
+    assert [s.token for s in steps] == plain.tokens
+    assert "".join(s.text for s in steps) == plain.text
+    assert steps[-1].finish_reason == plain.finish_reason == "length"
+    assert [s.logprob for s in steps] == pytest.approx(plain.logprobs, abs=1e-3)
+    assert steps[-1].generation_tokens == 40
+    assert 0 < steps[-1].draft_accepted <= steps[-1].draft_proposed
+
+
+def test_draft_mtp_stops_where_plain_decoding_stops(plain, monkeypatch):
+    model, tok = tiny_chat_model()
+    _force(monkeypatch, plain.tokens, len(tok.encode(PROMPT)), 0)
+    eos = plain.tokens[17]
+    want = generate(model, tok, PROMPT, max_tokens=40, eos_token_ids=[eos])
+    got = generate(model, tok, PROMPT, max_tokens=40, eos_token_ids=[eos], draft="mtp", num_draft=4)
+    assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text, "stop")
+    stop = plain.text[len(plain.text) // 2 :][:3]
+    want = generate(model, tok, PROMPT, max_tokens=40, stop=[stop])
+    got = generate(model, tok, PROMPT, max_tokens=40, stop=[stop], draft="mtp", num_draft=4)
+    assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text, want.finish_reason)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(draft="eagle"), r"draft must be one of none, mtp, got 'eagle'"),
+    (dict(draft="mtp", num_draft=0), r"num_draft must be an integer in 1..8, got 0"),
+    (dict(draft="mtp", num_draft=9), r"num_draft must be an integer in 1..8, got 9"),
+    (dict(draft="mtp", temperature=0.7), r"draft 'mtp' decodes greedily"),
+    (dict(draft="mtp", repetition_penalty=1.1), r"draft 'mtp' runs no logits processors"),
+])
+def test_bad_draft_options_are_named(options, message):
+    model, tok = tiny_chat_model()
+    with pytest.raises(GenerationParameterError, match=message):
+        next(stream_generate(model, tok, PROMPT, max_tokens=4, **options))
+
+
+def test_draft_mtp_refuses_a_prompt_cache():
+    model, tok = tiny_chat_model()
+    with pytest.raises(GenerationParameterError, match="does not use a prompt cache"):
+        next(stream_generate(model, tok, PROMPT, max_tokens=4, draft="mtp", prompt_cache=PromptCache(model)))
+
+
+def test_draft_mtp_needs_a_checkpoint_with_an_mtp_layer():
+    from generate_support import tiny_chat_dir
+    from mlx_dsv4.loader import load_model
+
+    _, tok = tiny_chat_model()
+    model = load_model(tiny_chat_dir(), mtp=False)
+    with pytest.raises(GenerationParameterError, match=r"draft 'mtp' needs an MTP layer \(mtp.\* tensors\)"):
+        next(stream_generate(model, tok, PROMPT, max_tokens=4, draft="mtp"))
+
+
+def test_draft_mtp_prefills_in_chunks_and_reports_progress(plain):
+    model, tok = tiny_chat_model()
+    calls = []
+    got = generate(model, tok, PROMPT, max_tokens=40, draft="mtp", num_draft=2, prefill_step=3,
+                   progress=lambda done, total: calls.append((done, total)))
+    n = len(tok.encode(PROMPT))
+    assert got.tokens == plain.tokens
+    assert calls == [(min(b, n), n) for b in range(3, n + 3, 3)]

@@ -161,11 +161,12 @@ def _apply_quantization(model: Model, quantization: dict) -> None:
     )
 
 
-def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True, mtp: bool = True) -> Model:
+def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True, mtp: bool = False) -> Model:
     """The model of a checkpoint directory. With ``check_memory``, before any weight is read:
     ``MemoryFitError`` when the weights exceed the machine's memory, ``MemoryFitWarning`` when
     weights + FP8 cache for ``context`` tokens exceed what it keeps resident. With ``mtp``, the
-    checkpoint's MTP layers, when it has them, load as ``model.mtp_layers``."""
+    checkpoint's MTP layers, when it has them, load as ``model.mtp_layers`` (the drafter for
+    speculative decoding; off by default, as they cost memory that plain decoding does not use)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")

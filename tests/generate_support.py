@@ -28,7 +28,7 @@ def tiny_chat_dir(seed: int = 0) -> Path:
 def tiny_chat_model(seed: int = 0):
     from mlx_dsv4 import load
 
-    return load(tiny_chat_dir(seed))
+    return load(tiny_chat_dir(seed), mtp=True)
 
 
 # (flags, the error message that names them) for sampling flags generation cannot use

@@ -22,7 +22,7 @@ N_GENERATED = 300  # crosses the 128-token compression and sliding-window bounda
 @pytest.fixture(scope="module", params=["flash", "pro"])
 def tiny(request, tmp_path_factory):
     path = write_tiny_checkpoint(tmp_path_factory.mktemp(request.param), preset=request.param)
-    return request.param, path, load_model(path, check_memory=False)
+    return request.param, path, load_model(path, check_memory=False, mtp=True)
 
 
 def test_mtp_layer_loads_with_the_spec_shapes(tiny):
@@ -36,7 +36,7 @@ def test_mtp_layer_loads_with_the_spec_shapes(tiny):
 
 
 def test_checkpoint_without_mtp_loads_without_drafter(tmp_path):
-    model = load_model(write_tiny_checkpoint(tmp_path, mtp=False), check_memory=False)
+    model = load_model(write_tiny_checkpoint(tmp_path, mtp=False), check_memory=False, mtp=True)
     assert model.mtp_layers == ()
     with pytest.raises(ValueError, match="no MTP layer"):
         GreedyDrafting(model, model.make_cache())
@@ -48,7 +48,7 @@ def test_incomplete_mtp_layer_is_named(tmp_path):
     del weights["mtp.0.e_proj.weight"]
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     with pytest.raises(CheckpointError, match=r"missing MTP tensors \(1\): mtp.0.e_proj.weight"):
-        load_model(path, check_memory=False)
+        load_model(path, check_memory=False, mtp=True)
 
 
 def _rms(x, w, eps):
@@ -183,7 +183,7 @@ def converted(tmp_path_factory):
 
 
 def _mtp_logits(path):
-    model = load_model(path, check_memory=False)
+    model = load_model(path, check_memory=False, mtp=True)
     tokens = mx.array([list(range(3, 35))])
     _, hidden = model(tokens, model.make_cache("float", "float"), return_hidden=True)
     mtp = model.mtp_layers[0]

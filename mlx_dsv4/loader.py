@@ -111,8 +111,9 @@ def _load_mtp(path: Path, model: Model, config: dict) -> None:
     holder = _MTPLayers(model.args)
     if config.get("quantization"):
         _apply_quantization(holder, config["quantization"])
-    _check_tensors(path, dict(tree_flatten(holder.parameters())), to_mlx_layout(weights, model.args), "MTP ")
-    holder.load_weights(list(to_mlx_layout(weights, model.args).items()), strict=True)
+    weights = to_mlx_layout(weights, model.args)
+    _check_tensors(path, dict(tree_flatten(holder.parameters())), weights, "MTP ")
+    holder.load_weights(list(weights.items()), strict=True)
     mx.eval(holder.parameters())
     holder.eval()
     object.__setattr__(model, "mtp_layers", tuple(holder.mtp))

@@ -16,6 +16,15 @@ from .spec import has_indexer, mix_width
 from .streams import split_outputs, split_tokens
 
 
+def layer_caches(args: ModelArgs, ratios, kv_dtype: str, index_dtype: str, dtype, naive: bool = False) -> ModelCache:
+    """A fresh cache for layers of the given compress ratios (the decoder's, or an MTP layer's)."""
+    kv = KVCodec(kv_dtype, args.head_dim, args.qk_rope_head_dim, dtype)
+    index = IndexCodec(index_dtype, args.index_head_dim, dtype) if any(map(has_indexer, ratios)) else None
+    layers = [LayerCache(args.sliding_window, r, kv, index if has_indexer(r) else None, keep_all_rows=naive)
+              for r in ratios]
+    return ModelCache(layers, kv_dtype, index_dtype, query_block=None if naive else QUERY_BLOCK)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -81,12 +90,7 @@ class Model(nn.Module):
         naive=True is the benchmark baseline: every raw kv row is kept and each step's
         queries are scored in one dense block.
         """
-        a = self.args
-        kv = KVCodec(kv_dtype, a.head_dim, a.qk_rope_head_dim, self.dtype)
-        index = IndexCodec(index_dtype, a.index_head_dim, self.dtype) if any(map(has_indexer, a.compress_ratios)) else None
-        layers = [LayerCache(a.sliding_window, r, kv, index if has_indexer(r) else None, keep_all_rows=naive)
-                  for r in a.compress_ratios]
-        return ModelCache(layers, kv_dtype, index_dtype, query_block=None if naive else QUERY_BLOCK)
+        return layer_caches(self.args, self.args.compress_ratios, kv_dtype, index_dtype, self.dtype, naive)
 
     def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False,
                  return_hidden: bool = False):

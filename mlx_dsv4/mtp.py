@@ -10,14 +10,11 @@ import copy
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import QUERY_BLOCK
-from .cache import LayerCache, ModelCache
+from .cache import ModelCache
 from .config import ModelArgs
 from .hc import hc_head
-from .kvcodec import IndexCodec, KVCodec
 from .layers import RMSNorm
-from .model import Block
-from .spec import has_indexer
+from .model import Block, layer_caches
 from .streams import split_outputs
 
 
@@ -46,11 +43,7 @@ class MTP(Block):
 
     def make_cache(self, kv_dtype: str = "fp8", index_dtype: str = "fp4", dtype=mx.float32,
                    naive: bool = False) -> ModelCache:
-        a = self.args
-        kv = KVCodec(kv_dtype, a.head_dim, a.qk_rope_head_dim, dtype)
-        index = IndexCodec(index_dtype, a.index_head_dim, dtype) if has_indexer(self.ratio) else None
-        layer = LayerCache(a.sliding_window, self.ratio, kv, index, keep_all_rows=naive)
-        return ModelCache([layer], kv_dtype, index_dtype, query_block=None if naive else QUERY_BLOCK)
+        return layer_caches(self.args, [self.ratio], kv_dtype, index_dtype, dtype, naive)
 
     def __call__(self, hidden: mx.array, next_tokens: mx.array, embed, head, cache: ModelCache):
         """(logits [B, L, vocab], own hc streams [B, L, hc, D]) for main streams hidden [B, L, hc, D]

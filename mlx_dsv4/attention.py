@@ -17,18 +17,10 @@ from .paths import device_paths
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
 from .kvcodec import IndexCodec
+from .memory import INDEX_ENTRY_BLOCK, QUERY_BLOCK
 from .rope import Rope, inv_freq_for
 from .spec import compressor_width, has_indexer
 from .streams import on, parallel_streams, split_tokens
-
-QUERY_BLOCK = 128
-# Indexer entries a 128-query block scores at a time (Indexer.select; fewer queries score
-# proportionally more, so one decoding query scores up to 128 x this many in one piece). Measured on
-# the CPU backend at V4-Flash's indexer widths (64 heads x 128, top-512), one 128-query block over
-# 16384 entries: entry blocks of 16384 (all) / 8192 / 4096 / 2048 / 1024 took 11.1 / 12.5 / 10.5 /
-# 9.7 / 8.2 s (2 busy cores, noisy) with a peak of 530 / 535 / 269 / 135 / 69 MiB. 2048 bounds a
-# query block's scores to ~135 MiB at any context length, at no measured cost in speed.
-INDEX_ENTRY_BLOCK = 2048
 
 
 class Compressor(nn.Module):

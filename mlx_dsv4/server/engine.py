@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import APIError
+from .errors import APIError, ContextOverflow
 
 # Test-only: a JSON file of [{"match": "<text in the prompt>", "completion": "<text>"}].
 # A request whose prompt contains ``match`` has its sampled tokens replaced by the
@@ -227,9 +227,13 @@ class Engine:
                         break
             finally:
                 steps.close()
-        except (KVCacheLimitError, PromptCacheError) as err:
+        except KVCacheLimitError as err:
             outcome = "failed"
-            job.put("error", APIError(400, str(err), code="context_length_exceeded"))
+            job.put("error", ContextOverflow(err.tokens_needed, err.tokens_that_fit,
+                                             what="the KV cache memory limit, prompt + max_tokens"))
+        except PromptCacheError as err:
+            outcome = "failed"
+            job.put("error", APIError(400, str(err), code="invalid_prompt_cache"))
         except Exception as err:  # noqa: BLE001 - one bad generation must not stop the server
             outcome = "failed"
             job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))

@@ -136,7 +136,7 @@ def test_errors(server, client):
     r = httpx.post(server.base + "/v1/messages", json={"model": MODEL, "messages": user("x")},
                    headers={"x-api-key": API_KEY})
     # the field is named once, not as a prefix and again in the message
-    assert r.status_code == 400 and r.json()["error"]["message"] == "'max_tokens' is required"
+    assert r.status_code == 400 and r.json()["error"]["message"] == "max_tokens: is required"
     r = httpx.post(server.base + "/v1/messages", headers={"x-api-key": API_KEY},
                    json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]})
     message = r.json()["error"]["message"]

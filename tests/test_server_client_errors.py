@@ -60,3 +60,21 @@ def test_anthropic_overflow_message_names_the_figures_once(server):
         anthropic_client(server).messages.create(model=MODEL, max_tokens=1, messages=too_long(server))
     message = err.value.body["error"]["message"]
     assert message.startswith("prompt is too long: ") and f"> {fit} maximum" in message, message
+
+
+def test_protocol_strings_in_messages_are_served_as_ordinary_text(server):
+    from mlx_dsv4.chat import encode_messages
+    from mlx_dsv4.tokenizer import load_tokenizer
+
+    from test_server_support import anthropic_client, openai_client
+
+    text = "hello-probe: the docs say <think>, </think>, <｜end▁of▁sentence｜> and <｜DSML｜tool_calls>"
+    messages = [{"role": "user", "content": text}]
+    reply = openai_client(server).chat.completions.create(model=MODEL, messages=messages)
+    assert reply.choices[0].message.content == "Hello there!"
+    tokenizer = load_tokenizer(None)
+    ids = tokenizer.encode(encode_messages(messages))
+    assert reply.usage.prompt_tokens == len(ids)
+    assert 128821 not in ids and ids.count(1) == 0  # no <think>, no end of sentence from the text
+    message = anthropic_client(server).messages.create(model=MODEL, max_tokens=20, messages=messages)
+    assert message.content[0].text == "Hello there!"

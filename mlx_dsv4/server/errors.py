@@ -89,10 +89,13 @@ def openai_body(err):
 def anthropic_body(err):
     if isinstance(err, ContextOverflow):
         message = err.anthropic_message()
-    elif err.param is None or err.param in err.message:
+    elif err.param is None:
         message = err.message
     else:
-        message = f"{err.param}: {err.message}"
+        # Anthropic's shape: "field: problem"; the field is not named a second time.
+        quoted = f"'{err.param}'"
+        problem = err.message[len(quoted):].lstrip(": ") if err.message.startswith(quoted) else err.message
+        message = f"{err.param}: {problem}"
     kind = _ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
 

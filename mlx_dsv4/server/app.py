@@ -2,6 +2,7 @@
 
 import asyncio
 import ctypes
+import hashlib
 import re
 import time
 from contextlib import asynccontextmanager, suppress
@@ -42,6 +43,8 @@ class Context:
         self.model_name = model_name
         self.defaults = defaults
         self.api_keys = tuple(api_keys)
+        # prompt caches are partitioned by key; on disk by a digest that stays the same across restarts
+        self.key_digests = tuple(hashlib.sha256(k.encode("utf-8")).hexdigest()[:16] for k in self.api_keys)
         self.max_context = max_context
         self.hosts = hosts
         self.created = int(time.time())
@@ -228,7 +231,8 @@ class Server:
         """Check the key and the body type, read the body within the budget, then ``build(body)``
         (decode, parse, tokenise) on a worker thread, PREPARING requests at a time. Returns the
         key's partition and what ``build`` returned."""
-        partition = key_partition(request, self.ctx.api_keys)
+        index = key_partition(request, self.ctx.api_keys)
+        partition = None if index is None else self.ctx.key_digests[index]
         check_json_body_type(request)
         async with _body(request, self.budget) as raw, self.preparing:
             result, error = await run_in_threadpool(_build, build, raw)

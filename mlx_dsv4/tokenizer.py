@@ -7,7 +7,8 @@ for the BOS/EOS names) with the ``tokenizers`` library. A directory without a
 
 The returned ``V4Tokenizer`` offers::
 
-    encode(text, add_special_tokens=False) -> list[int]   # protocol strings map to single ids
+    encode(text, add_special_tokens=False) -> list[int]   # protocol strings map to single ids,
+                                                          # except in a PromptText's caller text
     decode(ids, skip_special_tokens=False) -> str
     bos_token / bos_token_id, eos_token / eos_token_id, eos_token_ids, vocab_size
     token_to_id(token) / id_to_token(id)
@@ -23,6 +24,7 @@ each token, so it never emits part of a UTF-8 character, and after ``finalize()`
 
 import codecs
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -112,7 +114,53 @@ class V4Tokenizer:
         return StreamingDetokenizer(self._token_bytes)
 
     def encode(self, text, add_special_tokens=False):
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        pieces = self._pieces(text)
+        if pieces is None:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.tokenizer.encode("", add_special_tokens=True).ids if add_special_tokens else []
+        plain = self._plain_tokenizer()
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids.append(piece)
+            elif piece:
+                ids += plain.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def _pieces(self, text):
+        """None when ``text`` tokenises as usual; else the runs of ordinary text and the ids of
+        the protocol tokens, split only at added tokens outside its caller text (``PromptText``),
+        as the library splits at every added token."""
+        spans = getattr(text, "literal_spans", ())
+        if not spans:
+            return None
+        added = self._added_pattern()
+        if not any(added.search(text, a, b) for a, b in spans):
+            return None
+        pieces, run_start, position = [], 0, 0
+        for start, end in (*spans, (len(text), len(text))):
+            for match in added.finditer(text, position, start):
+                pieces.append(text[run_start:match.start()])
+                pieces.append(self._added_ids[match.group()])
+                run_start = match.end()
+            position = max(position, end)
+        pieces.append(text[run_start:])
+        return pieces
+
+    def _added_pattern(self):
+        if getattr(self, "_added_re", None) is None:
+            contents = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+            self._added_ids = contents
+            # longest first: the library matches the longest added token at the leftmost position
+            self._added_re = re.compile("|".join(re.escape(c) for c in sorted(contents, key=len, reverse=True)))
+        return self._added_re
+
+    def _plain_tokenizer(self):
+        """The same tokenizer without added tokens: every string is ordinary text to it."""
+        if getattr(self, "_plain", None) is None:
+            config = json.loads(self.tokenizer.to_str())
+            config["added_tokens"] = []
+            self._plain = Tokenizer.from_str(json.dumps(config))
+        return self._plain
 
     def decode(self, ids, skip_special_tokens=False):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

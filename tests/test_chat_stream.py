@@ -204,3 +204,34 @@ def test_whitespace_fed_one_character_at_a_time_takes_linear_time(thinking_mode,
             assert time.process_time() - start < budget, f"{i} characters took over {budget} s"
     events += parser.feed(tail) + parser.finish()
     assert merged(events)[:-1] == expected(n)
+
+
+CUT_OFF_CALLS = [
+    # an invoke cut off by a new tool_calls block, then a complete call
+    "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+    "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_time\">\n"
+    '<｜DSML｜parameter name="zone" string="true">CET</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS,
+    # an invoke cut off by the next invoke
+    "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+    '<｜DSML｜invoke name="get_time">\n'
+    '<｜DSML｜parameter name="zone" string="true">CET</｜DSML｜parameter>\n'
+    "</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS,
+    # an invoke cut off by the end of the block
+    "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+    "</｜DSML｜tool_calls>" + EOS,
+]
+
+
+@pytest.mark.parametrize("text", CUT_OFF_CALLS)
+def test_a_call_that_did_not_parse_completely_is_never_returned(text):
+    events = merged(run("chat", False, [text]))
+    calls = [e for e in events if isinstance(e, ToolCallComplete)]
+    assert all(c.name != "get_weather" for c in calls), calls
+    assert [c.name for c in calls] == (["get_time"] if "get_time" in text else [])
+    done = events[-1]
+    assert any("get_weather" in r and "discarded" in r for r in done.repairs), done.repairs
+    assert [c["function"]["name"] for c in parse_completion(text, "chat", strict=False).get("tool_calls") or []] \
+        == [c.name for c in calls]
+    with pytest.raises(ChatFormatError):
+        parse_completion(text, "chat", strict=True)

@@ -221,7 +221,7 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("system,message", [
-    ("<｜User｜>", "--system: message 0, field 'content': contains the reserved protocol string"),
+    ("a \ufdd0 b", "--system: message 0, field 'content': contains U+FDD0 or U+FDD1, Unicode noncharacters"),
     ("a\udcffb", "--system: not UTF-8 text (character 1 comes from a byte that is not UTF-8)"),
 ])
 def test_a_bad_system_prompt_is_refused_before_loading(tmp_path, capsys, system, message):

@@ -135,4 +135,57 @@ def test_errors(server, client):
 
     r = httpx.post(server.base + "/v1/messages", json={"model": MODEL, "messages": user("x")},
                    headers={"x-api-key": API_KEY})
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("max_tokens")
+    # the field is named once, not as a prefix and again in the message
+    assert r.status_code == 400 and r.json()["error"]["message"] == "max_tokens: is required"
+    r = httpx.post(server.base + "/v1/messages", headers={"x-api-key": API_KEY},
+                   json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and message.count("messages[0].content[0]") == 1, message
+
+
+def count(server, **body):
+    r = httpx.post(server.base + "/v1/messages/count_tokens", headers={"x-api-key": API_KEY},
+                   json={"model": MODEL, **body})
+    return r.status_code, r.json()
+
+
+def test_thinking_between_tools_keeps_earlier_reasoning(server):
+    history = user("first") + [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "a long line of earlier reasoning",
+                                           "signature": ""}, {"type": "text", "text": "ok"}]},
+    ] + user("second")
+    status, enabled = count(server, messages=history, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert status == 200
+    status, between = count(server, messages=history, thinking={"type": "between_tools"})
+    assert status == 200
+    # the release drops reasoning before the last user turn unless it is kept
+    assert between["input_tokens"] > enabled["input_tokens"] + 5
+    status, body = count(server, messages=history, thinking={"type": "sometimes"})
+    message = body["error"]["message"]
+    assert status == 400 and all(t in message for t in ("'enabled'", "'adaptive'", "'between_tools'", "'disabled'"))
+
+
+def test_output_config_format_and_effort_reach_the_prompt(server):
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    _, plain = count(server, messages=user("hi"))
+    _, formatted = count(server, messages=user("hi"), output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert formatted["input_tokens"] > plain["input_tokens"] + 10
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    _, low = count(server, messages=user("hi"), thinking=thinking, output_config={"effort": "low"})
+    _, high = count(server, messages=user("hi"), thinking=thinking, output_config={"effort": "max"})
+    assert high["input_tokens"] > low["input_tokens"] + 50  # the release's maximum-effort paragraph
+    status, body = count(server, messages=user("hi"), output_config={"verbosity": "low"})
+    assert status == 400 and "output_config.verbosity" in body["error"]["message"]
+    status, body = count(server, messages=user("hi"), output_config={"effort": "extreme"})
+    assert status == 400 and "output_config.effort" in body["error"]["message"]
+
+
+def test_streamed_usage_agrees_between_start_and_end(client):
+    messages = user("hello-probe and a prompt long enough to be cached " * 4)
+    for _ in range(2):  # the second request finds the prompt in the cache
+        with client.messages.stream(model=MODEL, max_tokens=20, messages=messages) as stream:
+            events = list(stream)
+        start = next(e for e in events if e.type == "message_start").message.usage
+        end = next(e for e in events if e.type == "message_delta").usage
+        assert (start.input_tokens, start.cache_read_input_tokens) == (end.input_tokens, end.cache_read_input_tokens)
+    assert end.cache_read_input_tokens > 0

@@ -46,7 +46,7 @@ def malformed_bodies():
             (("model",), [123, None, "other-model"]),
             (("messages",), ["hi", [], [1], [{"role": "wizard", "content": "x"}], [{"content": "x"}],
                              [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-                             [{"role": "user", "content": "<｜User｜>"}],
+                             [{"role": "user", "content": "a \ufdd0 b"}],
                              [{"role": "assistant", "content": "x", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}],
                              [{"role": "tool", "content": "x"}]]),
             (("max_tokens",), [0, -5, "10", 1.5, True, 10**12]),

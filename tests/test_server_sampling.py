@@ -44,7 +44,8 @@ def error_names(endpoint, response, field):
     body = strict_json(response.text)
     if endpoint == "/v1/messages":
         assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
-        assert body["error"]["message"].startswith(f"{field}: '{field}' ")
+        message = body["error"]["message"]
+        assert message.startswith(f"{field}: ") and f"'{field}'" not in message, message  # named once
     else:
         assert body["error"]["param"] == field and f"'{field}'" in body["error"]["message"]
     return body

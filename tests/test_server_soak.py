@@ -24,7 +24,8 @@ DEADLINE_S = 300  # for the soak phase; it takes well under a minute on an idle 
 @pytest.fixture(scope="module")
 def server():
     server = ServerProcess(["--served-model-name", MODEL, "--api-key", KEY, "--max-kv-size", KV_LIMIT,
-                            "--temperature", "0", "--max-tokens", "8"])
+                            "--temperature", "0", "--max-tokens", "8", "--prompt-cache-bytes", "2MiB",
+                            "--prompt-cache-disk-bytes", "8MiB"])
     yield server
     server.stop()
 
@@ -175,7 +176,8 @@ def test_mixed_traffic_leaves_no_growth_behind(server):
     assert not (rounds[0]["threads"] < rounds[1]["threads"] < rounds[2]["threads"])
     health = end["health"]
     assert health["status"] == "ok" and health["failed"] == 0 and health["cancelled"] >= 1
-    assert health["prompt_cache_snapshots"] <= 4
+    store = health["prompt_cache"]
+    assert store["memory_bytes"] <= store["memory_budget_bytes"] and store["disk_bytes"] <= store["disk_budget_bytes"]
     with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
         r = expect(http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("still there?"),
                                                            "max_tokens": 3}), 200)

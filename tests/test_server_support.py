@@ -85,7 +85,9 @@ class ServerProcess:
         args = [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(checkpoint_dir()),
                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra_args]
         self.log = open(_state["root"] / f"server-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
+        # prompt caches go to the test's own folder unless a test names one
+        env = {"XDG_CACHE_HOME": str(_state["root"] / "cache"), **(env or {})}
+        self.proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
         atexit.register(self.stop)
         self._wait_ready()
 

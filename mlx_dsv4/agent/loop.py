@@ -13,10 +13,14 @@ from ..chat import (
     ToolCallComplete,
     encode_messages,
 )
-from ..chat.special import RESERVED_STRINGS, THINK_OPEN
+from ..chat.special import THINK_OPEN
 from .log import StepLog
 from .substrates import ExecutionResult, make_substrate
 from .tools import ToolArgumentError, as_tool
+
+
+DEFAULT_PROMPT_STORE_BYTES = 1 << 30
+AGENT_PARTITION = "local"
 
 
 @dataclass
@@ -36,14 +40,6 @@ class AgentResult:
     steps: int
     messages: list
     tool_calls: list = field(default_factory=list)
-
-
-def neutralise(text):
-    """``text`` with protocol strings broken up so a tool result cannot forge a turn."""
-    for reserved in RESERVED_STRINGS:
-        if reserved in text:
-            text = text.replace(reserved, reserved[0] + "\u200b" + reserved[1:])
-    return text
 
 
 class Agent:
@@ -81,6 +77,7 @@ class Agent:
         generation_options=None,
         max_result_chars=16000,
         on_event=None,
+        prompt_store=None,
     ):
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError("thinking_mode must be 'chat' or 'thinking'")
@@ -105,6 +102,7 @@ class Agent:
         self.generation_options = dict(generation_options or {})
         self.max_result_chars = max_result_chars
         self.on_event = on_event
+        self.prompt_store = prompt_store  # a PrefixStore (e.g. one with a folder, shared with chat)
         self._prompt_cache = None
         if completion_fn is None and model is None:
             raise ValueError("give a model and tokenizer, or a completion_fn")
@@ -125,10 +123,13 @@ class Agent:
         return [t.schema() for t in self.tools.values()]
 
     def _generate(self, prompt):
-        from ..generate import PromptCache, stream_generate
+        from ..generate import stream_generate
 
         if self._prompt_cache is None:
-            self._prompt_cache = PromptCache(self.model)
+            from ..prefix_store import PrefixStore
+
+            store = self.prompt_store or PrefixStore(self.model, memory_bytes=DEFAULT_PROMPT_STORE_BYTES)
+            self._prompt_cache = store.view(AGENT_PARTITION)
         yield from stream_generate(
             self.model,
             self.tokenizer,
@@ -231,7 +232,8 @@ class Agent:
             else:
                 result = substrate.run(t, parsed)
         result.duration_s = result.duration_s or (time.perf_counter() - start)
-        content = neutralise(result.to_content(self.max_result_chars))
+        # Tool output goes into the prompt as caller text: protocol strings in it stay ordinary text.
+        content = result.to_content(self.max_result_chars)
         record = ToolCallRecord(step, call["id"], name, arguments, result)
         self.log.write(
             "tool", step,

@@ -9,7 +9,7 @@ function tools as the tools section of a system or developer message.
 from .errors import ChatFormatError
 from .parse import parse_completion
 from .special import DSML, INVOKE_TAG, PARAMETER_TAG, TOOL_CALLS_TAG, TOOLS_BLOCK_TEMPLATE
-from .wiretext import check_reserved, strict_json_loads, to_json
+from .wiretext import check_reserved, literal, strict_json_loads, to_json
 
 
 def tool_functions(tools, *, index=None, field="tools"):
@@ -27,16 +27,19 @@ def tool_functions(tools, *, index=None, field="tools"):
                 "must carry a 'function' object with a string 'name'", index=index, field=where
             )
         try:
-            check_reserved(to_json(function), index=index, field=where)
+            literal(to_json(function), index=index, field=where)  # serialisable, and can be marked
         except (TypeError, ValueError) as err:
             raise ChatFormatError(f"is not JSON serialisable: {err}", index=index, field=where)
         functions.append(function)
     return functions
 
 
-def render_tools_block(tools, *, index=None, field="tools"):
-    """The tools section for OpenAI function ``tools``, ending with a newline."""
-    schemas = "\n".join(to_json(f) for f in tool_functions(tools, index=index, field=field))
+def render_tools_block(tools, *, index=None, field="tools", marked=False):
+    """The tools section for OpenAI function ``tools``, ending with a newline.
+
+    ``marked``: the schemas are marked as caller text (for the prompt encoder)."""
+    mark = literal if marked else str
+    schemas = "\n".join(mark(to_json(f)) for f in tool_functions(tools, index=index, field=field))
     return TOOLS_BLOCK_TEMPLATE.replace("{tool_schemas}", schemas)
 
 
@@ -58,8 +61,11 @@ def _check_attribute(value, *, index, field):
     check_reserved(value, index=index, field=field)
 
 
-def render_invoke(name, arguments, *, index=None, field="tool_calls[0]"):
-    """One ``<｜DSML｜invoke>`` element for a call of ``name`` with ``arguments`` (a dict)."""
+def render_invoke(name, arguments, *, index=None, field="tool_calls[0]", marked=False):
+    """One ``<｜DSML｜invoke>`` element for a call of ``name`` with ``arguments`` (a dict).
+
+    ``marked``: values are marked as caller text (for the prompt encoder); otherwise a value
+    that spells a protocol string is refused, since plain text would tokenise it as one."""
     _check_attribute(name, index=index, field=f"{field}.function.name")
     lines = [f'<{DSML}{INVOKE_TAG} name="{name}">']
     for key, value in arguments.items():
@@ -72,7 +78,10 @@ def render_invoke(name, arguments, *, index=None, field="tool_calls[0]"):
                 text, is_string = to_json(value), "false"
             except (TypeError, ValueError) as err:
                 raise ChatFormatError(f"is not JSON serialisable: {err}", index=index, field=where)
-        check_reserved(text, index=index, field=where)
+        if marked:
+            text = literal(text, index=index, field=where)
+        else:
+            check_reserved(text, index=index, field=where)
         lines.append(
             f'<{DSML}{PARAMETER_TAG} name="{key}" string="{is_string}">{text}</{DSML}{PARAMETER_TAG}>'
         )

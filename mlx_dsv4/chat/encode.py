@@ -25,7 +25,7 @@ from .special import (
     TOOL_RESULT_OPEN,
     USER,
 )
-from .wiretext import check_reserved, to_json
+from .wiretext import literal, prompt_text, to_json
 
 THINKING_MODES = ("chat", "thinking")
 
@@ -72,8 +72,7 @@ def _content_text(message, index, *, required=False):
         raise ChatFormatError("must be a string or a list of text parts", index=index, field="content")
     if required and not content:
         raise ChatFormatError("must not be empty", index=index, field="content")
-    check_reserved(content, index=index, field="content")
-    return content
+    return literal(content, index=index, field="content")
 
 
 def _validate_fields(message, index):
@@ -99,7 +98,7 @@ def _response_format(message, index):
         text = to_json(value)
     except (TypeError, ValueError) as err:
         raise ChatFormatError(f"is not JSON serialisable: {err}", index=index, field="response_format")
-    check_reserved(text, index=index, field="response_format")
+    literal(text, index=index, field="response_format")  # checks the text can be marked
     return value
 
 
@@ -128,8 +127,7 @@ def _normalise(messages, tools):
             if reasoning is not None:
                 if not isinstance(reasoning, str):
                     raise ChatFormatError("must be a string", index=index, field="reasoning_content")
-                check_reserved(reasoning, index=index, field="reasoning_content")
-                turn.reasoning = reasoning
+                turn.reasoning = literal(reasoning, index=index, field="reasoning_content")
             calls = message.get("tool_calls")
             if calls:
                 if not isinstance(calls, list):
@@ -144,7 +142,7 @@ def _normalise(messages, tools):
                             )
                         seen_ids.add(parts[2])
                     # Render now so that bad names and values are reported against this message.
-                    render_invoke(parts[0], parts[1], index=index, field=f"tool_calls[{i}]")
+                    render_invoke(parts[0], parts[1], index=index, field=f"tool_calls[{i}]", marked=True)
                     turn.calls.append(parts)
             turns.append(turn)
             pending_calls, answered = turn.calls, set()
@@ -220,7 +218,7 @@ def _last_user_position(turns):
 
 
 def _render_calls(calls):
-    invokes = "\n".join(render_invoke(name, arguments) for name, arguments, _ in calls)
+    invokes = "\n".join(render_invoke(name, arguments, marked=True) for name, arguments, _ in calls)
     return f"\n\n<{DSML}{TOOL_CALLS_TAG}>\n{invokes}\n</{DSML}{TOOL_CALLS_TAG}>"
 
 
@@ -228,9 +226,9 @@ def _render_turn(turn, keep_reasoning_here, thinking_mode):
     if turn.role in ("system", "developer"):
         text = turn.text
         if turn.tools:
-            text += "\n\n" + render_tools_block(turn.tools)
+            text += "\n\n" + render_tools_block(turn.tools, marked=True)
         if turn.response_format:
-            text += "\n\n" + RESPONSE_FORMAT_HEADER + to_json(turn.response_format)
+            text += "\n\n" + RESPONSE_FORMAT_HEADER + literal(to_json(turn.response_format))
         return USER + text if turn.role == "developer" else text
     if turn.role == "user":
         return USER + "\n\n".join(
@@ -294,7 +292,7 @@ def encode_messages(
             continue
         opens_reasoning = thinking_mode == "thinking" and (not drop or position >= last_user)
         prompt.append(ASSISTANT + (THINK_OPEN if opens_reasoning else THINK_CLOSE))
-    return "".join(prompt)
+    return prompt_text("".join(prompt))
 
 
 def encode_messages_to_ids(messages, tokenizer=None, **options):

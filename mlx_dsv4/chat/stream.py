@@ -343,9 +343,11 @@ class DSMLStreamParser:
                 self._check_gap(token, ("\n", "\n\n") if not self._call.parameters else ("\n",))
                 self._check_plain_tag(token)
                 self._end_call()
-            elif (name == TOOL_CALLS_TAG and closing) or (name == INVOKE_TAG and not closing):
+            elif name == TOOL_CALLS_TAG or (name == INVOKE_TAG and not closing):
+                # A call cut off by the next tag did not parse completely: it is never returned.
                 self._gap = []
-                self._problem(f"invoke {self._call.name!r} is not closed", token.offset)
+                self._problem(f"invoke {self._call.name!r} is not closed", token.offset, "call discarded")
+                self._call.broken = True
                 self._end_call()
                 self._gap = ["\n"]
                 self._in_block(token)

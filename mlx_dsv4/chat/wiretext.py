@@ -1,4 +1,5 @@
-"""JSON as the wire format writes and reads it, and the check for reserved protocol strings.
+"""JSON as the wire format writes and reads it, caller text inside a prompt, and the check for
+reserved protocol strings.
 
 Depends only on ``errors`` and ``special``, which import nothing, so every other module
 of the package can use it without forming an import cycle.
@@ -43,3 +44,74 @@ def check_reserved(text, *, index=None, field=None):
             raise ChatFormatError(
                 f"contains the reserved protocol string {reserved!r}", index=index, field=field
             )
+
+
+# Caller text (message content, tool results, schemas, argument values) is tokenised as
+# ordinary text even where it spells a protocol token. While a prompt is being rendered, such
+# text sits between these two Unicode noncharacters, which are reserved for internal use and
+# so never part of the text itself; ``prompt_text`` turns them into spans.
+LITERAL_OPEN = "\ufdd0"
+LITERAL_CLOSE = "\ufdd1"
+
+
+def literal(text, *, index=None, field=None):
+    """``text`` marked as caller text (empty text needs no mark)."""
+    if LITERAL_OPEN in text or LITERAL_CLOSE in text:
+        raise ChatFormatError("contains U+FDD0 or U+FDD1, Unicode noncharacters reserved for internal use",
+                              index=index, field=field)
+    return LITERAL_OPEN + text + LITERAL_CLOSE if text else text
+
+
+def unmark(text):
+    """``text`` without caller-text marks."""
+    return text.replace(LITERAL_OPEN, "").replace(LITERAL_CLOSE, "")
+
+
+class PromptText(str):
+    """Prompt text that knows which characters came from the caller (``literal_spans``, sorted
+    ``(start, end)`` pairs). The V4 tokenizer never turns those characters into protocol tokens;
+    slicing and concatenation keep the spans."""
+
+    literal_spans = ()
+
+    def __new__(cls, text, literal_spans=()):
+        obj = super().__new__(cls, text)
+        obj.literal_spans = tuple(literal_spans)
+        return obj
+
+    def __getitem__(self, key):
+        part = str.__getitem__(self, key)
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return part
+        start, stop, _ = key.indices(len(self))
+        spans = [(max(a, start) - start, min(b, stop) - start) for a, b in self.literal_spans if a < stop and b > start]
+        return PromptText(part, spans)
+
+    def __add__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        shift = len(self)
+        return PromptText(str(self) + other, self.literal_spans + tuple(
+            (a + shift, b + shift) for a, b in getattr(other, "literal_spans", ())))
+
+    def __radd__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        shift = len(other)
+        return PromptText(other + str(self), tuple((a + shift, b + shift) for a, b in self.literal_spans))
+
+
+def prompt_text(marked):
+    """The ``PromptText`` of rendered text whose caller text is marked by ``literal``."""
+    pieces, spans, length = [], [], 0
+    for i, chunk in enumerate(marked.split(LITERAL_OPEN)):
+        if i == 0:
+            protocol, text = chunk, ""
+        else:
+            text, _, protocol = chunk.partition(LITERAL_CLOSE)
+            spans.append((length, length + len(text)))
+            pieces.append(text)
+            length += len(text)
+        pieces.append(protocol)
+        length += len(protocol)
+    return PromptText("".join(pieces), spans)

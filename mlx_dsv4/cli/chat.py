@@ -10,10 +10,13 @@ from .common import (
     THINKING,
     add_generation_arguments,
     add_model_argument,
+    add_prompt_cache_arguments,
     check_sampling_flags,
     sampling_from_args,
     text_problem,
 )
+
+CHAT_PARTITION = "local"  # chat sessions share their prefixes with each other, not with served requests
 
 HELP = """commands:
   /think [chat|think|think-max]  toggle reasoning (or pick a mode)
@@ -33,6 +36,7 @@ def add_arguments(p):
     p.add_argument("--thinking", choices=sorted(THINKING), default="chat", help="initial reasoning mode")
     p.add_argument("--tools", type=Path, default=None, help="JSON file with OpenAI tool definitions")
     add_generation_arguments(p, what="turns")
+    add_prompt_cache_arguments(p)
     p.add_argument("--on-overflow", choices=["error", "drop_oldest"], default="error",
                    help="with --max-kv-size: refuse a turn that does not fit, or drop the oldest turns")
     p.add_argument("--history-file", type=Path, default=None,
@@ -103,7 +107,8 @@ def _saved_conversation(state, mode) -> dict:
 
 class ChatSession:
     def __init__(self, model, tokenizer, args, out=None, err=None, tools=None):
-        from ..generate import PromptCache
+        from ..prefix_store import PrefixStore
+        from .common import prefix_store_options
 
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.out = out or sys.stdout
@@ -112,7 +117,8 @@ class ChatSession:
         self.system = args.system
         self.tools = tools
         self.messages = []
-        self.prompt_cache = PromptCache(model, max_snapshots=3)
+        options = prefix_store_options(args) if hasattr(args, "prompt_cache_bytes") else {"memory_bytes": 1 << 30}
+        self.prompt_cache = PrefixStore(model, **options).view(CHAT_PARTITION)
 
     def say(self, text=""):
         self.out.write(text + "\n")
@@ -162,7 +168,7 @@ class ChatSession:
             return
         state = {"messages": self.messages, "system": self.system, "thinking": self.mode, "tools": self.tools}
         try:
-            save_prompt_cache(path, self.prompt_cache, metadata={"chat": state})
+            save_prompt_cache(path, self.prompt_cache.export(), metadata={"chat": state})
         except PromptCacheError as e:
             self.say(f"error: {e}")
             return
@@ -188,13 +194,12 @@ class ChatSession:
         except ValueError as e:
             self.say(f"error: {path}: {e}")
             return
-        pc.max_snapshots = max(pc.max_snapshots, 3)
-        self.prompt_cache = pc
+        self.prompt_cache.adopt(pc)
         self.messages = state["messages"]
         self.system = state["system"]
         self.mode = state["thinking"]
         self.tools = state["tools"]
-        self.say(f"[loaded {len(self.messages)} messages and a cache of {len(pc.tokens)} tokens; "
+        self.say(f"[loaded {len(self.messages)} messages and a cache of {len(self.prompt_cache.tokens)} tokens; "
                  f"thinking mode {self.mode}]")
 
     def tools_command(self, rest):

@@ -12,6 +12,8 @@ from ..sizes import parse_size
 THINKING = {"chat": ("chat", None), "think": ("thinking", None), "think-max": ("thinking", "max")}
 
 DEFAULT_SAMPLING = SamplingParams(max_tokens=1024)  # generate and chat
+DEFAULT_PROMPT_CACHE_BYTES = 2 << 30
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 << 30
 
 
 def positive_int(text: str) -> int:
@@ -62,6 +64,32 @@ def add_memory_arguments(p, *, what="prompts"):
     p.add_argument("--max-kv-size", type=size_argument, default=None, metavar="SIZE",
                    help=f"memory guard: refuse {what} whose KV cache would exceed SIZE "
                         "(8G = 8GiB = 2^33 bytes, 8GB = 8*10^9 bytes, a plain number is bytes)")
+
+
+def add_prompt_cache_arguments(p):
+    """serve and chat: the prefix store of prompt caches, in memory and on disk."""
+    p.add_argument("--prompt-cache-bytes", type=size_argument, default=DEFAULT_PROMPT_CACHE_BYTES, metavar="SIZE",
+                   help="memory for prompt-cache snapshots of all conversations; the least recently used "
+                        "leave memory first (default 2G)")
+    p.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
+                   help="folder where snapshots are kept across restarts (default: "
+                        "~/.cache/mlx-dsv4/prompt-cache, or $XDG_CACHE_HOME/mlx-dsv4/prompt-cache); 'none': memory only")
+    p.add_argument("--prompt-cache-disk-bytes", type=size_argument, default=DEFAULT_PROMPT_CACHE_DISK_BYTES,
+                   metavar="SIZE", help="most disk the folder may take; the least recently used files go first "
+                                        "(default 16G)")
+
+
+def prefix_store_options(args) -> dict:
+    """The keyword arguments of ``PrefixStore`` the flags of add_prompt_cache_arguments give."""
+    from ..prefix_store import default_directory
+
+    directory = args.prompt_cache_dir
+    if directory is None:
+        directory = default_directory()
+    elif directory.lower() == "none":
+        directory = None
+    return {"memory_bytes": args.prompt_cache_bytes, "directory": directory,
+            "disk_bytes": args.prompt_cache_disk_bytes}
 
 
 def add_generation_arguments(p, *, what="prompts"):

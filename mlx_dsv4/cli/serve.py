@@ -6,9 +6,11 @@ import sys
 from ..sampling import SamplingParams
 from .common import (
     add_memory_arguments,
+    add_prompt_cache_arguments,
     add_model_argument,
     add_sampling_arguments,
     check_sampling_flags,
+    prefix_store_options,
     sampling_from_args,
 )
 
@@ -29,6 +31,7 @@ def add_arguments(p):
     p.add_argument("--served-model-name", default=None, help="model id clients must send (default: the directory name)")
     add_sampling_arguments(p, DEFAULT_SAMPLING, per_run=False, title="sampling of requests that do not set it")
     add_memory_arguments(p, what="requests")
+    add_prompt_cache_arguments(p)
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait before new ones get 503")
@@ -71,7 +74,8 @@ def run(args):
         print(f"warning: {SCRIPT_ENV} is set: test-only scripted completions replace sampling for matching prompts",
               file=sys.stderr)
     engine = Engine(args.model, kv_cache_limit=args.max_kv_size, max_queue=args.max_queue,
-                    prefill_step=args.prefill_step, script_path=os.environ.get(SCRIPT_ENV) or None)
+                    prefill_step=args.prefill_step, script_path=os.environ.get(SCRIPT_ENV) or None,
+                    prompt_cache=prefix_store_options(args))
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         engine.start()

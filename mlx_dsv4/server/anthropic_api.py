@@ -139,19 +139,50 @@ def _tool_choice(body, names):
     raise APIError(400, "'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type")
 
 
+THINKING_TYPES = ("enabled", "adaptive", "between_tools", "disabled")
+# Anthropic's effort levels onto the release's reasoning efforts, as the OpenAI side maps its own.
+EFFORTS = {"low": "low", "medium": "high", "high": "high", "max": "max"}
+
+
 def _thinking(body):
+    """(thinking_mode, keep_reasoning): "between_tools" keeps the reasoning of every earlier
+    assistant turn in the prompt (interleaved thinking), as the release does when tools are given."""
     thinking = get(body, "thinking", dict)
     if thinking is None:
-        return "chat"
+        return "chat", False
     kind = thinking.get("type")
     if kind == "disabled":
-        return "chat"
-    if kind in ("enabled", "adaptive"):
+        return "chat", False
+    if kind in THINKING_TYPES:
         budget = thinking.get("budget_tokens")
         if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise APIError(400, "'thinking.budget_tokens' must be a positive integer", param="thinking.budget_tokens")
-        return "thinking"
-    raise APIError(400, "'thinking.type' must be 'enabled' or 'disabled'", param="thinking.type")
+        return "thinking", kind == "between_tools"
+    raise APIError(400, f"'thinking.type' must be one of {', '.join(repr(t) for t in THINKING_TYPES)}",
+                   param="thinking.type")
+
+
+def _output_config(body):
+    """(response_format, reasoning_effort) from ``output_config``; unknown keys are refused, not dropped."""
+    config = get(body, "output_config", dict)
+    if config is None:
+        return None, None
+    unknown = sorted(set(config) - {"format", "effort"})
+    if unknown:
+        raise APIError(400, f"'output_config.{unknown[0]}' is not supported (supported: format, effort)",
+                       param=f"output_config.{unknown[0]}")
+    effort = config.get("effort")
+    if effort is not None and effort not in EFFORTS:
+        raise APIError(400, f"'output_config.effort' must be one of {', '.join(EFFORTS)}",
+                       param="output_config.effort")
+    response_format = None
+    spec = config.get("format")
+    if spec is not None:
+        if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                           param="output_config.format")
+        response_format = spec["schema"]
+    return response_format, EFFORTS.get(effort)
 
 
 def parse_messages_request(body, ctx, *, count_only=False):
@@ -183,7 +214,8 @@ def parse_messages_request(body, ctx, *, count_only=False):
                 prefill = converted["content"]
             else:
                 messages.append(converted)
-    thinking_mode = _thinking(body)
+    thinking_mode, keep_reasoning = _thinking(body)
+    response_format, effort = _output_config(body)
     if prefill and thinking_mode == "thinking":
         raise APIError(400, "a final assistant message (prefill) cannot be used with thinking", param="messages")
     sampling = parse_sampling(body, ctx.defaults, max_tokens_names=("max_tokens",), temperature_max=1.0,
@@ -191,8 +223,9 @@ def parse_messages_request(body, ctx, *, count_only=False):
     tools, names = _tools(body)
     choice, named = _tool_choice(body, names)
     tools, names = tools_for_choice(tools, names, choice, named)
-    prompt = render_chat_prompt(messages, tools=tools, thinking_mode=thinking_mode, reasoning_effort=None,
-                                response_format=None, param="messages")
+    prompt = render_chat_prompt(messages, tools=tools, thinking_mode=thinking_mode,
+                                reasoning_effort=effort if thinking_mode == "thinking" else None,
+                                response_format=response_format, keep_reasoning=keep_reasoning, param="messages")
     prefix = ""
     if choice in ("required", "named") and thinking_mode == "chat":
         prefix = (prefill or "") + forced_tool_prefix(named)
@@ -263,10 +296,12 @@ class MessageEvents:
         self.open = None  # kind of the open block
         self.open_call = None  # parser index of the call in an open tool_use block
 
-    def start(self, prompt_tokens):
+    def start(self, prompt_tokens, cached_tokens=0):
+        """The opening events; the usage splits the prompt as ``usage`` does at the end."""
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.plan.model, "content": [],
                    "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
+                   "usage": {"input_tokens": prompt_tokens - cached_tokens, "cache_creation_input_tokens": 0,
+                             "cache_read_input_tokens": cached_tokens, "output_tokens": 0}}
         return [_event("message_start", {"type": "message_start", "message": message}), _event("ping", {"type": "ping"})]
 
     def _close(self):

@@ -2,6 +2,7 @@
 
 import asyncio
 import ctypes
+import hashlib
 import re
 import time
 from contextlib import asynccontextmanager, suppress
@@ -17,7 +18,7 @@ from . import anthropic_api, openai_api
 from .access import HostCheck, check_json_body_type, key_partition
 from .common import Assembler
 from .engine import StepLog
-from .errors import APIError, error_response
+from .errors import APIError, ContextOverflow, error_response
 from .prompt_tokens import PromptTokenizer, PromptTooLong, UnbrokenRun
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -42,6 +43,8 @@ class Context:
         self.model_name = model_name
         self.defaults = defaults
         self.api_keys = tuple(api_keys)
+        # prompt caches are partitioned by key; on disk by a digest that stays the same across restarts
+        self.key_digests = tuple(hashlib.sha256(k.encode("utf-8")).hexdigest()[:16] for k in self.api_keys)
         self.max_context = max_context
         self.hosts = hosts
         self.created = int(time.time())
@@ -154,7 +157,7 @@ def _build(build, raw):
     try:
         return build(_decode_json(raw)), None
     except APIError as err:
-        return None, APIError(err.status, err.message, param=err.param, code=err.code)
+        return None, err.detached()
     except Exception as err:  # noqa: BLE001 - a request must never take the server down
         return None, APIError(500, f"internal error: {type(err).__name__}: {err}")
 
@@ -165,8 +168,7 @@ def _count_prompt_tokens(text, ctx, param):
     try:
         return ctx.prompt_tokenizer.encode(text, limit)
     except PromptTooLong as err:
-        raise APIError(400, f"the prompt has at least {err.at_least} tokens; {what} holds {limit}",
-                       param=param, code="context_length_exceeded")
+        raise ContextOverflow(err.at_least, limit, what=what, param=param, at_least=True)
     except UnbrokenRun as err:
         raise APIError(400, str(err), param=param, code="invalid_value")
 
@@ -190,12 +192,10 @@ def _prepare(plan, ctx):
         if limit is None:
             continue
         if n >= limit:
-            raise APIError(400, f"the prompt has {n} tokens; {what} holds {limit}",
-                           param=param, code="context_length_exceeded")
+            raise ContextOverflow(n, limit, what=what, param=param)
         if n + sampling.max_tokens > limit:
             if sampling.max_tokens_given:
-                raise APIError(400, f"{n} prompt tokens + max_tokens {sampling.max_tokens} exceed {what} "
-                                    f"({limit} tokens)", param="max_tokens", code="context_length_exceeded")
+                raise ContextOverflow(n, limit, what=what, max_tokens=sampling.max_tokens, param="max_tokens")
             sampling.max_tokens = limit - n
 
 
@@ -231,7 +231,8 @@ class Server:
         """Check the key and the body type, read the body within the budget, then ``build(body)``
         (decode, parse, tokenise) on a worker thread, PREPARING requests at a time. Returns the
         key's partition and what ``build`` returned."""
-        partition = key_partition(request, self.ctx.api_keys)
+        index = key_partition(request, self.ctx.api_keys)
+        partition = None if index is None else self.ctx.key_digests[index]
         check_json_body_type(request)
         async with _body(request, self.budget) as raw, self.preparing:
             result, error = await run_in_threadpool(_build, build, raw)
@@ -297,22 +298,38 @@ class Server:
 
     async def _sse(self, plan, flavour, fmt, partition):
         assembler, log = _assembler(plan, flavour), StepLog()
+        # Anthropic's message_start carries the prompt's cached share, known once the prefill is done.
+        pending_start = flavour == "anthropic"
+
+        def opening(step=None):
+            if step is None:
+                return fmt.start(len(plan.prompt_ids))
+            return fmt.start(step.prompt_tokens, step.cached_tokens or 0)
+
         try:
-            for line in fmt.start(len(plan.prompt_ids)) if flavour == "anthropic" else fmt.start():
-                yield line
+            if not pending_start:
+                for line in fmt.start():
+                    yield line
             async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
+                if pending_start:
+                    pending_start = False
+                    for line in opening(step):
+                        yield line
                 for line in fmt.events(assembler.feed(step.text), assembler):
+                    yield line
+            if pending_start:
+                pending_start = False
+                for line in opening():
                     yield line
             for line in fmt.events(assembler.finish(), assembler):
                 yield line
             _note_stop_sequence(log, plan, self.ctx.engine.tokenizer)
             for line in fmt.end(assembler, log):
                 yield line
-        except APIError as err:
-            for line in fmt.error(err):
-                yield line
         except Exception as err:  # noqa: BLE001 - report in-band; headers are already sent
-            for line in fmt.error(APIError(500, f"internal error: {type(err).__name__}: {err}")):
+            if not isinstance(err, APIError):
+                err = APIError(500, f"internal error: {type(err).__name__}: {err}")
+            for line in (opening() if pending_start else []) + fmt.error(err):
                 yield line
 
     # -- routes --------------------------------------------------------------------

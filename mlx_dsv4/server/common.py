@@ -172,7 +172,8 @@ def forced_tool_prefix(name=None):
     return prefix + f'{name}">\n' if name else prefix
 
 
-def render_chat_prompt(messages, *, tools, thinking_mode, reasoning_effort, response_format, param="messages"):
+def render_chat_prompt(messages, *, tools, thinking_mode, reasoning_effort, response_format, keep_reasoning=False,
+                       param="messages"):
     """encode_messages with response_format put on the system message; ChatFormatError -> 400."""
     shift = 0
     if response_format is not None:
@@ -189,6 +190,7 @@ def render_chat_prompt(messages, *, tools, thinking_mode, reasoning_effort, resp
             thinking_mode=thinking_mode,
             reasoning_effort=reasoning_effort,
             tools=tools or None,
+            keep_reasoning=keep_reasoning,
         )
     except ChatFormatError as err:
         where = param

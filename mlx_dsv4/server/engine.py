@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import APIError
+from .errors import APIError, ContextOverflow
 
 # Test-only: a JSON file of [{"match": "<text in the prompt>", "completion": "<text>"}].
 # A request whose prompt contains ``match`` has its sampled tokens replaced by the
@@ -26,7 +26,7 @@ from .errors import APIError
 # so tests can script the output of a random tiny model. Off unless the variable is set.
 SCRIPT_ENV = "MLX_DSV4_SERVER_TEST_SCRIPT"
 
-PROMPT_CACHE_SNAPSHOTS = 4  # of all partitions together
+DEFAULT_PROMPT_CACHE_BYTES = 2 << 30
 
 
 class StepLog:
@@ -91,8 +91,12 @@ def _forcing_processor(forced_ids, n_prompt):
 class Engine:
     """Loads the model on its own thread and runs queued generations one by one."""
 
-    def __init__(self, model_path, *, kv_cache_limit=None, max_queue=256, prefill_step=2048, script_path=None):
+    def __init__(self, model_path, *, kv_cache_limit=None, max_queue=256, prefill_step=2048, script_path=None,
+                 prompt_cache=None):
         self.model_path = model_path
+        # PrefixStore options; by default snapshots stay in memory only
+        self.prompt_cache_options = prompt_cache or {"memory_bytes": DEFAULT_PROMPT_CACHE_BYTES, "directory": None}
+        self.prefix_store = None
         self.kv_cache_limit = kv_cache_limit
         self.max_queue = max_queue
         self.prefill_step = prefill_step
@@ -100,7 +104,6 @@ class Engine:
         self.model = None
         self.tokenizer = None
         self.kv_tokens = None  # longest sequence whose cache fits kv_cache_limit
-        self._prompt_caches = {}  # partition -> PromptCache, least recently used first
         self._jobs = queue.Queue()
         self._ready = threading.Event()
         self._load_error = None
@@ -137,6 +140,9 @@ class Engine:
 
             self.model, self.tokenizer = load(self.model_path)
             model_fingerprint(self.model)  # computed once here; prompt caches check it
+            from ..prefix_store import PrefixStore
+
+            self.prefix_store = PrefixStore(self.model, **self.prompt_cache_options)
             if self.kv_cache_limit is not None:
                 from ..generate import tokens_that_fit
 
@@ -161,24 +167,7 @@ class Engine:
                     self._release_memory()
 
     def _prompt_cache(self, partition):
-        from ..generate import PromptCache
-
-        cache = self._prompt_caches.pop(partition, None)
-        if cache is None:
-            cache = PromptCache(self.model, max_snapshots=PROMPT_CACHE_SNAPSHOTS)
-        self._prompt_caches[partition] = cache
-        return cache
-
-    def _trim_prompt_caches(self):
-        """Keep PROMPT_CACHE_SNAPSHOTS snapshots in all: the least recently used partitions give
-        up their oldest ones first."""
-        excess = sum(len(c) for c in self._prompt_caches.values()) - PROMPT_CACHE_SNAPSHOTS
-        for partition, cache in list(self._prompt_caches.items()):
-            while excess > 0 and len(cache):
-                cache.snapshots.remove(min(cache.snapshots, key=lambda s: s.last_used))
-                excess -= 1
-            if not len(cache):
-                del self._prompt_caches[partition]
+        return self.prefix_store.view(partition)
 
     @staticmethod
     def _release_memory():
@@ -227,14 +216,17 @@ class Engine:
                         break
             finally:
                 steps.close()
-        except (KVCacheLimitError, PromptCacheError) as err:
+        except KVCacheLimitError as err:
             outcome = "failed"
-            job.put("error", APIError(400, str(err), code="context_length_exceeded"))
+            job.put("error", ContextOverflow(err.tokens_needed, err.tokens_that_fit,
+                                             what="the KV cache memory limit, prompt + max_tokens"))
+        except PromptCacheError as err:
+            outcome = "failed"
+            job.put("error", APIError(400, str(err), code="invalid_prompt_cache"))
         except Exception as err:  # noqa: BLE001 - one bad generation must not stop the server
             outcome = "failed"
             job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
         finally:
-            self._trim_prompt_caches()
             self.active = False
             self._current = None
             self._finish(job, outcome)
@@ -277,7 +269,8 @@ class Engine:
             "active": self.active,
             "pending": self.pending,
             **self.counts,
-            "prompt_cache_snapshots": sum(len(c) for c in list(self._prompt_caches.values())),
+            "prompt_cache_snapshots": self.prefix_store.stats()["snapshots"] if self.prefix_store else 0,
+            "prompt_cache": self.prefix_store.stats() if self.prefix_store else None,
             "max_kv_tokens": self.kv_tokens,
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }

@@ -37,6 +37,43 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
+    def detached(self):
+        """A copy with no traceback or chained error, so nothing keeps the raising frames alive."""
+        copy = type(self).__new__(type(self))
+        Exception.__init__(copy, *self.args)
+        copy.__dict__.update(self.__dict__)
+        return copy
+
+
+class ContextOverflow(APIError):
+    """The prompt (plus the tokens asked for) does not fit ``limit`` tokens.
+
+    Clients recognise overflow by the text of the message: litellm by "maximum context length"
+    or "prompt is too long", LangChain's OpenAI client by "prompt is too long" only.
+    """
+
+    def __init__(self, prompt_tokens, limit, *, what="the context", max_tokens=None, param="messages",
+                 at_least=False):
+        self.prompt_tokens = prompt_tokens
+        self.at_least = "at least " if at_least else ""
+        self.limit = limit
+        self.what = what
+        self.max_tokens = max_tokens
+        if max_tokens is None:
+            message = (f"The prompt is too long: this model's maximum context length is {limit} tokens "
+                       f"({what}); your messages resulted in {self.at_least}{prompt_tokens} tokens.")
+        else:
+            message = (f"The prompt is too long: this model's maximum context length is {limit} tokens "
+                       f"({what}); you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                       f"messages, {max_tokens} in the completion).")
+        super().__init__(400, message, param=param, code="context_length_exceeded")
+
+    def anthropic_message(self):
+        if self.max_tokens is None:
+            return f"prompt is too long: {self.at_least}{self.prompt_tokens} tokens > {self.limit} maximum ({self.what})"
+        return (f"prompt is too long: {self.prompt_tokens} tokens + max_tokens {self.max_tokens} > "
+                f"{self.limit} maximum ({self.what})")
+
 
 def openai_body(err):
     return {
@@ -50,7 +87,15 @@ def openai_body(err):
 
 
 def anthropic_body(err):
-    message = err.message if err.param is None else f"{err.param}: {err.message}"
+    if isinstance(err, ContextOverflow):
+        message = err.anthropic_message()
+    elif err.param is None:
+        message = err.message
+    else:
+        # Anthropic's shape: "field: problem"; the field is not named a second time.
+        quoted = f"'{err.param}'"
+        problem = err.message[len(quoted):].lstrip(": ") if err.message.startswith(quoted) else err.message
+        message = f"{err.param}: {problem}"
     kind = _ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
 

@@ -26,7 +26,7 @@ from .device_memory import wired_limit
 from .memory import kv_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
-from .speculative import MAX_DRAFT, GreedyDrafting
+from .speculative import MAX_DRAFT, Drafting, sampling_distribution
 
 _sample_utils = import_mlx_lm("sample_utils")
 make_logits_processors, make_sampler = _sample_utils.make_logits_processors, _sample_utils.make_sampler
@@ -710,7 +710,7 @@ class _Generation:
         self.history = mx.array(ids, dtype=mx.int32) if processors else None
         self.pending = None  # a sampled (token, logprob, text) not yet handed out
         self.prompt_tps = 0.0
-        self.drafting = None  # GreedyDrafting with speculative decoding
+        self.drafting = None  # Drafting with speculative decoding
         self.t_start = time.perf_counter()
         self.t_first = None
         mx.reset_peak_memory()
@@ -811,16 +811,18 @@ class _Generation:
             self.pending = None
 
     def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int,
-                           progress=None) -> Iterator[GenerationStep]:
-        """Greedy decoding with the MTP drafter: the tokens and steps of ``decode`` with greedy sampling."""
+                           progress=None, distribution=None) -> Iterator[GenerationStep]:
+        """Decoding with the MTP drafter: greedy (``distribution`` None) gives the tokens of plain
+        greedy decoding; sampling from ``distribution`` gives tokens of the same distribution
+        as plain sampling."""
         self.cache = self.model.make_cache()
-        self.drafting = GreedyDrafting(self.model, self.cache)
+        self.drafting = Drafting(self.model, self.cache, distribution=distribution)
         self.consistent = False
         logits = self.drafting.prefill(self.ids, prefill_step, progress)
         self.fed = list(self.ids)
         self.consistent = True
         logprobs = logits - mx.logsumexp(logits)
-        token = int(mx.argmax(logits).item())
+        token = self.drafting.first_token(logits)
         ready = [(token, float(logprobs[token].item()))]
         while True:
             for token, lp in ready:
@@ -890,8 +892,9 @@ def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logit
         return
     if draft not in DRAFTERS:
         raise GenerationParameterError("draft", f"must be one of {', '.join(DRAFTERS)}, got {draft!r}")
-    if temperature != 0 or sampler is not None:
-        raise GenerationParameterError("draft", f"{draft!r} decodes greedily: it needs temperature 0 and no sampler")
+    if sampler is not None:
+        raise GenerationParameterError("draft", f"{draft!r} samples with the temperature, top-p, top-k and min-p "
+                                                "settings, not with a custom sampler")
     if logits_processors or repetition_penalty is not None:
         raise GenerationParameterError("draft", f"{draft!r} runs no logits processors (repetition penalty)")
     if prompt_cache is not None:
@@ -946,10 +949,11 @@ def stream_generate(
     ``on_overflow="drop_oldest"`` a message-list prompt loses its oldest turns until it
     fits. ``snapshot_at`` lists extra prompt lengths at which ``prompt_cache`` keeps a
     snapshot (e.g. the end of the system prompt).
-    ``draft="mtp"``: greedy speculative decoding, the checkpoint's MTP layer proposing
-    ``num_draft`` (1..8) tokens per model forward pass; the output is that of plain greedy
-    decoding (temperature 0, no logits processors, no prompt cache). The steps report the
-    drafter's proposed and accepted token counts.
+    ``draft="mtp"``: speculative decoding, the checkpoint's MTP layer proposing ``num_draft``
+    (1..8) tokens per model forward pass. Greedy, the output is that of plain greedy decoding;
+    sampled, it has the distribution of plain sampling with the same settings (no logits
+    processors, custom sampler or prompt cache). The steps report the drafter's proposed and
+    accepted token counts.
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")
@@ -986,7 +990,8 @@ def stream_generate(
                     run.prefill(prefill_step, set(snapshot_at), progress)
                     yield from run.decode(max_tokens)
                 else:
-                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress)
+                    distribution = sampling_distribution(temperature, top_p=top_p, top_k=int(top_k), min_p=min_p)
+                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress, distribution)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)
@@ -1015,4 +1020,6 @@ def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:
         "peak_memory": last.peak_memory,
         "cache_bytes": last.cache_bytes,
     }
+    if last.draft_proposed:
+        stats.update(draft_proposed=last.draft_proposed, draft_accepted=last.draft_accepted)
     return GenerationResult("".join(pieces), tokens, last.finish_reason, stats, logprobs)

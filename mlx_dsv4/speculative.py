@@ -1,9 +1,13 @@
-"""Greedy speculative decoding with the checkpoint's MTP layer as the drafter.
+"""Speculative decoding with the checkpoint's MTP layer as the drafter.
 
 Each round the MTP layer drafts k tokens (feeding its own hc streams back for the drafts
 after the first), the main model scores the last token and the k drafts in one forward
-pass, and the longest prefix of drafts equal to the main model's greedy choices is kept,
-followed by the main model's own next token. Caches are then made exactly what plain
+pass, and some prefix of the drafts is kept, followed by one token of the main model's own.
+Greedy: the longest prefix equal to the main model's greedy choices. Sampling: each draft x,
+drawn from the drafter's sampling distribution q, is kept with probability min(1, p(x)/q(x))
+under the main model's p; at the first rejection the next token is drawn from the residual
+max(0, p - q) renormalised, and after k acceptances from p. The emitted tokens then have
+exactly the distribution plain sampling gives. Caches are then made exactly what plain
 decoding of the kept tokens gives: the main cache and the drafter's are restored from
 snapshots taken before the round and the kept tokens are run again (the main cache is
 kept as is when every draft was accepted).
@@ -24,19 +28,71 @@ def _tokens(ids: Sequence[int]) -> mx.array:
     return mx.array([list(ids)], dtype=mx.int32)
 
 
-class GreedyDrafting:
-    """Main model + MTP drafter state for one greedy generation."""
+def sampling_distribution(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+    """The probabilities plain sampling draws from, as a function of logits [..., vocab]: mlx-lm's
+    top-p, min-p and top-k masks in its sampler's order, then the temperature. None for greedy."""
+    if temperature == 0:
+        return None
+    from .generate import _sample_utils as su
+
+    methods = []
+    if 0 < top_p < 1.0:
+        methods.append(lambda x: su.apply_top_p(x, top_p))
+    if min_p != 0.0:
+        methods.append(lambda x: su.apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        methods.append(lambda x: su.apply_top_k(x, top_k))
+
+    def distribution(logits: mx.array) -> mx.array:
+        logprobs = logits.astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        for method in methods:
+            logprobs = method(logprobs)
+        return mx.softmax(logprobs / temperature, axis=-1)
+
+    return distribution
+
+
+def accept_drafts(drafts: Sequence[int], q: mx.array, p: mx.array) -> Tuple[int, int]:
+    """(how many drafts are kept, the token that follows them) for drafts drawn from the rows of
+    ``q`` [k, vocab], verified against the rows of ``p`` [k + 1, vocab]."""
+    k = len(drafts)
+    if k:
+        index = mx.arange(k)
+        chosen = mx.array(list(drafts))
+        ratio = p[index, chosen] / mx.maximum(q[index, chosen], 1e-30)
+        uniforms = mx.random.uniform(shape=(k,))
+        kept = (uniforms < ratio).tolist()
+    else:
+        kept = []
+    a = 0
+    while a < k and kept[a]:
+        a += 1
+    if a < k:
+        residual = mx.maximum(p[a] - q[a], 0.0)
+        total = residual.sum()
+        # p == q on every token leaves no residual; then p itself is the distribution
+        row = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p[a])
+    else:
+        row = p[k]
+    return a, int(mx.random.categorical(mx.log(row)).item())
+
+
+class Drafting:
+    """Main model + MTP drafter state for one generation, greedy or sampled
+    (``distribution``: from ``sampling_distribution``)."""
 
     # (tokens so far, the drafter's proposals) -> the proposals to verify; tests replace it
     adjust_drafts: Optional[Callable[[List[int], List[int]], List[int]]] = None
 
-    def __init__(self, model, cache, drafter=None):
+    def __init__(self, model, cache, drafter=None, distribution=None):
         if drafter is None:
             if not model.mtp_layers:
                 raise ValueError("this checkpoint has no MTP layer (mtp.* tensors) to draft with")
             drafter = model.mtp_layers[0]
         self.model = model
         self.drafter = drafter
+        self.distribution = distribution
         self.cache = cache
         self.draft_cache = drafter.make_cache(cache.kv_dtype, cache.index_dtype, dtype=model.dtype)
         self.last_hidden: Optional[mx.array] = None
@@ -69,29 +125,48 @@ class GreedyDrafting:
         self.tokens = list(ids)
         return logits[0, -1]
 
-    def _propose(self, token: int, k: int) -> List[int]:
-        drafts, hidden, t = [], self.last_hidden, token
+    def _propose(self, token: int, k: int) -> Tuple[List[int], Optional[mx.array]]:
+        """k drafts after ``token``, and (sampling) the drafter's distributions they came from."""
+        drafts, rows, hidden, t = [], [], self.last_hidden, token
         for _ in range(k):
             logits, hidden = self.drafter(hidden, _tokens([t]), self.model.embed, self.model.head, self.draft_cache)
-            t = int(mx.argmax(logits[0, -1]).item())
+            if self.distribution is None:
+                t = int(mx.argmax(logits[0, -1]).item())
+            else:
+                row = self.distribution(logits[0, -1])
+                t = int(mx.random.categorical(mx.log(row)).item())
+                rows.append(row)
             drafts.append(t)
-        return drafts
+        return drafts, (mx.stack(rows) if rows else None)
+
+    def first_token(self, logits: mx.array) -> int:
+        """The token that follows the prompt, from its last position's logits."""
+        if self.distribution is None:
+            return int(mx.argmax(logits).item())
+        return int(mx.random.categorical(mx.log(self.distribution(logits))).item())
 
     def round(self, token: int, k: int) -> List[Tuple[int, float]]:
         """Draft k tokens after `token` (the last emitted one), verify them; the tokens that
         follow `token` as plain greedy decoding gives them, with their log-probabilities."""
         draft_state = self.draft_cache.to_state()
-        drafts = self._propose(token, k)
+        drafts, q = self._propose(token, k)
         if self.adjust_drafts is not None:
             drafts = list(self.adjust_drafts(self.tokens + [token], drafts))
         main_state = self.cache.to_state()
         fed = [token] + drafts
         logits, hidden = self.model(_tokens(fed), self.cache, return_hidden=True)
         logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
-        targets = mx.argmax(logits[0], axis=-1).tolist()
-        a = 0
-        while a < k and drafts[a] == targets[a]:
-            a += 1
+        if self.distribution is None:
+            targets = mx.argmax(logits[0], axis=-1).tolist()
+            a = 0
+            while a < k and drafts[a] == targets[a]:
+                a += 1
+        else:
+            if self.adjust_drafts is not None:
+                # forced drafts were not drawn from q: verify them as drafts from a point mass
+                q = mx.zeros((k, logits.shape[-1])).at[mx.arange(k), mx.array(drafts)].add(1.0)
+            a, following = accept_drafts(drafts, q, self.distribution(logits[0]))
+            targets = drafts[:a] + [following]
         if a < k:
             self.cache.load_state(*main_state)
             _, hidden = self.model(_tokens(fed[: a + 1]), self.cache, return_hidden=True)

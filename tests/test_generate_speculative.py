@@ -6,7 +6,7 @@ import pytest
 
 from generate_support import tiny_chat_model
 from mlx_dsv4.generate import GenerationParameterError, PromptCache, generate, stream_generate
-from mlx_dsv4.speculative import GreedyDrafting
+from mlx_dsv4.speculative import Drafting
 
 PROMPT = "Speculative decoding keeps greedy output"
 
@@ -27,7 +27,7 @@ def _force(monkeypatch, continuation, n_prompt, seed):
         n = rng.randint(0, len(drafts))
         return right[:n] + [(t + 1) % 1000 for t in right[n:]]
 
-    monkeypatch.setattr(GreedyDrafting, "adjust_drafts", staticmethod(adjust))
+    monkeypatch.setattr(Drafting, "adjust_drafts", staticmethod(adjust))
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -60,7 +60,7 @@ def test_draft_mtp_stops_where_plain_decoding_stops(plain, monkeypatch):
     (dict(draft="eagle"), r"draft must be one of none, mtp, got 'eagle'"),
     (dict(draft="mtp", num_draft=0), r"num_draft must be an integer in 1..8, got 0"),
     (dict(draft="mtp", num_draft=9), r"num_draft must be an integer in 1..8, got 9"),
-    (dict(draft="mtp", temperature=0.7), r"draft 'mtp' decodes greedily"),
+    (dict(draft="mtp", sampler=lambda logprobs: logprobs.argmax(-1)), r"draft 'mtp' samples with the temperature"),
     (dict(draft="mtp", repetition_penalty=1.1), r"draft 'mtp' runs no logits processors"),
 ])
 def test_bad_draft_options_are_named(options, message):

@@ -12,7 +12,7 @@ from mlx_dsv4.loader import CheckpointError, load_model, to_mlx_layout
 from mlx_dsv4.model import Block
 from mlx_dsv4.mtp import _mtp_block_args
 from mlx_dsv4.spec import mtp_layer_tensors
-from mlx_dsv4.speculative import GreedyDrafting
+from mlx_dsv4.speculative import Drafting
 from mlx_dsv4.tiny import write_tiny_checkpoint
 
 PROMPT = list(range(10, 40))
@@ -39,7 +39,7 @@ def test_checkpoint_without_mtp_loads_without_drafter(tmp_path):
     model = load_model(write_tiny_checkpoint(tmp_path, mtp=False), check_memory=False, mtp=True)
     assert model.mtp_layers == ()
     with pytest.raises(ValueError, match="no MTP layer"):
-        GreedyDrafting(model, model.make_cache())
+        Drafting(model, model.make_cache())
 
 
 def test_incomplete_mtp_layer_is_named(tmp_path):
@@ -136,7 +136,7 @@ def _forced(continuation, rng):
 def test_speculative_equals_plain_greedy_and_leaves_plain_caches(tiny, plain, k):
     _, _, model = tiny
     expected, plain_hidden, seq = plain
-    drafting = GreedyDrafting(model, model.make_cache())
+    drafting = Drafting(model, model.make_cache())
     drafting.adjust_drafts, rounds = _forced(expected, random.Random(k))
     out = [int(mx.argmax(drafting.prefill(PROMPT, 16)).item())]
     while len(out) < N_GENERATED:

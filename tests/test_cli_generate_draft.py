@@ -34,7 +34,6 @@ def test_draft_mtp_prints_the_plain_answer_and_acceptance(capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--draft", "mtp", "--num-draft", "0"], "error: --num-draft must be an integer in 1..8, got 0"),
     (["--draft", "mtp", "--num-draft", "9"], "error: --num-draft must be an integer in 1..8, got 9"),
-    (["--draft", "mtp", "--temp", "0.7"], "error: --draft 'mtp' decodes greedily: it needs --temp 0"),
     (["--draft", "mtp", "--repetition-penalty", "1.1"], "error: --draft 'mtp' runs no logits processors"),
 ])
 def test_bad_draft_flags_are_named(capsys, flags, message):
@@ -50,3 +49,13 @@ def test_draft_mtp_names_a_checkpoint_without_mtp_layer(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--model", str(path), "--prompt", "Hi", "--draft", "mtp")
     assert code == 1
     assert f"error: {path}: --draft 'mtp' needs an MTP layer (mtp.* tensors)" in err
+
+
+def test_draft_mtp_samples_with_the_temperature(capsys):
+    import json
+
+    code, out, err = run_cli(capsys, "--model", str(tiny_chat_dir()), "--prompt", "Hi", "--max-tokens", "9",
+                             "--temp", "0.7", "--top-k", "5", "--seed", "2", "--draft", "mtp", "--json")
+    assert code == 0, err
+    draft = json.loads(out)["draft"]
+    assert draft["drafter"] == "mtp" and draft["proposed"] > 0

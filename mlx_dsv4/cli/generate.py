@@ -27,8 +27,8 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true",
                    help="print the parsed message (reasoning_content, content, tool_calls) as JSON")
     p.add_argument("--draft", choices=["none", "mtp"], default="none",
-                   help="mtp: greedy speculative decoding, the checkpoint's MTP layer drafting tokens that "
-                        "the model verifies (same output as plain greedy decoding; needs --temp 0)")
+                   help="mtp: speculative decoding, the checkpoint's MTP layer drafting tokens that the model "
+                        "verifies (greedy: the output of plain greedy decoding; sampled: its distribution)")
     p.add_argument("--num-draft", type=int, default=3, metavar="N",
                    help="tokens the drafter proposes per model forward pass with --draft mtp (1..8, default 3)")
     p.add_argument("--verbose", action="store_true",
@@ -161,7 +161,7 @@ def _draft_flag(e) -> str:
     """A draft problem worded with the command's flags."""
     if e.field == "num_draft":
         return f"--num-draft {e.problem}"
-    return f"--draft {e.problem}".replace("temperature 0 and no sampler", "--temp 0").replace(
+    return f"--draft {e.problem}".replace(
         "logits processors (repetition penalty)", "logits processors (--repetition-penalty)").replace(
         "a prompt cache", "--prompt-cache")
 

@@ -35,6 +35,9 @@ def add_arguments(p):
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait before new ones get 503")
+    p.add_argument("--sse-keepalive", type=float, default=5.0, metavar="SECONDS",
+                   help="a streaming reply with nothing to send for SECONDS (a long prefill) gets an SSE "
+                        "comment, so clients and proxies do not time out (default 5)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -53,6 +56,9 @@ def run(args):
 
     if not args.model.is_dir():
         print(f"error: {args.model} is not a checkpoint directory", file=sys.stderr)
+        return 2
+    if not args.sse_keepalive > 0:
+        print(f"error: --sse-keepalive must be a positive number of seconds, got {args.sse_keepalive}", file=sys.stderr)
         return 2
     problem = check_sampling_flags(args)
     if problem:
@@ -86,7 +92,8 @@ def run(args):
     max_context = args.max_context or getattr(model_args, "max_position_embeddings", None)
     defaults = sampling_from_args(args)
     name = args.served_model_name or args.model.resolve().name
-    ctx = Context(engine, name, defaults, api_keys=keys, max_context=max_context, hosts=None if hosts.open else hosts)
+    ctx = Context(engine, name, defaults, api_keys=keys, max_context=max_context, hosts=None if hosts.open else hosts,
+                  keepalive_seconds=args.sse_keepalive)
     print(f"serving {name!r} on http://{args.host}:{args.port} (OpenAI /v1/chat/completions, /v1/completions; "
           f"Anthropic /v1/messages)", file=sys.stderr, flush=True)
     try:

@@ -33,12 +33,16 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 
+DEFAULT_KEEPALIVE_SECONDS = 5.0
+
+
 class Context:
     """What request parsing needs to know about the served model; ``defaults`` (SamplingParams)
     fill the sampling fields a request leaves out. ``api_keys``: accepted keys (none: no key
     needed); ``hosts``: a HostPolicy (None: any Host). The engine must have loaded the model."""
 
-    def __init__(self, engine, model_name, defaults, *, api_keys=(), max_context=None, hosts=None):
+    def __init__(self, engine, model_name, defaults, *, api_keys=(), max_context=None, hosts=None,
+                 keepalive_seconds=DEFAULT_KEEPALIVE_SECONDS):
         self.engine = engine
         self.model_name = model_name
         self.defaults = defaults
@@ -47,6 +51,7 @@ class Context:
         self.key_digests = tuple(hashlib.sha256(k.encode("utf-8")).hexdigest()[:16] for k in self.api_keys)
         self.max_context = max_context
         self.hosts = hosts
+        self.keepalive_seconds = keepalive_seconds  # SSE comment while a stream has nothing to send
         self.created = int(time.time())
         self.prompt_tokenizer = PromptTokenizer(engine.tokenizer)
 
@@ -199,6 +204,33 @@ def _prepare(plan, ctx):
             sampling.max_tokens = limit - n
 
 
+async def _with_keepalive(steps, interval):
+    """The items of the async iterator ``steps``, and None each time ``interval`` seconds pass
+    without one. Closing this closes ``steps``."""
+    pending = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(steps.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with suppress(asyncio.CancelledError, Exception):
+                await pending
+        with suppress(Exception):
+            await steps.aclose()
+
+
 def _note_stop_sequence(log, plan, tokenizer):
     stops = plan.sampling.stop
     if not stops or log.finish_reason != "stop" or not log.tokens or log.tokens[-1] in tokenizer.eos_token_ids:
@@ -310,7 +342,12 @@ class Server:
             if not pending_start:
                 for line in fmt.start():
                     yield line
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
+            steps = self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition)
+            async for step in _with_keepalive(steps, self.ctx.keepalive_seconds):
+                if step is None:
+                    # an SSE comment: clients ignore it, and idle-timeouts see traffic during a long prefill
+                    yield ": keep-alive\n\n"
+                    continue
                 if pending_start:
                     pending_start = False
                     for line in opening(step):

@@ -111,6 +111,7 @@ class Engine:
         self._lock = threading.Lock()
         self.pending = 0  # submitted and not finished
         self.active = False
+        self.prefill = None  # while a prompt prefills: tokens done and to do, and when it started
         self._current = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
@@ -204,12 +205,19 @@ class Engine:
             if scripted is not None:
                 forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
                 processors = [_forcing_processor(forced, len(ids))]
+            started = time.perf_counter()
+            self.prefill = {"done": 0, "total": len(ids), "started": started}
+
+            def progress(done, total):
+                self.prefill = {"done": done, "total": total, "started": started}
+
             steps = stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
-                kv_cache_limit=self.kv_cache_limit, logits_processors=processors, **options,
+                kv_cache_limit=self.kv_cache_limit, logits_processors=processors, progress=progress, **options,
             )
             try:
                 for step in steps:
+                    self.prefill = None
                     job.put("step", step)
                     if job.cancelled.is_set() and step.finish_reason is None:
                         outcome = "cancelled"
@@ -228,6 +236,7 @@ class Engine:
             job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
         finally:
             self.active = False
+            self.prefill = None
             self._current = None
             self._finish(job, outcome)
 
@@ -267,6 +276,7 @@ class Engine:
         return {
             "loaded": self._ready.is_set() and self._load_error is None,
             "active": self.active,
+            "prefill": _prefill_figures(self.prefill),
             "pending": self.pending,
             **self.counts,
             "prompt_cache_snapshots": self.prefix_store.stats()["snapshots"] if self.prefix_store else 0,
@@ -274,6 +284,17 @@ class Engine:
             "max_kv_tokens": self.kv_tokens,
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }
+
+
+def _prefill_figures(prefill):
+    """Progress of the prompt being prefilled, or None."""
+    if not prefill:
+        return None
+    done, total = prefill["done"], prefill["total"]
+    seconds = time.perf_counter() - prefill["started"]
+    rate = done / seconds if seconds > 0 else 0.0
+    return {"tokens_done": done, "tokens_total": total, "tokens_per_s": round(rate, 1),
+            "eta_s": round((total - done) / rate, 1) if rate > 0 else None}
 
 
 def _rss_bytes():

@@ -105,10 +105,16 @@ _wired = {"depth": 0, "previous": 0}
 _wired_lock = threading.Lock()
 
 
-def _model_bytes(model) -> int:
+def model_bytes(model) -> int:
     from mlx.utils import tree_flatten
 
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def auto_kv_limit(model) -> int:
+    """The KV memory guard "auto": what the machine can keep resident, minus the weights and
+    1 GiB for the runtime (at least 1 MiB)."""
+    return max(machine_memory().workable - model_bytes(model) - (1 << 30), 1 << 20)
 
 
 @contextmanager
@@ -123,8 +129,8 @@ def wired_limit(model=None):
     limit = int(info["max_recommended_working_set_size"])
     with _wired_lock:
         if _wired["depth"] == 0:
-            if model is not None and _model_bytes(model) > 0.9 * limit:
-                warnings.warn(f"the model ({format_decimal_bytes(_model_bytes(model))}) is close to or over the "
+            if model is not None and model_bytes(model) > 0.9 * limit:
+                warnings.warn(f"the model ({format_decimal_bytes(model_bytes(model))}) is close to or over the "
                               f"{format_decimal_bytes(limit)} that can be wired: generation may be slow",
                               MemoryFitWarning, stacklevel=3)
             _wired["previous"] = mx.set_wired_limit(limit)

@@ -101,7 +101,8 @@ def model_fingerprint(model) -> str:
 
 def estimate_cache_bytes(model, n_tokens: int) -> int:
     """Bytes the decoding cache (`model.make_cache()` defaults) holds after `n_tokens` tokens: exact."""
-    return kv_bytes(model.args, n_tokens, dtype=model.dtype)
+    kv_dtype, index_dtype = getattr(model, "cache_dtypes", ("fp8", "fp4"))
+    return kv_bytes(model.args, n_tokens, kv_dtype=kv_dtype, index_dtype=index_dtype, dtype=model.dtype)
 
 
 def tokens_that_fit(model, limit_bytes: int) -> int:

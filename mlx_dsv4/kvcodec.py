@@ -15,10 +15,8 @@ Attention always sees decode(encode(x)), in prefill and in decoding alike.
 
 import mlx.core as mx
 
-from .memory import FP8_GROUP, INDEX_GROUP, index_row_bytes, kv_row_bytes
+from .memory import FP8_GROUP, INDEX_DTYPES, INDEX_GROUP, KV_DTYPES, index_row_bytes, kv_row_bytes
 
-KV_DTYPES = ("fp8", "bf16", "float")
-INDEX_DTYPES = ("fp4", "fp8", "bf16", "float")
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 

@@ -10,6 +10,8 @@ ENTRY_STEP = 64  # compressed entries are allocated in blocks of this many rows
 FP8_GROUP = 64  # kv rows in FP8 carry one power-of-two scale byte per this many values
 INDEX_GROUP = 32  # mxfp4 / mxfp8 indexer keys: one scale byte per this many values
 INDEX_BITS = {"fp4": 4, "fp8": 8}
+KV_DTYPES = ("fp8", "bf16", "float")  # storages of kv rows and compressed entries
+INDEX_DTYPES = ("fp4", "fp8", "bf16", "float")  # storages of indexer keys
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 

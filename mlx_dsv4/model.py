@@ -63,6 +63,8 @@ class Model(nn.Module):
     # The checkpoint's MTP layers (mlx_dsv4.mtp.MTP), set by the loader outside the parameter
     # tree: they share `embed` and `head` and do not change what the main model is.
     mtp_layers: tuple = ()
+    # What make_cache() stores by default: V4's as-trained FP8 kv rows and FP4 indexer keys.
+    cache_dtypes: tuple = ("fp8", "fp4")
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -82,14 +84,27 @@ class Model(nn.Module):
         w = self.embed.weight
         return w.dtype if mx.issubdtype(w.dtype, mx.floating) else mx.bfloat16
 
-    def make_cache(self, kv_dtype: str = "fp8", index_dtype: str = "fp4", naive: bool = False) -> ModelCache:
+    def set_cache_dtypes(self, kv_dtype: str, index_dtype: str) -> None:
+        """The storage make_cache() uses when not told otherwise (generation, prompt caches)."""
+        from .memory import INDEX_DTYPES, KV_DTYPES
+
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype {kv_dtype!r}: expected one of {KV_DTYPES}")
+        if index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"index_dtype {index_dtype!r}: expected one of {INDEX_DTYPES}")
+        object.__setattr__(self, "cache_dtypes", (kv_dtype, index_dtype))  # not a module or parameter
+
+    def make_cache(self, kv_dtype: Optional[str] = None, index_dtype: Optional[str] = None,
+                   naive: bool = False) -> ModelCache:
         """A fresh cache. kv_dtype: "fp8" (as trained), "bf16" or "float" (the activation dtype, exact);
         index_dtype for the indexer: "fp4" (as trained: keys and queries Hadamard-rotated, then FP4),
-        "fp8", "bf16" or "float" (unrotated keys, queries as computed).
+        "fp8", "bf16" or "float" (unrotated keys, queries as computed). Unset: ``cache_dtypes``.
 
         naive=True is the benchmark baseline: every raw kv row is kept and each step's
         queries are scored in one dense block.
         """
+        kv_dtype = kv_dtype or self.cache_dtypes[0]
+        index_dtype = index_dtype or self.cache_dtypes[1]
         return layer_caches(self.args, self.args.compress_ratios, kv_dtype, index_dtype, self.dtype, naive)
 
     def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False,

@@ -103,7 +103,9 @@ class PrefixStore:
         self.fingerprint = model_fingerprint(model)
         self.memory_bytes = int(memory_bytes)
         self.disk_bytes = None if disk_bytes is None else int(disk_bytes)
-        self.directory = Path(directory) / self.fingerprint if directory is not None else None
+        # one folder per model and cache storage: a snapshot only restores into the storage it came from
+        storage = "-".join(getattr(model, "cache_dtypes", ("fp8", "fp4")))
+        self.directory = Path(directory) / f"{self.fingerprint}-{storage}" if directory is not None else None
         self.counts = {"hits": 0, "misses": 0, "disk_loads": 0, "skipped_files": 0, "written": 0}
         self._entries = {}
         self._clock = 0

@@ -100,7 +100,7 @@ def test_memory_and_disk_budgets_are_enforced(loaded, tmp_path):
     file_bytes = max(e.file_bytes for e in store._entries.values())
     small = PrefixStore(model, memory_bytes=3 * one, directory=tmp_path, disk_bytes=4 * file_bytes)
     assert small.stats()["disk_bytes"] <= 4 * file_bytes
-    assert len(list((tmp_path / store.fingerprint).glob("*.safetensors"))) <= 4
+    assert len(list(store.directory.glob("*.safetensors"))) <= 4
 
 
 def test_damaged_or_foreign_files_are_skipped_and_rebuilt(loaded, tiny_dirs, tmp_path, caplog):
@@ -110,7 +110,7 @@ def test_damaged_or_foreign_files_are_skipped_and_rebuilt(loaded, tiny_dirs, tmp
     for c in range(3):
         history, _ = turn(model, tokenizer, [], [0] + words(20 + c, 130 + 10 * c), store.view(None), max_tokens=1)
         histories.append(history)
-    folder = tmp_path / store.fingerprint
+    folder = store.directory
     by_length = {len(e.tokens): e.path for e in store._entries.values()}
     truncated, damaged = by_length[len(histories[0])], by_length[len(histories[1])]
     truncated.write_bytes(truncated.read_bytes()[:-100])

@@ -1,6 +1,7 @@
 """The agent loop: generate, parse DSML tool calls while streaming, validate, execute
 in the tool's substrate, append the results, repeat until a final answer."""
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -46,7 +47,9 @@ class Agent:
     """Runs a model with tools until it answers.
 
     ``tools``: ``Tool`` objects, typed functions, or (OpenAI schema dict, function)
-    pairs. ``substrate`` (name or instance) runs every tool without one of its own.
+    pairs. ``substrate`` (name or instance) runs every tool without one of its own;
+    ``tool_substrates`` ({tool name: substrate}, as a runtime config's ``agent.tools``)
+    overrides it per tool. ``prompt_store``: a ``PrefixStore`` to keep prompt caches in.
     ``completion_fn(prompt_text)`` replaces generation (tests script it): it yields
     text chunks or objects with ``.text`` (and optionally ``.prompt_tokens``,
     ``.generation_tokens``, ``.finish_reason``). By default ``stream_generate`` is used
@@ -78,6 +81,7 @@ class Agent:
         max_result_chars=16000,
         on_event=None,
         prompt_store=None,
+        tool_substrates=None,
     ):
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError("thinking_mode must be 'chat' or 'thinking'")
@@ -89,6 +93,11 @@ class Agent:
             if t.name in self.tools:
                 raise ValueError(f"two tools are named {t.name!r}")
             self.tools[t.name] = t
+        for name, choice in (tool_substrates or {}).items():
+            if name not in self.tools:
+                raise ValueError(f"tool_substrates names {name!r}, which is not among the tools "
+                                 f"({', '.join(sorted(self.tools)) or 'none'})")
+            self.tools[name] = dataclasses.replace(self.tools[name], substrate=choice)
         self.default_substrate = substrate
         self._substrates = {}
         self.max_steps = max_steps

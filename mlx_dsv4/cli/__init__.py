@@ -8,6 +8,7 @@ top-level imports stay light (argparse, pathlib, modules that import nothing hea
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # subcommand -> (module in this package, help)
 SUBCOMMANDS = {
@@ -18,22 +19,56 @@ SUBCOMMANDS = {
     "chat": ("chat", "Interactive chat"),
     "serve": ("serve", "OpenAI- and Anthropic-compatible HTTP server"),
     "bench": ("bench", "Long-context speed and memory benchmark"),
+    "config": ("config", "Write or check a runtime configuration file (used with --config)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-dsv4", description="DeepSeek-V4 on MLX")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="runtime configuration (YAML or JSON) for generate, chat and serve; flags override it "
+                             "(mlx-dsv4 config init FILE writes a commented one)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(f"{__name__}.{module_name}")
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        parser.commands[name] = p
     return parser
+
+
+def _apply_config(parser, argv) -> int:
+    """Make the --config file's settings the defaults of the command named in ``argv``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.config is None:
+        return 0
+    from ..runtime_config import ConfigFileError, load_config
+
+    try:
+        config = load_config(known.config)
+    except ConfigFileError as err:
+        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
+        return 2
+    command = next((a for a in rest if not a.startswith("-")), None)
+    if command not in parser.commands:
+        return 0
+    defaults = config.command_defaults(command)
+    for action in parser.commands[command]._actions:
+        if action.dest in defaults:
+            action.default = defaults[action.dest]
+            action.required = False
+    return 0
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _apply_config(parser, argv):
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -34,6 +34,8 @@ def add_arguments(p):
     add_model_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--thinking", choices=sorted(THINKING), default="chat", help="initial reasoning mode")
+    p.add_argument("--keep-reasoning", action="store_true",
+                   help="keep the reasoning of earlier turns in the prompt (interleaved thinking)")
     p.add_argument("--tools", type=Path, default=None, help="JSON file with OpenAI tool definitions")
     add_generation_arguments(p, what="turns")
     add_prompt_cache_arguments(p)
@@ -232,7 +234,8 @@ class ChatSession:
             self.say(f"error: the message is {problem}; nothing was sent")
             return
         thinking_mode, effort = THINKING[self.mode]
-        options = dict(thinking_mode=thinking_mode, reasoning_effort=effort)
+        options = dict(thinking_mode=thinking_mode, reasoning_effort=effort,
+                       keep_reasoning=getattr(self.args, "keep_reasoning", False))
         self.messages.append({"role": "user", "content": user_text})
         args = self.args
         try:
@@ -343,6 +346,11 @@ def run(args) -> int:
             return 2
     try:
         model, tokenizer = load(args.model)
+        model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
+        if args.max_kv_size == "auto":
+            from ..device_memory import auto_kv_limit
+
+            args.max_kv_size = auto_kv_limit(model)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
+from ..memory import INDEX_DTYPES, KV_DTYPES
 from ..sampling import SamplingParams
 from ..sizes import parse_size
 
@@ -12,6 +13,7 @@ from ..sizes import parse_size
 THINKING = {"chat": ("chat", None), "think": ("thinking", None), "think-max": ("thinking", "max")}
 
 DEFAULT_SAMPLING = SamplingParams(max_tokens=1024)  # generate and chat
+
 DEFAULT_PROMPT_CACHE_BYTES = 2 << 30
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 << 30
 
@@ -33,6 +35,11 @@ def size_argument(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def kv_limit_argument(text: str):
+    """--max-kv-size: a byte size, or "auto" (the memory left after the weights, known once loaded)."""
+    return "auto" if text == "auto" else size_argument(text)
 
 
 def add_model_argument(p, help="checkpoint directory (MLX or Hub float layout)"):
@@ -61,9 +68,15 @@ def add_sampling_arguments(p, defaults: SamplingParams, *, per_run=True, title="
 def add_memory_arguments(p, *, what="prompts"):
     p.add_argument("--prefill-step", type=positive_int, default=2048,
                    help="prompt tokens per prefill chunk (default 2048)")
-    p.add_argument("--max-kv-size", type=size_argument, default=None, metavar="SIZE",
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="fp8",
+                   help="KV cache rows: fp8 (as V4 was trained: E4M3, RoPE dims in bf16), bf16, or float "
+                        "(the activation dtype) (default fp8)")
+    p.add_argument("--index-dtype", choices=INDEX_DTYPES, default="fp4",
+                   help="indexer keys: fp4 (as trained: Hadamard-rotated FP4), fp8, bf16 or float (default fp4)")
+    p.add_argument("--max-kv-size", type=kv_limit_argument, default=None, metavar="SIZE",
                    help=f"memory guard: refuse {what} whose KV cache would exceed SIZE "
-                        "(8G = 8GiB = 2^33 bytes, 8GB = 8*10^9 bytes, a plain number is bytes)")
+                        "(8G = 8GiB = 2^33 bytes, 8GB = 8*10^9 bytes, a plain number is bytes; auto: the "
+                        "memory the machine can keep resident after the weights)")
 
 
 def add_prompt_cache_arguments(p):

@@ -22,6 +22,8 @@ def add_arguments(p):
                    help="chat (default), think (reasoning first) or think-max (reasoning effort max); "
                         "reasoning is shown dimmed on a terminal and goes to stderr when stdout is redirected")
     add_generation_arguments(p)
+    p.add_argument("--keep-reasoning", action="store_true",
+                   help="keep the reasoning of earlier turns in the prompt (interleaved thinking)")
     p.add_argument("--prompt-cache", type=Path, default=None, metavar="FILE",
                    help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")
     p.add_argument("--json", action="store_true",
@@ -77,7 +79,7 @@ def run(args) -> int:
     thinking_mode, effort = THINKING[args.thinking]
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": prompt})
-    chat_options = dict(thinking_mode=thinking_mode, reasoning_effort=effort)
+    chat_options = dict(thinking_mode=thinking_mode, reasoning_effort=effort, keep_reasoning=args.keep_reasoning)
     try:
         text = encode_messages(messages, **chat_options)
     except ChatFormatError as e:
@@ -85,6 +87,11 @@ def run(args) -> int:
         return 2
     try:
         model, tokenizer = load(args.model, mtp=args.draft == "mtp")
+        model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
+        if args.max_kv_size == "auto":
+            from ..device_memory import auto_kv_limit
+
+            args.max_kv_size = auto_kv_limit(model)
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

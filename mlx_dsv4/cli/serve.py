@@ -81,7 +81,7 @@ def run(args):
               file=sys.stderr)
     engine = Engine(args.model, kv_cache_limit=args.max_kv_size, max_queue=args.max_queue,
                     prefill_step=args.prefill_step, script_path=os.environ.get(SCRIPT_ENV) or None,
-                    prompt_cache=prefix_store_options(args))
+                    prompt_cache=prefix_store_options(args), cache_dtypes=(args.kv_dtype, args.index_dtype))
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         engine.start()

@@ -92,11 +92,12 @@ class Engine:
     """Loads the model on its own thread and runs queued generations one by one."""
 
     def __init__(self, model_path, *, kv_cache_limit=None, max_queue=256, prefill_step=2048, script_path=None,
-                 prompt_cache=None):
+                 prompt_cache=None, cache_dtypes=("fp8", "fp4")):
         self.model_path = model_path
         # PrefixStore options; by default snapshots stay in memory only
         self.prompt_cache_options = prompt_cache or {"memory_bytes": DEFAULT_PROMPT_CACHE_BYTES, "directory": None}
         self.prefix_store = None
+        self.cache_dtypes = tuple(cache_dtypes)
         self.kv_cache_limit = kv_cache_limit
         self.max_queue = max_queue
         self.prefill_step = prefill_step
@@ -140,6 +141,11 @@ class Engine:
             from ..generate import model_fingerprint
 
             self.model, self.tokenizer = load(self.model_path)
+            self.model.set_cache_dtypes(*self.cache_dtypes)
+            if self.kv_cache_limit == "auto":
+                from ..device_memory import auto_kv_limit
+
+                self.kv_cache_limit = auto_kv_limit(self.model)
             model_fingerprint(self.model)  # computed once here; prompt caches check it
             from ..prefix_store import PrefixStore
 

@@ -61,3 +61,23 @@ def test_official_clients_read_streams_with_keepalive_comments(server):
             model=MODEL, max_tokens=4, messages=[{"role": "user", "content": LONG + " third"}]) as stream:
         final = stream.get_final_message()
     assert final.usage.output_tokens >= 1 and final.usage.input_tokens > 1000
+
+
+def test_a_client_that_leaves_during_prefill_stops_it_between_chunks(server):
+    before = server.health()["cancelled"]
+    body = {"model": MODEL, "max_tokens": 3, "stream": True,
+            "messages": [{"role": "user", "content": LONG * 6 + " leaving"}]}
+    with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        for line in r.iter_lines():
+            prefill = server.health()["prefill"] if line.startswith(": keep-alive") else None
+            if prefill and prefill["eta_s"] and prefill["tokens_done"] > 0:
+                break  # the prefill is running, with most of it still to do: leave
+    left = time.perf_counter()
+    while server.health()["cancelled"] == before:
+        time.sleep(0.05)
+    stopped_after = time.perf_counter() - left
+    health = server.health()
+    assert health["prefill"] is None and health["active"] is False
+    # it stopped at the next chunk, long before the rest of the prompt would have been prefilled
+    assert stopped_after < prefill["eta_s"] / 2, (stopped_after, prefill)

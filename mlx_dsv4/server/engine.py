@@ -88,6 +88,10 @@ def _forcing_processor(forced_ids, n_prompt):
     return process
 
 
+class _ClientGone(Exception):
+    """The client of the prompt being prefilled went away."""
+
+
 class Engine:
     """Loads the model on its own thread and runs queued generations one by one."""
 
@@ -216,6 +220,8 @@ class Engine:
 
             def progress(done, total):
                 self.prefill = {"done": done, "total": total, "started": started}
+                if job.cancelled.is_set():
+                    raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
 
             steps = stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
@@ -230,6 +236,8 @@ class Engine:
                         break
             finally:
                 steps.close()
+        except _ClientGone:
+            outcome = "cancelled"
         except KVCacheLimitError as err:
             outcome = "failed"
             job.put("error", ContextOverflow(err.tokens_needed, err.tokens_that_fit,

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from ..chat.wiretext import strict_json_loads
 from . import anthropic_api, openai_api
 from .access import HostCheck, check_json_body_type, key_partition
-from .common import Assembler
+from .common import Assembler, compile_constraint
 from .engine import StepLog
 from .errors import APIError, ContextOverflow, error_response
 from .prompt_tokens import PromptTokenizer, PromptTooLong, UnbrokenRun
@@ -194,6 +194,7 @@ def _prepare(plan, ctx):
             if sampling.max_tokens_given:
                 raise ContextOverflow(n, limit, what=what, max_tokens=sampling.max_tokens, param="max_tokens")
             sampling.max_tokens = limit - n
+    compile_constraint(plan, engine.tokenizer)
 
 
 def _note_stop_sequence(log, plan, tokenizer):
@@ -274,7 +275,8 @@ class Server:
         assembler, log = _assembler(plan, flavour), StepLog()
 
         async def consume():
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition,
+                                                    constraint=plan.matcher):
                 assembler.feed(step.text)
             assembler.finish()
 
@@ -306,7 +308,8 @@ class Server:
             if not pending_start:
                 for line in fmt.start():
                     yield line
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition,
+                                                    constraint=plan.matcher):
                 if pending_start:
                     pending_start = False
                     for line in opening(step):

@@ -21,8 +21,9 @@ import numpy as np
 
 from .chat.special import DSML, INVOKE_TAG, PARAMETER_TAG, THINK_CLOSE, TOKEN_IDS, TOOL_CALLS_TAG
 
-# Compact JSON: a random or hesitant model cannot pad a value with whitespace forever.
-COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# JSON laid out as the official encoder writes it (json.dumps defaults: ", " and ": "), with
+# no other whitespace, so a hesitant model cannot pad a value forever.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _DSML_TOKEN = f"<[{TOKEN_IDS[DSML]}]>"
 _THINK_CLOSE_TOKEN = f"<[{TOKEN_IDS[THINK_CLOSE]}]>"
@@ -47,7 +48,7 @@ def _json_rule(name, schema, *, strict, defs=None):
     schema = dict(schema) if isinstance(schema, dict) else {} if schema is True else schema
     if defs:
         schema = {**defs, **schema}
-    options = dict(COMPACT_JSON)
+    options = dict(JSON_LAYOUT)
     options.update({"lenient": not strict})
     schema["x-guidance"] = options
     return f"{name}: %json {json.dumps(schema, ensure_ascii=False)}"
@@ -62,7 +63,7 @@ def _start(body, thinking):
 
 
 def json_grammar(schema, *, strict=True, thinking=False):
-    """A grammar for one compact JSON value following ``schema`` (after free reasoning in
+    """A grammar for one JSON value (laid out as ``JSON_LAYOUT``) following ``schema`` (after free reasoning in
     thinking mode). Not ``strict``: keywords llguidance cannot enforce are ignored."""
     return "\n".join(_start("answer", thinking) + [_json_rule("answer", schema, strict=strict)])
 

@@ -45,7 +45,7 @@ def _lark_string(text):
 
 
 def _json_rule(name, schema, *, strict, defs=None):
-    schema = dict(schema) if isinstance(schema, dict) else {} if schema is True else schema
+    schema = {} if schema is True else dict(schema)
     if defs:
         schema = {**defs, **schema}
     options = dict(JSON_LAYOUT)
@@ -83,7 +83,8 @@ def _is_plain_string(schema):
 def _parameter_rules(rule, key, schema, *, strict, defs):
     """Rules for one ``<｜DSML｜parameter>`` line of ``key``."""
     close = f'"</" {_DSML_TOKEN} "{PARAMETER_TAG}>"'
-    head = f'"<" {_DSML_TOKEN} {_lark_string(f"{PARAMETER_TAG} name={json.dumps(key)} string=")}'
+    attributes = _lark_string(PARAMETER_TAG + ' name="' + key + '" string=')
+    head = f'"<" {_DSML_TOKEN} {attributes}'
     if _is_plain_string(schema):
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
@@ -109,6 +110,8 @@ def _invoke_rules(rule, function, *, strict):
     for key in keys:
         if '"' in key or "\n" in key or not key:
             raise ConstraintError(f"parameter name {key!r} cannot be written in DSML", name)
+        if not isinstance(properties.get(key, {}), (dict, bool)) or properties.get(key) is False:
+            raise ConstraintError(f"the schema of parameter {key!r} must be a JSON schema object", name)
     rules, items = [], []
     for i, key in enumerate(keys):
         item = f"{rule}_p{i}"
@@ -116,7 +119,8 @@ def _invoke_rules(rule, function, *, strict):
         items.append(f'{item} "\\n"' if key in required else f'({item} "\\n")?')
     # As the renderer writes it: the parameters one a line, or an empty line when there are none.
     body = " ".join(items) if required else f'("\\n" | {" ".join(items)})' if items else '"\\n"'
-    open_tag = f'"<" {_DSML_TOKEN} {_lark_string(f"{INVOKE_TAG} name={json.dumps(name)}>")} "\\n"'
+    open_attributes = _lark_string(INVOKE_TAG + ' name="' + name + '">')
+    open_tag = f'"<" {_DSML_TOKEN} {open_attributes} "\\n"'
     rules.insert(0, f'{rule}: {open_tag} {body} "</" {_DSML_TOKEN} "{INVOKE_TAG}>"')
     return rules
 

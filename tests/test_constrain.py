@@ -134,6 +134,16 @@ def test_a_prefix_that_does_not_fit_and_bad_grammars_are_errors(tokenizer):
     Constraint(json_grammar({"type": "string", "format": "no-such-format"}, strict=False)).matcher(tokenizer)
     with pytest.raises(ConstraintError, match="parameter name"):
         tool_call_grammar([{"name": "f", "parameters": {"type": "object", "properties": {'a"b': {}}}}])
+    with pytest.raises(ConstraintError, match="'n' must be a JSON schema object"):
+        tool_call_grammar([{"name": "f", "parameters": {"type": "object", "properties": {"n": 3}}}])
+
+
+def test_names_are_written_as_the_renderer_writes_them(tokenizer):
+    city = {"name": "ville", "parameters": {"type": "object", "properties": {"città": {"type": "integer"}},
+                                            "required": ["città"]}}
+    matcher = Constraint(tool_call_grammar([city])).matcher(tokenizer)
+    assert matcher.consume_tokens(tokenizer.encode(rendered_calls(("ville", {"città": 7})))), matcher.get_error()
+    assert matcher.is_accepting()
 
 
 def test_sampling_a_token_the_mask_forbids_is_an_error(tokenizer):

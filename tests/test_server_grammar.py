@@ -176,7 +176,7 @@ def test_a_strict_schema_that_cannot_be_enforced_is_refused(server):
     r = post(server, "/v1/chat/completions", {**body, "temperature": 0})
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["message"]["content"]
-    assert content.startswith('{"a":"')
+    assert content.startswith('{"a": "')
 
 
 def test_anthropic_prefill_that_does_not_fit_the_format_is_refused(server):

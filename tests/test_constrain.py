@@ -152,3 +152,13 @@ def test_sampling_a_token_the_mask_forbids_is_an_error(tokenizer):
     stepper.history += tokenizer.encode("hello")
     with pytest.raises(RuntimeError, match="against the grammar"):
         stepper.allowed()
+
+
+def test_thinking_tool_call_follows_the_reasoning(tokenizer):
+    call = rendered_calls(("ping", {}))
+    matcher = Constraint(tool_call_grammar([PING], thinking=True)).matcher(tokenizer)
+    # Before </think> everything is reasoning, where the DSML token has no place.
+    assert matcher.validate_tokens(tokenizer.encode(call)) == tokenizer.encode(call).index(DSML_ID)
+    ids = tokenizer.encode("I should ping." + THINK_CLOSE + call)
+    assert matcher.consume_tokens(ids), matcher.get_error()
+    assert matcher.is_accepting()

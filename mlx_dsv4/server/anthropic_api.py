@@ -7,10 +7,12 @@ from .common import (
     Plan,
     dumps,
     forced_tool_prefix,
+    format_constraint,
     get,
     new_id,
     parse_sampling,
     render_chat_prompt,
+    tool_constraint,
     tools_for_choice,
     validate_functions,
 )
@@ -227,13 +229,21 @@ def parse_messages_request(body, ctx, *, count_only=False):
                                 reasoning_effort=effort if thinking_mode == "thinking" else None,
                                 response_format=response_format, keep_reasoning=keep_reasoning, param="messages")
     prefix = ""
-    if choice in ("required", "named") and thinking_mode == "chat":
+    forced = choice in ("required", "named")
+    if forced and thinking_mode == "chat":
         prefix = (prefill or "") + forced_tool_prefix(named)
     elif prefill:
         prefix = prefill
+    constraint = None
+    if forced:
+        constraint = tool_constraint(tools, choice, thinking_mode=thinking_mode, prefix=prefix, lead=prefill or "")
+    elif response_format is not None:
+        # Anthropic's structured outputs are always strict; a prefill must begin the JSON.
+        constraint = format_constraint(response_format, strict=True, thinking_mode=thinking_mode, prefix=prefill or "",
+                                       param="output_config.format.schema")
     plan = Plan(prompt=prompt + prefix, sampling=sampling, stream=get(body, "stream", bool, default=False),
                 model=model, thinking_mode=thinking_mode, prefix=prefix, echo_prefix=False,
-                tool_names=tuple(sorted(names)))
+                tool_names=tuple(sorted(names)), constraint=constraint)
     return plan
 
 

@@ -16,7 +16,7 @@ from starlette.routing import Route
 from ..chat.wiretext import strict_json_loads
 from . import anthropic_api, openai_api
 from .access import HostCheck, check_json_body_type, key_partition
-from .common import Assembler
+from .common import Assembler, compile_constraint
 from .engine import StepLog
 from .errors import APIError, ContextOverflow, error_response
 from .prompt_tokens import PromptTokenizer, PromptTooLong, UnbrokenRun
@@ -202,6 +202,7 @@ def _prepare(plan, ctx):
             if sampling.max_tokens_given:
                 raise ContextOverflow(n, limit, what=what, max_tokens=sampling.max_tokens, param="max_tokens")
             sampling.max_tokens = limit - n
+    compile_constraint(plan, engine.tokenizer)
 
 
 async def _with_keepalive(steps, interval):
@@ -310,7 +311,8 @@ class Server:
         assembler, log = _assembler(plan, flavour), StepLog()
 
         async def consume():
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
+            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition,
+                                                    constraint=plan.matcher):
                 assembler.feed(step.text)
             assembler.finish()
 
@@ -342,7 +344,8 @@ class Server:
             if not pending_start:
                 for line in fmt.start():
                     yield line
-            steps = self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition)
+            steps = self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition,
+                                           constraint=plan.matcher)
             async for step in _with_keepalive(steps, self.ctx.keepalive_seconds):
                 if step is None:
                     # an SSE comment: clients ignore it, and idle-timeouts see traffic during a long prefill

@@ -124,6 +124,8 @@ class Plan:
     include_usage: bool = False
     tool_names: tuple = ()
     prompt_ids: list = field(default_factory=list)
+    constraint: object = None  # a constrain.Constraint on the output, compiled by compile_constraint
+    matcher: object = None  # its llguidance matcher, fresh for this request
 
 
 def validate_functions(functions, param):
@@ -170,6 +172,44 @@ def forced_tool_prefix(name=None):
     """Assistant text that commits the model to a tool call (chat mode), optionally of ``name``."""
     prefix = f"\n\n<{DSML}{TOOL_CALLS_TAG}>\n<{DSML}{INVOKE_TAG} name=\""
     return prefix + f'{name}">\n' if name else prefix
+
+
+def format_constraint(schema, *, strict, thinking_mode, prefix="", param):
+    """The output constraint for a JSON response format; ``prefix`` (a prefill) must begin the JSON."""
+    from ..constrain import Constraint, json_grammar
+
+    return Constraint(json_grammar(schema, strict=strict, thinking=thinking_mode == "thinking"), prefix=prefix,
+                      where=param)
+
+
+def tool_constraint(tools, choice, *, thinking_mode, prefix="", lead="", param="tools"):
+    """The output constraint for a forced tool choice ("required": one or more calls of any of
+    ``tools``; "named": one call of the only tool left). ``prefix`` is the output text already
+    in the prompt (``lead`` + the forced opening tags, in chat mode)."""
+    from ..constrain import Constraint, ConstraintError, tool_call_grammar
+
+    functions = [t["function"] for t in tools]
+    strict = all(f.get("strict") is True for f in functions)
+    try:
+        grammar = tool_call_grammar(functions, several=choice == "required", strict=strict,
+                                    thinking=thinking_mode == "thinking", lead=lead)
+    except ConstraintError as err:
+        raise APIError(400, f"'{param}': tool {err.where!r} cannot be enforced: {err.problem}", param=param,
+                       code="invalid_value")
+    return Constraint(grammar, prefix=prefix, where=param)
+
+
+def compile_constraint(plan, tokenizer):
+    """Build the plan's matcher; a schema llguidance cannot enforce is a 400 naming its field."""
+    if plan.constraint is None:
+        return
+    from ..constrain import ConstraintError
+
+    try:
+        plan.matcher = plan.constraint.matcher(tokenizer)
+    except ConstraintError as err:
+        where = plan.constraint.where
+        raise APIError(400, f"'{where}' cannot be enforced: {err.problem}", param=where, code="invalid_value")
 
 
 def render_chat_prompt(messages, *, tools, thinking_mode, reasoning_effort, response_format, keep_reasoning=False,

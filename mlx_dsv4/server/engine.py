@@ -54,6 +54,7 @@ class Job:
     sampling: object
     loop: asyncio.AbstractEventLoop
     partition: object = None
+    constraint: object = None  # an llguidance matcher the output must satisfy
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -215,6 +216,10 @@ class Engine:
             if scripted is not None:
                 forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
                 processors = [_forcing_processor(forced, len(ids))]
+            elif job.constraint is not None:
+                from ..constrain import GrammarLogitsProcessor
+
+                processors = [GrammarLogitsProcessor(job.constraint, tokenizer.vocab_size)]
             started = time.perf_counter()
             self.prefill = {"done": 0, "total": len(ids), "started": started}
 
@@ -262,14 +267,15 @@ class Engine:
 
     # -- request side (event loop) -------------------------------------------------
 
-    async def stream(self, prompt, prompt_ids, sampling, log, partition=None):
+    async def stream(self, prompt, prompt_ids, sampling, log, partition=None, constraint=None):
         """Steps of one generation; closing the iterator early cancels it. Prompt-cache
-        snapshots are reused only within ``partition``."""
+        snapshots are reused only within ``partition``. ``constraint``: an llguidance matcher
+        that masks each step (a scripted completion replaces it)."""
         with self._lock:
             if self.pending >= self.max_queue:
                 raise APIError(503, f"the server is busy ({self.pending} requests waiting); retry later")
             self.pending += 1
-        job = Job(prompt, prompt_ids, sampling, asyncio.get_running_loop(), partition=partition)
+        job = Job(prompt, prompt_ids, sampling, asyncio.get_running_loop(), partition=partition, constraint=constraint)
         self._jobs.put(job)
         try:
             while True:

@@ -11,7 +11,9 @@ from .common import (
     now,
     parse_sampling,
     raw_prompt,
+    format_constraint,
     render_chat_prompt,
+    tool_constraint,
     tools_for_choice,
     validate_functions,
 )
@@ -63,6 +65,24 @@ def _response_format(body):
         return spec.get("schema", {})
     raise APIError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
                    param="response_format.type")
+
+
+def _format_schema(body):
+    """(schema, strict) that the reply must follow, or None; read after ``_response_format``
+    has checked the field. Non-strict schemas are enforced as far as llguidance supports
+    their keywords (the others are ignored); strict ones must be enforceable entirely."""
+    value = body.get("response_format")
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return {"type": "object"}, True
+    if kind == "json_schema":
+        spec = value["json_schema"]
+        strict = spec.get("strict", False)
+        if not isinstance(strict, bool):
+            raise APIError(400, "'response_format.json_schema.strict' must be a boolean",
+                           param="response_format.json_schema.strict")
+        return spec.get("schema", {}), strict
+    return None
 
 
 def _tools(body):
@@ -122,12 +142,19 @@ def parse_chat_request(body, ctx):
         messages, tools=tools, thinking_mode=thinking_mode, reasoning_effort=effort,
         response_format=_response_format(body),
     )
-    # Without constrained decoding, a required call is forced by writing its opening tags;
-    # in thinking mode the reasoning comes first, so the choice is left to the model there.
-    prefix = forced_tool_prefix(named) if choice in ("required", "named") and thinking_mode == "chat" else ""
+    # In chat mode a required call opens with its tags written into the prompt; in thinking
+    # mode the reasoning comes first. Either way the grammar then constrains the call.
+    forced = choice in ("required", "named")
+    prefix = forced_tool_prefix(named) if forced and thinking_mode == "chat" else ""
+    if forced:
+        constraint = tool_constraint(tools, choice, thinking_mode=thinking_mode, prefix=prefix)
+    else:
+        schema = _format_schema(body)
+        constraint = None if schema is None else format_constraint(
+            schema[0], strict=schema[1], thinking_mode=thinking_mode, param="response_format.json_schema.schema")
     return Plan(
         prompt=prompt + prefix, sampling=sampling, stream=stream, model=model, thinking_mode=thinking_mode,
-        prefix=prefix, include_usage=include_usage, tool_names=tuple(sorted(names)),
+        prefix=prefix, include_usage=include_usage, tool_names=tuple(sorted(names)), constraint=constraint,
     )
 
 

@@ -96,6 +96,7 @@ QUERY_BLOCK = 128
 # 9.7 / 8.2 s (2 busy cores, noisy) with a peak of 530 / 535 / 269 / 135 / 69 MiB. 2048 bounds a
 # query block's scores to ~135 MiB at any context length, at no measured cost in speed.
 INDEX_ENTRY_BLOCK = 2048
+PREFILL_CHUNK = 2048  # generate's default prefill step
 
 
 def prefill_transient_bytes(config: Union[dict, ModelArgs], chunk: int, context: int, dtype="bfloat16",
@@ -137,3 +138,16 @@ def prefill_peak_bytes(config: Union[dict, ModelArgs], chunk: int, context: int,
     growth = (kv_bytes(config, context + chunk, kv_dtype, index_dtype, dtype, batch)
               - kv_bytes(config, context, kv_dtype, index_dtype, dtype, batch))
     return growth + prefill_transient_bytes(config, chunk, context, dtype, batch, streams)
+
+
+def run_bytes(config: Union[dict, ModelArgs], tokens: int, weight_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK,
+              kv_dtype: str = "fp8", index_dtype: str = "fp4", dtype="bfloat16", batch: int = 1,
+              streams: int = 1) -> int:
+    """Peak bytes of running a sequence of `tokens` tokens: the weights, the cache at `tokens` tokens
+    and the transient of the prefill chunk that ends there (the largest one: the transient only
+    grows with context). What every memory guard compares with its limit."""
+    if tokens <= 0:
+        return weight_bytes
+    chunk = min(prefill_chunk, tokens)
+    return (weight_bytes + kv_bytes(config, tokens, kv_dtype, index_dtype, dtype, batch)
+            + prefill_transient_bytes(config, chunk, tokens - chunk, dtype, batch, streams))

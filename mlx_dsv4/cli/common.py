@@ -60,7 +60,7 @@ def add_memory_arguments(p, *, what="prompts"):
     p.add_argument("--prefill-step", type=positive_int, default=2048,
                    help="prompt tokens per prefill chunk (default 2048)")
     p.add_argument("--max-kv-size", type=size_argument, default=None, metavar="SIZE",
-                   help=f"memory guard: refuse {what} whose KV cache would exceed SIZE "
+                   help=f"memory guard: refuse {what} whose KV cache plus prefill working memory would exceed SIZE "
                         "(8G = 8GiB = 2^33 bytes, 8GB = 8*10^9 bytes, a plain number is bytes)")
 
 

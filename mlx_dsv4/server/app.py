@@ -25,6 +25,9 @@ BODY_BUDGET_BYTES = 4 * MAX_BODY_BYTES  # request bodies held at once (read, dec
 SMALL_BODY_BYTES = 1024 * 1024  # a body this small is never refused for the budget
 PREPARING = 2  # requests decoded, rendered and tokenised at once; the others wait
 DISCONNECT_POLL_S = 0.2
+# While a streaming request waits for its first token (queued, or prefilling a long prompt), an SSE
+# comment line goes out this often, so that clients and proxies do not time the stream out.
+SSE_KEEPALIVE_S = 5.0
 
 try:  # glibc keeps memory freed by worker threads in their arenas; malloc_trim gives it back
     _malloc_trim = ctypes.CDLL(None).malloc_trim
@@ -300,7 +303,11 @@ class Server:
         try:
             for line in fmt.start(len(plan.prompt_ids)) if flavour == "anthropic" else fmt.start():
                 yield line
-            async for step in self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log, partition):
+            async for step in self._with_keepalive(self.ctx.engine.stream(*_engine_args(plan), plan.sampling, log,
+                                                                          partition)):
+                if step is None:
+                    yield self._keepalive_comment()
+                    continue
                 for line in fmt.events(assembler.feed(step.text), assembler):
                     yield line
             for line in fmt.events(assembler.finish(), assembler):
@@ -314,6 +321,40 @@ class Server:
         except Exception as err:  # noqa: BLE001 - report in-band; headers are already sent
             for line in fmt.error(APIError(500, f"internal error: {type(err).__name__}: {err}")):
                 yield line
+
+    @staticmethod
+    async def _with_keepalive(steps):
+        """The items of ``steps``, with None each time SSE_KEEPALIVE_S pass without one."""
+        pending = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(steps.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE_S)
+                if not done:
+                    yield None
+                    continue
+                try:
+                    step = pending.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    pending = None
+                yield step
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with suppress(asyncio.CancelledError, Exception):
+                    await pending
+            await steps.aclose()
+
+    def _keepalive_comment(self) -> str:
+        """An SSE comment (ignored by clients) saying how far the prefill is."""
+        progress = self.ctx.engine.prefill
+        if progress is None or progress["total"] is None:
+            return ": waiting\n\n"
+        rate = f", {progress['tok_s']} tok/s" if progress["tok_s"] else ""
+        return f": prefill {progress['done']}/{progress['total']} tokens{rate}\n\n"
 
     # -- routes --------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ SCRIPT_ENV = "MLX_DSV4_SERVER_TEST_SCRIPT"
 PROMPT_CACHE_SNAPSHOTS = 4  # of all partitions together
 
 
+class _Cancelled(Exception):
+    """The client of the generation being prefilled went away: stop between two chunks."""
+
+
 class StepLog:
     """What a finished generation reports: its last step, tokens, and why it stopped."""
 
@@ -109,6 +113,7 @@ class Engine:
         self.pending = 0  # submitted and not finished
         self.active = False
         self._current = None
+        self.prefill = None  # the running generation's prefill progress, while it prefills
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
     # -- lifecycle -----------------------------------------------------------------
@@ -215,18 +220,32 @@ class Engine:
             if scripted is not None:
                 forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
                 processors = [_forcing_processor(forced, len(ids))]
+            started = time.perf_counter()
+            self.prefill = {"prompt_tokens": len(ids), "done": 0, "total": None, "tok_s": None, "elapsed_s": 0.0}
+
+            def progress(done, total):
+                elapsed = time.perf_counter() - started
+                self.prefill = {"prompt_tokens": len(ids), "done": done, "total": total,
+                                "tok_s": round(done / elapsed, 1) if elapsed > 0 else None,
+                                "elapsed_s": round(elapsed, 2)}
+                if job.cancelled.is_set():
+                    raise _Cancelled
+
             steps = stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
-                kv_cache_limit=self.kv_cache_limit, logits_processors=processors, **options,
+                kv_cache_limit=self.kv_cache_limit, logits_processors=processors, progress=progress, **options,
             )
             try:
                 for step in steps:
+                    self.prefill = None
                     job.put("step", step)
                     if job.cancelled.is_set() and step.finish_reason is None:
                         outcome = "cancelled"
                         break
             finally:
                 steps.close()
+        except _Cancelled:
+            outcome = "cancelled"
         except (KVCacheLimitError, PromptCacheError) as err:
             outcome = "failed"
             job.put("error", APIError(400, str(err), code="context_length_exceeded"))
@@ -234,6 +253,7 @@ class Engine:
             outcome = "failed"
             job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
         finally:
+            self.prefill = None
             self._trim_prompt_caches()
             self.active = False
             self._current = None
@@ -279,6 +299,7 @@ class Engine:
             **self.counts,
             "prompt_cache_snapshots": sum(len(c) for c in list(self._prompt_caches.values())),
             "max_kv_tokens": self.kv_tokens,
+            "prefill": self.prefill,
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }
 

@@ -5,7 +5,8 @@ multiply-adds per token, in float32 against the decoded keys, however the rest o
 This times exactly those products, at the shapes the attention runs them (a 128-query block against
 blocks of 2048 decoded keys laid out [d, entries]), best of several runs, and the model's whole
 prefill time per token at a short context (one chunk after as many tokens, as the bench's "last
-chunk" figure). The growth no implementation using these kernels can go below is then
+chunk" figure). With --cpu-streams N, query blocks run N at a time, each product on its own core,
+so the score floor is divided by N. The growth no implementation using these kernels can go below is then
 
     (time per token at the short context + score floor at C - score floor at the short context)
     / time per token at the short context
@@ -25,6 +26,7 @@ from mlx_dsv4.bench import best_seconds
 from mlx_dsv4.cli.bench import add_arguments
 from mlx_dsv4.loader import load_model
 from mlx_dsv4.memory import INDEX_ENTRY_BLOCK, QUERY_BLOCK
+from mlx_dsv4.streams import cpu_stream_limit, parallel_streams
 
 
 def score_block_seconds(n_heads: int, head_dim: int) -> float:
@@ -35,11 +37,12 @@ def score_block_seconds(n_heads: int, head_dim: int) -> float:
     return best_seconds(lambda: mx.eval(q @ keys), runs=5)
 
 
-def score_floor_per_token(args, block_s: float, context: int, chunk: int) -> float:
-    """Seconds per token of the score products alone, for a chunk ending at `context` tokens."""
+def score_floor_per_token(args, block_s: float, context: int, chunk: int, streams: int = 1) -> float:
+    """Seconds per token of the score products alone, for a chunk ending at `context` tokens, with
+    query blocks on `streams` cores at once."""
     entries = (context - chunk / 2) / 4  # the chunk's queries see, on average, its middle position's entries
     csa_layers = sum(1 for r in args.compress_ratios if r == 4)
-    return csa_layers * block_s * (entries / INDEX_ENTRY_BLOCK) / QUERY_BLOCK
+    return csa_layers * block_s * (entries / INDEX_ENTRY_BLOCK) / QUERY_BLOCK / streams
 
 
 def short_context_seconds_per_token(model, context: int, chunk: int) -> float:
@@ -63,6 +66,11 @@ def main(argv=None) -> int:
     p.add_argument("--short-chunk", type=int, default=1024,
                    help="its timed chunk (default 1024: the whole short prompt in one chunk, as the bench times it)")
     args = p.parse_args(argv)
+    with cpu_stream_limit(args.cpu_streams):
+        return measure(args)
+
+
+def measure(args) -> int:
     contexts = bench.parse_contexts(args.contexts)
     path = bench.ensure_checkpoint(args, lambda m: print(m, file=sys.stderr))
     model = load_model(path, check_memory=False)
@@ -71,12 +79,13 @@ def main(argv=None) -> int:
     flops = 2 * a.index_n_heads * QUERY_BLOCK * INDEX_ENTRY_BLOCK * a.index_head_dim
     print(f"score block: {a.index_n_heads} heads x {QUERY_BLOCK} queries x {a.index_head_dim} "
           f"x {INDEX_ENTRY_BLOCK} keys, float32: {block_s * 1e3:.1f} ms ({flops / block_s / 1e9:.2f} GFLOP/s)", flush=True)
+    streams = len(parallel_streams())
     short = short_context_seconds_per_token(model, args.short_context, args.short_chunk)
-    short_floor = score_floor_per_token(a, block_s, args.short_context, args.short_chunk)
-    print(f"prefill per token at {args.short_context}: {short * 1e3:.2f} ms "
+    short_floor = score_floor_per_token(a, block_s, args.short_context, args.short_chunk, streams)
+    print(f"prefill per token at {args.short_context} ({streams} CPU stream(s)): {short * 1e3:.2f} ms "
           f"(of which score products {short_floor * 1e3:.2f} ms)", flush=True)
     for context in contexts:
-        floor = score_floor_per_token(a, block_s, context, args.chunk)
+        floor = score_floor_per_token(a, block_s, context, args.chunk, streams)
         growth = (short + floor - short_floor) / short
         print(f"context {context}: score products {floor * 1e3:.2f} ms per token; prefill per token "
               f"at least {growth:.2f}x that at {args.short_context}", flush=True)

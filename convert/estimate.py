@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..memory import kv_bytes, prefill_transient_bytes
+from ..memory import PREFILL_CHUNK, kv_bytes, prefill_transient_bytes
 from ..config import ModelArgs
 from ..sizes import format_decimal_bytes
 from .plan import model_args, plan_units, sources_from_config
 from .recipes import Recipe
 
 RUNTIME_OVERHEAD = 1 * 10**9  # MLX buffers, tokenizer: a rough fixed allowance
-PREFILL_CHUNK = 2048  # generate's default prefill step
 GB = 10**9
 
 

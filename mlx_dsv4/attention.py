@@ -17,7 +17,7 @@ from .paths import device_paths
 from .cache import CompressorState, LayerCache
 from .config import ModelArgs
 from .kvcodec import IndexCodec
-from .memory import INDEX_ENTRY_BLOCK, QUERY_BLOCK
+from .memory import DENSE_ENTRY_BLOCK, INDEX_ENTRY_BLOCK, QUERY_BLOCK
 from .rope import Rope, inv_freq_for
 from .spec import compressor_width, has_indexer
 from .streams import on, parallel_streams, split_tokens
@@ -96,20 +96,25 @@ class Indexer(nn.Module):
         return q.transpose(0, 2, 1, 3), w
 
     def select(self, q: mx.array, w: mx.array, keys: CompressorState, visible: mx.array,
-               keys_t: Optional[mx.array] = None):
+               keys_t: Optional[mx.array] = None, n_entries: Optional[int] = None, decode_keys: bool = False):
         """Top-k entries per query: (indices [B, Lq, k], valid [B, Lq, k]).
 
         q [B, H, Lq, d], w [B, Lq, H], keys: the indexer's entries, visible [Lq, 1] entries each
-        query may see; keys_t: those entries decoded, float32 [B, d, T] (see `Attention`).
+        query may see; keys_t: those entries decoded, float32 [B, d, T]; n_entries: score only
+        the first this many; decode_keys: decode the keys of each entry block as it is scored
+        (see `Attention`).
         """
-        T = keys.n_entries if keys_t is None else keys_t.shape[-1]
+        T = keys_t.shape[-1] if keys_t is not None else keys.n_entries if n_entries is None else n_entries
         head_w = w.transpose(0, 2, 1)[..., None]
 
         def entry_scores(e0: int, e1: int) -> mx.array:  # [B, Lq, e1 - e0]
-            if keys_t is None:
-                s = keys.scores(q, e0, e1)
-            else:
+            if keys_t is not None:
                 s = q @ keys_t[:, None, :, e0:e1]
+            elif decode_keys:
+                # Laid out [d, entries], the operand layout the CPU backend's float32 matmul runs fastest with.
+                s = q @ mx.contiguous(keys.entries(e0, e1).astype(mx.float32).swapaxes(-1, -2))[:, None]
+            else:
+                s = keys.scores(q, e0, e1)
             s = (nn.relu(s) * head_w).sum(axis=1)
             return mx.where(mx.arange(e0, e1) < visible, s, -mx.inf)
 
@@ -197,26 +202,30 @@ class Attention(nn.Module):
             elif cache.compressor.n_entries:
                 entries = cache.compressor.entries()
 
-        # A multi-query step picks up to L * top-k entries: when that exceeds the entries
-        # there are, decoding all of them once is cheaper than decoding each query's picks.
-        decoded = index_keys = None
+        # A query block picks up to block * top-k entries: when that is more than the entries
+        # there are, decoding all of them once is cheaper than decoding each query's picks, and
+        # holds no more. Beyond, each block decodes its picks, so no step decodes every entry of
+        # a long context at once.
+        decoded = None
         if index_q is not None and L > 1:
-            if cache.compressor.n_entries <= L * self.indexer.topk:
+            if cache.compressor.n_entries <= min(L, query_block or L) * self.indexer.topk:
                 decoded = cache.compressor.entries()
-            # Every query block scores all indexer keys: decode them once, laid out [d, T], the
-            # operand layout the CPU backend's float32 matmul runs fastest with.
-            index_keys = mx.contiguous(cache.indexer.entries().astype(mx.float32).swapaxes(-1, -2))
 
         sinks = self.attn_sink.astype(mx.float32)
         blocks = []
         step = query_block or L
+        if entries is not None and query_block:
+            # Every query of a dense (HCA) layer scores all its entries: fewer queries at a time
+            # beyond DENSE_ENTRY_BLOCK entries keep a block's scores bounded at any context.
+            step = max(1, step * DENSE_ENTRY_BLOCK // max(DENSE_ENTRY_BLOCK, entries.shape[1]))
         streams = parallel_streams() if L > step else (None,)
         starts = list(range(0, L, step))
         for i, q0 in enumerate(starts):
             with on(streams[i % len(streams)]):
                 blocks.append(self._block(q, q0, min(L, q0 + step), start, keys, first, entries,
-                                          index_q, index_w, index_keys, decoded, cache, sinks))
-            if index_q is not None and L > step and (i % len(streams) == len(streams) - 1 or i == len(starts) - 1):
+                                          index_q, index_w, L > 1, decoded, cache, sinks))
+            bounded = index_q is not None or step < (query_block or L)
+            if bounded and L > step and (i % len(streams) == len(streams) - 1 or i == len(starts) - 1):
                 # Finish these blocks before building more: evaluated lazily, every block's
                 # gathered entries ([block, top-k, head_dim]) could be live at once. Measured at
                 # the reduced bench widths (bf16, CSA + HCA layer, top-512, one stream), peak MLX
@@ -246,7 +255,7 @@ class Attention(nn.Module):
         out = self.wo_a(out.reshape(B, L, G, 1, H * hd // G), mx.arange(G)).reshape(B, L, -1)
         return self.wo_b(out)
 
-    def _block(self, q, q0, q1, start, keys, first, entries, index_q, index_w, index_keys, decoded, cache, sinks):
+    def _block(self, q, q0, q1, start, keys, first, entries, index_q, index_w, decode_keys, decoded, cache, sinks):
         """Attention output [B, H, q1 - q0, hd] for queries q0..q1 of this step."""
         B = q.shape[0]
         q_pos = start + mx.arange(q0, q1)
@@ -262,9 +271,10 @@ class Attention(nn.Module):
             mask = mx.concatenate([mask, mx.arange(entries.shape[1]) < visible], axis=1)
         if index_q is None:
             return self._sdpa(qb, win, mask, sinks)
-        if index_keys is not None:  # no query of the block sees past entry (start + q1) // ratio
-            index_keys = index_keys[..., : (start + q1) // self.ratio]
-        indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible, index_keys)
+        # no query of the block sees past entry (start + q1) // ratio
+        n_entries = min(cache.indexer.n_entries, (start + q1) // self.ratio)
+        indices, valid = self.indexer.select(index_q[:, :, q0:q1], index_w[:, q0:q1], cache.indexer, visible,
+                                             n_entries=n_entries, decode_keys=decode_keys)
         if decoded is None:
             picked = cache.compressor.gather(indices)  # [B, Lq, k, hd]
         else:

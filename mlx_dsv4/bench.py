@@ -57,11 +57,15 @@ DEFAULT_RATIOS = "4,128"  # one CSA and one HCA layer: the two layer kinds whose
 DEFAULT_CONTEXTS = "1024,8192,32768"
 IMPLS = ("ours", "mlx-vlm", "naive")
 
-# Long-context targets: decode speed at 8K, prefill growth from 1K to 32K.
-DECODE_CTX, SMALL_CTX, LARGE_CTX = 8192, 1024, 32768
+# Long-context targets: decode speed at 8K, prefill growth from 1K to 32K; at 256K: prefill growth
+# from 1K, peak transient against 32K's, decode speed against 8K's.
+DECODE_CTX, SMALL_CTX, LARGE_CTX, LONGEST_CTX = 8192, 1024, 32768, 262144
 TARGET_DECODE_VS_VLM = 1.5
 TARGET_ROOFLINE = 0.5
 TARGET_PREFILL_GROWTH = 1.5
+TARGET_PREFILL_GROWTH_LONGEST = 2.5
+TARGET_TRANSIENT_GROWTH = 1.2
+TARGET_DECODE_KEPT = 0.5
 
 MB = 1 << 20
 
@@ -273,6 +277,7 @@ class Result:
     decode_ms: float = float("nan")  # median step
     decode_mean_ms: float = float("nan")
     peak_bytes: int = 0  # MLX allocator peak above the memory held before the run (weights etc.)
+    peak_transient_bytes: int = 0  # that peak beyond the cache the run ends with
     rss_peak_bytes: Optional[int] = None
     cache_bytes: int = 0
     cache_bytes_per_token: float = float("nan")
@@ -341,6 +346,7 @@ def measure(runner: Runner, prompt: np.ndarray, context: int, chunk: int, rss: R
     res.peak_bytes = max(0, mx.get_peak_memory() - base)
     res.rss_peak_bytes = rss.peak()
     res.cache_bytes = runner.cache_bytes(cache)
+    res.peak_transient_bytes = max(0, res.peak_bytes - res.cache_bytes)
     res.cache_bytes_per_token = res.cache_bytes / (context + 1)
     return res, cache, out
 
@@ -474,11 +480,30 @@ def _pick(results: Dict, impl: str, ctx: int) -> Optional[Result]:
     return r if r is not None and r.skipped is None and r.error is None else None
 
 
+def prefill_growth(results: Dict, impl: str, ctx: int, base: int = SMALL_CTX) -> float:
+    """Prefill time per token at `ctx` over that at `base` tokens (nan when either is missing)."""
+    a, b = _pick(results, impl, base), _pick(results, impl, ctx)
+    return _ratio(a.prefill_tok_s, b.prefill_tok_s) if a and b else float("nan")
+
+
+def long_context_figures(results: Dict) -> dict:
+    """Our figures the 256K targets read: prefill growth from 1K, peak transient against 32K's,
+    decode speed against 8K's (nan where a context was not measured)."""
+    longest, large, decode = (_pick(results, "ours", c) for c in (LONGEST_CTX, LARGE_CTX, DECODE_CTX))
+    return {
+        "prefill_growth_longest": prefill_growth(results, "ours", LONGEST_CTX),
+        "transient_growth": _ratio(longest.peak_transient_bytes, large.peak_transient_bytes)
+        if longest and large else float("nan"),
+        "decode_kept": _ratio(longest.decode_tok_s, decode.decode_tok_s) if longest and decode else float("nan"),
+    }
+
+
 def report(summary: dict, results: Dict, contexts: List[int], impls: List[str], out=print) -> dict:
     """Print the tables and the targets; return the target verdicts."""
     out("")
-    out(f"{'impl':<8} {'context':>8} {'prefill tok/s':>14} {'last chunk ms/tok':>18} {'decode tok/s':>13} "
-        f"{'decode ms':>10} {'peak (MLX)':>11} {'peak (RSS)':>11} {'cache B/tok':>12}")
+    out(f"{'impl':<8} {'context':>8} {'prefill tok/s':>14} {'per tok vs 1K':>14} {'last chunk ms/tok':>18} "
+        f"{'decode tok/s':>13} {'decode ms':>10} {'peak (MLX)':>11} {'transient':>11} {'peak (RSS)':>11} "
+        f"{'cache B/tok':>12}")
     for ctx in contexts:
         for impl in impls:
             r = results.get((impl, ctx))
@@ -487,8 +512,9 @@ def report(summary: dict, results: Dict, contexts: List[int], impls: List[str], 
             if r.skipped or r.error:
                 out(f"{impl:<8} {ctx:>8}  {'skipped: ' + r.skipped if r.skipped else 'error: ' + r.error}")
                 continue
-            out(f"{impl:<8} {ctx:>8} {r.prefill_tok_s:>14.1f} {r.last_chunk_ms_per_tok:>18.2f} "
-                f"{r.decode_tok_s:>13.2f} {r.decode_ms:>10.1f} {_fmt_bytes(r.peak_bytes):>11} "
+            out(f"{impl:<8} {ctx:>8} {r.prefill_tok_s:>14.1f} {_fmt(prefill_growth(results, impl, ctx)):>13}x "
+                f"{r.last_chunk_ms_per_tok:>18.2f} {r.decode_tok_s:>13.2f} {r.decode_ms:>10.1f} "
+                f"{_fmt_bytes(r.peak_bytes):>11} {_fmt_bytes(r.peak_transient_bytes):>11} "
                 f"{_fmt_bytes(r.rss_peak_bytes):>11} {r.cache_bytes_per_token:>12.1f}")
 
     bw = summary["bandwidth"]
@@ -549,7 +575,51 @@ def report(summary: dict, results: Dict, contexts: List[int], impls: List[str], 
     verdict("peak_memory_vs_mlx_vlm", x, None if x != x else x < 1.0,
             f"peak memory at {lctx}: ours {_fmt_bytes(o.peak_bytes) if o else '-'} vs mlx-vlm "
             f"{_fmt_bytes(v.peak_bytes) if v else '-'} = {_fmt(x)}x (target < 1x)")
+    figures = long_context_figures(results)
+    x = figures["prefill_growth_longest"]
+    verdict("prefill_growth_longest", x, None if x != x else x <= TARGET_PREFILL_GROWTH_LONGEST,
+            f"prefill time per token at {LONGEST_CTX} / at {SMALL_CTX}: {_fmt(x)}x "
+            f"(target <= {TARGET_PREFILL_GROWTH_LONGEST}x)")
+    x = figures["transient_growth"]
+    verdict("transient_growth", x, None if x != x else x <= TARGET_TRANSIENT_GROWTH,
+            f"peak transient at {LONGEST_CTX} / at {LARGE_CTX}: {_fmt(x)}x (target <= {TARGET_TRANSIENT_GROWTH}x)")
+    x = figures["decode_kept"]
+    verdict("decode_kept", x, None if x != x else x >= TARGET_DECODE_KEPT,
+            f"decode tok/s at {LONGEST_CTX} / at {DECODE_CTX}: {_fmt(x)}x (target >= {TARGET_DECODE_KEPT}x)")
     return verdicts
+
+
+def plot(summary: dict, path) -> None:
+    """A PNG of the run: prefill and decode tok/s, and peak transient and cache bytes, against
+    the context (log scale), one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["results"] if r.get("skipped") is None and r.get("error") is None]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for impl in impls:
+        mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["context"])
+        ctx = [r["context"] for r in mine]
+        speed.plot(ctx, [r["prefill_tok_s"] for r in mine], "o-", label=f"{impl} prefill")
+        speed.plot(ctx, [r["decode_tok_s"] for r in mine], "s--", label=f"{impl} decode")
+        memory.plot(ctx, [r["peak_transient_bytes"] / MB for r in mine], "o-", label=f"{impl} peak transient")
+        memory.plot(ctx, [r["cache_bytes"] / MB for r in mine], "s--", label=f"{impl} cache")
+    for ax, label in ((speed, "tokens / s"), (memory, "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    speed.set_title("speed")
+    memory.set_title("memory beyond the weights")
+    fig.suptitle(f"mlx-dsv4 bench: {summary.get('machine', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- driver
@@ -577,6 +647,11 @@ def _run_benchmark(args, log: Callable[[str], None]) -> dict:
     if "ours" not in impls:
         impls.insert(0, "ours")
 
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401 - checked before the run, not after it
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'mlx-dsv4[bench]'") from None
     path = ensure_checkpoint(args, log)
     model_args = ModelArgs.from_path(path)
     log(f"checkpoint {path}: {model_args.num_hidden_layers} layers, ratios {model_args.compress_ratios}, "
@@ -638,6 +713,12 @@ def _run_benchmark(args, log: Callable[[str], None]) -> dict:
     for ctx in contexts:
         states: Dict[str, list] = {}
         for name in order:
+            vlm_max = getattr(args, "vlm_max_context", None)
+            if name == "mlx-vlm" and vlm_max is not None and ctx > vlm_max:
+                why = f"context above --vlm-max-context {vlm_max}"
+                results[(name, ctx)] = Result(name, ctx, skipped=why)
+                log(f"{name:<8} {ctx:>7}: skipped: {why}")
+                continue
             if name == "naive":
                 need = naive_score_bytes(model_args, ctx, args.chunk, 4)
                 why = None
@@ -700,6 +781,9 @@ def _run_benchmark(args, log: Callable[[str], None]) -> dict:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         log(f"wrote {args.json_out}")
+    if getattr(args, "plot", None):
+        plot(summary, args.plot)
+        log(f"wrote {args.plot}")
     return summary
 
 

@@ -77,9 +77,12 @@ class CompressorState:
     def parts(self) -> tuple:
         return tuple(p[:, : self.n_entries] for p in self._parts)
 
-    def entries(self) -> Optional[mx.array]:
-        """All entries, decoded: [B, T, d]."""
-        return self.codec.decode(self.parts()) if self.n_entries else None
+    def entries(self, first: int = 0, end: Optional[int] = None) -> Optional[mx.array]:
+        """Entries first..end (default: all), decoded: [B, end - first, d]."""
+        end = self.n_entries if end is None else end
+        if end <= first:
+            return None
+        return self.codec.decode(tuple(p[:, first:end] for p in self._parts))
 
     def scores(self, q: mx.array, first: int = 0, end: Optional[int] = None) -> mx.array:
         """q [B, H, Lq, d] against entries first..end (default: all): [B, H, Lq, end - first] (indexer keys)."""

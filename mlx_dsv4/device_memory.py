@@ -69,26 +69,30 @@ def machine_memory() -> MachineMemory:
 
 def fitting_recipe(config: dict, budget: int, context: int) -> Optional[str]:
     """The largest recipe of the converter's size table whose weights plus FP8 cache at ``context``
-    tokens fit ``budget`` bytes, as ``--recipe ...`` text; None when none fits."""
+    tokens plus prefill transient (``memory.run_bytes``) fit ``budget`` bytes, as ``--recipe ...``
+    text; None when none fits."""
     from .convert.estimate import TABLE_RECIPES, estimate_config
     from .convert.recipes import Recipe
+    from .memory import run_bytes
 
     fitting = []
     for label, kwargs in TABLE_RECIPES:
         estimate = estimate_config(config, Recipe(**kwargs), context, include_mtp=False)
-        if estimate.model_bytes + estimate.kv_bytes <= budget:
+        if run_bytes(config, context, estimate.model_bytes) <= budget:
             fitting.append((estimate.model_bytes, label))
     return f"--recipe {max(fitting)[1]}" if fitting else None
 
 
 def check_fit(config: dict, weight_bytes: int, where: str, context: int = DEFAULT_CONTEXT) -> None:
     """Raise ``MemoryFitError`` when the weights exceed the machine's memory; warn
-    (``MemoryFitWarning``) when weights + FP8 cache at ``context`` tokens exceed what it keeps resident."""
-    from .memory import kv_bytes
+    (``MemoryFitWarning``) when weights + FP8 cache at ``context`` tokens + the prefill transient
+    (``memory.run_bytes``) exceed what it keeps resident."""
+    from .memory import PREFILL_CHUNK, kv_bytes, run_bytes
 
     memory = machine_memory()
+    need = run_bytes(config, context, weight_bytes)
     cache = kv_bytes(config, context)
-    need = weight_bytes + cache
+    transient = need - weight_bytes - cache
     if weight_bytes <= memory.total and need <= memory.workable:
         return
     recipe = fitting_recipe(config, memory.workable, context)
@@ -97,7 +101,8 @@ def check_fit(config: dict, weight_bytes: int, where: str, context: int = DEFAUL
         raise MemoryFitError(f"{where}: weights are {format_decimal_bytes(weight_bytes)}, more than this machine's "
                              f"{format_decimal_bytes(memory.total)} of memory; {advice}")
     warnings.warn(f"{where}: weights {format_decimal_bytes(weight_bytes)} + FP8 cache for {context} tokens "
-                  f"{format_decimal_bytes(cache)} exceed the {format_decimal_bytes(memory.workable)} of "
+                  f"{format_decimal_bytes(cache)} + prefill transient ({PREFILL_CHUNK}-token chunks) "
+                  f"{format_decimal_bytes(transient)} exceed the {format_decimal_bytes(memory.workable)} of "
                   f"{memory.source}: expect swapping; {advice}", MemoryFitWarning, stacklevel=3)
 
 

@@ -23,10 +23,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .device_memory import wired_limit
-from .memory import kv_bytes
+from .memory import PREFILL_CHUNK, kv_bytes, run_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
 from .speculative import MAX_DRAFT, Drafting, sampling_distribution
+from .streams import parallel_streams
 
 _sample_utils = import_mlx_lm("sample_utils")
 make_logits_processors, make_sampler = _sample_utils.make_logits_processors, _sample_utils.make_sampler
@@ -105,34 +106,49 @@ def estimate_cache_bytes(model, n_tokens: int) -> int:
     return kv_bytes(model.args, n_tokens, kv_dtype=kv_dtype, index_dtype=index_dtype, dtype=model.dtype)
 
 
-def tokens_that_fit(model, limit_bytes: int) -> int:
-    """The longest sequence whose cache stays within `limit_bytes`."""
-    if estimate_cache_bytes(model, 1) > limit_bytes:
+def estimate_run_bytes(model, n_tokens: int, prefill_step: int = PREFILL_CHUNK) -> int:
+    """Bytes beyond the weights that running `n_tokens` tokens peaks at: the cache (as
+    `estimate_cache_bytes`) plus the transient of the prefill chunk ending there."""
+    kv_dtype, index_dtype = getattr(model, "cache_dtypes", ("fp8", "fp4"))
+    return run_bytes(model.args, n_tokens, 0, prefill_step, kv_dtype=kv_dtype, index_dtype=index_dtype,
+                     dtype=model.dtype, streams=len(parallel_streams()))
+
+
+def tokens_that_fit(model, limit_bytes: int, prefill_step: int = PREFILL_CHUNK) -> int:
+    """The longest sequence whose cache plus prefill transient stays within `limit_bytes`."""
+    def fits(n):
+        return estimate_run_bytes(model, n, prefill_step) <= limit_bytes
+
+    if not fits(1):
         return 0
     low, high = 1, 1
-    while estimate_cache_bytes(model, high) <= limit_bytes:
+    while fits(high):
         low, high = high, high * 2
         if high > 1 << 40:
             return high
     while high - low > 1:  # the size only grows with the token count
         mid = (low + high) // 2
-        if estimate_cache_bytes(model, mid) <= limit_bytes:
+        if fits(mid):
             low = mid
         else:
             high = mid
     return low
 
 
-def check_kv_limit(model, n_prompt: int, max_tokens: int, limit_bytes: int) -> None:
-    """Raise ``KVCacheLimitError`` when prompt + max_tokens would not fit in ``limit_bytes``."""
+def check_kv_limit(model, n_prompt: int, max_tokens: int, limit_bytes: int, prefill_step: int = PREFILL_CHUNK) -> None:
+    """Raise ``KVCacheLimitError`` when the cache for prompt + max_tokens plus the prefill
+    transient (`estimate_run_bytes`) would not fit in ``limit_bytes``."""
     needed = n_prompt + max_tokens
-    fit = tokens_that_fit(model, limit_bytes)
+    fit = tokens_that_fit(model, limit_bytes, prefill_step)
     if needed <= fit:
         return
     room = max(fit - n_prompt, 0)
+    cache = estimate_cache_bytes(model, needed)
+    transient = estimate_run_bytes(model, needed, prefill_step) - cache
     raise KVCacheLimitError(
-        f"the KV cache for {n_prompt} prompt + {max_tokens} new tokens needs about "
-        f"{format_bytes(estimate_cache_bytes(model, needed))}, over the limit of {format_bytes(limit_bytes)}: "
+        f"the KV cache for {n_prompt} prompt + {max_tokens} new tokens needs about {format_bytes(cache)} "
+        f"and prefilling it in {prefill_step}-token chunks about {format_bytes(transient)} more, "
+        f"over the limit of {format_bytes(limit_bytes)}: "
         f"{fit} tokens fit"
         + (f", so at most {room} new tokens after this prompt" if room else ", fewer than this prompt alone"),
         tokens_that_fit=fit,
@@ -643,7 +659,7 @@ def drop_oldest_turns(messages: list) -> Optional[list]:
 
 
 def fit_messages(model, tokenizer, messages, *, max_tokens, kv_cache_limit, on_overflow="error",
-                 prompt_cache=None, **chat_options):
+                 prompt_cache=None, prefill_step=PREFILL_CHUNK, **chat_options):
     """Encode ``messages`` (``mlx_dsv4.chat.encode_messages`` options in ``chat_options``)
     into ids that fit ``kv_cache_limit``; returns (messages kept, ids)."""
     from .chat import encode_messages
@@ -654,7 +670,7 @@ def fit_messages(model, tokenizer, messages, *, max_tokens, kv_cache_limit, on_o
         if kv_cache_limit is None:
             return messages, ids
         try:
-            check_kv_limit(model, len(ids), max_tokens, kv_cache_limit)
+            check_kv_limit(model, len(ids), max_tokens, kv_cache_limit, prefill_step)
             return messages, ids
         except KVCacheLimitError:
             shorter = drop_oldest_turns(messages) if on_overflow == "drop_oldest" else None
@@ -673,19 +689,19 @@ def _chunks(start: int, end: int, step: int, marks: Iterable[int]):
 
 
 def _prompt_token_ids(model, tokenizer, prompt, *, max_tokens, kv_cache_limit, on_overflow, prompt_cache,
-                      chat_options) -> List[int]:
+                      chat_options, prefill_step) -> List[int]:
     """The prompt as token ids (from text, ids or chat messages), checked against ``kv_cache_limit``."""
     if _is_messages(prompt):
         _, ids = fit_messages(model, tokenizer, list(prompt), max_tokens=max_tokens,
                               kv_cache_limit=kv_cache_limit, on_overflow=on_overflow,
-                              prompt_cache=prompt_cache, **(chat_options or {}))
+                              prompt_cache=prompt_cache, prefill_step=prefill_step, **(chat_options or {}))
     else:
         if isinstance(prompt, str) and prompt_cache is not None:
             ids = prompt_cache.encode(prompt, tokenizer)
         else:
             ids = _prompt_ids(tokenizer, prompt)
         if kv_cache_limit is not None:
-            check_kv_limit(model, len(ids), max_tokens, kv_cache_limit)
+            check_kv_limit(model, len(ids), max_tokens, kv_cache_limit, prefill_step)
     if not ids:
         raise ValueError("the prompt is empty")
     return ids
@@ -963,10 +979,11 @@ def stream_generate(
                               repetition_context_size=repetition_context_size, seed=seed, stop=stop)
     if prompt_cache is not None:
         prompt_cache.check_model(model)
-    ids = _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
-                            on_overflow=on_overflow, prompt_cache=prompt_cache, chat_options=chat_options)
     if prefill_step < 1:
         raise ValueError("prefill_step must be positive")
+    ids = _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
+                            on_overflow=on_overflow, prompt_cache=prompt_cache, chat_options=chat_options,
+                            prefill_step=prefill_step)
     check_draft(model, draft, num_draft, temperature=temperature, sampler=sampler,
                 logits_processors=logits_processors, repetition_penalty=repetition_penalty,
                 prompt_cache=prompt_cache)

@@ -53,7 +53,20 @@ def _fp8_decode_f32(codes: mx.array, exps: mx.array) -> mx.array:
     return mx.from_fp8(codes, mx.float32) * scale
 
 
+@mx.compile
+def _fp8_decode_bf16(codes: mx.array, exps: mx.array) -> mx.array:
+    n = codes.shape[-1]
+    scale = mx.power(2.0, exps.astype(mx.float32) - 127).astype(mx.bfloat16)[..., None]
+    values = mx.from_fp8(codes, mx.bfloat16)
+    return (values.reshape(*codes.shape[:-1], -1, FP8_GROUP) * scale).reshape(*codes.shape[:-1], n)
+
+
 def _fp8_decode(codes: mx.array, exps: mx.array, dtype) -> mx.array:
+    if dtype == mx.bfloat16 and codes.shape[-1] % FP8_GROUP == 0:
+        # Straight to bfloat16, with no float32 copy of the rows (a peak of about 2x the output
+        # rather than 5x): E4M3 values are exact in bfloat16, and a bfloat16 product is the
+        # float32 product rounded once, as the float32 path then rounds it.
+        return _fp8_decode_bf16(codes, exps)
     return _fp8_decode_f32(codes, exps).astype(dtype)
 
 

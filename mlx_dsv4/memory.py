@@ -78,17 +78,23 @@ def kv_bytes(config: Union[dict, ModelArgs], tokens: int, kv_dtype: str = "fp8",
     return total
 
 
-# Peak of a prefill chunk beyond the cache. Two phases bound it:
+# Peak of a prefill chunk beyond the cache: the larger of two phases.
 # - every layer: the float32 hyper-connection streams [chunk, hc_mult, hidden] and what is computed from
 #   them (mixes, normed input, MoE routing and gathered experts). Measured: the peak is proportional to
 #   the chunk and about this many stream-sized float32 copies per token (reduced widths hidden 512,
 #   hc 4, CSA + HCA layer, bf16: 63.5 MiB for a 1024-token chunk after 4096 tokens, 7.9 copies; the
 #   same per token at 2048 tokens, at 0, 2048 or 6144 tokens of context);
-# - a CSA layer: the chunk's queries, all indexer keys decoded, all compressed entries decoded when
-#   the chunk would pick more, and for each query block in flight its score block over at most
-#   INDEX_ENTRY_BLOCK entries, its gathered entries and its attention probabilities. This one grows
-#   with context (the entries) and dominates at long context.
+# - an attention layer: per token, the stream, the queries and what is derived from them (normed,
+#   rotated, the output, its inverse rotation and grouped layout: ATTENTION_COPIES activation-sized
+#   copies of [heads, head_dim]), each compressor's projected kv and float32 gates, the indexer's
+#   queries; once, the entries decoded whole (CSA when a query block would pick more, HCA always);
+#   and for each query block in flight its scores and probabilities, its indexer score block over at
+#   most INDEX_ENTRY_BLOCK entries and its gathered entries. Fitted on a 2048-token chunk at hidden 128
+#   (where this phase dominates) with 8 or 16 heads of 128 and 2 heads of 512: 10.75 query copies,
+#   1.9 compressor copies.
 STREAM_COPIES = 8
+ATTENTION_COPIES = 11
+COMPRESSOR_COPIES = 2
 # The attention's block sizes live here so that the prediction and the attention share them.
 QUERY_BLOCK = 128
 # Indexer entries a 128-query block scores at a time (Indexer.select; fewer queries score
@@ -98,6 +104,41 @@ QUERY_BLOCK = 128
 # 9.7 / 8.2 s (2 busy cores, noisy) with a peak of 530 / 535 / 269 / 135 / 69 MiB. 2048 bounds a
 # query block's scores to ~135 MiB at any context length, at no measured cost in speed.
 INDEX_ENTRY_BLOCK = 2048
+PREFILL_CHUNK = 2048  # generate's default prefill step
+# Entries a dense (HCA) layer's full query block attends to at most; beyond, its query blocks
+# shrink in proportion, so a block's scores stay bounded (ratio 128: 128K tokens of context).
+DENSE_ENTRY_BLOCK = 1024
+DECODE_COPIES = 2  # peak of decoding FP8 rows to bfloat16, in copies of the output (kvcodec)
+
+
+def _attention_transient(args: ModelArgs, ratio: int, chunk: int, context: int, act: int, streams: int) -> int:
+    """Peak bytes of one attention layer of compress `ratio` over a chunk (see above)."""
+    H, hd, W = args.num_attention_heads, args.head_dim, args.sliding_window
+    block = min(QUERY_BLOCK, chunk)
+    per_token = args.hc_mult * args.hidden_size * 4 + ATTENTION_COPIES * H * hd * act
+    once = 0
+    per_block = 3 * H * block * (W + block + 1) * 4  # window scores, probabilities
+    if ratio:
+        per_token += COMPRESSOR_COPIES * (2 if ratio == 4 else 1) * hd * (act + 4)
+    if ratio == 4:
+        Hi, di, k = args.index_n_heads, args.index_head_dim, args.index_topk
+        entries = (context + chunk) // 4
+        per_token += COMPRESSOR_COPIES * 2 * di * (act + 4) + Hi * (di + 1) * 4
+        entry_block = INDEX_ENTRY_BLOCK * max(1, QUERY_BLOCK // block)
+        scored = min(entries, entry_block)
+        decode_all = entries <= block * k  # Attention: else each block decodes its own picks
+        if decode_all:
+            once += DECODE_COPIES * entries * hd * act
+        per_block += (2 * Hi * block * scored * 4 + scored * di * (act + 8)  # scores, weighted; keys decoded
+                      + (1 if decode_all else DECODE_COPIES + 1) * block * k * hd * act  # gathered entries
+                      + 3 * H * block * k * 4)  # their scores, probabilities
+    elif ratio:
+        entries = (context + chunk) // ratio
+        once += DECODE_COPIES * entries * hd * act
+        block = max(1, block * DENSE_ENTRY_BLOCK // max(DENSE_ENTRY_BLOCK, entries))
+        per_block = 3 * H * block * (W + block + entries + 1) * 4
+    in_flight = min(streams, -(-chunk // block))
+    return chunk * per_token + once + in_flight * per_block
 
 
 def prefill_transient_bytes(config: Union[dict, ModelArgs], chunk: int, context: int, dtype="bfloat16",
@@ -112,23 +153,9 @@ def prefill_transient_bytes(config: Union[dict, ModelArgs], chunk: int, context:
     if context < 0:
         raise ValueError(f"context must be >= 0 tokens, got {context}")
     act = dtype_bytes(dtype)
-    stream_row = args.hc_mult * args.hidden_size * 4
-    peak = chunk * STREAM_COPIES * stream_row
-    if 4 in args.compress_ratios:
-        H, hd, k = args.num_attention_heads, args.head_dim, args.index_topk
-        Hi, di = args.index_n_heads, args.index_head_dim
-        entries = (context + chunk) // 4
-        per_token = stream_row + 2 * H * hd * act + Hi * (di + 1) * 4  # streams, queries + output, indexer queries
-        decoded = di * entries * 4  # indexer keys, float32
-        if entries <= chunk * k:
-            decoded += hd * entries * act  # compressed entries
-        block = min(QUERY_BLOCK, chunk)
-        in_flight = min(streams, -(-chunk // block))
-        entry_block = INDEX_ENTRY_BLOCK * max(1, QUERY_BLOCK // block)
-        per_block = (2 * Hi * block * min(entries, entry_block) * 4  # scores, weighted scores
-                     + block * k * hd * act  # gathered entries
-                     + 3 * H * block * (k + args.sliding_window + block + 1) * 4)  # scores, probabilities
-        peak = max(peak, chunk * per_token + decoded + in_flight * per_block)
+    peak = chunk * STREAM_COPIES * args.hc_mult * args.hidden_size * 4
+    for ratio in set(args.compress_ratios):
+        peak = max(peak, _attention_transient(args, ratio, chunk, context, act, streams))
     return batch * peak
 
 
@@ -139,3 +166,16 @@ def prefill_peak_bytes(config: Union[dict, ModelArgs], chunk: int, context: int,
     growth = (kv_bytes(config, context + chunk, kv_dtype, index_dtype, dtype, batch)
               - kv_bytes(config, context, kv_dtype, index_dtype, dtype, batch))
     return growth + prefill_transient_bytes(config, chunk, context, dtype, batch, streams)
+
+
+def run_bytes(config: Union[dict, ModelArgs], tokens: int, weight_bytes: int = 0, prefill_chunk: int = PREFILL_CHUNK,
+              kv_dtype: str = "fp8", index_dtype: str = "fp4", dtype="bfloat16", batch: int = 1,
+              streams: int = 1) -> int:
+    """Peak bytes of running a sequence of `tokens` tokens: the weights, the cache at `tokens` tokens
+    and the transient of the prefill chunk that ends there (the largest one: the transient only
+    grows with context). What every memory guard compares with its limit."""
+    if tokens <= 0:
+        return weight_bytes
+    chunk = min(prefill_chunk, tokens)
+    return (weight_bytes + kv_bytes(config, tokens, kv_dtype, index_dtype, dtype, batch)
+            + prefill_transient_bytes(config, chunk, tokens - chunk, dtype, batch, streams))

@@ -112,7 +112,7 @@ class Drafting:
         logits = None
         for a in range(0, len(ids), step):
             b = min(len(ids), a + step)
-            logits, hidden = self.model(_tokens(ids[a:b]), self.cache, return_hidden=True)
+            logits, hidden = self.model(_tokens(ids[a:b]), self.cache, last_only=True, return_hidden=True)
             start = a
             if self.last_hidden is not None:
                 hidden = mx.concatenate([self.last_hidden, hidden], axis=1)

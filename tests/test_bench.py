@@ -108,7 +108,12 @@ def test_ours_and_naive_side_by_side(tmp_path, capsys):
     # roofline and targets are reported, with a verdict per target
     assert summary["roofline_tok_s"] > 0 and summary["weights"]["decode_weight_bytes"] > 0
     assert set(summary["targets"]) == {"decode_vs_mlx_vlm", "decode_roofline", "prefill_growth",
-                                       "peak_memory_vs_mlx_vlm"}
+                                       "peak_memory_vs_mlx_vlm", "prefill_growth_longest", "transient_growth",
+                                       "decode_kept"}
+    for name in ("prefill_growth_longest", "transient_growth", "decode_kept"):  # no 256K run
+        assert summary["targets"][name]["pass"] is None
+    for r in summary["results"]:
+        assert r["peak_transient_bytes"] == max(0, r["peak_bytes"] - r["cache_bytes"])
     assert check_targets(summary) == 2  # roofline and prefill growth; no mlx-vlm run: no verdict there
     assert summary["targets"]["decode_vs_mlx_vlm"]["pass"] is None
     assert "decode roofline" in text and "ours as ratios" in text
@@ -148,6 +153,76 @@ def test_naive_guard_skips_with_reason(tmp_path, capsys):
     assert results[("naive", 64)]["skipped"] is None and results[("naive", 64)]["decode_tok_s"] > 0
     assert "--naive-max-context" in results[("naive", 160)]["skipped"]
     assert check_targets(summary) == 2
+
+
+def test_vlm_max_context_skips_with_reason(tmp_path, capsys, monkeypatch):
+    from mlx_dsv4.loader import load_model
+
+    class StandIn(bench.OursRunner):  # the baseline's place in the run, without mlx-vlm
+        def __init__(self, path):
+            super().__init__(load_model(path), "mlx-vlm", "bf16", "bf16")
+
+    monkeypatch.setattr(bench, "VlmRunner", StandIn)
+    monkeypatch.setattr(bench, "agreement", lambda *a: {"tokens": 0, "max_abs_diff": 0.0, "max_abs": 0.0,
+                                                         "argmax_agree": 1.0})
+    summary, _ = run_bench(tmp_path, capsys, "--impls", "ours,mlx-vlm", "--vlm-max-context", "100")
+    results = by_key(summary)
+    assert results[("mlx-vlm", 64)]["skipped"] is None and results[("mlx-vlm", 64)]["decode_tok_s"] > 0
+    assert "--vlm-max-context 100" in results[("mlx-vlm", 160)]["skipped"]
+    assert results[("ours", 160)]["decode_tok_s"] > 0
+
+
+def fake_results():
+    """Our figures at 1K / 8K / 32K / 256K, chosen so that each long-context target's ratio is known."""
+    def result(ctx, prefill_tok_s, decode_tok_s, transient):
+        return bench.Result("ours", ctx, prefill_tok_s=prefill_tok_s, decode_tok_s=decode_tok_s, decode_ms=1e3 / decode_tok_s,
+                            peak_bytes=transient + 100 * ctx, peak_transient_bytes=transient, cache_bytes=100 * ctx,
+                            cache_bytes_per_token=100.0, prefill_s=ctx / prefill_tok_s)
+    rows = [result(1024, 100.0, 10.0, 500), result(8192, 90.0, 8.0, 550), result(32768, 70.0, 6.0, 600),
+            result(262144, 30.0, 3.0, 780)]
+    return {("ours", r.context): r for r in rows}
+
+
+def test_long_context_figures_and_targets_from_fake_figures():
+    results = fake_results()
+    figures = bench.long_context_figures(results)
+    assert figures["prefill_growth_longest"] == pytest.approx(100 / 30)  # per-token time 3.33x that at 1K
+    assert figures["transient_growth"] == pytest.approx(780 / 600)
+    assert figures["decode_kept"] == pytest.approx(3 / 8)
+    assert bench.prefill_growth(results, "ours", 32768) == pytest.approx(100 / 70)
+    assert bench.prefill_growth(results, "ours", 2048) != bench.prefill_growth(results, "ours", 2048)  # nan
+    lines = []
+    summary = {"bandwidth": {"bytes_per_s": 1e9, "sum_bytes_per_s": 1e9, "gemv_bytes_per_s": 1e9},
+               "weights": {"decode_weight_bytes": 1e8, "total_weight_bytes": 2e8}, "dtype": "bfloat16"}
+    verdicts = bench.report(summary, results, [1024, 8192, 32768, 262144], ["ours"], out=lines.append)
+    assert verdicts["prefill_growth"]["pass"] is True  # 1.43x <= 1.5x
+    assert verdicts["prefill_growth_longest"]["pass"] is False  # 3.33x > 2.5x
+    assert verdicts["transient_growth"]["pass"] is False  # 1.3x > 1.2x
+    assert verdicts["decode_kept"]["pass"] is False  # 0.375x < 0.5x
+    text = "\n".join(lines)
+    assert "[FAIL] prefill time per token at 262144 / at 1024: 3.33x (target <= 2.5x)" in text
+    assert "[FAIL] peak transient at 262144 / at 32768: 1.30x (target <= 1.2x)" in text
+    assert "[FAIL] decode tok/s at 262144 / at 8192: 0.38x (target >= 0.5x)" in text
+    assert " 3.33x " in text  # the per-token-vs-1K column
+    results[("ours", 262144)].prefill_tok_s = 50.0
+    results[("ours", 262144)].peak_transient_bytes = 700
+    results[("ours", 262144)].decode_tok_s = 4.0
+    verdicts = bench.report(summary, results, [1024, 8192, 32768, 262144], ["ours"], out=lines.append)
+    assert all(verdicts[n]["pass"] is True for n in ("prefill_growth_longest", "transient_growth", "decode_kept"))
+
+
+def test_plot_writes_a_png_of_a_result_dict(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dataclasses import asdict
+
+    results = fake_results()
+    results[("naive", 1024)] = bench.Result("naive", 1024, prefill_tok_s=50.0, decode_tok_s=5.0,
+                                            peak_transient_bytes=900, cache_bytes=10**6)
+    results[("naive", 8192)] = bench.Result("naive", 8192, skipped="too large")
+    path = tmp_path / "bench.png"
+    bench.plot({"machine": "test", "results": [asdict(r) for r in results.values()]}, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
 @pytest.mark.skipif(not HAVE_VLM, reason="mlx-vlm not installed (optional extra 'bench')")

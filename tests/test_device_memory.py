@@ -6,7 +6,7 @@ import warnings
 import mlx.core as mx
 import pytest
 
-from mlx_dsv4 import device_memory, loader
+from mlx_dsv4 import device_memory, loader, memory
 from mlx_dsv4.convert.estimate import TABLE_RECIPES, estimate_config
 from mlx_dsv4.convert.recipes import Recipe
 from mlx_dsv4.device_memory import MemoryFitError, MemoryFitWarning, wired_limit
@@ -122,8 +122,8 @@ def test_load_warns_and_names_a_recipe_that_fits(tiny, monkeypatch):
     first = estimate_config(cfg, Recipe(**TABLE_RECIPES[0][1]), 32768, include_mtp=False)
     smallest = min(TABLE_RECIPES, key=lambda r: estimate_config(cfg, Recipe(**r[1]), 32768, include_mtp=False).model_bytes)
     small = estimate_config(cfg, Recipe(**smallest[1]), 32768, include_mtp=False)
-    budget = small.model_bytes + small.kv_bytes
-    assert budget < first.model_bytes + first.kv_bytes < _weights(path)
+    budget = memory.run_bytes(cfg, 32768, small.model_bytes)
+    assert budget < memory.run_bytes(cfg, 32768, first.model_bytes)
     # enough physical memory for the weights, too little to keep them and the cache resident
     _fake_system_memory(monkeypatch, total=_weights(path) * 2, available=budget)
     with pytest.warns(MemoryFitWarning, match=r"FP8 cache for 32768 tokens") as record:
@@ -131,7 +131,7 @@ def test_load_warns_and_names_a_recipe_that_fits(tiny, monkeypatch):
     message = str(record[0].message)
     label = message.split("`mlx-dsv4 convert --recipe ", 1)[1].split("`", 1)[0]
     named = estimate_config(cfg, Recipe(**dict(TABLE_RECIPES)[label]), 32768, include_mtp=False)
-    assert named.model_bytes + named.kv_bytes <= budget
+    assert memory.run_bytes(cfg, 32768, named.model_bytes) <= budget
 
 
 def test_metal_working_set_is_the_budget(tiny, monkeypatch, fake_metal):
@@ -156,3 +156,20 @@ def test_load_is_silent_when_it_fits(tiny, monkeypatch):
     _refuse_reading(monkeypatch)
     with pytest.raises(BaseException):  # check_memory=False goes straight to reading
         loader.load_model(path, check_memory=False)
+
+
+def test_load_counts_the_prefill_transient(tiny, monkeypatch):
+    path, _, _ = tiny
+    cfg = tiny_config()
+    weights = _weights(path)
+    need = weights + memory.kv_bytes(cfg, 32768) + memory.prefill_transient_bytes(cfg, 2048, 32768 - 2048)
+    assert memory.run_bytes(cfg, 32768, weights) == need
+    _fake_system_memory(monkeypatch, total=weights * 4, available=need)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.load_model(path)
+    # the same machine, with a transient 1 GB larger: weights and cache fit, the transient does not
+    real_transient = memory.prefill_transient_bytes
+    monkeypatch.setattr(memory, "prefill_transient_bytes", lambda *a, **k: real_transient(*a, **k) + GB)
+    with pytest.warns(MemoryFitWarning, match=r"prefill transient \(2048-token chunks\) 1\.\d\d GB exceed"):
+        loader.load_model(path)

@@ -84,7 +84,7 @@ def with_value(body, path, value, delete=False):
 def app(tmp_path_factory):
     script = tmp_path_factory.mktemp("script") / "script.json"
     script.write_text(json.dumps([{"match": "", "completion": ""}]))  # every reply: EOS at once
-    engine = Engine(checkpoint_dir(), kv_cache_limit=600_000, script_path=str(script))
+    engine = Engine(checkpoint_dir(), kv_cache_limit=60_000_000, script_path=str(script))
     engine.start()
     ctx = Context(engine, MODEL, SamplingParams(max_tokens=8),
                   max_context=engine.model.args.max_position_embeddings)

@@ -20,7 +20,7 @@ import httpx
 
 MODEL = "tiny-v4"
 API_KEY = "test-key"
-KV_LIMIT = "600KB"  # a few thousand tokens of the tiny model's cache: the memory guard is reachable
+KV_LIMIT = "60MB"  # cache + prefill transient of a few thousand tokens of the tiny model: the guard is reachable
 
 TOOL_CALL = (
     "\n\n<｜DSML｜tool_calls>\n"

@@ -202,3 +202,24 @@ def test_converted_checkpoints_load_their_mtp_layer(converted):
     assert isinstance(mtp.ffn.experts.w1, QuantizedSwitchLinear)
     assert "scales" in mtp.attn.wq_a
     assert np.isfinite(q4).all() and np.abs(q4 - ref).max() < np.abs(ref).max()
+
+
+def test_prefill_reads_out_only_the_last_position(tiny, monkeypatch):
+    """The vocabulary head runs on one position per prefill chunk, not on every position of it."""
+    import mlx_dsv4.model as model_module
+
+    _, _, model = tiny
+    rows = []
+    head = model_module.split_outputs
+
+    def recording(layer, x):
+        rows.append(x.shape[1])
+        return head(layer, x)
+
+    monkeypatch.setattr(model_module, "split_outputs", recording)
+    ids = list(range(5, 45))
+    logits = Drafting(model, model.make_cache()).prefill(ids, 16)
+    assert rows == [1, 1, 1]
+    expected = model(mx.array([ids]), model.make_cache())[0, -1]
+    np.testing.assert_allclose(np.array(logits.astype(mx.float32)), np.array(expected.astype(mx.float32)),
+                               rtol=1e-5, atol=1e-5)

@@ -42,8 +42,12 @@ def add_arguments(p) -> None:
     r.add_argument("--naive-max-context", type=int, default=None,
                    help="skip the naive baseline above this context (its dense attention grows with the "
                         "square of the context; default: no limit)")
+    r.add_argument("--vlm-max-context", type=int, default=None,
+                   help="skip the mlx-vlm baseline above this context (default: no limit)")
     r.add_argument("--bandwidth-mb", type=int, default=512, help="array size for the bandwidth probe (default 512)")
     r.add_argument("--json", dest="json_out", default=None, help="also write all figures to this JSON file")
+    r.add_argument("--plot", default=None, metavar="PATH",
+                   help="also draw tok/s and memory against context into this PNG (needs matplotlib)")
 
 
 def run(args) -> int:

@@ -241,7 +241,7 @@ class ChatSession:
         try:
             kept, ids = fit_messages(
                 self.model, self.tokenizer, self.conversation(), max_tokens=args.max_tokens,
-                kv_cache_limit=args.max_kv_size, on_overflow=args.on_overflow,
+                kv_cache_limit=args.max_kv_size, on_overflow=args.on_overflow, prefill_step=args.prefill_step,
                 prompt_cache=self.prompt_cache, **options,
             )
         except (ChatFormatError, KVCacheLimitError) as e:

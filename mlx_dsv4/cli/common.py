@@ -74,7 +74,7 @@ def add_memory_arguments(p, *, what="prompts"):
     p.add_argument("--index-dtype", choices=INDEX_DTYPES, default="fp4",
                    help="indexer keys: fp4 (as trained: Hadamard-rotated FP4), fp8, bf16 or float (default fp4)")
     p.add_argument("--max-kv-size", type=kv_limit_argument, default=None, metavar="SIZE",
-                   help=f"memory guard: refuse {what} whose KV cache would exceed SIZE "
+                   help=f"memory guard: refuse {what} whose KV cache plus prefill working memory would exceed SIZE "
                         "(8G = 8GiB = 2^33 bytes, 8GB = 8*10^9 bytes, a plain number is bytes; auto: the "
                         "memory the machine can keep resident after the weights)")
 

@@ -109,7 +109,7 @@ class Engine:
         self.script = _load_script(script_path) if script_path else []
         self.model = None
         self.tokenizer = None
-        self.kv_tokens = None  # longest sequence whose cache fits kv_cache_limit
+        self.kv_tokens = None  # longest sequence whose cache and prefill transient fit kv_cache_limit
         self._jobs = queue.Queue()
         self._ready = threading.Event()
         self._load_error = None
@@ -159,7 +159,7 @@ class Engine:
                 from ..generate import tokens_that_fit
 
                 # Measured here once, on the engine thread: request threads never touch the model.
-                self.kv_tokens = tokens_that_fit(self.model, self.kv_cache_limit)
+                self.kv_tokens = tokens_that_fit(self.model, self.kv_cache_limit, self.prefill_step)
         except BaseException as err:  # noqa: BLE001 - reported to start()
             self._load_error = err
             self._ready.set()

@@ -304,11 +304,12 @@ class PipelineModel(Model):
     last rank. Called like Model on every rank, with the same tokens: every rank returns the
     full model's logits."""
 
-    def __init__(self, args: ModelArgs, ranks: Ranks, first: int, end: int, dtype):
+    def __init__(self, args: ModelArgs, ranks: Ranks, first: int, end: int, dtype, stream_dtype):
         super().__init__(args)
         self.ranks = ranks
         self.first, self.end = first, end
-        self._activation_dtype = dtype
+        self._activation_dtype = dtype  # Model.dtype: the caches' dtype
+        self.stream_dtype = stream_dtype  # the embedding's output: the hc streams and the logits
         self.layers = [None] * first + self.layers[first:end]
         if ranks.rank != 0:
             del self["embed"]
@@ -346,7 +347,7 @@ class PipelineModel(Model):
             h = mx.broadcast_to(x[:, :, None, :], (B, L, a.hc_mult, a.hidden_size))
         else:
             with ranks.busy(f"receiving hidden states from rank {r - 1}", [r - 1]):
-                h = mx.distributed.recv((B, L, a.hc_mult, a.hidden_size), self.dtype, r - 1, group=ranks.group)
+                h = mx.distributed.recv((B, L, a.hc_mult, a.hidden_size), self.stream_dtype, r - 1, group=ranks.group)
                 mx.eval(h)
         for layer, layer_cache in zip(self.own_layers, cache.layers):
             h = layer(h, tokens, layer_cache, cache.query_block)
@@ -354,13 +355,13 @@ class PipelineModel(Model):
         if r < n - 1:
             with ranks.busy(f"sending hidden states to rank {r + 1}", [r + 1]):
                 mx.eval(mx.distributed.send(h, r + 1, group=ranks.group), cache.state())
-            logits = mx.zeros((B, out_len, a.vocab_size), dtype=self.dtype)
+            logits = mx.zeros((B, out_len, a.vocab_size), dtype=self.stream_dtype)
         else:
             if last_only:
                 h = h[:, -1:]
             x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps,
                         norm_eps=a.rms_norm_eps)
-            logits = split_outputs(self.head, self.norm(x)).astype(self.dtype)
+            logits = split_outputs(self.head, self.norm(x)).astype(self.stream_dtype)
         return mx.distributed.all_sum(logits, group=ranks.group) if n > 1 else logits
 
 
@@ -468,12 +469,13 @@ def _lazy_weights(path: Path) -> tuple:
     return weights, files
 
 
-def _activation_dtype(weights) -> mx.Dtype:
+def _embedding_dtypes(weights) -> tuple:
+    """(Model.dtype, the embedding's output dtype), from the checkpoint's headers."""
     w = weights.get("embed.weight")
     if w is not None and mx.issubdtype(w.dtype, mx.floating):
-        return w.dtype
+        return w.dtype, w.dtype
     scales = weights.get("embed.scales")
-    return scales.dtype if scales is not None else mx.bfloat16
+    return mx.bfloat16, scales.dtype if scales is not None else mx.bfloat16
 
 
 def load_distributed(path, ranks: Ranks, mode: str, split: Optional[str] = None) -> Model:
@@ -501,7 +503,7 @@ def load_distributed(path, ranks: Ranks, mode: str, split: Optional[str] = None)
         counts = (parse_split(split, args.num_hidden_layers, ranks.size) if split else
                   split_layers(layer_bytes, ranks.size, embed_bytes, head_bytes))
         first = sum(counts[: ranks.rank])
-        model = PipelineModel(args, ranks, first, first + counts[ranks.rank], _activation_dtype(weights))
+        model = PipelineModel(args, ranks, first, first + counts[ranks.rank], *_embedding_dtypes(weights))
         model.layer_counts = counts
         keep = set(dict(tree_flatten(model.parameters())))
         mine = {}

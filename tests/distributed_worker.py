@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_dsv4.distributed import init, load_distributed
 
@@ -39,7 +40,8 @@ def main():
     result = {"rank": ranks.rank, "size": ranks.size, "runs": {}}
     for run in spec.get("runs", []):
         model = load_distributed(run["checkpoint"], ranks, run["mode"], run.get("split"))
-        entry = {"logits": forward_logits(model, spec["prompt"], spec["chunk"], spec["decode"])}
+        entry = {"logits": forward_logits(model, spec["prompt"], spec["chunk"], spec["decode"]),
+                 "held": {k: list(v.shape) for k, v in tree_flatten(model.parameters())}}
         if run["mode"] == "pipeline":
             entry["layers"] = [model.first, model.end]
         result["runs"][run["name"]] = entry

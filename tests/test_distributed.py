@@ -65,12 +65,12 @@ def single_process_logits(checkpoint):
     return forward_logits(load_model(checkpoint, check_memory=False), PROMPT, CHUNK, DECODE)
 
 
-def runs(tiny_dirs, specs):
-    return [{"name": f"{preset}-{mode}-{split}", "checkpoint": str(tiny_dirs[preset]), "mode": mode,
+def runs(checkpoints, specs):
+    return [{"name": f"{preset}-{mode}-{split}", "checkpoint": str(checkpoints[preset]), "mode": mode,
              "split": split} for preset, mode, split in specs]
 
 
-def check_logits(tiny_dirs, results, run_specs):
+def check_logits(results, run_specs):
     for run in run_specs:
         reference = single_process_logits(run["checkpoint"])
         for result in results:
@@ -84,8 +84,21 @@ def check_logits(tiny_dirs, results, run_specs):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_dirs, tmp_path_factory):
-    specs = runs(tiny_dirs, [(p, m, None) for p in ("flash", "pro") for m in ("pipeline", "experts")])
+def checkpoints(tiny_dirs, tmp_path_factory):
+    """The tiny float checkpoints (official layout), and Flash converted to the MLX layout with
+    4-bit experts (stacked per projection: each rank reads its rows of them)."""
+    from mlx_dsv4.convert.convert import convert
+    from mlx_dsv4.convert.recipes import Recipe
+
+    q4 = tmp_path_factory.mktemp("q4") / "flash-q4"
+    convert(tiny_dirs["flash"], q4, Recipe("q4", group_size=32, dtype="float32"), progress=False,
+            log=lambda s: None)
+    return dict(tiny_dirs, **{"flash-q4": q4})
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints, tmp_path_factory):
+    specs = runs(checkpoints, [(p, m, None) for p in ("flash", "pro", "flash-q4") for m in ("pipeline", "experts")])
     chat = str(tiny_chat_dir())
     spec = {"runs": specs, "prompt": PROMPT, "chunk": CHUNK, "decode": DECODE,
             "generate": [{"checkpoint": chat, "mode": m, "max_tokens": 8, "temperature": t, "seed": 3}
@@ -93,10 +106,26 @@ def two_ranks(tiny_dirs, tmp_path_factory):
     return specs, spec, launch(2, tmp_path_factory.mktemp("two"), spec)
 
 
-def test_two_ranks_give_the_single_process_logits(tiny_dirs, two_ranks):
+def test_two_ranks_give_the_single_process_logits(two_ranks):
     specs, _, results = two_ranks
     assert [r["size"] for r in results] == [2, 2]
-    check_logits(tiny_dirs, results, specs)
+    check_logits(results, specs)
+
+
+def test_each_rank_holds_only_its_part(two_ranks):
+    _, _, (first, last) = two_ranks
+    for preset in ("flash", "flash-q4"):
+        pipe = [r["runs"][f"{preset}-pipeline-None"] for r in (first, last)]
+        assert pipe[0]["layers"][0] == 0 and pipe[0]["layers"][1] == pipe[1]["layers"][0] and pipe[1]["layers"][1] == 6
+        for part, other in ((pipe[0], pipe[1]), (pipe[1], pipe[0])):
+            layers = {int(k.split(".")[1]) for k in part["held"] if k.startswith("layers.")}
+            assert layers == set(range(*part["layers"]))
+        assert "embed.weight" in pipe[0]["held"] and not any(k.startswith("head.") for k in pipe[0]["held"])
+        assert "head.weight" in pipe[1]["held"] and "embed.weight" not in pipe[1]["held"]
+        for result in (first, last):
+            held = result["runs"][f"{preset}-experts-None"]["held"]
+            assert held["layers.3.ffn.experts.w1.weight"][0] == 4  # 8 experts over 2 ranks
+            assert held["layers.3.ffn.gate.weight"][0] == 8
 
 
 def test_two_ranks_generate_the_single_process_tokens(two_ranks):
@@ -120,7 +149,7 @@ def test_three_ranks_uneven_splits(tiny_dirs, tmp_path):
     assert [r["runs"]["pro-pipeline-1,3,2"]["layers"] for r in results] == [[0, 1], [1, 4], [4, 6]]
     flash = [r["runs"]["flash-pipeline-None"]["layers"] for r in results]
     assert flash[0][0] == 0 and flash[-1][1] == 6 and all(a[1] == b[0] for a, b in zip(flash, flash[1:]))
-    check_logits(tiny_dirs, results, specs)
+    check_logits(results, specs)
 
 
 # -- faults -------------------------------------------------------------------------------
@@ -186,3 +215,50 @@ def test_a_rank_that_never_connects_ends_the_start_after_the_timeout(tiny_dirs, 
     assert code != 0
     assert "error: rank 0: rank(s) 1 (127.0.0.1:" in err and "did not connect within 3 s at start" in err, err
     assert seconds < 30
+
+
+# -- splitting and reading (one process) ------------------------------------------------------
+
+
+def test_layers_split_by_bytes_with_the_embedding_on_the_first_rank_and_the_head_on_the_last():
+    from mlx_dsv4.distributed import split_layers
+
+    assert split_layers([10, 10, 10, 10], 2) == [2, 2]
+    assert split_layers([10, 10, 10, 10], 2, first_extra=20) == [1, 3]
+    assert split_layers([10, 10, 10, 10], 2, last_extra=20) == [3, 1]
+    assert split_layers([5, 5, 30, 5, 5], 3) == [2, 1, 2]
+    assert split_layers([1, 1, 1], 3) == [1, 1, 1]
+
+
+def test_a_split_that_does_not_fit_is_refused():
+    from mlx_dsv4.distributed import DistributedError, parse_split, split_layers
+
+    with pytest.raises(DistributedError, match="cannot split 2 layers over 3 ranks"):
+        split_layers([1, 1], 3)
+    with pytest.raises(DistributedError, match=r"pipeline split '2,2': needs 2 positive layer counts summing to 6"):
+        parse_split("2,2", 6, 2)
+    with pytest.raises(DistributedError, match="expected layer counts separated by commas"):
+        parse_split("2;4", 6, 2)
+
+
+def test_rows_of_a_stacked_tensor_are_read_alone_and_a_truncated_file_is_named(tmp_path):
+    import mlx.core as mx
+
+    from mlx_dsv4.distributed import DistributedError, read_rows
+
+    f = tmp_path / "experts.safetensors"
+    w = mx.arange(4 * 3 * 2, dtype=mx.float32).reshape(4, 3, 2)
+    b = (mx.arange(4 * 5).reshape(4, 5) / 7).astype(mx.bfloat16)
+    mx.save_safetensors(str(f), {"w": w, "b": b})
+    assert mx.array_equal(read_rows(f, "w", 1, 3), w[1:3])
+    got = read_rows(f, "b", 2, 4)
+    assert got.dtype == mx.bfloat16 and mx.array_equal(got, b[2:4])
+    with pytest.raises(DistributedError, match="no tensor x"):
+        read_rows(f, "x", 0, 1)
+    single = tmp_path / "one.safetensors"
+    mx.save_safetensors(str(single), {"w": w})
+    data = single.read_bytes()
+    single.write_bytes(data[:-8])  # the last expert loses its last 2 values
+    with pytest.raises(DistributedError, match=rf"one.safetensors: tensor w is truncated at byte offset {len(data) - 8}"):
+        read_rows(single, "w", 2, 4)
+    assert mx.array_equal(read_rows(single, "w", 0, 3), w[:3])

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -39,7 +38,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention import QUERY_BLOCK
 from .cache import ModelCache
 from .config import ConfigError, ModelArgs, read_config
 from .hc import hc_head

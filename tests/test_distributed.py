@@ -262,3 +262,47 @@ def test_rows_of_a_stacked_tensor_are_read_alone_and_a_truncated_file_is_named(t
     with pytest.raises(DistributedError, match=rf"one.safetensors: tensor w is truncated at byte offset {len(data) - 8}"):
         read_rows(single, "w", 2, 4)
     assert mx.array_equal(read_rows(single, "w", 0, 3), w[:3])
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def cli_json(argv, ranks=None, timeout=120):
+    cmd = [sys.executable, "-m", "mlx_dsv4.cli", *argv]
+    if ranks:
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
+               "--", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"not one JSON document on stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+
+
+@pytest.mark.parametrize("mode,sampling", [("pipeline", ["--temp", "0.8", "--seed", "5"]), ("experts", [])])
+def test_generate_on_two_ranks_prints_the_single_process_reply_once(mode, sampling):
+    argv = ["generate", "--model", str(tiny_chat_dir()), "--prompt", "Name a bird.", "--max-tokens", "8",
+            "--json", *sampling]
+    want = cli_json(argv)
+    got = cli_json([*argv, "--distributed", mode], ranks=2)
+    assert got["distributed"] == {"mode": mode, "ranks": 2}
+    assert want["usage"]["completion_tokens"] == 8
+    for key in ("content", "reasoning_content", "finish_reason"):
+        assert got[key] == want[key]
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert got["usage"][key] == want["usage"][key]
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--pipeline-split", "1,2"], "--pipeline-split needs --distributed pipeline"),
+    (["--distributed", "experts", "--pipeline-split", "1,2"], "--pipeline-split needs --distributed pipeline"),
+    (["--distributed", "pipeline", "--draft", "mtp", "--temp", "0"], "--draft does not run with --distributed"),
+    (["--distributed", "pipeline", "--prompt-cache", "x.safetensors"],
+     "--prompt-cache does not run with --distributed"),
+])
+def test_generate_refuses_flags_that_do_not_run_distributed(capsys, flags, problem):
+    from mlx_dsv4.cli import main
+
+    code = main(["generate", "--model", str(tiny_chat_dir()), "--prompt", "hi", *flags])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {problem}"

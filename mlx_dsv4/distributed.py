@@ -9,7 +9,7 @@ Two ways to split the model:
   an all_sum in which the other ranks add zeros (exact).
 - ``experts``: every MoE layer's routed experts are split across ranks; attention, the shared
   expert, the embedding and the head are on every rank. Each rank runs its experts for the
-  tokens routed to them and an all_sum adds the shares.
+  tokens routed to them; an all_gather brings every rank all shares, which it adds in rank order.
 
 Every rank runs the same generation loop on the same token ids, sees the same logits and
 draws from the same random state (seeded from rank 0 at start), so every rank samples the
@@ -43,6 +43,7 @@ from .config import ConfigError, ModelArgs, read_config
 from .hc import hc_head
 from .model import Model, layer_caches
 from .moe import MoE, RoutedExperts
+from .sharding import DistributedError, expert_range, parse_split, split_layers
 from .streams import split_outputs
 
 MODES = ("pipeline", "experts")
@@ -52,10 +53,6 @@ EXIT_NO_ANSWER = 75  # the exit status of a rank whose peer stopped answering
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(?:(\d+)\.)?(w[123])\.(weight|scales|biases)$")
-
-
-class DistributedError(RuntimeError):
-    """A rank was lost, did not answer, or the ranks cannot run the model as asked."""
 
 
 def timeout_seconds() -> float:
@@ -147,6 +144,11 @@ class Ranks:
         self.rank = group.rank()
         self.size = group.size()
         self.watchdog = Watchdog(self.rank, timeout_seconds() if timeout is None else timeout)
+        self.payload_bytes = 0  # bytes this rank has handed to send/all_sum in forward passes
+
+    def sent(self, x: mx.array) -> mx.array:
+        self.payload_bytes += x.nbytes
+        return x
 
     @property
     def neighbours(self) -> List[int]:
@@ -227,51 +229,6 @@ def init(timeout: Optional[float] = None) -> Ranks:
 # -- splitting -------------------------------------------------------------------------------
 
 
-def split_layers(layer_bytes: Sequence[int], n: int, first_extra: int = 0, last_extra: int = 0) -> List[int]:
-    """Layers per rank for a contiguous split of ``layer_bytes`` over ``n`` ranks that makes the
-    largest rank smallest, rank 0 also holding ``first_extra`` bytes and the last ``last_extra``."""
-    L = len(layer_bytes)
-    if not 1 <= n <= L:
-        raise DistributedError(f"cannot split {L} layers over {n} ranks: each rank needs at least one layer")
-    prefix = np.concatenate([[0], np.cumsum(layer_bytes, dtype=np.int64)])
-
-    def cost(rank, a, b):
-        c = int(prefix[b] - prefix[a])
-        return c + (first_extra if rank == 0 else 0) + (last_extra if rank == n - 1 else 0)
-
-    # best[r][b]: the smallest largest rank for layers [0, b) over ranks 0..r
-    inf = float("inf")
-    best = [[inf] * (L + 1) for _ in range(n)]
-    choice = [[0] * (L + 1) for _ in range(n)]
-    for b in range(1, L + 1):
-        best[0][b] = cost(0, 0, b)
-    for r in range(1, n):
-        for b in range(r + 1, L + 1):
-            for a in range(r, b):
-                v = max(best[r - 1][a], cost(r, a, b))
-                if v < best[r][b]:
-                    best[r][b], choice[r][b] = v, a
-    counts, b = [], L
-    for r in range(n - 1, 0, -1):
-        a = choice[r][b]
-        counts.append(b - a)
-        b = a
-    counts.append(b)
-    return counts[::-1]
-
-
-def parse_split(text: str, n_layers: int, n_ranks: int) -> List[int]:
-    """'2,3,1' -> [2, 3, 1], checked against the layer and rank counts."""
-    try:
-        counts = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise DistributedError(f"pipeline split {text!r}: expected layer counts separated by commas") from None
-    if len(counts) != n_ranks or any(c < 1 for c in counts) or sum(counts) != n_layers:
-        raise DistributedError(f"pipeline split {text!r}: needs {n_ranks} positive layer counts summing to "
-                               f"{n_layers}")
-    return counts
-
-
 def tensor_bytes(weights: Dict[str, mx.array]) -> tuple:
     """(bytes per decoder layer, bytes of the embedding, bytes of the head and its norms)."""
     per_layer: Dict[int, int] = {}
@@ -285,13 +242,6 @@ def tensor_bytes(weights: Dict[str, mx.array]) -> tuple:
         else:
             head += v.nbytes
     return [per_layer.get(i, 0) for i in range(max(per_layer, default=-1) + 1)], embed, head
-
-
-def expert_range(n_experts: int, rank: int, size: int) -> tuple:
-    """[start, end) of the routed experts of ``rank``."""
-    if size > n_experts:
-        raise DistributedError(f"cannot split {n_experts} routed experts over {size} ranks")
-    return n_experts * rank // size, n_experts * (rank + 1) // size
 
 
 # -- pipeline parallel ----------------------------------------------------------------------
@@ -352,7 +302,7 @@ class PipelineModel(Model):
         out_len = 1 if last_only else L
         if r < n - 1:
             with ranks.busy(f"sending hidden states to rank {r + 1}", [r + 1]):
-                mx.eval(mx.distributed.send(h, r + 1, group=ranks.group), cache.state())
+                mx.eval(mx.distributed.send(ranks.sent(h), r + 1, group=ranks.group), cache.state())
             logits = mx.zeros((B, out_len, a.vocab_size), dtype=self.stream_dtype)
         else:
             if last_only:
@@ -360,21 +310,21 @@ class PipelineModel(Model):
             x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps,
                         norm_eps=a.rms_norm_eps)
             logits = split_outputs(self.head, self.norm(x)).astype(self.stream_dtype)
-        return mx.distributed.all_sum(logits, group=ranks.group) if n > 1 else logits
+        return mx.distributed.all_sum(ranks.sent(logits), group=ranks.group) if n > 1 else logits
 
 
 # -- expert parallel ------------------------------------------------------------------------
 
 
 class ExpertParallelMoE(MoE):
-    """MoE whose routed experts [start, start + count) are on this rank; the ranks' shares are
-    added with all_sum."""
+    """MoE whose routed experts [start, start + count) are on this rank; every rank adds up
+    the ranks' shares."""
 
     def __init__(self, args: ModelArgs, layer_id: int, ranks: Ranks, start: int, count: int):
         super().__init__(args, layer_id)
         self.experts = RoutedExperts(args.hidden_size, args.moe_intermediate_size, count, args.swiglu_limit)
         self.start, self.count = start, count
-        self._group = ranks.group
+        self._ranks = ranks
 
     def __call__(self, x: mx.array, tokens: mx.array) -> mx.array:
         indices, weights = self.gate(x, tokens)
@@ -384,7 +334,11 @@ class ExpertParallelMoE(MoE):
         y = self.experts(x, mx.where(mine, local, 0))
         weights = mx.where(mine, weights, 0.0)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-        y = mx.distributed.all_sum(y, group=self._group)
+        # all_gather + a sum in rank order: the same bits on every rank whatever the backend's
+        # reduction order, and faster than all_sum for these small arrays over loopback
+        # (benchmarks/distributed.py).
+        shares = mx.distributed.all_gather(self._ranks.sent(y)[None], group=self._ranks.group)
+        y = shares.sum(axis=0)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
         return y

@@ -221,7 +221,7 @@ def test_a_rank_that_never_connects_ends_the_start_after_the_timeout(tiny_dirs, 
 
 
 def test_layers_split_by_bytes_with_the_embedding_on_the_first_rank_and_the_head_on_the_last():
-    from mlx_dsv4.distributed import split_layers
+    from mlx_dsv4.sharding import split_layers
 
     assert split_layers([10, 10, 10, 10], 2) == [2, 2]
     assert split_layers([10, 10, 10, 10], 2, first_extra=20) == [1, 3]
@@ -231,7 +231,7 @@ def test_layers_split_by_bytes_with_the_embedding_on_the_first_rank_and_the_head
 
 
 def test_a_split_that_does_not_fit_is_refused():
-    from mlx_dsv4.distributed import DistributedError, parse_split, split_layers
+    from mlx_dsv4.sharding import DistributedError, parse_split, split_layers
 
     with pytest.raises(DistributedError, match="cannot split 2 layers over 3 ranks"):
         split_layers([1, 1], 3)
@@ -306,3 +306,37 @@ def test_generate_refuses_flags_that_do_not_run_distributed(capsys, flags, probl
     code = main(["generate", "--model", str(tiny_chat_dir()), "--prompt", "hi", *flags])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {problem}"
+
+
+# -- convert --estimate-only --ranks --------------------------------------------------------
+
+
+def test_estimate_per_rank_splits_the_release_between_ranks(capsys):
+    import re
+
+    from mlx_dsv4.cli import main
+
+    assert main(["convert", "--estimate-only", "--preset", "flash", "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    model_gb = float(re.search(r"output size: ([\d.]+) GB model", out)[1])
+    pipeline = re.search(r"  pipeline: (.*)", out)[1]
+    experts = re.search(r"  experts: (.*)", out)[1]
+    pipe_ranks = re.findall(r"rank (\d) \(layers (\d+)-(\d+)\): ([\d.]+) GB \(weights ([\d.]+)\)", pipeline)
+    assert [int(r[0]) for r in pipe_ranks] == [0, 1]
+    assert int(pipe_ranks[0][1]) == 0 and int(pipe_ranks[1][1]) == int(pipe_ranks[0][2]) + 1
+    assert int(pipe_ranks[1][2]) == 42  # V4-Flash's 43 layers
+    assert abs(sum(float(r[4]) for r in pipe_ranks) - model_gb) <= 0.15  # every weight on exactly one rank
+    assert all(float(r[3]) > float(r[4]) for r in pipe_ranks)  # the cache and runtime come on top
+    exp_ranks = re.findall(r"rank (\d) \(experts (\d+)-(\d+)\): ([\d.]+) GB \(weights ([\d.]+)\)", experts)
+    assert [(r[1], r[2]) for r in exp_ranks] == [("0", "127"), ("128", "255")]
+    # each rank: everything but the routed experts, plus half of them
+    assert model_gb / 2 < float(exp_ranks[0][4]) < model_gb * 0.6
+
+
+def test_estimate_refuses_more_ranks_than_layers_and_ranks_without_estimate(capsys):
+    from mlx_dsv4.cli import main
+
+    assert main(["convert", "--estimate-only", "--preset", "flash", "--ranks", "44"]) == 2
+    assert "error: --ranks 44: cannot split 43 layers over 44 ranks" in capsys.readouterr().err
+    assert main(["convert", "--hf-path", "x", "--mlx-path", "y", "--ranks", "2"]) == 2
+    assert "error: --ranks needs --estimate-only" in capsys.readouterr().err

@@ -103,7 +103,7 @@ class Watchdog:
                 deadline, what, peers = self._regions[-1]
                 left = deadline - time.monotonic()
                 if left > 0:
-                    self._lock.wait(left)
+                    self._lock.wait(None if left == float("inf") else left)
                     continue
                 sys.stderr.write(f"error: rank {self.rank}: {_rank_names(peers)} did not answer within "
                                  f"{self.timeout:g} s while {what} ({TIMEOUT_ENV} sets the limit)\n")
@@ -111,10 +111,11 @@ class Watchdog:
                 os._exit(EXIT_NO_ANSWER)
 
     @contextlib.contextmanager
-    def busy(self, what: str, peers: Sequence[int]):
+    def busy(self, what: str, peers: Sequence[int], idle: bool = False):
         """A region that waits on ``peers``; a transport failure inside it becomes a
-        DistributedError naming them."""
-        region = [time.monotonic() + self.timeout, what, list(peers)]
+        DistributedError naming them. An ``idle`` region (waiting for the next request) may
+        wait for ever."""
+        region = [float("inf") if idle else time.monotonic() + self.timeout, what, list(peers)]
         with self._lock:
             self._regions.append(region)
             self._lock.notify()
@@ -132,7 +133,7 @@ class Watchdog:
 
     def kick(self):
         with self._lock:
-            if self._regions:
+            if self._regions and self._regions[-1][0] != float("inf"):
                 self._regions[-1][0] = time.monotonic() + self.timeout
 
 
@@ -155,16 +156,17 @@ class Ranks:
         """The ranks a ring collective talks to directly (the ones a lost connection can be)."""
         return sorted({(self.rank - 1) % self.size, (self.rank + 1) % self.size} - {self.rank})
 
-    def busy(self, what: str, peers: Optional[Sequence[int]] = None):
-        return self.watchdog.busy(what, self.neighbours if peers is None else peers)
+    def busy(self, what: str, peers: Optional[Sequence[int]] = None, idle: bool = False):
+        return self.watchdog.busy(what, self.neighbours if peers is None else peers, idle)
 
     def all_sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group)
 
-    def broadcast(self, obj=None):
-        """Rank 0's JSON-serialisable ``obj`` on every rank."""
+    def broadcast(self, obj=None, idle: bool = False):
+        """Rank 0's JSON-serialisable ``obj`` on every rank; ``idle``: the other ranks may wait
+        for it without limit (a server between requests)."""
         data = json.dumps(obj).encode() if self.rank == 0 else b""
-        with self.busy("receiving a request from rank 0" if self.rank else "sending a request", None):
+        with self.busy("receiving a request from rank 0" if self.rank else "sending a request", None, idle):
             n = self.all_sum(mx.array([len(data)], dtype=mx.int32))
             mx.eval(n)
             n = int(n.item())
@@ -176,6 +178,15 @@ class Ranks:
             out = self.all_sum(mx.array(buf))
             mx.eval(out)
         return json.loads(np.array(out).astype(np.uint8).tobytes().decode())
+
+
+    def stop_agreed(self, stop: bool = False) -> bool:
+        """Whether rank 0 says ``stop`` (the other ranks' ``stop`` is ignored): called by every
+        rank after each generated token, so that all of them end a generation at the same one."""
+        with self.busy("agreeing whether to go on"):
+            flag = self.all_sum(mx.array([1 if stop and self.rank == 0 else 0], dtype=mx.int32))
+            mx.eval(flag)
+        return bool(flag.item())
 
 
 _WAIT_AT_START = r"""
@@ -196,6 +207,9 @@ def _hosts() -> List[str]:
         return [",".join(h) if isinstance(h, list) else str(h) for h in hosts]
     except (OSError, ValueError):
         return []
+
+
+_GROUPS: list = []
 
 
 def init(timeout: Optional[float] = None) -> Ranks:
@@ -220,6 +234,9 @@ def init(timeout: Optional[float] = None) -> Ranks:
         guard.stdin.close()
         guard.wait()
     ranks = Ranks(group, timeout)
+    # Freed by the garbage collector on a server's engine thread at exit, MLX's ring group
+    # aborted the process ("terminate called without an active exception"): it lives until exit.
+    _GROUPS.append(group)
     if ranks.size > 1:
         seed = ranks.broadcast(int.from_bytes(os.urandom(4), "little"))
         mx.random.seed(seed)

@@ -340,3 +340,78 @@ def test_estimate_refuses_more_ranks_than_layers_and_ranks_without_estimate(caps
     assert "error: --ranks 44: cannot split 43 layers over 44 ranks" in capsys.readouterr().err
     assert main(["convert", "--hf-path", "x", "--mlx-path", "y", "--ranks", "2"]) == 2
     assert "error: --ranks needs --estimate-only" in capsys.readouterr().err
+
+
+def wait_healthy(base, proc, log, timeout=120):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"the server did not start:\n{log.read_text()}")
+
+
+def rank_pid(launcher_pid, rank):
+    """The pid of the rank ``rank`` process that the launcher ``launcher_pid`` started."""
+    children = [c for task in Path(f"/proc/{launcher_pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    for child in children:
+        if f"MLX_RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"no rank {rank} among {children}")
+
+
+def serve(tmp_path, name, ranks=None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(tiny_chat_dir()), "--port", str(port),
+           "--log-level", "warning"]
+    if ranks:
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
+               "--", *cmd, "--distributed", "pipeline"]
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, proc, log)
+    return proc, base, log
+
+
+def test_serve_on_two_ranks_answers_as_one_process_and_stops_cleanly(tmp_path):
+    import httpx
+
+    body = {"model": tiny_chat_dir().name, "messages": [{"role": "user", "content": "Name a bird."}],
+            "max_tokens": 8, "temperature": 0}
+    single, base, _ = serve(tmp_path, "single")
+    try:
+        want = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+    finally:
+        single.terminate()
+        single.wait(timeout=30)
+    launcher, base, log = serve(tmp_path, "ranks", ranks=2)
+    try:
+        first = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+        # a client that leaves mid-stream: every rank must end that generation at the same token
+        with httpx.stream("POST", base + "/v1/chat/completions", json=dict(body, max_tokens=200, stream=True),
+                          timeout=60) as stream:
+            for i, _ in enumerate(stream.iter_lines()):
+                if i == 4:
+                    break
+        again = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+        os.kill(rank_pid(launcher.pid, 0), signal.SIGINT)  # Ctrl-C reaches rank 0
+        code = launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    output = log.read_text()
+    assert want["usage"]["completion_tokens"] == 8
+    for reply in (first, again):
+        assert reply["choices"][0]["message"] == want["choices"][0]["message"]
+        assert reply["usage"]["completion_tokens"] == 8
+    assert code == 0
+    assert "exited with code" not in output and "was killed" not in output, output

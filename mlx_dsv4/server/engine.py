@@ -132,10 +132,9 @@ class Engine:
 
     def _run(self):
         try:
-            from .. import load
             from ..generate import model_fingerprint
 
-            self.model, self.tokenizer = load(self.model_path)
+            self.model, self.tokenizer = self._load()
             model_fingerprint(self.model)  # computed once here; prompt caches check it
             if self.kv_cache_limit is not None:
                 from ..generate import tokens_that_fit
@@ -150,6 +149,7 @@ class Engine:
         while True:
             job = self._jobs.get()
             if job is None:
+                self._stopping()
                 return
             try:
                 if job.cancelled.is_set():
@@ -159,6 +159,21 @@ class Engine:
             finally:
                 if self._jobs.empty():
                     self._release_memory()
+
+    def _load(self):
+        from .. import load
+
+        return load(self.model_path)
+
+    def _stopping(self):
+        """Called on the engine thread when the engine stops."""
+
+    def _announce(self, ids, options, partition):
+        """Called on the engine thread before each generation runs."""
+
+    def _stop_after(self, job, step) -> bool:
+        """Whether the generation of ``job`` ends after ``step`` (the client went away)."""
+        return job.cancelled.is_set() and step.finish_reason is None
 
     def _prompt_cache(self, partition):
         from ..generate import PromptCache
@@ -215,6 +230,7 @@ class Engine:
             if scripted is not None:
                 forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
                 processors = [_forcing_processor(forced, len(ids))]
+            self._announce(ids, options, job.partition)
             steps = stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
                 kv_cache_limit=self.kv_cache_limit, logits_processors=processors, **options,
@@ -222,7 +238,7 @@ class Engine:
             try:
                 for step in steps:
                     job.put("step", step)
-                    if job.cancelled.is_set() and step.finish_reason is None:
+                    if self._stop_after(job, step):
                         outcome = "cancelled"
                         break
             finally:

@@ -172,12 +172,10 @@ class Ranks:
             n = int(n.item())
             if n == 0:
                 return None if self.rank else obj
-            buf = np.zeros(n, dtype=np.int32)
-            if self.rank == 0:
-                buf[:] = np.frombuffer(data, dtype=np.uint8)
-            out = self.all_sum(mx.array(buf))
+            buf = np.frombuffer(data, dtype=np.uint8) if self.rank == 0 else np.zeros(n, dtype=np.uint8)
+            out = self.all_sum(mx.array(buf))  # the other ranks add zeros
             mx.eval(out)
-        return json.loads(np.array(out).astype(np.uint8).tobytes().decode())
+        return json.loads(np.array(out).tobytes().decode())
 
 
     def stop_agreed(self, stop: bool = False) -> bool:
@@ -221,6 +219,12 @@ def init(timeout: Optional[float] = None) -> Ranks:
     rank = os.environ.get("MLX_RANK")
     hosts = _hosts()
     others = ", ".join(f"{i} ({h})" for i, h in enumerate(hosts) if str(i) != rank)
+    if not hosts and os.environ.get("MLX_IBV_DEVICES"):  # JACCL: one entry per rank, no addresses
+        try:
+            count = len(json.loads(Path(os.environ["MLX_IBV_DEVICES"]).read_text()))
+            others = ", ".join(str(i) for i in range(count) if str(i) != rank)
+        except (OSError, ValueError, TypeError):
+            pass
     message = (f"error: rank {rank}: rank(s) {others or '?'} did not connect within {timeout:g} s at start "
                f"({TIMEOUT_ENV} sets the limit)")
     # MLX holds the GIL while it connects, so the clock runs in another process.

@@ -16,9 +16,11 @@ draws from the same random state (seeded from rank 0 at start), so every rank sa
 same token and no sampled token needs to travel. The hash-routed layers read the token ids
 each rank already has.
 
-A rank that dies makes the others fail with ``DistributedError`` naming it; a rank that stops
-answering (or a host that never connects at start) makes the others exit after a timeout with
-a message naming it (``MLX_DSV4_DIST_TIMEOUT`` seconds, default 300).
+A rank that dies makes the others fail with ``DistributedError`` naming it (in a ring
+collective over 3 or more ranks, where MLX does not say which link broke, naming both
+neighbours); a rank that stops answering (or a host that never connects at start) makes the
+others exit after a timeout with a message naming it (``MLX_DSV4_DIST_TIMEOUT`` seconds,
+default 300).
 """
 
 import contextlib

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config.json to estimate from (with --estimate-only)")
     p.add_argument("--preset", choices=("flash", "pro"), help="built-in V4-Flash/V4-Pro shapes (with --estimate-only)")
     p.add_argument("--table", action="store_true", help="with --estimate-only: size table over all recipes")
+    p.add_argument("--ranks", type=_positive(int), default=None, metavar="N",
+                   help="with --estimate-only: memory per machine when N machines share the model "
+                        "(mlx.launch ... --distributed pipeline|experts)")
     p.add_argument("--verify", metavar="OUT", help="check a converted directory against its config.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -68,7 +71,7 @@ def _recipe(args) -> Recipe:
 def _estimate(args) -> int:
     from ..config import ConfigError, read_config
     from ..convert.convert import load_config
-    from ..convert.estimate import estimate_config, size_table
+    from ..convert.estimate import estimate_config, rank_lines, rank_table, size_table
     from ..convert.presets import PRESETS
 
     if args.preset:
@@ -88,11 +91,20 @@ def _estimate(args) -> int:
     else:
         print("error: --estimate-only needs --preset, --config or --hf-path", file=sys.stderr)
         return 2
-    if args.table:
-        print(size_table(cfg))
-        return 0
-    for line in estimate_config(cfg, _recipe(args), args.context, not args.no_mtp).lines():
-        print(line)
+    from ..sharding import DistributedError
+
+    try:
+        if args.table:
+            print(size_table(cfg) if args.ranks is None else rank_table(cfg, args.ranks, args.context))
+            return 0
+        for line in estimate_config(cfg, _recipe(args), args.context, not args.no_mtp).lines():
+            print(line)
+        if args.ranks is not None:
+            for line in rank_lines(cfg, _recipe(args), args.context, args.ranks):
+                print(line)
+    except DistributedError as e:
+        print(f"error: --ranks {args.ranks}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -110,6 +122,9 @@ def run(args) -> int:
             print(f"verify: OK, {stats['tensors']} tensors in {stats['files']} files, "
                   f"{format_decimal_bytes(stats['bytes'])}")
             return 0
+        if args.ranks is not None and not args.estimate_only:
+            print("error: --ranks needs --estimate-only", file=sys.stderr)
+            return 2
         if args.estimate_only:
             return _estimate(args)
         if not args.hf_path or not args.mlx_path:

@@ -12,6 +12,7 @@ from .common import (
     sampling_from_args,
     text_problem,
 )
+from .distributed import add_distributed_arguments, distributed_problem
 
 
 def add_arguments(p):
@@ -35,10 +36,10 @@ def add_arguments(p):
                    help="tokens the drafter proposes per model forward pass with --draft mtp (1..8, default 3)")
     p.add_argument("--verbose", action="store_true",
                    help="print the device and the kernel paths in use (to stderr) before generating")
+    add_distributed_arguments(p)
 
 
 def run(args) -> int:
-    from ..chat import ChatFormatError, encode_messages
     from ..config import ConfigError
     from ..console import ProgressBar, Renderer, prefix_length, stats_line, usage
     from ..generate import (
@@ -65,26 +66,17 @@ def run(args) -> int:
     except GenerationParameterError as e:
         print(f"error: {_draft_flag(e)}", file=sys.stderr)
         return 2
-    flag = "--prompt -: standard input" if args.prompt == "-" else "--prompt"
-    try:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    except UnicodeDecodeError:
-        print(f"error: {flag} is not UTF-8 text", file=sys.stderr)
+    problem = distributed_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    for name, text in ((flag, prompt), ("--system", args.system)):
-        problem = text_problem(text) if text is not None else None
-        if problem:
-            print(f"error: {name}: {problem}", file=sys.stderr)
-            return 2
-    thinking_mode, effort = THINKING[args.thinking]
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append({"role": "user", "content": prompt})
-    chat_options = dict(thinking_mode=thinking_mode, reasoning_effort=effort, keep_reasoning=args.keep_reasoning)
-    try:
-        text = encode_messages(messages, **chat_options)
-    except ChatFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.distributed:
+        return _run_distributed(args, sampling)
+    prompt = _read_prompt(args)
+    if isinstance(prompt, int):
+        return prompt
+    text, messages, chat_options = prompt
+    thinking_mode = chat_options["thinking_mode"]
     try:
         model, tokenizer = load(args.model, mtp=args.draft == "mtp")
         model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
@@ -161,6 +153,95 @@ def run(args) -> int:
             print(f"error: --prompt-cache: {e}", file=sys.stderr)
             return 1
         print(f"saved prompt cache to {cache_file}", file=sys.stderr)
+    return 130 if reason == "interrupted" else 0
+
+
+def _read_prompt(args):
+    """(chat text, messages, chat options) of the flags, or the exit status after printing the problem."""
+    from ..chat import ChatFormatError, encode_messages
+
+    flag = "--prompt -: standard input" if args.prompt == "-" else "--prompt"
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    except UnicodeDecodeError:
+        print(f"error: {flag} is not UTF-8 text", file=sys.stderr)
+        return 2
+    for name, text in ((flag, prompt), ("--system", args.system)):
+        problem = text_problem(text) if text is not None else None
+        if problem:
+            print(f"error: {name}: {problem}", file=sys.stderr)
+            return 2
+    thinking_mode, effort = THINKING[args.thinking]
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": prompt})
+    chat_options = dict(thinking_mode=thinking_mode, reasoning_effort=effort, keep_reasoning=args.keep_reasoning)
+    try:
+        return encode_messages(messages, **chat_options), messages, chat_options
+    except ChatFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_distributed(args, sampling) -> int:
+    """Every rank loads its part; rank 0 reads the prompt, sends the request (token ids and
+    sampling) to the others, and alone prints."""
+    from ..config import ConfigError
+    from ..console import ProgressBar, Renderer, stats_line, usage
+    from ..distributed import DistributedError
+    from ..generate import KVCacheLimitError, stream_generate
+    from ..loader import CheckpointError
+    from .distributed import join, report
+
+    try:
+        ranks, model, tokenizer = join(args)
+    except (CheckpointError, ConfigError, OSError, DistributedError) as e:
+        return report(e)
+    request = None
+    if ranks.rank == 0:
+        prompt = _read_prompt(args)
+        request = {"error": prompt} if isinstance(prompt, int) else {
+            "ids": tokenizer.encode(prompt[0]), "sampling": sampling, "thinking_mode": prompt[2]["thinking_mode"]}
+    try:
+        request = ranks.broadcast(request)
+    except DistributedError as e:
+        return report(e)
+    if "error" in request:
+        return request["error"]
+    lead = ranks.rank == 0
+    sampling = dict(request["sampling"], stop=tuple(request["sampling"]["stop"]))
+    bar = ProgressBar(min_total=args.prefill_step + 1) if lead else None
+    renderer = Renderer(request["thinking_mode"]) if lead and not args.json else None
+    pieces, last = [], None
+    try:
+        with ranks.busy("generating"):
+            for step in stream_generate(model, tokenizer, request["ids"], progress=bar,
+                                        prefill_step=args.prefill_step, kv_cache_limit=args.max_kv_size,
+                                        **sampling):
+                if bar is not None:
+                    bar.clear()
+                pieces.append(step.text)
+                if renderer is not None:
+                    renderer.feed(step.text)
+                last = step
+    except (KVCacheLimitError, DistributedError) as e:
+        return report(e)
+    reason = last.finish_reason if last is not None and last.finish_reason else "interrupted"
+    if not lead:
+        return 0
+    if renderer is not None:
+        renderer.finish()
+    elif args.json:
+        from ..chat import parse_completion
+
+        parsed = parse_completion("".join(pieces), request["thinking_mode"], strict=False)
+        message = {"role": "assistant", "content": parsed["content"],
+                   "reasoning_content": parsed["reasoning_content"], "tool_calls": parsed["tool_calls"]}
+        out = dict(message, finish_reason=reason, distributed={"mode": args.distributed, "ranks": ranks.size})
+        if last is not None:
+            out["usage"] = usage(last)
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    if last is not None:
+        print(stats_line(last, reason), file=sys.stderr)
     return 130 if reason == "interrupted" else 0
 
 

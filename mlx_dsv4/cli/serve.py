@@ -13,6 +13,7 @@ from .common import (
     prefix_store_options,
     sampling_from_args,
 )
+from .distributed import add_distributed_arguments, distributed_problem
 
 # for requests that do not set them
 DEFAULT_SAMPLING = SamplingParams(max_tokens=4096, temperature=0.6, top_p=0.95)
@@ -39,6 +40,7 @@ def add_arguments(p):
                    help="a streaming reply with nothing to send for SECONDS (a long prefill) gets an SSE "
                         "comment, so clients and proxies do not time out (default 5)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_distributed_arguments(p)
 
 
 def api_keys(args):
@@ -79,9 +81,28 @@ def run(args):
     if os.environ.get(SCRIPT_ENV):
         print(f"warning: {SCRIPT_ENV} is set: test-only scripted completions replace sampling for matching prompts",
               file=sys.stderr)
-    engine = Engine(args.model, kv_cache_limit=args.max_kv_size, max_queue=args.max_queue,
-                    prefill_step=args.prefill_step, script_path=os.environ.get(SCRIPT_ENV) or None,
-                    prompt_cache=prefix_store_options(args), cache_dtypes=(args.kv_dtype, args.index_dtype))
+    options = dict(kv_cache_limit=args.max_kv_size, max_queue=args.max_queue, prefill_step=args.prefill_step,
+                   cache_dtypes=(args.kv_dtype, args.index_dtype),
+                   # ranks would have to evict snapshots in lockstep; distributed serving prefills every prompt
+                   prompt_cache="off" if args.distributed else prefix_store_options(args))
+    problem = distributed_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.distributed:
+        from ..distributed import DistributedError, init
+        from ..server.distributed import LeaderEngine
+
+        try:
+            ranks = init()
+            if ranks.rank != 0:
+                return _follow(args, ranks, Engine(args.model, **options))
+        except DistributedError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        engine = LeaderEngine(args.model, ranks, args.distributed, args.pipeline_split, **options)
+    else:
+        engine = Engine(args.model, script_path=os.environ.get(SCRIPT_ENV) or None, **options)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         engine.start()
@@ -102,3 +123,18 @@ def run(args):
     finally:
         engine.stop()
     return 0
+
+
+def _follow(args, ranks, engine) -> int:
+    """A rank other than 0: load this rank's part, then run what rank 0 sends until it stops;
+    Ctrl-C is rank 0's to handle."""
+    import signal
+
+    from ..distributed import load_distributed
+    from ..server.distributed import follow
+    from ..tokenizer import load_tokenizer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    model = load_distributed(args.model, ranks, args.distributed, args.pipeline_split)
+    model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
+    return follow(engine, ranks, model, load_tokenizer(args.model))

@@ -96,10 +96,13 @@ class _ClientGone(Exception):
 class Engine:
     """Loads the model on its own thread and runs queued generations one by one."""
 
+    constrains = True  # applies grammar constraints
+    stops_in_prefill = True  # a cancelled job stops between prefill chunks
+
     def __init__(self, model_path, *, kv_cache_limit=None, max_queue=256, prefill_step=2048, script_path=None,
                  prompt_cache=None, cache_dtypes=("fp8", "fp4")):
         self.model_path = model_path
-        # PrefixStore options; by default snapshots stay in memory only
+        # PrefixStore options ("off": no prompt cache); by default snapshots stay in memory only
         self.prompt_cache_options = prompt_cache or {"memory_bytes": DEFAULT_PROMPT_CACHE_BYTES, "directory": None}
         self.prefix_store = None
         self.cache_dtypes = tuple(cache_dtypes)
@@ -142,19 +145,19 @@ class Engine:
 
     def _run(self):
         try:
-            from .. import load
             from ..generate import model_fingerprint
 
-            self.model, self.tokenizer = load(self.model_path)
+            self.model, self.tokenizer = self._load()
             self.model.set_cache_dtypes(*self.cache_dtypes)
             if self.kv_cache_limit == "auto":
                 from ..device_memory import auto_kv_limit
 
                 self.kv_cache_limit = auto_kv_limit(self.model)
             model_fingerprint(self.model)  # computed once here; prompt caches check it
-            from ..prefix_store import PrefixStore
+            if self.prompt_cache_options != "off":
+                from ..prefix_store import PrefixStore
 
-            self.prefix_store = PrefixStore(self.model, **self.prompt_cache_options)
+                self.prefix_store = PrefixStore(self.model, **self.prompt_cache_options)
             if self.kv_cache_limit is not None:
                 from ..generate import tokens_that_fit
 
@@ -168,6 +171,7 @@ class Engine:
         while True:
             job = self._jobs.get()
             if job is None:
+                self._stopping()
                 return
             try:
                 if job.cancelled.is_set():
@@ -178,8 +182,23 @@ class Engine:
                 if self._jobs.empty():
                     self._release_memory()
 
+    def _load(self):
+        from .. import load
+
+        return load(self.model_path)
+
+    def _stopping(self):
+        """Called on the engine thread when the engine stops."""
+
+    def _announce(self, ids, options, partition):
+        """Called on the engine thread before each generation runs."""
+
+    def _stop_after(self, job, step) -> bool:
+        """Whether the generation of ``job`` ends after ``step`` (the client went away)."""
+        return job.cancelled.is_set() and step.finish_reason is None
+
     def _prompt_cache(self, partition):
-        return self.prefix_store.view(partition)
+        return self.prefix_store.view(partition) if self.prefix_store is not None else None
 
     @staticmethod
     def _release_memory():
@@ -208,7 +227,8 @@ class Engine:
                 ids = list(job.prompt_ids)
                 text = tokenizer.decode(ids) if self.script else ""
             else:
-                ids = prompt_cache.encode(job.prompt, tokenizer)
+                ids = (prompt_cache.encode(job.prompt, tokenizer) if prompt_cache is not None
+                       else tokenizer.encode(job.prompt, add_special_tokens=False))
                 text = job.prompt
             options = job.sampling.generate_kwargs()
             processors = None
@@ -217,6 +237,9 @@ class Engine:
                 forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
                 processors = [_forcing_processor(forced, len(ids))]
             elif job.constraint is not None:
+                if not self.constrains:
+                    raise APIError(400, "structured output (response_format, output_config.format, a forced tool "
+                                        "choice) does not run on a distributed server yet", code="unsupported")
                 from ..constrain import GrammarLogitsProcessor
 
                 processors = [GrammarLogitsProcessor(job.constraint, tokenizer.vocab_size)]
@@ -225,9 +248,10 @@ class Engine:
 
             def progress(done, total):
                 self.prefill = {"done": done, "total": total, "started": started}
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() and self.stops_in_prefill:
                     raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
 
+            self._announce(ids, options, job.partition)
             steps = stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
                 kv_cache_limit=self.kv_cache_limit, logits_processors=processors, progress=progress, **options,
@@ -236,13 +260,16 @@ class Engine:
                 for step in steps:
                     self.prefill = None
                     job.put("step", step)
-                    if job.cancelled.is_set() and step.finish_reason is None:
+                    if self._stop_after(job, step):
                         outcome = "cancelled"
                         break
             finally:
                 steps.close()
         except _ClientGone:
             outcome = "cancelled"
+        except APIError as err:
+            outcome = "failed"
+            job.put("error", err)
         except KVCacheLimitError as err:
             outcome = "failed"
             job.put("error", ContextOverflow(err.tokens_needed, err.tokens_that_fit,

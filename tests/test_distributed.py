@@ -403,6 +403,11 @@ def test_serve_on_two_ranks_answers_as_one_process_and_stops_cleanly(tmp_path):
                 if i == 4:
                     break
         again = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+        # a grammar mask on rank 0 alone would make the ranks sample apart: refused, and the ranks go on
+        refused = httpx.post(base + "/v1/chat/completions", json=dict(body, response_format={"type": "json_object"}),
+                             timeout=60)
+        assert refused.status_code == 400 and "distributed" in refused.json()["error"]["message"]
+        after = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
         os.kill(rank_pid(launcher.pid, 0), signal.SIGINT)  # Ctrl-C reaches rank 0
         code = launcher.wait(timeout=60)
     finally:
@@ -410,7 +415,7 @@ def test_serve_on_two_ranks_answers_as_one_process_and_stops_cleanly(tmp_path):
             launcher.kill()
     output = log.read_text()
     assert want["usage"]["completion_tokens"] == 8
-    for reply in (first, again):
+    for reply in (first, again, after):
         assert reply["choices"][0]["message"] == want["choices"][0]["message"]
         assert reply["usage"]["completion_tokens"] == 8
     assert code == 0

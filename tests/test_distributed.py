@@ -420,3 +420,53 @@ def test_serve_on_two_ranks_answers_as_one_process_and_stops_cleanly(tmp_path):
         assert reply["usage"]["completion_tokens"] == 8
     assert code == 0
     assert "exited with code" not in output and "was killed" not in output, output
+
+
+def chat_command(ranks=None, extra=()):
+    cmd = [sys.executable, "-m", "mlx_dsv4.cli", "chat", "--model", str(tiny_chat_dir()), "--temp", "0",
+           "--prompt-cache-dir", "none", *extra]
+    if ranks:
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
+               "--", *cmd, "--distributed", "pipeline"]
+    return cmd
+
+
+def replies(transcript):
+    """The reply lines of a chat transcript (after each prompt), without the figures."""
+    return [line.split(">>> ", 1)[1] for line in transcript.splitlines()
+            if line.startswith(">>> ") and not line.endswith(">>> ")]
+
+
+def test_chat_on_two_ranks_replies_as_one_process_and_ctrl_c_stops_all(tmp_path):
+    turns = "Hello there\nAnd again\n/save x\n/quit\n"
+    single = subprocess.run(chat_command(extra=["--max-tokens", "6"]), input=turns, capture_output=True,
+                            text=True, timeout=120)
+    pair = subprocess.run(chat_command(2, ["--max-tokens", "6"]), input=turns, capture_output=True,
+                          text=True, timeout=180)
+    assert single.returncode == pair.returncode == 0, pair.stderr
+    want, got = replies(single.stdout), replies(pair.stdout)
+    assert got[:2] == want[:2] and len(want[0]) > 3  # the same two replies, printed once
+    assert "/save needs the prompt cache" in pair.stdout
+
+    # Ctrl-C on rank 0 in the middle of a long reply ends it on every rank; the session goes on
+    log = tmp_path / "chat.log"
+    launcher = subprocess.Popen(chat_command(2, ["--max-tokens", "100000"]), stdin=subprocess.PIPE,
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    try:
+        launcher.stdin.write("Tell me a long story\n")
+        launcher.stdin.flush()
+        deadline = time.time() + 120
+        while len(log.read_text().split(">>> ")[-1]) < 20:  # the reply is streaming
+            assert time.time() < deadline and launcher.poll() is None, log.read_text()
+            time.sleep(0.2)
+        os.kill(rank_pid(launcher.pid, 0), signal.SIGINT)
+        while "interrupted" not in log.read_text():
+            assert time.time() < deadline and launcher.poll() is None, log.read_text()
+            time.sleep(0.2)
+        launcher.stdin.write("/think\n/quit\n")
+        launcher.stdin.flush()
+        assert launcher.wait(timeout=120) == 0, log.read_text()  # every rank ends cleanly
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert "[thinking mode: think]" in log.read_text()

@@ -2,7 +2,10 @@
 
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..sizes import format_bytes
@@ -15,6 +18,7 @@ from .common import (
     sampling_from_args,
     text_problem,
 )
+from .distributed import add_distributed_arguments, distributed_problem
 
 CHAT_PARTITION = "local"  # chat sessions share their prefixes with each other, not with served requests
 
@@ -39,6 +43,7 @@ def add_arguments(p):
     p.add_argument("--tools", type=Path, default=None, help="JSON file with OpenAI tool definitions")
     add_generation_arguments(p, what="turns")
     add_prompt_cache_arguments(p)
+    add_distributed_arguments(p)
     p.add_argument("--on-overflow", choices=["error", "drop_oldest"], default="error",
                    help="with --max-kv-size: refuse a turn that does not fit, or drop the oldest turns")
     p.add_argument("--history-file", type=Path, default=None,
@@ -108,11 +113,14 @@ def _saved_conversation(state, mode) -> dict:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, args, out=None, err=None, tools=None):
+    def __init__(self, model, tokenizer, args, out=None, err=None, tools=None, ranks=None):
         from ..prefix_store import PrefixStore
         from .common import prefix_store_options
 
         self.model, self.tokenizer, self.args = model, tokenizer, args
+        # With --distributed, rank 0's session sends each turn to the other ranks; no prompt
+        # cache (the ranks would have to keep their snapshots in lockstep).
+        self.ranks = ranks
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.mode = args.thinking
@@ -120,7 +128,7 @@ class ChatSession:
         self.tools = tools
         self.messages = []
         options = prefix_store_options(args) if hasattr(args, "prompt_cache_bytes") else {"memory_bytes": 1 << 30}
-        self.prompt_cache = PrefixStore(model, **options).view(CHAT_PARTITION)
+        self.prompt_cache = None if ranks is not None else PrefixStore(model, **options).view(CHAT_PARTITION)
 
     def say(self, text=""):
         self.out.write(text + "\n")
@@ -145,9 +153,12 @@ class ChatSession:
             else:
                 self.mode = rest or ("chat" if self.mode != "chat" else "think")
                 self.say(f"[thinking mode: {self.mode}]")
+        elif name in ("/save", "/load") and self.ranks is not None:
+            self.say(f"{name} needs the prompt cache, which --distributed does not keep")
         elif name == "/reset":
             self.messages = []
-            self.prompt_cache.clear()
+            if self.prompt_cache is not None:
+                self.prompt_cache.clear()
             self.say("[conversation and cache cleared]")
         elif name == "/save":
             self.save(rest)
@@ -252,20 +263,28 @@ class ChatSession:
         if dropped:
             self.messages = self.messages[dropped:]
             self.say(f"[dropped the {dropped} oldest message(s) to fit --max-kv-size]")
-        marks = [prefix_length(self.tokenizer, kept, ids, **options)]
+        marks = [prefix_length(self.tokenizer, kept, ids, **options)] if self.prompt_cache is not None else []
         bar = ProgressBar(stream=self.err, min_total=args.prefill_step + 1)
         renderer = Renderer(thinking_mode, out=self.out, err=self.err)
         last, interrupted = None, False
+        sampling = sampling_from_args(args).generate_kwargs()
+        if self.ranks is not None:
+            self.ranks.broadcast({"ids": list(ids), "options": sampling, "partition": ""})
         steps = stream_generate(
             self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, progress=bar,
-            prefill_step=args.prefill_step, snapshot_at=[m for m in marks if m],
-            **sampling_from_args(args).generate_kwargs(),
+            prefill_step=args.prefill_step, snapshot_at=[m for m in marks if m], **sampling,
         )
         try:
-            for step in steps:
-                bar.clear()
-                renderer.feed(step.text)
-                last = step
+            with _interrupt_between_tokens(self.ranks is not None) as interrupt:
+                for step in steps:
+                    bar.clear()
+                    renderer.feed(step.text)
+                    last = step
+                    # every rank ends the reply at the same token: after Ctrl-C on rank 0, at the next one
+                    if self.ranks is not None and self.ranks.stop_agreed(interrupt.is_set()):
+                        steps.close()
+                        interrupted = step.finish_reason is None
+                        break
         except KeyboardInterrupt:
             steps.close()
             interrupted = True
@@ -291,6 +310,21 @@ class ChatSession:
         if reason != "stop":
             parts.append(reason)
         self.say("[" + " | ".join(parts) + "]")
+
+
+@contextmanager
+def _interrupt_between_tokens(enabled):
+    """With ``enabled``, Ctrl-C only sets the event yielded (checked between tokens), so no rank
+    is left waiting in the middle of a forward pass; otherwise it raises KeyboardInterrupt."""
+    event = threading.Event()
+    if not enabled:
+        yield event
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _setup_readline(history_file):
@@ -344,9 +378,26 @@ def run(args) -> int:
         if problem:
             print(f"error: --system: {problem}", file=sys.stderr)
             return 2
+    problem = distributed_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    ranks = None
     try:
-        model, tokenizer = load(args.model)
-        model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
+        if args.distributed:
+            from ..distributed import DistributedError
+            from .distributed import join
+
+            try:
+                ranks, model, tokenizer = join(args)
+            except DistributedError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            if ranks.rank != 0:
+                return _follow(args, ranks, model, tokenizer)
+        else:
+            model, tokenizer = load(args.model)
+            model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
         if args.max_kv_size == "auto":
             from ..device_memory import auto_kv_limit
 
@@ -354,7 +405,27 @@ def run(args) -> int:
     except (CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    session = ChatSession(model, tokenizer, args, tools=tools)
+    try:
+        return _session(args, model, tokenizer, tools, ranks)
+    finally:
+        if ranks is not None:
+            ranks.broadcast({"stop": True})
+
+
+def _follow(args, ranks, model, tokenizer) -> int:
+    """A rank other than 0: run each turn rank 0 sends, until it leaves."""
+    from types import SimpleNamespace
+
+    from ..server.distributed import follow
+
+    # rank 0 fits each turn to --max-kv-size before sending it
+    settings = SimpleNamespace(prefill_step=args.prefill_step, kv_cache_limit=None,
+                               _prompt_cache=lambda partition: None)
+    return follow(settings, ranks, model, tokenizer)
+
+
+def _session(args, model, tokenizer, tools, ranks) -> int:
+    session = ChatSession(model, tokenizer, args, tools=tools, ranks=ranks)
     save_history = _setup_readline(args.history_file) if sys.stdin.isatty() else None
     # A line that is not UTF-8 reaches the session (which refuses it, or takes it as a file
     # name) instead of ending it, and file names echo back as they were typed.

@@ -66,6 +66,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-n", type=int, default=12)
     parser.add_argument("--tool-n", type=int, default=40)
     parser.add_argument("--retrieval-n", type=int, default=10)
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
@@ -80,8 +81,20 @@ def main(argv=None):
     path = args.model or trained_checkpoint()
     model, tokenizer = load(path, mtp=True)
     results = {"model": str(path)}
-    rows = []
+
+    class Rows(list):
+        def append(self, row):
+            super().append(row)
+            print("| " + " | ".join(row) + " |", flush=True)
+
+    print("| measure | value | sample |\n| --- | --- | --- |", flush=True)
+    rows = Rows()
     t0 = time.perf_counter()
+    if args.loss_n:
+        h = evaluate.heldout_loss(model, tokenizer, n=args.loss_n, seed=args.seed)
+        results["heldout_loss"] = h
+        rows.append(("held-out loss on assistant tokens (nats/token; uniform = 11.77)", f"{h['loss']:.3f}",
+                     f"{h['tokens']} tokens"))
     if args.tool_n:
         tool = evaluate.tool_use(model, tokenizer, n=args.tool_n, seed=args.seed)
         results["tool_use"] = tool
@@ -102,12 +115,9 @@ def main(argv=None):
         cache_rows = evaluate.cache_precision(float32_copy(model), tokenizer, n=args.cache_n, seed=args.seed)
         results["cache_precision"] = cache_rows
         for c in cache_rows:
-            rows.append((f"cache {c['storage']} vs float32: mean KL / argmax agreement",
+            rows.append((f"cache {c['storage']} vs float32 dense forward: mean KL / argmax agreement",
                          f"{c['mean_kl']:.2e} / {c['argmax_agreement']:.1%}", f"n={args.cache_n} x 32 steps"))
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    print("| measure | value | sample |\n| --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
     if "tool_use" in results and results["tool_use"]["failures"]:
         print("\nfirst tool-use failures:", json.dumps(results["tool_use"]["failures"][:3], ensure_ascii=False))
     if args.json:

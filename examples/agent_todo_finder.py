@@ -3,8 +3,8 @@ substrate: no network, the repository read-only, only a scratch directory writab
 
     python examples/agent_todo_finder.py [--model DIR] [--repo PATH]
 
-Without --model a tiny random checkpoint is built in a temporary directory; its text
-is random. The sandbox needs bubblewrap (Linux) or sandbox-exec (macOS) and refuses
+Without --model the small trained V4 shipped in the package runs; it was not trained on
+shell tasks, so expect no useful plan from it. The sandbox needs bubblewrap (Linux) or sandbox-exec (macOS) and refuses
 to start without it.
 """
 
@@ -32,7 +32,7 @@ def build_agent(model, tokenizer, repo, **options):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path.cwd())
-    parser.add_argument("--model", type=Path, help="converted checkpoint (default: a tiny random one)")
+    parser.add_argument("--model", type=Path, help="converted checkpoint (default: the trained tiny one)")
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--log", type=Path, help="JSONL step log")

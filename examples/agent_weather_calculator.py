@@ -2,9 +2,9 @@
 
     python examples/agent_weather_calculator.py [--model DIR] "Is it warmer in Paris or Oslo, by how much?"
 
-Without --model a tiny random checkpoint is built in a temporary directory; its text
-is random, so it will rarely call a tool correctly. Point --model at a converted
-DeepSeek-V4 checkpoint for real answers.
+Without --model the small V4 trained on synthetic tool-use tasks (shipped in the package)
+answers: it handles single weather or arithmetic questions, not multi-step plans. Point
+--model at a converted DeepSeek-V4 checkpoint for real answers.
 """
 
 import argparse
@@ -89,21 +89,27 @@ def print_events(event):
 
 
 def load_model_or_tiny(path, scratch: Path):
-    """Load the checkpoint at `path`, or build a tiny random one in `scratch` when none is given."""
+    """Load the checkpoint at `path`, or the trained tiny one shipped in the package when none is
+    given (a tiny random one, built in `scratch`, if that is not installed)."""
     from mlx_dsv4 import load
+    from mlx_dsv4.train import trained_checkpoint
     from mlx_dsv4.tiny import write_tiny_checkpoint
 
     if path is None:
-        path = scratch / "tiny-v4"
-        write_tiny_checkpoint(path, seed=0)
-        print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
+        try:
+            path = trained_checkpoint()
+            print("Using the small trained V4: it knows single weather and arithmetic questions.", file=sys.stderr)
+        except FileNotFoundError:
+            path = scratch / "tiny-v4"
+            write_tiny_checkpoint(path, seed=0)
+            print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
     return load(path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="Is it warmer in Paris or Oslo, and by how many degrees?")
-    parser.add_argument("--model", type=Path, help="converted checkpoint (default: a tiny random one)")
+    parser.add_argument("--model", type=Path, help="converted checkpoint (default: the trained tiny one)")
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--thinking", choices=["chat", "thinking"], default="chat")

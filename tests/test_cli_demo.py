@@ -54,3 +54,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd[0] in ci_lines
     assert any("mlx-dsv4 demo" in c for c in commands)
+
+
+def test_demo_runs_the_shipped_trained_model_and_its_own_agent_output():
+    out = cli("demo", "--tokens", "8", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "trained tiny DeepSeek-V4 checkpoint shipped in the package" in out.stdout
+    assert "agent (the model's own output):" in out.stdout and "scripted" not in out.stdout
+    assert re.search(r"restored run reused \d+ tokens and matches the uninterrupted generation", out.stdout)

@@ -120,7 +120,8 @@ class Indexer(nn.Module):
 
         # The bound is on a block's scores, Lq x entries: fewer queries (decoding) score more entries at a time.
         block = self.entry_block * max(1, QUERY_BLOCK // q.shape[2])
-        indices = blocked_top_k(entry_scores, T, self.topk, block)
+        # The top-k choice has no gradient; the indexer learns from its own objective instead.
+        indices = mx.stop_gradient(blocked_top_k(entry_scores, T, self.topk, block))
         return indices, indices < visible
 
 

@@ -79,7 +79,8 @@ class Gate(nn.Module):
             indices = self.tid2eid[tokens].astype(mx.int32)
         else:
             biased = scores + self.bias.astype(mx.float32)
-            indices = mx.argpartition(-biased, self.top_k - 1, axis=-1)[..., : self.top_k]
+            # Routing is a choice, not a function to differentiate: gradients reach the scores only.
+            indices = mx.stop_gradient(mx.argpartition(-biased, self.top_k - 1, axis=-1)[..., : self.top_k])
         weights = mx.take_along_axis(scores, indices, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         return indices, weights * self.scale

@@ -1,0 +1,53 @@
+"""`mlx-dsv4 train-tiny`: train the small V4 on the synthetic tasks, on the CPU."""
+
+from pathlib import Path
+
+
+def add_arguments(p):
+    p.add_argument("out", type=Path, help="output directory (official-layout float32 checkpoint + loss log)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: TrainOptions.steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
+    p.add_argument("--max-tokens", type=int, default=None, help="packed sequence length bound")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
+
+
+def run(args):
+    import json
+    import sys
+    import time
+
+    from ..tokenizer import load_tokenizer
+    from ..train.trainer import TrainOptions, Trainer
+
+    options = TrainOptions(seed=args.seed)
+    for name in ("steps", "lr", "max_tokens"):
+        if getattr(args, name) is not None:
+            setattr(options, name, getattr(args, name))
+    trainer = Trainer(load_tokenizer(None), options)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "loss.jsonl"
+    first = trainer.resume(args.out) if args.resume else 0
+    if args.resume:  # the log keeps the steps the saved model went through
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < first]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    start = time.perf_counter()
+    with open(log_path, "a" if args.resume else "w", encoding="utf-8") as log:
+        for step in range(first, options.steps):
+            record = trainer.train_step()
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            done = step + 1
+            elapsed = time.perf_counter() - start
+            filled = int(30 * done / options.steps)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{options.steps} loss {record['main']:.3f} "
+                  f"mtp {record['mtp']:.3f} kl {record['indexer_kl']:.3f} {elapsed:.0f} s "
+                  f"eta {elapsed / (done - first) * (options.steps - done):.0f} s", end="", file=sys.stderr,
+                  flush=True)
+            if done % args.save_every == 0 or done == options.steps:
+                trainer.save_official(args.out)
+    print(file=sys.stderr)
+    print(f"trained {options.steps} steps in {time.perf_counter() - start:.0f} s -> {args.out} (log {log_path})")
+    return 0

@@ -1,0 +1,325 @@
+"""Seeded synthetic tasks in V4's chat format, tokenised with the V4 tokenizer.
+
+Every example is a conversation rendered by `mlx_dsv4.chat.encode_messages` and comes with a
+loss mask that is true on assistant tokens only (the text after each assistant opener, up to
+and including its end-of-sentence token). Kinds:
+
+- "tool": a question answered with one DSML tool call (weather, calculator, adder), the tool's
+  result as the agent loop would feed it back, then a final answer that uses that result;
+- "retrieval": many "key: value" lines, then a question about one key;
+- "chat": single and multi-turn chat, and thinking-mode traces (reasoning, then the answer);
+- "pattern": counting and spelling, where the next-but-one token is predictable (for MTP).
+
+`split="eval"` draws numbers, cities and phrasings the "train" split never uses.
+"""
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..agent.substrates import make_substrate
+from ..agent.tools import as_tool
+from ..chat import encode_messages
+
+KINDS = ("tool", "retrieval", "chat", "pattern")
+DEFAULT_MIX = {"tool": 0.6, "retrieval": 0.08, "chat": 0.16, "pattern": 0.16}
+WEATHER_SYSTEM = "You answer questions about the weather. Use the tools for data and arithmetic."
+
+# The table behind `get_weather`; generators draw fresh values per example so that the
+# final answer has to be read from the tool result.
+_weather_table: dict = {}
+
+
+def get_weather(city: str, units: Literal["celsius", "fahrenheit"] = "celsius") -> dict:
+    """Current weather in a city.
+
+    Args:
+        city: city name, e.g. "Paris"
+        units: temperature units
+    """
+    entry = _weather_table[city.strip().lower()]
+    temperature = entry["temperature_c"]
+    if units == "fahrenheit":
+        temperature = temperature * 9 / 5 + 32
+    return {"city": city, "temperature": round(temperature, 1), "units": units, "conditions": entry["conditions"]}
+
+
+def calculate(expression: str) -> float:
+    """Evaluate an arithmetic expression (+ - * / // % ** and parentheses).
+
+    Args:
+        expression: the expression, e.g. "(18.5 - 9) * 2"
+    """
+    left, op, right = expression.split(" ")
+    a, b = int(left), int(right)
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: first addend
+        b: second addend
+    """
+    return a + b
+
+
+TRAIN_CITIES = ("Paris", "Oslo", "Cairo", "Tokyo", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw",
+                "Dublin", "Lisbon", "Athens", "Helsinki", "Stockholm", "Copenhagen", "Brussels", "Amsterdam",
+                "Zurich", "Geneva", "Budapest", "Bucharest", "Sofia", "Belgrade", "Zagreb", "Riga", "Vilnius",
+                "Tallinn", "Reykjavik", "London", "Edinburgh", "Moscow", "Istanbul", "Ankara", "Tehran",
+                "Delhi", "Mumbai", "Beijing", "Shanghai", "Seoul", "Bangkok", "Hanoi", "Manila", "Jakarta",
+                "Sydney", "Melbourne", "Auckland", "Lima", "Bogota", "Santiago", "Havana", "Toronto",
+                "Chicago", "Boston", "Denver", "Seattle", "Dallas", "Miami", "Nairobi", "Lagos", "Accra",
+                "Dakar", "Tunis", "Algiers", "Casablanca", "Doha", "Dubai", "Riyadh", "Karachi", "Lahore")
+EVAL_CITIES = ("Kyoto", "Porto", "Florence", "Krakow", "Montreal", "Osaka", "Hamburg", "Valencia", "Munich",
+               "Lyon", "Quito", "Perth")
+CONDITIONS = ("sunny", "clear", "overcast", "light rain", "heavy rain", "snow", "fog", "windy", "cloudy")
+OPS = {"+": ("plus", "added to"), "-": ("minus", "less"), "*": ("times", "multiplied by"), "/": ("divided by", "over")}
+
+CALC_TEMPLATES = {
+    "train": ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Please calculate {a} {op} {b}.",
+              "How much is {a} {word} {b}?", "What do you get for {a} {word} {b}?", "{a} {op} {b} = ?",
+              "Can you work out {a} {op} {b} for me?", "Calculate {a} {word} {b}."),
+    "eval": ("Tell me the result of {a} {op} {b}.", "I need {a} {word} {b}, please.", "Quick: {a} {op} {b}?"),
+}
+WEATHER_TEMPLATES = {
+    "train": ("What is the weather in {city}?", "How warm is it in {city}?", "What's the weather like in {city}?",
+              "Is it cold in {city} right now?", "Tell me the current weather in {city}.",
+              "What are the conditions in {city}?", "Weather report for {city}, please."),
+    "eval": ("Could you check the weather in {city}?", "How is the weather today in {city}?",
+             "Give me the weather for {city}."),
+}
+FAHRENHEIT_SUFFIX = {"train": (" Answer in fahrenheit.", " Use fahrenheit."), "eval": (" In fahrenheit, please.",)}
+ADD_TEMPLATES = {
+    "train": ("What is {a} + {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?", "{a} plus {b}?"),
+    "eval": ("Sum {a} and {b} for me.", "How much is {a} + {b}?"),
+}
+SYSTEMS = {
+    "weather": {"train": (WEATHER_SYSTEM, "You are a helpful assistant with a weather tool and a calculator.", None),
+                "eval": (WEATHER_SYSTEM, "Help the user. Call a tool when you need data or arithmetic.")},
+    "add": {"train": ("You are a helpful assistant.", None), "eval": ("You are a helpful assistant.", None)},
+}
+
+COUNTRIES = {"France": "Paris", "Norway": "Oslo", "Egypt": "Cairo", "Japan": "Tokyo", "Germany": "Berlin",
+             "Spain": "Madrid", "Italy": "Rome", "Austria": "Vienna", "Poland": "Warsaw", "Ireland": "Dublin",
+             "Portugal": "Lisbon", "Greece": "Athens", "Finland": "Helsinki", "Sweden": "Stockholm",
+             "Denmark": "Copenhagen", "Belgium": "Brussels", "Hungary": "Budapest", "Peru": "Lima",
+             "Kenya": "Nairobi", "Chile": "Santiago", "Cuba": "Havana", "Iran": "Tehran", "Turkey": "Ankara",
+             "Thailand": "Bangkok"}
+GREETINGS = (("Hello!", "Hello! How can I help you today?"), ("Hi there.", "Hi! What can I do for you?"),
+             ("Good morning!", "Good morning! How can I help?"), ("Thanks!", "You are welcome."),
+             ("Who are you?", "I am a small assistant model. I can chat, remember facts and call tools."),
+             ("Goodbye.", "Goodbye! Have a nice day."))
+WORDS = ("apple", "river", "garden", "planet", "window", "silver", "rocket", "forest", "candle", "bridge",
+         "tiger", "yellow", "winter", "pencil", "orange", "castle", "summer", "guitar", "marble", "sunset")
+
+
+def _train_pair(a: int, b: int) -> bool:
+    """Operand pairs of the train split; the others are held out for evaluation."""
+    return (a + 3 * b) % 7 != 0
+
+
+@dataclass
+class Example:
+    kind: str
+    ids: list
+    mask: list  # true where the token is an assistant token (a prediction target)
+    text: str
+    meta: dict = field(default_factory=dict)
+
+
+def render(messages, tokenizer, *, tools=None, thinking_mode="chat"):
+    """(token ids, assistant mask, text) of a conversation whose assistant turns are the targets.
+
+    An assistant turn is masked in when the prompt before it, with the generation opener, is a
+    prefix of the whole text (always true in chat mode and with tools); its span runs from there
+    to the end of the turn."""
+    options = dict(tools=tools, thinking_mode=thinking_mode)
+    text = encode_messages(messages, add_generation_prompt=False, **options)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = encode_messages(messages[:i], **options)
+        upto = encode_messages(messages[: i + 1], add_generation_prompt=False, **options)
+        if text.startswith(upto) and upto.startswith(prefix):
+            spans.append((len(prefix), len(upto)))
+    ids, mask, position = [], [], 0
+    for start, end in spans:
+        for piece, target in ((text[position:start], False), (text[start:end], True)):
+            piece_ids = tokenizer.encode(piece) if piece else []
+            ids += piece_ids
+            mask += [target] * len(piece_ids)
+        position = end
+    tail = tokenizer.encode(text[position:]) if position < len(text) else []
+    return ids + tail, mask + [False] * len(tail), text
+
+
+def _call(name: str, arguments: dict) -> dict:
+    return {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+class TaskGenerator:
+    """Examples of one split, drawn from `random.Random(seed)`: the same seed gives the same examples."""
+
+    def __init__(self, tokenizer, seed: int = 0, split: str = "train", retrieval_tokens=(1024, 2048), mix=None):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        self.tokenizer = tokenizer
+        self.rng = random.Random(f"{split}:{seed}")
+        self.split = split
+        self.retrieval_tokens = retrieval_tokens
+        self.mix = dict(mix or DEFAULT_MIX)
+        unknown = set(self.mix) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown task kinds {sorted(unknown)}; expected some of {KINDS}")
+        self.tools = {"weather": [as_tool(get_weather), as_tool(calculate)], "add": [as_tool(add)]}
+        self.substrate = make_substrate("function")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Example:
+        kinds, weights = zip(*self.mix.items())
+        return self.example(self.rng.choices(kinds, weights)[0])
+
+    def example(self, kind: str) -> Example:
+        if kind not in KINDS:
+            raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
+        return getattr(self, f"_{kind}")()
+
+    # -- tool use ----------------------------------------------------------------
+
+    def _operands(self, low=1, high=999):
+        while True:
+            a, b = self.rng.randint(low, high), self.rng.randint(low, high)
+            if _train_pair(a, b) == (self.split == "train"):
+                return a, b
+
+    def _tool(self) -> Example:
+        r, s = self.rng, self.split
+        toolset = r.choices(("weather", "add"), (4, 1))[0]
+        system = r.choice(SYSTEMS[toolset][s])
+        if toolset == "add":
+            a, b = self._operands()
+            question = r.choice(ADD_TEMPLATES[s]).format(a=a, b=b)
+            name, arguments = "add", {"a": a, "b": b}
+            answer = lambda result: f"{a} + {b} = {result}."
+        elif r.random() < 0.5:
+            op = r.choice(tuple(OPS))
+            a, b = self._operands()
+            while op == "/" and a % b:  # whole quotients keep the answer short
+                a, b = self._operands()
+            question = r.choice(CALC_TEMPLATES[s]).format(a=a, b=b, op=op, word=r.choice(OPS[op]))
+            name, arguments = "calculate", {"expression": f"{a} {op} {b}"}
+            answer = lambda result: f"{a} {op} {b} = {result}."
+        else:
+            city = r.choice(TRAIN_CITIES if s == "train" else EVAL_CITIES + TRAIN_CITIES[:4])
+            _weather_table[city.lower()] = {"temperature_c": round(r.uniform(-15, 40) * 2) / 2,
+                                            "conditions": r.choice(CONDITIONS)}
+            question = r.choice(WEATHER_TEMPLATES[s]).format(city=city)
+            arguments = {"city": city}
+            if r.random() < 0.25:
+                question += r.choice(FAHRENHEIT_SUFFIX[s])
+                arguments["units"] = "fahrenheit"
+            name = "get_weather"
+
+            def answer(result):
+                data = json.loads(result)
+                unit = "°F" if data["units"] == "fahrenheit" else "°C"
+                return f"In {city} it is {json.dumps(data['temperature'])} {unit} with {data['conditions']}."
+        tools = self.tools[toolset]
+        tool = next(t for t in tools if t.name == name)
+        result = self.substrate.run(tool, tool.validate(json.dumps(arguments)))
+        content = result.to_content(16000)  # as the agent loop feeds tool output back
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_calls": [_call(name, arguments)]},
+            {"role": "tool", "tool_call_id": "call_0", "content": content},
+            {"role": "assistant", "content": answer(content)},
+        ]
+        schemas = [t.schema() for t in tools]
+        ids, mask, text = render(messages, self.tokenizer, tools=schemas)
+        meta = {"toolset": toolset, "system": system, "question": question, "call": name, "arguments": arguments,
+                "result": content, "answer": messages[-1]["content"]}
+        return Example("tool", ids, mask, text, meta)
+
+    # -- long-context retrieval ----------------------------------------------------
+
+    def retrieval(self, n_tokens: int) -> Example:
+        """One retrieval example of about `n_tokens` tokens."""
+        r = self.rng
+        n_lines = max(4, int((n_tokens - 40) / 5.45))  # a line is about 5.45 tokens
+        keys = r.sample(range(100, 1000), min(n_lines, 900))
+        while len(keys) < n_lines:  # longer lists reuse no key: widen to four digits
+            k = r.randint(1000, 9999)
+            if k not in keys:
+                keys.append(k)
+        values = [r.randint(100, 999) for _ in keys]
+        target = r.randrange(len(keys))
+        lines = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
+        question = f"Here is a list of keys and values.\n{lines}\nWhat is the value of key {keys[target]}?"
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": str(values[target])}]
+        ids, mask, text = render(messages, self.tokenizer)
+        meta = {"key": keys[target], "answer": str(values[target]), "depth": target / len(keys)}
+        return Example("retrieval", ids, mask, text, meta)
+
+    def _retrieval(self) -> Example:
+        return self.retrieval(self.rng.randint(*self.retrieval_tokens))
+
+    # -- chat and thinking ------------------------------------------------------------
+
+    def _capital_turn(self):
+        country = self.rng.choice(tuple(COUNTRIES))
+        return (f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.",
+                f"The user asks for the capital of {country}. The capital of {country} is {COUNTRIES[country]}.")
+
+    def _echo_turn(self):
+        words = " ".join(self.rng.sample(WORDS, self.rng.randint(2, 5)))
+        return f"Repeat after me: {words}", words, f"The user wants me to repeat: {words}. I repeat it."
+
+    def _chat(self) -> Example:
+        r = self.rng
+        thinking = r.random() < 0.35
+        n_turns = 1 if thinking else r.randint(1, 3)
+        messages = [{"role": "system", "content": "You are a helpful assistant."}] if r.random() < 0.5 else []
+        for _ in range(n_turns):
+            pick = r.random()
+            if pick < 0.45:
+                question, reply, reasoning = self._capital_turn()
+            elif pick < 0.75:
+                question, reply, reasoning = self._echo_turn()
+            else:
+                question, reply = r.choice(GREETINGS)
+                reasoning = "The user is chatting. I reply politely."
+            messages.append({"role": "user", "content": question})
+            turn = {"role": "assistant", "content": reply}
+            if thinking:
+                turn["reasoning_content"] = reasoning
+            messages.append(turn)
+        ids, mask, text = render(messages, self.tokenizer, thinking_mode="thinking" if thinking else "chat")
+        return Example("chat", ids, mask, text, {"thinking": thinking, "answer": messages[-1]["content"]})
+
+    # -- predictable continuations --------------------------------------------------
+
+    def _pattern(self) -> Example:
+        r = self.rng
+        pick = r.random()
+        if pick < 0.5:
+            start = r.randint(1, 900)
+            stop = start + r.randint(5, 25)
+            question, reply = f"Count from {start} to {stop}.", ", ".join(str(i) for i in range(start, stop + 1))
+        elif pick < 0.75:
+            word = r.choice(WORDS)
+            question, reply = f"Spell {word}.", "-".join(word.upper())
+        else:
+            words = r.sample(WORDS, 2)
+            times = r.randint(2, 4)
+            question = f"Say '{words[0]} {words[1]}' {times} times."
+            reply = " ".join([f"{words[0]} {words[1]}"] * times)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        ids, mask, text = render(messages, self.tokenizer)
+        return Example("pattern", ids, mask, text, {"answer": reply})

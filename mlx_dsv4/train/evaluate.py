@@ -1,0 +1,166 @@
+"""Measurements of a trained tiny V4 on held-out synthetic tasks (`TaskGenerator(split="eval")`).
+
+- held-out loss: teacher-forced cross-entropy on the assistant tokens of held-out examples;
+- tool use: the agent loop (real generation, parsing, validation, execution) on held-out numbers,
+  cities and phrasings; correct = the expected call with the expected arguments, then the
+  expected final answer built from the tool's actual result;
+- retrieval: greedy answer to "value of key K" after a key: value list of a given length;
+- MTP acceptance: how often the MTP layer's argmax equals the main model's next-but-one greedy token;
+- cache precision: mean KL and argmax agreement of each kv / indexer storage against float32.
+"""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from ..chat import encode_messages
+from . import data
+from .data import TaskGenerator
+
+STORAGES = ("fp8/fp4", "bf16/bf16", "float/float")
+
+
+def greedy(model, ids, max_new: int, eos_id: int, kv_dtype="fp8", index_dtype="fp4"):
+    """Greedy continuation of token ids (stops after EOS, which it includes)."""
+    cache = model.make_cache(kv_dtype, index_dtype)
+    logits = model(mx.array([ids]), cache=cache, last_only=True)
+    out = []
+    for _ in range(max_new):
+        token = int(mx.argmax(logits[0, -1]).item())
+        out.append(token)
+        if token == eos_id:
+            break
+        logits = model(mx.array([[token]]), cache=cache)
+    return out
+
+
+def _prompt_ids(tokenizer, messages, **options):
+    return tokenizer.encode(encode_messages(messages, **options))
+
+
+def heldout_loss(model, tokenizer, n: int = 6, seed: int = 0, kinds=("tool", "chat", "pattern")) -> dict:
+    """Mean next-token cross-entropy (nats) over the assistant tokens of held-out examples, teacher-forced."""
+    total = count = 0.0
+    for ex in _eval_sequences(tokenizer, n, seed, kinds):
+        ids = np.array(ex.ids)
+        logits = model(mx.array(ids[None, :-1]), cache=model.make_cache("float", "float"))[0]
+        targets = np.nonzero(np.array(ex.mask[1:]))[0]
+        logp = logits[mx.array(targets)].astype(mx.float32)
+        logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logp, mx.array(ids[targets + 1])[:, None], axis=-1)
+        total -= float(picked.sum())
+        count += len(targets)
+    return {"n": n, "tokens": int(count), "loss": total / max(1, count)}
+
+
+def tool_use(model, tokenizer, n: int = 40, seed: int = 0, max_tokens: int = 96) -> dict:
+    """Agent round trips on held-out tool questions; `failures` lists what went wrong first."""
+    from ..agent import Agent
+
+    functions = {"get_weather": data.get_weather, "calculate": data.calculate, "add": data.add}
+    correct = well_formed = 0
+    failures = []
+    toolsets = {"weather": ("get_weather", "calculate"), "add": ("add",)}
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    for _ in range(n):
+        ex = gen.example("tool")  # before the round trip: it sets the weather the tool reports
+        m = ex.meta
+        tools = [functions[name] for name in toolsets[m["toolset"]]]
+        agent = Agent(model, tokenizer, tools=tools, system=m["system"], max_steps=2, max_tokens=max_tokens)
+        with agent:
+            result = agent.run(m["question"])
+        calls = result.tool_calls
+        ok_call = bool(calls) and calls[0].name == m["call"] and _arguments(calls[0].arguments) == m["arguments"]
+        well_formed += ok_call
+        answer = (result.content or "").strip()
+        if ok_call and answer == m["answer"]:
+            correct += 1
+        elif len(failures) < 5:
+            failures.append({"question": m["question"], "expected": [m["call"], m["arguments"], m["answer"]],
+                             "got": [[c.name, c.arguments] for c in calls], "answer": answer})
+    return {"n": n, "correct": correct / n, "well_formed_call": well_formed / n, "failures": failures}
+
+
+def _arguments(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def retrieval(model, tokenizer, n_tokens: int, n: int = 20, seed: int = 0) -> dict:
+    """Share of exact greedy answers to retrieval questions of about `n_tokens` tokens."""
+    gen = TaskGenerator(tokenizer, seed=seed + n_tokens, split="eval")
+    hits = 0
+    lengths = []
+    for _ in range(n):
+        ex = gen.retrieval(n_tokens)
+        messages = [{"role": "user", "content": ex.text.split("<｜User｜>", 1)[1].split("<｜Assistant｜>", 1)[0]}]
+        ids = _prompt_ids(tokenizer, messages)
+        lengths.append(len(ids))
+        out = greedy(model, ids, 4, tokenizer.eos_token_id)
+        hits += tokenizer.decode(out).replace(tokenizer.eos_token, "").strip() == ex.meta["answer"]
+    return {"n": n, "tokens": int(np.mean(lengths)), "accuracy": hits / n}
+
+
+def _eval_sequences(tokenizer, n: int, seed: int, kinds=("tool", "chat", "pattern")):
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    return [gen.example(kinds[i % len(kinds)]) for i in range(n)]
+
+
+def mtp_acceptance(model, tokenizer, n: int = 12, seed: int = 0, new_tokens: int = 24) -> dict:
+    """Greedy continuations of held-out prompts; at each generated position i + 2, whether the MTP
+    layer (reading the main model's streams at i and token i + 1) predicts the greedy token."""
+    if not model.mtp_layers:
+        raise ValueError("the model has no MTP layer (load it with mtp=True)")
+    mtp = model.mtp_layers[0]
+    accepted = total = 0
+    for ex in _eval_sequences(tokenizer, n, seed):
+        first_target = ex.mask.index(True)
+        prompt = ex.ids[:first_target]
+        out = greedy(model, prompt, new_tokens, tokenizer.eos_token_id, "float", "float")
+        seq = prompt + out
+        tokens = mx.array([seq])
+        _, hidden = model(tokens, cache=model.make_cache("float", "float"), return_hidden=True)
+        next_tokens = mx.array([seq[1:] + [seq[-1]]])
+        logits, _ = mtp(hidden, next_tokens, model.embed, model.head, mtp.make_cache("float", "float"))
+        guess = np.array(mx.argmax(logits[0], axis=-1))
+        # position i predicts seq[i + 2]; the greedy tokens are seq[len(prompt):]
+        for i in range(len(prompt) - 1, len(seq) - 2):
+            accepted += int(guess[i] == seq[i + 2])
+            total += 1
+    return {"n": n, "positions": total, "acceptance": accepted / max(1, total)}
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def cache_precision(model, tokenizer, n: int = 4, seed: int = 0, prefix_tokens: int = 1024) -> list:
+    """Per storage: mean KL(reference || storage) and argmax agreement of the next-token
+    distributions of 32 teacher-forced decode steps after a prefilled retrieval prompt (the cache
+    then holds compressed entries). The reference is one dense forward over the whole sequence with
+    every kv row kept in the activation dtype (float32 for a float32 model)."""
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    prompts = [gen.retrieval(prefix_tokens).ids for _ in range(n)]
+    reference = []
+    for ids in prompts:
+        full = model(mx.array([ids[:-1]]), cache=model.make_cache("float", "float", naive=True))[0, -32:]
+        reference.append(_log_softmax(np.array(full).astype(np.float64)))
+    rows = []
+    for storage in STORAGES:
+        kv, index = storage.split("/")
+        kls, agree = [], []
+        for ids, ref in zip(prompts, reference):
+            split = len(ids) - 32
+            cache = model.make_cache(kv, index)
+            steps = [model(mx.array([ids[:split]]), cache=cache, last_only=True)[0, -1]]
+            for t in ids[split:-1]:
+                steps.append(model(mx.array([[t]]), cache=cache)[0, -1])
+            logp = _log_softmax(np.array(mx.stack(steps)).astype(np.float64))
+            kls.append(float((np.exp(ref) * (ref - logp)).sum(-1).mean()))
+            agree.append(float((ref.argmax(-1) == logp.argmax(-1)).mean()))
+        rows.append({"storage": storage, "mean_kl": float(np.mean(kls)), "argmax_agreement": float(np.mean(agree))})
+    return rows

@@ -1,0 +1,357 @@
+"""Training a small V4 with MLX autograd through this package's own Model and MTP modules.
+
+Objectives:
+- next-token cross-entropy on assistant tokens (`TaskGenerator` masks);
+- the MTP layer's cross-entropy on the next-but-one token, at the same targets;
+- the lightning indexer's auxiliary objective: at sampled query positions, KL divergence from
+  the main attention's distribution over the compressed entries (a stop-gradient target: the
+  heads' mean softmax of query . entry) to the indexer's softmax over its scores. The top-k
+  choice has no gradient, so this is how the indexer learns which entries matter.
+
+The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
+positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
+CPU matmul is several times slower for this shape), joined to the MLX graph by a custom VJP.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import ModelArgs
+from ..hc import hc_head
+from ..loader import _MTPLayers, to_mlx_layout
+from ..model import Block, Model
+from ..spec import official_tensors, official_to_mlx
+from ..tiny import PRESETS, tiny_config, tiny_weights
+from .data import TaskGenerator
+
+
+STATE_DIR = "train_state"
+TRAINED_LAYERS = 4  # the preset's first four layers: its schedule, at a size CPU training affords
+
+
+def trained_config(preset: str = "flash") -> dict:
+    """The trained model's config: the tiny V4 (real vocabulary, the preset's layer schedule cut to
+    TRAINED_LAYERS layers) with one MTP layer."""
+    ratios = list(PRESETS[preset][:TRAINED_LAYERS])
+    return tiny_config(preset, compress_ratios=ratios, num_hidden_layers=len(ratios), num_nextn_predict_layers=1)
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 500
+    seed: int = 0
+    lr: float = 4e-3
+    min_lr: float = 4e-4
+    warmup: int = 30
+    weight_decay: float = 0.0
+    mtp_weight: float = 0.5
+    index_weight: float = 0.2
+    index_queries: int = 64  # strided query positions per sequence for the indexer objective
+    max_tokens: int = 1024  # a packed sequence's length bound
+    retrieval_tokens: tuple = (1024, 1536)
+    preset: str = "flash"
+    log_every: int = 1
+
+
+# -- the numpy head --------------------------------------------------------------------------------
+
+def _head_forward(w: np.ndarray, feats: np.ndarray, targets: np.ndarray):
+    if not len(targets):
+        return 0.0, np.zeros((0, w.shape[0]), np.float32)
+    logits = feats @ w.T
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    rows = np.arange(len(targets))
+    loss = -np.log(np.maximum(p[rows, targets], 1e-30)).mean()
+    return loss, p
+
+
+@mx.custom_function
+def head_cross_entropy(feats, weight, targets):
+    """Mean cross-entropy of `weight @ feats` (rows of feats [N, D]) against targets [N]."""
+    loss, _ = _head_forward(np.array(weight), np.array(feats), np.array(targets))
+    return mx.array(loss, dtype=mx.float32)
+
+
+@head_cross_entropy.vjp
+def _head_cross_entropy_vjp(primals, cotangent, output):
+    feats, weight, targets = primals
+    w, f, t = np.array(weight), np.array(feats), np.array(targets)
+    _, p = _head_forward(w, f, t)
+    p[np.arange(len(t)), t] -= 1.0
+    p *= float(cotangent.item()) / max(1, len(t))
+    return mx.array(p @ w), mx.array(p.T @ f), mx.zeros_like(targets)
+
+
+# -- the model pieces the objectives read ---------------------------------------------------------
+
+class Recorder:
+    """Keeps, per CSA layer, the attention queries and the indexer's queries of the last forward."""
+
+    def __init__(self, model: Model):
+        self.records = {}
+        for i, layer in enumerate(model.layers):
+            if getattr(layer.attn, "ratio", 0) == 4:
+                self._wrap(i, layer.attn)
+
+    def _wrap(self, i, attn):
+        project, queries = attn._project, attn.indexer.queries
+
+        def recorded_project(x, offset):
+            q_lora, q, kv = project(x, offset)
+            self.records.setdefault(i, {})["q"] = q
+            return q_lora, q, kv
+
+        def recorded_queries(x, q_lora, rope, offset, codec):
+            # The indexer's objective should move the indexer, not the layers feeding it.
+            q, w = queries(mx.stop_gradient(x), mx.stop_gradient(q_lora), rope, offset, codec)
+            self.records.setdefault(i, {}).update(iq=q, iw=w)
+            return q, w
+
+        object.__setattr__(attn, "_project", recorded_project)
+        object.__setattr__(attn.indexer, "queries", recorded_queries)
+
+
+def trunk(model: Model, tokens: mx.array):
+    """(normed final features [B, L, D], last hc streams, cache) — Model.__call__ without its head."""
+    a = model.args
+    cache = model.make_cache("float", "float")
+    x = model.embed(tokens)
+    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        h = layer(h, tokens, layer_cache, cache.query_block)
+    x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    return model.norm(x), h, cache
+
+
+def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed, cache) -> mx.array:
+    """MTP.__call__ without the shared head: its normed features [B, L, D] for token i + 2."""
+    a = mtp.args
+    e = mtp.e_proj(mtp.enorm(embed(next_tokens)))
+    h = e[:, :, None, :] + mtp.h_proj(mtp.hnorm(hidden.astype(e.dtype)))
+    h = Block.__call__(mtp, h, next_tokens, cache.layers[0], cache.query_block)
+    x = hc_head(h, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    return mtp.norm(x)
+
+
+def indexer_kl(model: Model, recorder: Recorder, cache, positions: np.ndarray) -> mx.array:
+    """Mean KL(main attention over compressed entries || indexer) at query `positions`, over CSA layers."""
+    losses = []
+    pos = mx.array(positions)
+    for i, rec in recorder.records.items():
+        layer_cache = cache.layers[i]
+        if not layer_cache.compressor.n_entries or "iq" not in rec:
+            continue
+        attn = model.layers[i].attn
+        entries = layer_cache.compressor.entries()  # [B, T, hd]
+        keys = layer_cache.indexer.entries().astype(mx.float32)  # [B, T, d]
+        T = entries.shape[1]
+        visible = mx.arange(T)[None, :] < ((pos + 1) // 4)[:, None]  # [P, T]
+        q = rec["q"][:, pos].transpose(0, 2, 1, 3)  # [B, H, P, hd]
+        s = (q @ entries[:, None].swapaxes(-1, -2)) * attn.scale
+        s = mx.where(visible, s, -mx.inf)
+        target = mx.stop_gradient(mx.softmax(s, axis=-1, precise=True).mean(axis=1))  # [B, P, T]
+        iq = rec["iq"][:, pos]  # [B, P, H, d]
+        iw = rec["iw"][:, pos]  # [B, P, H]
+        scores = (nn.relu(iq @ keys[:, None].swapaxes(-1, -2)) * iw[..., None]).sum(axis=2)  # [B, P, T]
+        masked = mx.where(visible, scores, -mx.inf)
+        log_q = masked - mx.logsumexp(masked, axis=-1, keepdims=True)
+        kl = mx.where(visible & (target > 0), target * (mx.log(mx.maximum(target, 1e-30)) - log_q), 0.0)
+        losses.append(kl.sum(axis=-1).mean())
+    recorder.records.clear()
+    return sum(losses) / len(losses) if losses else mx.array(0.0)
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def pack(stream, max_tokens: int):
+    """One training sequence: a retrieval example alone, or short examples packed end to end up to
+    `max_tokens` (a retrieval example met while packing waits for the next sequence)."""
+    if stream.retrievals:
+        first = stream.retrievals.pop(0)
+    else:
+        first = stream.next_short() if stream.short is not None else next(stream.generator)
+    ids, mask, kinds = list(first.ids), list(first.mask), [first.kind]
+    if first.kind != "retrieval":
+        while True:
+            ex = stream.next_short()
+            if len(ids) + len(ex.ids) > max_tokens:
+                stream.short = ex
+                break
+            ids += ex.ids
+            mask += ex.mask
+            kinds.append(ex.kind)
+    return np.array(ids, np.int32), np.array(mask, bool), kinds
+
+
+class _Stream:
+    """Examples from a generator, sorted as they come into retrieval examples (each its own
+    sequence) and short ones (packed), with the short one that did not fit the last pack held."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        self.retrievals = []
+        self.short = None
+
+    def next_short(self):
+        if self.short is not None:
+            ex, self.short = self.short, None
+            return ex
+        while True:
+            ex = next(self.generator)
+            if ex.kind != "retrieval":
+                return ex
+            self.retrievals.append(ex)
+
+
+# -- the model to train ----------------------------------------------------------------------------
+
+def init_model(cfg: dict, seed: int):
+    """(Model, MTP holder) with tiny.py's random draw as the starting point; routing tables and gate
+    biases frozen (V4 balances experts without gradients; hash routing is fixed)."""
+    args = ModelArgs.from_dict(cfg)
+    weights = {k: mx.array(v) for k, v in tiny_weights(cfg, seed=seed, mtp=True).items()}
+    main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+    model = Model(args)
+    model.load_weights(list(to_mlx_layout(main, args).items()), strict=True)
+    holder = _MTPLayers(args)
+    holder.load_weights(list(to_mlx_layout(mtp, args).items()), strict=True)
+    for m in (model, holder):
+        m.freeze(recurse=True, keys=["tid2eid", "bias"])
+    mx.eval(model.parameters(), holder.parameters())
+    return model, holder
+
+
+class Trainer:
+    def __init__(self, tokenizer, options: TrainOptions):
+        self.options = options
+        self.cfg = trained_config(options.preset)
+        mx.random.seed(options.seed)
+        self.model, self.mtp_holder = init_model(self.cfg, options.seed)
+        self.recorder = Recorder(self.model)
+        self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens))
+        self.rng = np.random.default_rng(options.seed)
+        self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
+        self.step = 0
+        self._grad = nn.value_and_grad(self._joint, self._loss)
+
+    def _lr(self, step):
+        o = self.options
+        warm = mx.minimum((step + 1) / o.warmup, 1.0)
+        progress = mx.clip((step - o.warmup) / max(1, o.steps - o.warmup), 0.0, 1.0)
+        return warm * (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + mx.cos(math.pi * progress)))
+
+    @property
+    def _joint(self):
+        if not hasattr(self, "_joint_module"):
+            joint = nn.Module()
+            joint.model = self.model
+            joint.mtp = self.mtp_holder
+            self._joint_module = joint
+        return self._joint_module
+
+    def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos):
+        model, mtp = joint.model, joint.mtp.mtp[0]
+        feats, hidden, cache = trunk(model, tokens)
+        main = head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
+        next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        mtp_cache = mtp.make_cache("float", "float")
+        mtp_feats = mtp_features(mtp, hidden, next_tokens, model.embed, mtp_cache)
+        mtp_loss = head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
+        index_loss = indexer_kl(model, self.recorder, cache, index_pos)
+        o = self.options
+        total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
+        return total, (main, mtp_loss, index_loss)
+
+    def batch(self):
+        ids, mask, kinds = pack(self.data, self.options.max_tokens)
+        L = len(ids)
+        main_pos = np.nonzero(mask[1:])[0]
+        mtp_pos = np.nonzero(mask[2:])[0]
+        n = self.options.index_queries
+        stride = max(1, (L - 4) // n)
+        offset = int(self.rng.integers(0, stride))
+        index_pos = np.unique(np.concatenate([np.arange(4 + offset, L, stride), main_pos[-16:]]))
+        index_pos = index_pos[index_pos >= 4].astype(np.int32)
+        return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
+                    main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
+                    mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos), kinds
+
+    def train_step(self):
+        batch, kinds = self.batch()
+        t0 = time.perf_counter()
+        (loss, (main, mtp_loss, index_loss)), grads = self._grad(
+            self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
+            batch["mtp_targets"], batch["index_pos"])
+        self.optimizer.update(self._joint, grads)
+        mx.eval(self._joint.parameters(), self.optimizer.state, loss)
+        record = {"step": self.step, "loss": round(float(loss), 5), "main": round(float(main), 5),
+                  "mtp": round(float(mtp_loss), 5), "indexer_kl": round(float(index_loss), 5),
+                  "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
+                  "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        self.step += 1
+        return record
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def official_weights(self) -> dict:
+        """Every trained tensor under its official name and shape (per-expert tensors, 2-D wo_a)."""
+        args = ModelArgs.from_dict(self.cfg)
+        params = dict(tree_flatten(self.model.parameters()))
+        params.update(tree_flatten(self.mtp_holder.parameters()))
+        out = {}
+        for name, shape in official_tensors(args, mtp=True).items():
+            mlx_name, _, expert = official_to_mlx(name, shape, args)
+            value = params[mlx_name]
+            if expert is not None:
+                value = value[expert]
+            out[name] = value.reshape(shape)
+        return out
+
+    def save_official(self, out_dir) -> Path:
+        """config.json + model.safetensors (float32, official layout) of the model as trained so far,
+        and in train_state/ what `resume` needs to go on (optimizer moments, step)."""
+        out = Path(out_dir)
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(out / "model.safetensors"), self.official_weights(), metadata={"format": "pt"})
+        cfg = dict(self.cfg, torch_dtype="float32")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (out / "train_options.json").write_text(json.dumps(asdict(self.options), indent=2) + "\n")
+        mx.save_safetensors(str(out / STATE_DIR / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+        (out / STATE_DIR / "step.json").write_text(json.dumps({"step": self.step}) + "\n")
+        return out
+
+    def resume(self, out_dir) -> int:
+        """Continue from what `save_official` wrote in `out_dir`: weights, optimizer moments, step, and
+        the data stream advanced past the sequences already trained on. Returns the step."""
+        out = Path(out_dir)
+        step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
+        args = ModelArgs.from_dict(self.cfg)
+        weights = mx.load(str(out / "model.safetensors"))
+        main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+        mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+        self.model.load_weights(list(to_mlx_layout(main, args).items()), strict=True)
+        self.mtp_holder.load_weights(list(to_mlx_layout(mtp, args).items()), strict=True)
+        moments = out / STATE_DIR / "optimizer.safetensors"
+        if moments.is_file():
+            self.optimizer.state = tree_unflatten(list(mx.load(str(moments)).items()))
+        else:  # a weights-only save: the moments start afresh
+            self.optimizer.init(self._joint.trainable_parameters())
+            self.optimizer.state["step"] = mx.array(step, mx.uint64)
+        for _ in range(step):
+            self.batch()
+        self.step = step
+        mx.eval(self.model.parameters(), self.mtp_holder.parameters(), self.optimizer.state)
+        return step

@@ -1,0 +1,87 @@
+"""The synthetic task generator: deterministic, V4 chat format, assistant-only targets, held-out split."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from mlx_dsv4.chat import parse_completion
+from mlx_dsv4.tokenizer import load_tokenizer
+from mlx_dsv4.train.data import KINDS, TaskGenerator, _train_pair
+from mlx_dsv4.train.trainer import _Stream, pack
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+def digest(tokenizer, seed, split="train", n=24):
+    gen = TaskGenerator(tokenizer, seed=seed, split=split, retrieval_tokens=(200, 300))
+    h = hashlib.sha256()
+    for _ in range(n):
+        ex = next(gen)
+        h.update(np.array(ex.ids, np.int32).tobytes() + np.array(ex.mask, bool).tobytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tokenizer):
+    assert digest(tokenizer, 3) == digest(tokenizer, 3)
+    assert digest(tokenizer, 3) != digest(tokenizer, 4)
+    assert digest(tokenizer, 3) != digest(tokenizer, 3, split="eval")
+
+
+def test_every_kind_is_the_tokenised_chat_text_with_assistant_targets(tokenizer):
+    gen = TaskGenerator(tokenizer, seed=0, retrieval_tokens=(200, 300))
+    for kind in KINDS:
+        ex = gen.example(kind)
+        assert tokenizer.decode(ex.ids) == ex.text
+        assert len(ex.ids) == len(ex.mask) and any(ex.mask) and not ex.mask[0]
+        assert ex.ids[-1] == tokenizer.eos_token_id and ex.mask[-1]
+
+
+def test_tool_example_targets_are_the_call_then_the_answer_from_the_result(tokenizer):
+    gen = TaskGenerator(tokenizer, seed=1)
+    ex = gen.example("tool")
+    m = ex.meta
+    targets = tokenizer.decode([t for t, keep in zip(ex.ids, ex.mask) if keep])
+    call_text, answer_text, rest = targets.split(tokenizer.eos_token)
+    assert rest == ""
+    call = parse_completion(call_text + tokenizer.eos_token, "chat")["tool_calls"][0]["function"]
+    assert call["name"] == m["call"] and json.loads(call["arguments"]) == m["arguments"]
+    assert answer_text == m["answer"]
+    assert f"<tool_result>{m['result']}</tool_result>" in ex.text  # between the targets, not one
+
+
+def test_eval_split_holds_out_operands(tokenizer):
+    for split in ("train", "eval"):
+        gen = TaskGenerator(tokenizer, seed=0, split=split, mix={"tool": 1.0})
+        for _ in range(30):
+            args = next(gen).meta["arguments"]
+            if "a" in args:
+                pair = (args["a"], args["b"])
+            elif "expression" in args:
+                a, _, b = args["expression"].split(" ")
+                pair = (int(a), int(b))
+            else:
+                continue
+            assert _train_pair(*pair) == (split == "train")
+
+
+def test_retrieval_length_and_answer(tokenizer):
+    gen = TaskGenerator(tokenizer, seed=0)
+    for n_tokens in (1024, 2048):
+        ex = gen.retrieval(n_tokens)
+        assert abs(len(ex.ids) - n_tokens) < 0.1 * n_tokens
+        assert f"\n{ex.meta['key']}: {ex.meta['answer']}\n" in ex.text
+        assert tokenizer.decode([t for t, keep in zip(ex.ids, ex.mask) if keep]) == ex.meta["answer"] + tokenizer.eos_token
+
+
+def test_packing_keeps_every_example_whole(tokenizer):
+    stream = _Stream(TaskGenerator(tokenizer, seed=0, retrieval_tokens=(200, 300)))
+    for _ in range(8):
+        ids, mask, kinds = pack(stream, 1024)
+        assert kinds == ["retrieval"] or "retrieval" not in kinds
+        assert len(ids) <= 1024 or len(kinds) == 1
+        assert ids[0] == tokenizer.bos_token_id and (ids == tokenizer.bos_token_id).sum() == len(kinds)

@@ -41,7 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .cache import ModelCache
-from .config import ConfigError, ModelArgs, read_config
+from .config import ModelArgs
 from .hc import hc_head
 from .model import Model, layer_caches
 from .moe import MoE, RoutedExperts
@@ -458,18 +458,11 @@ def load_distributed(path, ranks: Ranks, mode: str, split: Optional[str] = None)
 
     mode "pipeline": layers split by their bytes (or ``split``, layer counts per rank such as
     "2,3,1"); mode "experts": routed experts split evenly."""
-    from .loader import CheckpointError, _apply_quantization, _check_tensors, to_mlx_layout
+    from .loader import CheckpointError, _apply_quantization, _check_tensors, read_checkpoint_config, to_mlx_layout
 
     if mode not in MODES:
         raise DistributedError(f"distributed mode must be one of {', '.join(MODES)}, got {mode!r}")
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    config = read_config(path)
-    try:
-        args = ModelArgs.from_dict(config)
-    except ConfigError as e:
-        raise ConfigError(f"{path / 'config.json'}: {e}") from None
+    path, config, args = read_checkpoint_config(path)
     weights, files = _lazy_weights(path)
     if mode == "pipeline":
         layer_bytes, embed_bytes, head_bytes = tensor_bytes(weights)

@@ -162,12 +162,8 @@ def _apply_quantization(model: Model, quantization: dict) -> None:
     )
 
 
-def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True, mtp: bool = False) -> Model:
-    """The model of a checkpoint directory. With ``check_memory``, before any weight is read:
-    ``MemoryFitError`` when the weights exceed the machine's memory, ``MemoryFitWarning`` when
-    weights + FP8 cache for ``context`` tokens exceed what it keeps resident. With ``mtp``, the
-    checkpoint's MTP layers, when it has them, load as ``model.mtp_layers`` (the drafter for
-    speculative decoding; off by default, as they cost memory that plain decoding does not use)."""
+def read_checkpoint_config(path):
+    """(path, config dict, ModelArgs) of a checkpoint directory, or an error naming it."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -176,6 +172,16 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
         args = ModelArgs.from_dict(config)
     except ConfigError as e:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
+    return path, config, args
+
+
+def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = True, mtp: bool = False) -> Model:
+    """The model of a checkpoint directory. With ``check_memory``, before any weight is read:
+    ``MemoryFitError`` when the weights exceed the machine's memory, ``MemoryFitWarning`` when
+    weights + FP8 cache for ``context`` tokens exceed what it keeps resident. With ``mtp``, the
+    checkpoint's MTP layers, when it has them, load as ``model.mtp_layers`` (the drafter for
+    speculative decoding; off by default, as they cost memory that plain decoding does not use)."""
+    path, config, args = read_checkpoint_config(path)
     if check_memory:
         files = _weight_files(path) + (_mtp_files(path) if mtp else [])
         check_fit(config, sum(f.stat().st_size for f in set(files)), str(path), context)

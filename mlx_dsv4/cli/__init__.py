@@ -47,12 +47,10 @@ def _apply_config(parser, argv) -> int:
     known, rest = pre.parse_known_args(argv)
     if known.config is None:
         return 0
-    from ..runtime_config import ConfigFileError, load_config
+    from .config import load_or_report
 
-    try:
-        config = load_config(known.config)
-    except ConfigFileError as err:
-        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
+    config = load_or_report(known.config)
+    if config is None:
         return 2
     command = next((a for a in rest if not a.startswith("-")), None)
     if command not in parser.commands:

@@ -11,8 +11,19 @@ def add_arguments(p):
     p.add_argument("--force", action="store_true", help="init: replace an existing file")
 
 
+def load_or_report(path):
+    """The RuntimeConfig of ``path``, or None after printing each of its problems."""
+    from ..runtime_config import ConfigFileError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigFileError as err:
+        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
+        return None
+
+
 def run(args):
-    from ..runtime_config import TEMPLATE, ConfigFileError, load_config
+    from ..runtime_config import TEMPLATE
 
     if args.action == "init":
         if args.file.exists() and not args.force:
@@ -25,10 +36,8 @@ def run(args):
             return 1
         print(f"wrote {args.file}; use it with: mlx-dsv4 --config {args.file} chat")
         return 0
-    try:
-        config = load_config(args.file)
-    except ConfigFileError as err:
-        print("\n".join(f"error: {line}" for line in err.lines()), file=sys.stderr)
+    config = load_or_report(args.file)
+    if config is None:
         return 1
     print(f"{args.file}: {len(config.values)} settings, all valid")
     for key, value in config.values.items():

@@ -1,6 +1,5 @@
 """Sessions through the server: alternating conversations and a restart keep their prefixes."""
 
-import pytest
 
 from test_server_support import API_KEY, MODEL, ServerProcess, openai_client
 

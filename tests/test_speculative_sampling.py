@@ -3,7 +3,6 @@ vocabulary, and the whole generation on the tiny model, both against exact proba
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 from generate_support import tiny_chat_model
 from mlx_dsv4.generate import generate

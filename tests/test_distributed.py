@@ -451,7 +451,7 @@ def test_chat_on_two_ranks_replies_as_one_process_and_ctrl_c_stops_all(tmp_path)
     # Ctrl-C on rank 0 in the middle of a long reply ends it on every rank; the session goes on
     log = tmp_path / "chat.log"
     launcher = subprocess.Popen(chat_command(2, ["--max-tokens", "100000"]), stdin=subprocess.PIPE,
-                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         launcher.stdin.write("Tell me a long story\n")
         launcher.stdin.flush()
@@ -468,5 +468,5 @@ def test_chat_on_two_ranks_replies_as_one_process_and_ctrl_c_stops_all(tmp_path)
         assert launcher.wait(timeout=120) == 0, log.read_text()  # every rank ends cleanly
     finally:
         if launcher.poll() is None:
-            launcher.kill()
+            os.killpg(launcher.pid, signal.SIGKILL)  # the ranks too, not only the launcher
     assert "[thinking mode: think]" in log.read_text()

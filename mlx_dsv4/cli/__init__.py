@@ -42,11 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _apply_config(parser, argv) -> int:
     """Make the --config file's settings the defaults of the command named in ``argv``."""
+    # only a --config before the command is this file (convert has a --config of its own)
+    at = next((i for i, a in enumerate(argv) if a in parser.commands), len(argv))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
-    known, rest = pre.parse_known_args(argv)
+    known, _ = pre.parse_known_args(argv[:at])
     if known.config is None:
         return 0
+    rest = argv[at:]
     from .config import load_or_report
 
     config = load_or_report(known.config)

@@ -167,6 +167,16 @@ class _Snapshot:
     last_used: int = 0
 
 
+def restore_snapshot(snapshot: _Snapshot, model):
+    """A fresh cache of ``model`` holding ``snapshot``'s state."""
+    cache = model.make_cache()
+    try:
+        cache.load_state(dict(snapshot.arrays), dict(snapshot.meta))
+    except (ValueError, KeyError) as e:
+        raise PromptCacheError(f"prompt cache does not fit this model: {e}") from None
+    return cache
+
+
 class PromptCache:
     """Decoding state reusable across calls: snapshots of the model cache at token prefixes.
 
@@ -237,11 +247,7 @@ class PromptCache:
                 "use the same system prompt / document, or start a new cache")
 
     def restore(self, snapshot: _Snapshot, model):
-        cache = model.make_cache()
-        try:
-            cache.load_state(dict(snapshot.arrays), dict(snapshot.meta))
-        except (ValueError, KeyError) as e:
-            raise PromptCacheError(f"prompt cache does not fit this model: {e}") from None
+        cache = restore_snapshot(snapshot, model)
         self._clock += 1
         snapshot.last_used = self._clock
         return cache

@@ -31,6 +31,7 @@ from .generate import (
     _Snapshot,
     load_prompt_cache,
     model_fingerprint,
+    restore_snapshot,
     save_prompt_cache,
 )
 
@@ -283,9 +284,12 @@ class PrefixStore:
             return None
 
     def add(self, partition: str, tokens, cache):
-        tokens = list(tokens)
         arrays, meta = cache.to_state()
-        snapshot = _Snapshot(tokens, arrays, dict(meta))
+        self.add_snapshot(partition, _Snapshot(list(tokens), arrays, dict(meta)))
+
+    def add_snapshot(self, partition: str, snapshot: _Snapshot):
+        """Keep ``snapshot`` (its arrays already checked against the model) in ``partition``."""
+        tokens = snapshot.tokens
         with self._lock:
             key = self._key(partition, tokens)
             entry = self._entries.get(key)
@@ -337,12 +341,6 @@ class PrefixStore:
                     found.append(entry.snapshot)
         return found
 
-    def add_snapshot(self, partition: str, snapshot: _Snapshot):
-        """Take a snapshot read from a prompt-cache file into the store."""
-        cache = self.model.make_cache()
-        cache.load_state(dict(snapshot.arrays), dict(snapshot.meta))
-        self.add(partition, snapshot.tokens, cache)
-
 
 def _snapshot_bytes(snapshot: _Snapshot) -> int:
     return sum(a.nbytes for a in snapshot.arrays.values())
@@ -372,12 +370,7 @@ class PartitionView:
         return self.store.match(self.partition, ids)
 
     def restore(self, snapshot, model):
-        cache = model.make_cache()
-        try:
-            cache.load_state(dict(snapshot.arrays), dict(snapshot.meta))
-        except (ValueError, KeyError) as e:
-            raise PromptCacheError(f"prompt cache does not fit this model: {e}") from None
-        return cache
+        return restore_snapshot(snapshot, model)
 
     def add(self, tokens, cache):
         self.store.add(self.partition, tokens, cache)

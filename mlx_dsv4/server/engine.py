@@ -320,14 +320,15 @@ class Engine:
     def stats(self):
         import mlx.core as mx
 
+        store = self.prefix_store.stats() if self.prefix_store is not None else None
         return {
             "loaded": self._ready.is_set() and self._load_error is None,
             "active": self.active,
             "prefill": _prefill_figures(self.prefill),
             "pending": self.pending,
             **self.counts,
-            "prompt_cache_snapshots": self.prefix_store.stats()["snapshots"] if self.prefix_store else 0,
-            "prompt_cache": self.prefix_store.stats() if self.prefix_store else None,
+            "prompt_cache_snapshots": store["snapshots"] if store else 0,
+            "prompt_cache": store,
             "max_kv_tokens": self.kv_tokens,
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }

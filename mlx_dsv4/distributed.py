@@ -25,6 +25,7 @@ default 300).
 
 import contextlib
 import json
+import logging
 import os
 import re
 import struct
@@ -212,6 +213,18 @@ def _hosts() -> List[str]:
 _GROUPS: list = []
 
 
+def leave(code: int) -> int:
+    """End a process that joined the ranks with ``code``, skipping interpreter teardown: MLX's ring
+    group, freed there while its threads still run, aborted the process now and then
+    ("terminate called without an active exception") after a clean finish."""
+    if not _GROUPS:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def init(timeout: Optional[float] = None) -> Ranks:
     """Join the ranks started by ``mlx.launch`` (``DistributedError`` when this process was not
     started by it); all ranks leave with the same random state."""
@@ -240,8 +253,6 @@ def init(timeout: Optional[float] = None) -> Ranks:
         guard.stdin.close()
         guard.wait()
     ranks = Ranks(group, timeout)
-    # Freed by the garbage collector on a server's engine thread at exit, MLX's ring group
-    # aborted the process ("terminate called without an active exception"): it lives until exit.
     _GROUPS.append(group)
     if ranks.size > 1:
         seed = ranks.broadcast(int.from_bytes(os.urandom(4), "little"))

@@ -76,7 +76,12 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if "mlx_dsv4.distributed" in sys.modules:
+        from ..distributed import leave
+
+        return leave(code)
+    return code

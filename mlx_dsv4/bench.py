@@ -116,14 +116,19 @@ def checkpoint_overrides(args) -> dict:
     return ov
 
 
-def ensure_checkpoint(args, log: Callable[[str], None]) -> Path:
-    """The checkpoint to benchmark: --checkpoint, or one built from the flags (reused when present)."""
+def ensure_checkpoint(args, log: Callable[[str], None], mtp: bool = False) -> Path:
+    """The checkpoint to benchmark: --checkpoint, or one built from the flags (reused when present;
+    ``mtp``: with an MTP layer)."""
     if args.checkpoint:
         return Path(args.checkpoint)
     from .tiny import write_tiny_checkpoint
 
     ov = checkpoint_overrides(args)
-    key = json.dumps({"ov": ov, "dtype": args.dtype, "seed": args.seed}, sort_keys=True)
+    dtype = args.dtype or "bfloat16"
+    fields = {"ov": ov, "dtype": dtype, "seed": args.seed}
+    if mtp:
+        fields["mtp"] = True
+    key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     root = Path(args.checkpoint_dir or Path.home() / ".cache" / "mlx-dsv4" / "bench")
     out = root / f"v4bench-{digest}"
@@ -133,7 +138,7 @@ def ensure_checkpoint(args, log: Callable[[str], None]) -> Path:
     log(f"building checkpoint {out} ...")
     t0 = time.perf_counter()
     tmp = root / f".v4bench-{digest}.partial-{os.getpid()}"
-    write_tiny_checkpoint(tmp, preset="flash", seed=args.seed, dtype=args.dtype, mtp=False, **ov)
+    write_tiny_checkpoint(tmp, preset="flash", seed=args.seed, dtype=dtype, mtp=mtp, **ov)
     tmp.rename(out)
     log(f"built in {time.perf_counter() - t0:.0f}s")
     return out
@@ -639,7 +644,9 @@ def _run_benchmark(args, log: Callable[[str], None]) -> dict:
     from .config import ModelArgs
     from .loader import load_model
 
-    contexts = parse_contexts(args.contexts)
+    contexts = parse_contexts(args.contexts or DEFAULT_CONTEXTS)
+    if args.decode_steps is None:
+        args.decode_steps = 16
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:

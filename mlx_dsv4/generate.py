@@ -26,7 +26,7 @@ from .device_memory import wired_limit
 from .memory import PREFILL_CHUNK, kv_bytes, run_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
-from .speculative import MAX_DRAFT, Drafting, sampling_distribution
+from .speculative import MAX_DRAFT, Drafting, DraftSwitch, sampling_distribution
 from .streams import parallel_streams
 
 _sample_utils = import_mlx_lm("sample_utils")
@@ -834,10 +834,11 @@ class _Generation:
             self.pending = None
 
     def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int,
-                           progress=None, distribution=None) -> Iterator[GenerationStep]:
+                           progress=None, distribution=None, switch=None) -> Iterator[GenerationStep]:
         """Decoding with the MTP drafter: greedy (``distribution`` None) gives the tokens of plain
         greedy decoding; sampling from ``distribution`` gives tokens of the same distribution
-        as plain sampling."""
+        as plain sampling. ``switch`` (a ``DraftSwitch``) turns speculation off while plain steps
+        are faster."""
         self.cache = self.model.make_cache()
         self.drafting = Drafting(self.model, self.cache, distribution=distribution)
         self.consistent = False
@@ -864,7 +865,7 @@ class _Generation:
             # no drafts past max_tokens: they could only be thrown away
             k = max(1, min(num_draft, max_tokens - len(self.generated)))
             self.consistent = False
-            ready = self.drafting.round(token, k)
+            ready = self.drafting.advance(token, k, switch)
             self.fed = list(self.drafting.tokens)
             self.consistent = True
 
@@ -953,6 +954,7 @@ def stream_generate(
     chat_options: Optional[dict] = None,
     draft: Optional[str] = None,
     num_draft: int = 3,
+    draft_switch: bool = True,
 ) -> Iterator[GenerationStep]:
     """Generate from ``prompt`` one token at a time.
 
@@ -976,7 +978,9 @@ def stream_generate(
     (1..8) tokens per model forward pass. Greedy, the output is that of plain greedy decoding;
     sampled, it has the distribution of plain sampling with the same settings (no logits
     processors, custom sampler or prompt cache). The steps report the drafter's proposed and
-    accepted token counts.
+    accepted token counts. With ``draft_switch`` decoding times speculative rounds against plain
+    steps as it goes and drafts only while that is faster (a drafter the model keeps rejecting
+    costs about one probe in every few hundred tokens); the output is the same either way.
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")
@@ -1015,7 +1019,8 @@ def stream_generate(
                     yield from run.decode(max_tokens)
                 else:
                     distribution = sampling_distribution(temperature, top_p=top_p, top_k=int(top_k), min_p=min_p)
-                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress, distribution)
+                    yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress, distribution,
+                                                      DraftSwitch() if draft_switch else None)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)

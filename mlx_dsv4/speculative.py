@@ -17,6 +17,7 @@ holds positions 0..n-1, the drafter's cache positions 0..n-2 (position i read th
 streams h_i and the token t_{i+1}), and `last_hidden` is h_{n-1}.
 """
 
+import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -96,6 +97,9 @@ class Drafting:
         self.cache = cache
         self.draft_cache = drafter.make_cache(cache.kv_dtype, cache.index_dtype, dtype=model.dtype)
         self.last_hidden: Optional[mx.array] = None
+        # positions run by plain steps that the drafter has not read yet: their streams and next tokens
+        self.unread_hidden: List[mx.array] = []
+        self.unread_tokens: List[int] = []
         self.tokens: List[int] = []  # every token run or to run next, prompt included
         self.proposed = 0
         self.accepted = 0
@@ -145,9 +149,41 @@ class Drafting:
             return int(mx.argmax(logits).item())
         return int(mx.random.categorical(mx.log(self.distribution(logits))).item())
 
+    def plain_step(self, token: int) -> List[Tuple[int, float]]:
+        """One step of plain decoding after `token` (the last emitted one): [(next token, its
+        log-probability)]. The drafter reads this position at the next round, with the others
+        run since, in one pass."""
+        logits, hidden = self.model(_tokens([token]), self.cache, return_hidden=True)
+        logits = logits[0, -1]
+        following = self.first_token(logits)
+        lp = (logits[following] - mx.logsumexp(logits)).item()
+        self.unread_hidden.append(self.last_hidden)
+        self.unread_tokens.append(token)
+        self.last_hidden = hidden[:, -1:]
+        self.tokens.append(token)
+        return [(following, lp)]
+
+    def advance(self, token: int, k: int, switch: Optional["DraftSwitch"] = None) -> List[Tuple[int, float]]:
+        """The tokens after ``token`` from one round of k drafts, or from one plain step while
+        ``switch`` finds plain steps faster."""
+        t0 = time.perf_counter()
+        if switch is None or switch.speculate():
+            kept = self.round(token, k)
+        else:
+            kept = self.plain_step(token)
+        if switch is not None:
+            switch.record(time.perf_counter() - t0, len(kept))
+        return kept
+
+    def _read_unread(self) -> None:
+        if self.unread_tokens:
+            self._draft_feed(mx.concatenate(self.unread_hidden, axis=1), self.unread_tokens)
+            self.unread_hidden, self.unread_tokens = [], []
+
     def round(self, token: int, k: int) -> List[Tuple[int, float]]:
         """Draft k tokens after `token` (the last emitted one), verify them; the tokens that
         follow `token` as plain greedy decoding gives them, with their log-probabilities."""
+        self._read_unread()
         draft_state = self.draft_cache.to_state()
         drafts, q = self._propose(token, k)
         if self.adjust_drafts is not None:
@@ -182,3 +218,45 @@ class Drafting:
         kept = targets[: a + 1]
         lps = logprobs[mx.arange(a + 1), mx.array(kept)].tolist()
         return list(zip(kept, lps))
+
+
+class DraftSwitch:
+    """Chooses between speculative rounds and plain steps by their measured seconds per emitted
+    token, so that a drafter the model keeps rejecting does not slow decoding down: the faster way
+    runs, and the other is timed again for ``probe`` tokens after every ``interval`` tokens (the
+    interval doubles, up to ``max_interval``, each time a probe confirms the choice)."""
+
+    def __init__(self, probe: int = 4, interval: int = 64, max_interval: int = 1024):
+        self.probe, self.first_interval, self.max_interval = probe, interval, max_interval
+        self.interval = interval
+        self.rate = {True: None, False: None}  # seconds per token, per way (True: speculative)
+        self.speculative = True
+        self.probing = True  # the current way runs a probe (else a run of `interval` tokens)
+        self._seconds = 0.0
+        self._tokens = 0
+
+    def speculate(self) -> bool:
+        return self.speculative
+
+    def record(self, seconds: float, tokens: int) -> None:
+        """What the last round or step of the current way took and emitted."""
+        self._seconds += seconds
+        self._tokens += tokens
+        if self._tokens < (self.probe if self.probing else self.interval):
+            return
+        way, rate = self.speculative, self._seconds / self._tokens
+        old = self.rate[way]
+        self.rate[way] = rate if old is None else (old + rate) / 2
+        self._seconds, self._tokens = 0.0, 0
+        if self.rate[not way] is None:  # time the other way once before choosing
+            self.speculative, self.probing = not way, True
+            return
+        best = self.rate[True] <= self.rate[False]
+        if self.probing:
+            self.interval = min(self.max_interval, self.interval * 2) if best != way else self.first_interval
+            self.speculative, self.probing = best, False
+        elif best == way:
+            self.speculative, self.probing = not way, True
+        else:
+            self.interval = self.first_interval
+            self.speculative, self.probing = best, False

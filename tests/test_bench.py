@@ -285,3 +285,44 @@ def test_decode_steps_take_turns():
     bench.paired_decode(runners, states, results, 4)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert all(r.decode_tok_s > 0 and r.decode_ms > 0 for r in results.values())
+
+
+def test_speculative_bench_forces_acceptance_and_keeps_the_greedy_output(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    toy = [a for a in TOY[: TOY.index("--contexts")]] + ["--chunk", "64", "--decode-steps", "12"]
+    rc = main(["bench", "--speculative", *toy, "--contexts", "80", "--acceptance", "0,0.5,1", "--num-draft", "1,3",
+               "--no-vlm", "--checkpoint-dir", str(tmp_path / "ckpt"), "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["dtype"] == "float32"
+    row = summary["contexts"]["80"]
+    runs = {(r["forced"], r["k"], r["switch"]): r for r in row["runs"]}
+    assert set(runs) == ({(f, k, False) for f in (None, 0.0, 0.5, 1.0) for k in (1, 3)}
+                         | {(f, 3, True) for f in (0.0, 0.5, 1.0)})
+    for r in row["runs"]:
+        assert r["first_difference"] is None  # every run emitted the plain greedy tokens
+        assert r["tok_s"] > 0 and r["vs_plain"] > 0
+    for k in (1, 3):
+        assert runs[(0.0, k, False)]["acceptance"] == 0 and runs[(1.0, k, False)]["acceptance"] == 1
+        assert abs(runs[(0.5, k, False)]["acceptance"] - 0.5) <= 0.5 / k
+    assert "forced 0.8" not in text and "| forced 1, k=3 |" in text
+    assert any(line.startswith(("PASS", "FAIL")) and "forced 0, k=3, switch on" in line for line in text.splitlines())
+    assert "| forced 0, k=3, switch |" in text
+
+
+def test_forced_acceptance_follows_the_asked_share():
+    from mlx_dsv4.bench_speculative import ForcedAcceptance
+
+    continuation = list(range(100, 200))
+    forced = ForcedAcceptance(continuation, prompt_len=10, acceptance=0.8, vocab=1000)
+    tokens = list(range(10)) + [continuation[0]]
+    accepted = proposed = 0
+    while len(tokens) < 80:
+        drafts = forced(tokens, [0, 0, 0])
+        start = len(tokens) - 10
+        a = next((i for i, t in enumerate(drafts) if t != continuation[start + i]), 3)
+        assert all(t != continuation[start + i] for i, t in enumerate(drafts) if i >= a)
+        accepted, proposed = accepted + a, proposed + 3
+        tokens += continuation[start : start + a + 1]
+    assert abs(accepted / proposed - 0.8) < 0.05

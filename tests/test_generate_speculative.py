@@ -93,3 +93,25 @@ def test_draft_mtp_prefills_in_chunks_and_reports_progress(plain):
     n = len(tok.encode(PROMPT))
     assert got.tokens == plain.tokens
     assert calls == [(min(b, n), n) for b in range(3, n + 3, 3)]
+
+
+def test_switching_speculation_off_and_on_keeps_the_plain_greedy_output(plain, monkeypatch):
+    """Whatever the switch decides round by round, the output is plain greedy decoding's."""
+    import mlx_dsv4.generate as generate_module
+    from mlx_dsv4.speculative import DraftSwitch
+
+    ways = []
+
+    class Alternating(DraftSwitch):
+        def speculate(self):
+            ways.append(len(ways) % 3 != 1)  # speculative, plain, speculative, ...
+            return ways[-1]
+
+    monkeypatch.setattr(generate_module, "DraftSwitch", Alternating)
+    model, tok = tiny_chat_model()
+    _force(monkeypatch, plain.tokens, len(tok.encode(PROMPT)), 5)
+    got = generate(model, tok, PROMPT, max_tokens=40, draft="mtp", num_draft=3)
+    assert got.tokens == plain.tokens and got.text == plain.text
+    assert got.logprobs == pytest.approx(plain.logprobs, abs=1e-3)
+    assert True in ways and False in ways
+    assert 0 < got.stats["draft_accepted"] <= got.stats["draft_proposed"]

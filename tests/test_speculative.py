@@ -144,7 +144,32 @@ def test_speculative_equals_plain_greedy_and_leaves_plain_caches(tiny, plain, k)
     n = len(out)
     assert out == expected[:n]
     assert drafting.accepted == sum(rounds) and drafting.proposed == k * len(rounds)
+    _check_plain_caches(model, drafting, out, expected, plain_hidden, seq)
 
+
+@pytest.mark.parametrize("pattern", ["RPPRRP", "PPPR", "RP"])
+def test_plain_steps_between_rounds_leave_plain_caches(tiny, plain, pattern):
+    """Plain steps (speculation switched off) interleaved with rounds: the output of plain greedy
+    decoding, and the drafter reads the plain steps' positions at the next round."""
+    _, _, model = tiny
+    expected, plain_hidden, seq = plain
+    drafting = Drafting(model, model.make_cache())
+    drafting.adjust_drafts, _ = _forced(expected, random.Random(7))
+    out = [int(mx.argmax(drafting.prefill(PROMPT, 16)).item())]
+    i = 0
+    while len(out) < N_GENERATED:
+        step = drafting.round(out[-1], 3) if pattern[i % len(pattern)] == "R" else drafting.plain_step(out[-1])
+        out += [t for t, _ in step]
+        i += 1
+    assert out == expected[: len(out)]
+    if pattern[(i - 1) % len(pattern)] == "P":
+        assert drafting.unread_tokens
+    drafting._read_unread()
+    _check_plain_caches(model, drafting, out, expected, plain_hidden, seq)
+
+
+def _check_plain_caches(model, drafting, out, expected, plain_hidden, seq):
+    n = len(out)
     # main cache: the next token's logits as from a cache plain decoding built
     ref_cache = model.make_cache()
     model(mx.array([PROMPT]), ref_cache)
@@ -223,3 +248,31 @@ def test_prefill_reads_out_only_the_last_position(tiny, monkeypatch):
     expected = model(mx.array([ids]), model.make_cache())[0, -1]
     np.testing.assert_allclose(np.array(logits.astype(mx.float32)), np.array(expected.astype(mx.float32)),
                                rtol=1e-5, atol=1e-5)
+
+
+def _switch_run(switch, spec_s, plain_s, tokens=2000, per_round=3):
+    """Feed ``switch`` rounds of synthetic timings; the share of tokens emitted speculatively."""
+    done = spec = 0
+    while done < tokens:
+        if switch.speculate():
+            switch.record(per_round * spec_s(done), per_round)
+            done += per_round
+            spec += per_round
+        else:
+            switch.record(plain_s(done), 1)
+            done += 1
+    return spec / done
+
+
+def test_draft_switch_runs_the_faster_way_and_probes_the_other():
+    from mlx_dsv4.speculative import DraftSwitch
+
+    # speculation three times slower per token (a drafter the model rejects): almost all plain
+    assert _switch_run(DraftSwitch(), lambda _: 3.0, lambda _: 1.0) < 0.05
+    # speculation twice as fast: almost all speculative
+    assert _switch_run(DraftSwitch(), lambda _: 0.5, lambda _: 1.0) > 0.95
+    # the acceptance drops halfway: the switch follows within a few probes
+    switch = DraftSwitch()
+    assert _switch_run(switch, lambda _: 0.5, lambda _: 1.0, tokens=1000) > 0.95
+    assert _switch_run(switch, lambda _: 3.0, lambda _: 1.0, tokens=1000) < 0.1
+    assert not switch.speculate() or switch.probing

@@ -3,6 +3,7 @@
 import sys
 
 from ..bench import DEFAULT_CONTEXTS, DEFAULT_RATIOS, FLASH_DIMS, IMPLS
+from ..bench_speculative import DEFAULT_ACCEPTANCES, DEFAULT_DRAFTS, DEFAULT_SPEC_CONTEXTS
 
 
 def add_arguments(p) -> None:
@@ -19,19 +20,21 @@ def add_arguments(p) -> None:
     g.add_argument("--vocab-size", type=int, default=32768,
                    help="vocabulary (default 32768; V4's is 129280, which only adds the same "
                         "embedding/head cost to every implementation)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="weights' dtype (default bfloat16; float32 with --speculative)")
     g.add_argument("--seed", type=int, default=0)
     for key, value in FLASH_DIMS.items():
         g.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=value,
                        help=f"default {value}")
     r = p.add_argument_group("measurement")
-    r.add_argument("--contexts", default=DEFAULT_CONTEXTS,
-                   help=f"prompt lengths to measure, comma-separated (default {DEFAULT_CONTEXTS}; "
-                        "k/K suffix allowed, e.g. 1k,8k,32k)")
+    r.add_argument("--contexts", default=None,
+                   help=f"prompt lengths to measure, comma-separated (default {DEFAULT_CONTEXTS}; with "
+                        f"--speculative {DEFAULT_SPEC_CONTEXTS}; k/K suffix allowed, e.g. 1k,8k,32k)")
     r.add_argument("--cpu-streams", type=int, default=None,
                    help="CPU backend: run our model's independent work on up to N streams, one per core "
                         "(experimental; default: $MLX_DSV4_CPU_STREAMS or 1)")
-    r.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context (default 16)")
+    r.add_argument("--decode-steps", type=int, default=None,
+                   help="timed decode steps per context (default 16; with --speculative 96)")
     r.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
     r.add_argument("--impls", default=",".join(IMPLS), help=f"implementations to run (default {','.join(IMPLS)})")
     r.add_argument("--kv-dtype", default="fp8", help="our cache's kv storage (default fp8)")
@@ -48,12 +51,34 @@ def add_arguments(p) -> None:
     r.add_argument("--json", dest="json_out", default=None, help="also write all figures to this JSON file")
     r.add_argument("--plot", default=None, metavar="PATH",
                    help="also draw tok/s and memory against context into this PNG (needs matplotlib)")
+    s = p.add_argument_group("speculative decoding (--speculative)")
+    s.add_argument("--speculative", action="store_true",
+                   help="measure plain greedy decode against speculative decode with the MTP layer instead")
+    s.add_argument("--acceptance", default=DEFAULT_ACCEPTANCES,
+                   help=f"forced acceptance rates to measure (default {DEFAULT_ACCEPTANCES}); the MTP head's own "
+                        "proposals are measured too")
+    s.add_argument("--num-draft", dest="spec_drafts", default=DEFAULT_DRAFTS,
+                   help=f"tokens drafted per round to measure, comma-separated (default {DEFAULT_DRAFTS})")
+    s.add_argument("--no-vlm", action="store_true", help="skip mlx-vlm's plain decode")
 
 
 def run(args) -> int:
     from ..bench import run_benchmark
 
     try:
+        if args.speculative:
+            from ..bench import parse_contexts
+            from ..bench_speculative import run_speculative
+
+            args.spec_contexts = parse_contexts(args.contexts or DEFAULT_SPEC_CONTEXTS)
+            args.dtype = args.dtype or "float32"
+            summary = run_speculative(args)
+            if args.json_out:
+                import json
+                from pathlib import Path
+
+                Path(args.json_out).write_text(json.dumps(summary, indent=1))
+            return 0
         run_benchmark(args)
     except ValueError as e:
         print(f"mlx-dsv4 bench: {e}", file=sys.stderr)

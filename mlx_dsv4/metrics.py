@@ -125,7 +125,7 @@ class RoutingCounter:
     def __call__(self, layer_id: int, indices) -> None:
         if layer_id >= self._counts.shape[0]:
             return
-        if self._last_layer is None or layer_id < self._last_layer:
+        if not self._passes or layer_id < self._last_layer:
             self.fold(keep_latest=False)  # a new pass: the ones before it are evaluated
             self._passes.append([])
         self._last_layer = layer_id
@@ -144,6 +144,11 @@ class RoutingCounter:
         self._passes = self._passes[len(done):]
         with self._lock:
             self._counts += added
+
+    def discard_pending(self) -> None:
+        """Forget the passes not counted yet (those of a generation that failed or was stopped)."""
+        self._passes = []
+        self._last_layer = None
 
     def counts(self) -> np.ndarray:
         """[layers, experts] tokens routed so far (folded passes only); safe from any thread."""
@@ -294,6 +299,10 @@ class ServerMetrics:
                 with self._lock:
                     self.latest = step
                 yield step
+        except BaseException:
+            # a failed pass cannot be evaluated, and a stopped one need not be waited for
+            self.routing.discard_pending()
+            raise
         finally:
             steps.close()
             self.routing.fold(keep_latest=False)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,23 @@ def test_expert_counts_equal_a_direct_count_of_the_router_choices(fresh_model):
         expected = direct_counts(spy.inner, spy.inputs, args.num_experts_per_tok)
         assert counts[i].tolist() == expected.tolist(), f"layer {i}"
     assert not model.layers[1].ffn.routing_counter  # detached: the layers call nothing
+
+
+def test_routing_counter_folds_finished_passes_only():
+    counter = RoutingCounter(n_layers=1, n_experts=4)
+    counter(0, mx.array([[1, 2]]))
+    counter(0, mx.array([[2, 3]]))  # a second call of the same layer: the same pass, split in parts
+    assert counter.counts().sum() == 0
+    counter.fold(keep_latest=True)  # the pass may still be running: kept
+    assert counter.counts().sum() == 0
+    counter.fold(keep_latest=False)
+    assert counter.counts().tolist() == [[0, 1, 2, 1]]
+    counter(0, mx.array([[0, 0]]))  # after a fold, a new pass begins
+    counter.discard_pending()
+    counter(0, mx.array([[3, 3]]))
+    counter(5, mx.array([[3, 3]]))  # a layer beyond the decoder's (an MTP layer) is not counted
+    counter.fold(keep_latest=False)
+    assert counter.counts().tolist() == [[0, 1, 2, 3]]
 
 
 def hand_flops(cfg, context):
@@ -204,6 +222,7 @@ def server():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def scrape(base):
@@ -310,7 +329,8 @@ def test_chat_stats_command(fresh_model):
     from mlx_dsv4.cli.chat import ChatSession
 
     model, tokenizer = fresh_model
-    args = build_parser().parse_args(["chat", "--model", str(tiny_chat_dir()), "--max-tokens", "5"])
+    args = build_parser().parse_args([
+        "chat", "--model", str(tiny_chat_dir()), "--max-tokens", "5", "--prompt-cache-dir", "none"])
     out, err = io.StringIO(), io.StringIO()
     session = ChatSession(model, tokenizer, args, out=out, err=err)
     try:

@@ -377,3 +377,41 @@ def test_generate_stats(capsys):
 
     code = main(["generate", "--model", model_dir, "--prompt", "Name a bird.", "--max-tokens", "4", "--json"])
     assert "stats" not in json.loads(capsys.readouterr().out)
+
+
+def test_generate_stats_report_draft_acceptance(capsys):
+    code = main(["generate", "--model", str(tiny_chat_dir()), "--prompt", "Name a bird.", "--max-tokens", "6",
+                 "--draft", "mtp", "--json", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    message = json.loads(out)
+    draft = message["draft"]
+    assert draft["proposed"] > 0
+    assert message["stats"]["draft"] == {"proposed": draft["proposed"], "accepted": draft["accepted"],
+                                         "acceptance_rate": draft["acceptance_rate"]}
+    assert f"draft: {draft['accepted']} of {draft['proposed']} proposed tokens accepted" in err
+
+
+def test_tool_call_latency_by_substrate():
+    from mlx_dsv4.agent import Agent
+    from mlx_dsv4.chat import tool_calls_to_dsml
+    from mlx_dsv4.metrics import TOOL_CALLS, format_figures
+
+    def pause(seconds: float) -> str:
+        """Wait a while."""
+        time.sleep(seconds)
+        return "done"
+
+    call = "\n\n" + tool_calls_to_dsml(
+        [{"type": "function", "function": {"name": "pause", "arguments": json.dumps({"seconds": 0.05})}}])
+    replies = iter(["Waiting." + call, "Done."])
+    before = TOOL_CALLS.figures().get("function", {"calls": 0, "seconds": 0.0})
+    with Agent(tools=[pause], completion_fn=lambda prompt: iter([next(replies)])) as agent:
+        record = agent.run("Wait.").tool_calls[0]
+    after = TOOL_CALLS.figures()["function"]
+    assert after["calls"] == before["calls"] + 1
+    assert after["seconds"] - before["seconds"] == pytest.approx(record.result.duration_s)
+    assert 0.05 <= record.result.duration_s <= after["max_s"]
+    figures = {"context_tokens": 0, "active_parameters": 0, "flops_per_token": 0, "prefill_tokens_per_s": 0.0,
+               "decode_tokens_per_s": 0.0, "kv_cache": {}, "tool_calls": TOOL_CALLS.figures()}
+    assert any(line.startswith(f"tool calls (function): {after['calls']}, mean ") for line in format_figures(figures))

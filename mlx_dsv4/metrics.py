@@ -243,8 +243,8 @@ def _count(n: float) -> str:
 
 def format_figures(figures: dict) -> List[str]:
     """The figures as lines of text for a terminal."""
-    lines = [f"context: {figures['context_tokens']} tokens in the KV cache | active parameters {_count(figures['active_parameters'])}"
-             f" | {_count(figures['flops_per_token'])}FLOP for the next token"]
+    lines = [f"context: {figures['context_tokens']} tokens in the KV cache | active parameters "
+             f"{_count(figures['active_parameters'])} | {_count(figures['flops_per_token'])}FLOP for the next token"]
     lines.append(f"speed: prefill {figures['prefill_tokens_per_s']:.1f} tok/s | "
                  f"decode {figures['decode_tokens_per_s']:.1f} tok/s")
     if figures.get("queue_depth") is not None:
@@ -285,6 +285,12 @@ class ServerMetrics:
         self.totals = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                        "draft_proposed": 0, "draft_accepted": 0}
         self.latest = None  # the newest step of the running (or last) generation
+        self._active = (None, 0)  # (model, its active parameters): counting them walks every tensor
+
+    def active_parameters(self, model) -> int:
+        if self._active[0] is not model:
+            self._active = (model, active_parameters(model.args))
+        return self._active[1]
 
     def watch(self, model, steps) -> Iterator:
         """``steps`` (a stream_generate iterator) unchanged, their figures noted on the way."""
@@ -368,7 +374,8 @@ def prometheus_text(engine, model_name: str) -> bytes:
     counter("prompt_cache_misses", "Prompts that found no cached prefix.", value=store["misses"] if store else 0)
     gauge("prompt_cache_snapshots", "Prefix snapshots kept.", value=store["snapshots"] if store else 0)
     gauge("prompt_cache_bytes", "Bytes of prefix snapshots.", labels=["store"],
-          samples=[(["memory"], store["memory_bytes"] if store else 0), (["disk"], store["disk_bytes"] if store else 0)])
+          samples=[(["memory"], store["memory_bytes"] if store else 0),
+                   (["disk"], store["disk_bytes"] if store else 0)])
     gauge("memory_active_bytes", "MLX memory in use.", value=stats["memory"]["active_bytes"])
     gauge("rss_bytes", "Resident memory of the server process.", value=stats["memory"]["rss_bytes"])
     if model is not None:
@@ -382,7 +389,8 @@ def prometheus_text(engine, model_name: str) -> bytes:
               labels=["layer_type"], samples=[([t], v["compressed_entries"]) for t, v in kv.items()])
         gauge("kv_cache_layers", "Decoder layers of each layer type.",
               labels=["layer_type"], samples=[([t], v["layers"]) for t, v in kv.items()])
-        gauge("active_parameters", "Parameters one token goes through.", value=active_parameters(args))
+        gauge("active_parameters", "Parameters one token goes through.",
+              value=engine.metrics.active_parameters(model))
         gauge("flops_per_token", "Estimated FLOPs of the latest sequence's next token.",
               value=flops_per_token(args, tokens + 1))
     counts = seen["expert_tokens"]

@@ -350,7 +350,8 @@ def test_chat_stats_command(fresh_model):
     assert re.search(r"speed: prefill [\d.]+ tok/s \| decode [\d.]+ tok/s", text)
     assert "prompt cache: 0 hits, 1 misses" in text
     # the chat keeps the whole reply in its prompt cache: every token went through the layers
-    routed = re.findall(r"experts layer (\d): imbalance [\d.]+ \(max/mean\), busiest expert \d+ with \d+ of (\d+)", text)
+    routed = re.findall(r"experts layer (\d): imbalance [\d.]+ \(max/mean\), busiest expert \d+ with \d+ of (\d+)",
+                        text)
     assert routed == [(str(i), str(2 * (prompt + generated))) for i in range(3)]
 
 

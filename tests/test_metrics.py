@@ -292,6 +292,31 @@ def test_top_once_prints_the_figures(server, capsys):
         assert "Expert routing" in out
 
 
+def test_top_refreshes_until_interrupted(server):
+    pexpect = pytest.importorskip("pexpect")
+    completed = int(scrape(server)['mlx_dsv4_requests_total{"outcome": "completed"}'])
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_dsv4.cli", "top", server, "--interval", "0.3"],
+                          encoding="utf-8", timeout=60, dimensions=(50, 120))
+    try:
+        child.expect(f"requests: {completed} completed")
+        reply = httpx.post(server + "/v1/completions", timeout=120, headers={"x-api-key": API_KEY},
+                           json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 3})
+        assert reply.status_code == 200, reply.text
+        child.expect(f"requests: {completed + 1} completed")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+def test_top_checks_the_interval(capsys):
+    assert main(["top", "127.0.0.1:1", "--interval", "0"]) == 2
+    assert "error: --interval must be a positive number of seconds, got 0" in capsys.readouterr().err
+
+
 def test_top_says_when_the_url_does_not_answer(capsys):
     port = _free_port()
     assert main(["top", f"127.0.0.1:{port}", "--once"]) == 1

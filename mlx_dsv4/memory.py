@@ -63,18 +63,23 @@ def kv_bytes(config: Union[dict, ModelArgs], tokens: int, kv_dtype: str = "fp8",
     dtype is the model's activation dtype (bfloat16 for released checkpoints).
     """
     args = config if isinstance(config, ModelArgs) else ModelArgs.from_dict(config)
+    return sum(layer_kv_bytes(args, ratio, tokens, kv_dtype, index_dtype, dtype, batch)
+               for ratio in args.compress_ratios)
+
+
+def layer_kv_bytes(args: ModelArgs, ratio: int, tokens: int, kv_dtype: str = "fp8", index_dtype: str = "fp4",
+                   dtype="bfloat16", batch: int = 1) -> int:
+    """Bytes of KV cache one layer of compress ``ratio`` holds after ``tokens`` tokens (see kv_bytes)."""
     if tokens <= 0:
         return 0
     act = dtype_bytes(dtype)
     kv_row = kv_row_bytes(kv_dtype, args.head_dim, args.qk_rope_head_dim, act)
-    index_row = index_row_bytes(index_dtype, args.index_head_dim, act)
-    total = 0
-    for ratio in args.compress_ratios:
-        total += batch * args.sliding_window * kv_row
-        if ratio:
-            total += _compressor_bytes(tokens, ratio, args.head_dim, kv_row, act, batch)
-        if ratio == 4:
-            total += _compressor_bytes(tokens, 4, args.index_head_dim, index_row, act, batch)
+    total = batch * args.sliding_window * kv_row
+    if ratio:
+        total += _compressor_bytes(tokens, ratio, args.head_dim, kv_row, act, batch)
+    if ratio == 4:
+        index_row = index_row_bytes(index_dtype, args.index_head_dim, act)
+        total += _compressor_bytes(tokens, 4, args.index_head_dim, index_row, act, batch)
     return total
 
 

@@ -87,8 +87,13 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
+    # Called with (layer_id, expert indices) on every forward pass when set on a layer
+    # (mlx_dsv4.metrics.RoutingCounter); None, the default, adds nothing to the pass.
+    routing_counter = None
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id
         self.gate = Gate(args, hashed=is_hash_layer(args, layer_id))
         limit = args.swiglu_limit
         self.experts = RoutedExperts(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, limit)
@@ -97,6 +102,8 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array, tokens: mx.array) -> mx.array:
         indices, weights = self.gate(x, tokens)
+        if self.routing_counter is not None:
+            self.routing_counter(self.layer_id, indices)
         y = self.experts(x, indices)
         y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         if "shared_experts" in self:

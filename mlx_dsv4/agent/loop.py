@@ -15,6 +15,7 @@ from ..chat import (
     encode_messages,
 )
 from ..chat.special import THINK_OPEN
+from ..metrics import TOOL_CALLS
 from .log import StepLog
 from .substrates import ExecutionResult, make_substrate
 from .tools import ToolArgumentError, as_tool
@@ -241,6 +242,7 @@ class Agent:
             else:
                 result = substrate.run(t, parsed)
         result.duration_s = result.duration_s or (time.perf_counter() - start)
+        TOOL_CALLS.observe(substrate_name, result.duration_s)
         # Tool output goes into the prompt as caller text: protocol strings in it stay ordinary text.
         content = result.to_content(self.max_result_chars)
         record = ToolCallRecord(step, call["id"], name, arguments, result)

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "chat": ("chat", "Interactive chat"),
     "serve": ("serve", "OpenAI- and Anthropic-compatible HTTP server"),
     "bench": ("bench", "Long-context speed and memory benchmark"),
+    "top": ("top", "Show a running server's figures (/metrics) live in the terminal"),
     "config": ("config", "Write or check a runtime configuration file (used with --config)"),
 }
 

@@ -28,6 +28,7 @@ HELP = """commands:
   /save FILE                     save the conversation and its prompt cache
   /load FILE                     resume a conversation saved with /save
   /tools [FILE|off]              list the tools, load OpenAI tool definitions from a JSON file, or drop them
+  /stats                         KV cache by layer type, speeds, expert routing, FLOPs of the last reply
   /help                          this text
   /quit                          leave (Ctrl-D works too)
 Ctrl-C stops a reply and keeps what was generated. Tool calls are shown, not run
@@ -129,6 +130,10 @@ class ChatSession:
         self.messages = []
         options = prefix_store_options(args) if hasattr(args, "prompt_cache_bytes") else {"memory_bytes": 1 << 30}
         self.prompt_cache = None if ranks is not None else PrefixStore(model, **options).view(CHAT_PARTITION)
+        from ..metrics import RoutingCounter
+
+        self.routing = RoutingCounter.attach(model)  # for /stats
+        self.last_step = None
 
     def say(self, text=""):
         self.out.write(text + "\n")
@@ -166,9 +171,20 @@ class ChatSession:
             self.load(rest)
         elif name == "/tools":
             self.tools_command(rest)
+        elif name == "/stats":
+            self.stats()
         else:
             self.say(f"unknown command {name}; /help lists them")
         return True
+
+    def stats(self):
+        from ..metrics import format_figures, generation_figures
+
+        if self.last_step is None:
+            self.say("[no reply yet: /stats shows the figures of the last reply]")
+            return
+        figures = generation_figures(self.model, self.last_step, self.routing, self.prompt_cache)
+        self.say("\n".join(format_figures(figures)))
 
     def save(self, path):
         from ..generate import PromptCacheError, save_prompt_cache
@@ -296,6 +312,7 @@ class ChatSession:
             bar.clear()
         message = renderer.finish()
         self.messages.append(message)
+        self.last_step = last or self.last_step
         if last is None:
             self.say("[interrupted]")
             return

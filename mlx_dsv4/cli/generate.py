@@ -34,6 +34,10 @@ def add_arguments(p):
                         "verifies (greedy: the output of plain greedy decoding; sampled: its distribution)")
     p.add_argument("--num-draft", type=int, default=3, metavar="N",
                    help="tokens the drafter proposes per model forward pass with --draft mtp (1..8, default 3)")
+    p.add_argument("--stats", action="store_true",
+                   help="after the run, print the monitoring figures (KV cache by layer type, speeds, expert "
+                        "routing, active parameters, FLOPs per token, draft acceptance) to stderr; with --json, "
+                        "add them to the output as \"stats\"")
     p.add_argument("--verbose", action="store_true",
                    help="print the device and the kernel paths in use (to stderr) before generating")
     add_distributed_arguments(p)
@@ -95,6 +99,11 @@ def run(args) -> int:
         return 1
     if args.verbose:
         print_paths(model)
+    routing = None
+    if args.stats:
+        from ..metrics import RoutingCounter
+
+        routing = RoutingCounter.attach(model)
     cache_file = args.prompt_cache
     prompt_cache, existed = None, False
     try:
@@ -134,6 +143,11 @@ def run(args) -> int:
         message = {"role": "assistant", "content": parsed["content"],
                    "reasoning_content": parsed["reasoning_content"], "tool_calls": parsed["tool_calls"]}
     reason = last.finish_reason if last is not None and last.finish_reason else "interrupted"
+    figures = None
+    if routing is not None and last is not None:
+        from ..metrics import generation_figures
+
+        figures = generation_figures(model, last, routing, prompt_cache)
     if args.json:
         out = dict(message, finish_reason=reason)
         if last is not None:
@@ -143,9 +157,16 @@ def run(args) -> int:
                                 "proposed": last.draft_proposed, "accepted": last.draft_accepted,
                                 "acceptance_rate": round(last.draft_accepted / last.draft_proposed, 4)
                                 if last.draft_proposed else None}
+        if figures is not None:
+            out["stats"] = figures
         print(json.dumps(out, ensure_ascii=False, indent=2))
     if last is not None:
         print(stats_line(last, reason), file=sys.stderr)
+    if figures is not None:
+        from ..metrics import format_figures
+
+        for line in format_figures(figures):
+            print(line, file=sys.stderr)
     if prompt_cache is not None and not existed and len(prompt_cache):
         try:
             save_prompt_cache(cache_file, prompt_cache)

@@ -1,7 +1,7 @@
 """OpenAI- and Anthropic-compatible HTTP server for DeepSeek-V4 (``mlx-dsv4 serve``).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``POST /v1/messages`` (+ ``/v1/messages/count_tokens``), ``GET /health``.
+``POST /v1/messages`` (+ ``/v1/messages/count_tokens``), ``GET /health``, ``GET /metrics`` (Prometheus).
 
 Modules: ``app`` (Starlette routes, body parsing, limits, SSE plumbing), ``access``
 (Host check, API keys, JSON body type), ``prompt_tokens`` (tokenising a prompt only up to

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager, suppress
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..chat.wiretext import strict_json_loads
@@ -441,6 +441,12 @@ class Server:
                              "request_body_bytes": self.budget.used},
                             status_code=200 if stats["loaded"] else 503)
 
+    async def metrics(self, request):
+        from ..metrics import prometheus_text
+
+        body = await run_in_threadpool(prometheus_text, self.ctx.engine, self.ctx.model_name)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
 
 async def _http_error(request, exc):
     messages = {404: f"no route for {request.method} {request.url.path}", 405: f"{request.method} is not allowed here"}
@@ -462,6 +468,7 @@ def create_app(ctx):
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/v1/models/{name:path}", server.model, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     return HostCheck(app, ctx.hosts, _flavour)

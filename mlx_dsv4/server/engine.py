@@ -123,6 +123,9 @@ class Engine:
         self.prefill = None  # while a prompt prefills: tokens done and to do, and when it started
         self._current = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        from ..metrics import ServerMetrics
+
+        self.metrics = ServerMetrics()  # what /metrics reports of the generations
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -252,10 +255,10 @@ class Engine:
                     raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
 
             self._announce(ids, options, job.partition)
-            steps = stream_generate(
+            steps = self.metrics.watch(self.model, stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
                 kv_cache_limit=self.kv_cache_limit, logits_processors=processors, progress=progress, **options,
-            )
+            ))
             try:
                 for step in steps:
                     self.prefill = None

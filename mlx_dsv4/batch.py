@@ -1,10 +1,12 @@
 """One decoding step over several sequences, each with its own cache.
 
 The model's batch rows share one cache offset, so sequences of different lengths cannot
-share a ``ModelCache``. Here each sequence keeps its own: the embedding, the
-hyper-connection mixes, the MoE and the head run once over the [B, 1] batch (their
-weights are read once per step, not once per sequence), while each layer's attention runs
-row by row against that row's own layer cache, exactly as a solo step would.
+share a ``ModelCache``. Here each sequence keeps its own. The embedding, the
+hyper-connection mixes, the attention's projections (queries, kv rows, compressors,
+indexer queries, output; RoPE at each row's own position), the MoE and the head run once
+over the [B, 1] batch: their weights are read once per step, not once per sequence. The
+rest of each layer's attention (window, compressor pooling, indexer selection, scores)
+runs row by row against that row's own layer cache, exactly as a solo step would.
 Nothing mixes rows: routing (score- or hash-based) is per token.
 """
 
@@ -29,10 +31,27 @@ def decode_rows(model, tokens: Sequence[int], caches: List[ModelCache]) -> mx.ar
     h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
     for i, layer in enumerate(model.layers):
         attn_in, post, comb = layer._attn_input(h, opts)
-        rows = [layer.attn(attn_in[r : r + 1], cache.layers[i], cache.query_block) for r, cache in enumerate(caches)]
-        h = layer._ffn(mx.concatenate(rows, axis=0), h, post, comb, ids, opts)
+        attn = layer.attn
+        offsets = mx.array([cache.layers[i].offset for cache in caches])
+        q_lora, q, kv = attn._project(attn_in, offsets)
+        side = attn.side_projections(attn_in, q_lora, offsets, caches[0].layers[i].indexer.codec
+                                     if attn.ratio == 4 else None)
+        rows = [attn.attend(attn_in[r : r + 1], q_lora[r : r + 1], q[r : r + 1], kv[r : r + 1], cache.layers[i],
+                            cache.query_block, _row(side, r))
+                for r, cache in enumerate(caches)]
+        out = attn._output(mx.concatenate(rows, axis=0), offsets)
+        h = layer._ffn(out, h, post, comb, ids, opts)
     x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
     return split_outputs(model.head, model.norm(x))[:, -1, :]
+
+
+def _row(arrays, r: int):
+    """Row ``r`` of every array in a nest of dicts and tuples."""
+    if isinstance(arrays, dict):
+        return {k: _row(v, r) for k, v in arrays.items()}
+    if isinstance(arrays, tuple):
+        return tuple(_row(v, r) for v in arrays)
+    return arrays[r : r + 1]
 
 
 def _pick(run, logits: mx.array):

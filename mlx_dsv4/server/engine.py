@@ -7,10 +7,10 @@ while others decode is prefilled (one chunk between two of their steps) and join
 one that finishes or is cancelled leaves, and the others go on. With ``max_batch`` 1
 (and on a distributed server, whose other ranks replay one request at a time) one
 generation runs at a time. A job whose client went away is cancelled between two tokens
-(or skipped if still queued), so its slot frees at once. A request that extends an earlier conversation only prefills the new
-suffix: prompt-cache snapshots are kept per partition (one per API key; a single one when
-the server has no keys), so a request only reuses, or learns of, prefixes made by requests
-of its own partition.
+(or skipped if still queued), so its slot frees at once. A request that extends an
+earlier conversation only prefills the new suffix: prompt-cache snapshots are kept per
+partition (one per API key; a single one when the server has no keys), so a request only
+reuses, or learns of, prefixes made by requests of its own partition.
 """
 
 import asyncio
@@ -379,6 +379,7 @@ class Engine:
             self._finish(job, "cancelled")
             return
         self.active = True
+        self._current = job
         prompt_cache = self._prompt_cache(job.partition)
         try:
             ids, options, processors = self._prepare(job, prompt_cache)
@@ -402,6 +403,7 @@ class Engine:
             return
         finally:
             self.prefill = None
+            self._current = None
             self.active = bool(batch.runs)
         batch.add(run)
         self._running[id(run)] = job

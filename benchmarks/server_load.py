@@ -11,8 +11,9 @@ the server's memory before and after (from /health).
 concurrent greedy streams against an in-process engine (``--max-batch``, default 8), on the
 tiny test model and on the reduced-width bench model (``mlx-dsv4 bench --hidden-size 256 ...``,
 see docs/performance.md), with the ratio to 1 stream and, for reference, 4 streams decoded one
-at a time (``--max-batch 1``). Decode rate: tokens that arrive while every stream decodes,
-over that window, so prefill stays out.
+at a time (``--max-batch 1``). Decode rate: the tokens after each stream's first, over the
+time from the first token of any stream to the last (the short prompts of later streams
+prefill inside it, as they would under load).
 
     python benchmarks/server_load.py --batching
 """
@@ -130,7 +131,8 @@ def tiny_checkpoint():
 
 def decode_rate(engine, streams, *, max_tokens=48, prompt_tokens=64):
     """Aggregate decode tokens/s of ``streams`` concurrent greedy streams (prompts of different
-    lengths) through ``engine``: tokens that arrive while every stream decodes, over that window."""
+    lengths) through ``engine``: the tokens after each stream's first, over the time from the
+    first token of any stream to the last."""
     import asyncio
 
     import numpy as np
@@ -152,9 +154,9 @@ def decode_rate(engine, streams, *, max_tokens=48, prompt_tokens=64):
         return await asyncio.gather(*(one(ids) for ids in prompts))
 
     arrivals = asyncio.run(all_streams())
-    start = max(a[0] for a in arrivals)
-    end = min(a[-1] for a in arrivals)
-    tokens = sum(1 for a in arrivals for t in a if start < t <= end)
+    start = min(a[0] for a in arrivals)
+    end = max(a[-1] for a in arrivals)
+    tokens = sum(len(a) - 1 for a in arrivals)
     return tokens / (end - start) if end > start and tokens else float("nan")
 
 
@@ -172,7 +174,7 @@ def batching_table(models, *, max_batch=8, stream_counts=(1, 4, 8), max_tokens=4
                 counts = stream_counts if batch > 1 else (4,)
                 for streams in counts:
                     rate = decode_rate(engine, streams, max_tokens=max_tokens)
-                    base = next((r[3] for r in rows if r[0] == name and r[2] == 1), None)
+                    base = rate if streams == 1 else next((r[3] for r in rows if r[0] == name and r[2] == 1), None)
                     rows.append((name, batch, streams, rate, rate / base if base else float("nan")))
             finally:
                 engine.stop()

@@ -69,13 +69,17 @@ MAX_TOKENS = 48
 CANCELLED = 2  # the request whose client closes its stream midway
 
 
-def _stream(server, prompt, read_at_most=None):
-    """(text, finish_reason) of one greedy streaming request; with ``read_at_most`` the client
-    closes the stream after that many chunks."""
+SEEDED = [("Pick some words at random.", 11), ("Pick some words at random.", 12)]
+
+
+def _stream(server, prompt, read_at_most=None, seed=None):
+    """(text, finish_reason) of one streaming request, greedy (sampled at temperature 1 with
+    ``seed``); with ``read_at_most`` the client closes the stream after that many chunks."""
     import openai
 
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0, timeout=120)
-    stream = client.chat.completions.create(model=MODEL, stream=True, max_tokens=MAX_TOKENS, temperature=0,
+    sampling = dict(temperature=0) if seed is None else dict(temperature=1.0, seed=seed)
+    stream = client.chat.completions.create(model=MODEL, stream=True, max_tokens=MAX_TOKENS, **sampling,
                                             messages=[{"role": "user", "content": prompt}])
     pieces, reason = [], None
     for n, chunk in enumerate(stream):
@@ -113,13 +117,15 @@ def solo_outputs():
     server = ServerProcess(["--served-model-name", MODEL, "--max-batch", "1", "--prompt-cache-dir", "none"])
     try:
         outputs = [_stream(server, p) for p in PROMPTS]
+        seeded = [_stream(server, p, seed=seed) for p, seed in SEEDED]
         assert server.health()["batch"] == {"max": 1, "decoding": 0, "largest": 0}
-        return outputs
+        return outputs, seeded
     finally:
         server.stop()
 
 
 def test_concurrent_streams_decode_together_with_their_solo_outputs(solo_outputs):
+    solo_outputs, solo_seeded = solo_outputs
     assert len(set(solo_outputs)) == len(PROMPTS)  # distinct outputs: nothing could pass by mixing rows
     server = ServerProcess(["--served-model-name", MODEL, "--max-batch", "4", "--prompt-cache-dir", "none"])
     try:
@@ -138,6 +144,10 @@ def test_concurrent_streams_decode_together_with_their_solo_outputs(solo_outputs
         assert health["batch"]["decoding"] == 0 and health["pending"] == 0
         # the server goes on serving after the batch drained
         assert _stream(server, PROMPTS[0]) == solo_outputs[0]
+        # each seeded request samples from its own random state, whatever decodes beside it
+        assert solo_seeded[0] != solo_seeded[1]
+        assert _concurrently([lambda p=p, s=s: _stream(server, p, seed=s) for p, s in SEEDED]) == solo_seeded
+        assert server.health()["batch"]["largest"] == 4
     finally:
         server.stop()
 

@@ -13,7 +13,8 @@ tiny test model and on the reduced-width bench model (``mlx-dsv4 bench --hidden-
 see docs/performance.md), with the ratio to 1 stream and, for reference, 4 streams decoded one
 at a time (``--max-batch 1``). Decode rate: the tokens after each stream's first, over the
 time from the first token of any stream to the last (the short prompts of later streams
-prefill inside it, as they would under load).
+prefill inside it, as they would under load), in wall-clock seconds and in CPU seconds of
+the process (what other work on a shared machine disturbs least).
 
     python benchmarks/server_load.py --batching
 """
@@ -129,10 +130,11 @@ def tiny_checkpoint():
     return checkpoint_dir()
 
 
-def decode_rate(engine, streams, *, max_tokens=48, prompt_tokens=64):
-    """Aggregate decode tokens/s of ``streams`` concurrent greedy streams (prompts of different
+def decode_rate(engine, streams, *, max_tokens=64, prompt_tokens=64):
+    """Aggregate decode rates of ``streams`` concurrent greedy streams (prompts of different
     lengths) through ``engine``: the tokens after each stream's first, over the time from the
-    first token of any stream to the last."""
+    first token of any stream to the last, as (tokens per second, tokens per CPU second of
+    this process: on a shared machine the figure that other processes disturb least)."""
     import asyncio
 
     import numpy as np
@@ -147,7 +149,7 @@ def decode_rate(engine, streams, *, max_tokens=48, prompt_tokens=64):
     async def one(ids):
         arrivals = []
         async for _ in engine.stream(None, ids, SamplingParams(max_tokens=max_tokens), StepLog()):
-            arrivals.append(time.perf_counter())
+            arrivals.append((time.perf_counter(), time.process_time()))
         return arrivals
 
     async def all_streams():
@@ -157,11 +159,12 @@ def decode_rate(engine, streams, *, max_tokens=48, prompt_tokens=64):
     start = min(a[0] for a in arrivals)
     end = max(a[-1] for a in arrivals)
     tokens = sum(len(a) - 1 for a in arrivals)
-    return tokens / (end - start) if end > start and tokens else float("nan")
+    return tuple(tokens / (e - s) if e > s and tokens else float("nan") for s, e in zip(start, end))
 
 
-def batching_table(models, *, max_batch=8, stream_counts=(1, 4, 8), max_tokens=48):
-    """Rows (model, max_batch, streams, tok/s, ratio to 1 stream) for each (name, checkpoint)."""
+def batching_table(models, *, max_batch=8, stream_counts=(1, 4, 8), max_tokens=64):
+    """Rows (model, max_batch, streams, tok/s, ratio to 1 stream, tok/CPU-s, ratio to 1 stream)
+    for each (name, checkpoint)."""
     from mlx_dsv4.server.engine import Engine
 
     rows = []
@@ -173,19 +176,23 @@ def batching_table(models, *, max_batch=8, stream_counts=(1, 4, 8), max_tokens=4
                 decode_rate(engine, 2, max_tokens=8)  # warm-up: compiled kernels, first allocations
                 counts = stream_counts if batch > 1 else (4,)
                 for streams in counts:
-                    rate = decode_rate(engine, streams, max_tokens=max_tokens)
-                    base = rate if streams == 1 else next((r[3] for r in rows if r[0] == name and r[2] == 1), None)
-                    rows.append((name, batch, streams, rate, rate / base if base else float("nan")))
+                    rate, cpu_rate = decode_rate(engine, streams, max_tokens=max_tokens)
+                    if streams == 1:
+                        base, cpu_base = rate, cpu_rate
+                    else:
+                        base, cpu_base = next(((r[3], r[5]) for r in rows if r[0] == name and r[2] == 1),
+                                              (float("nan"), float("nan")))
+                    rows.append((name, batch, streams, rate, rate / base, cpu_rate, cpu_rate / cpu_base))
             finally:
                 engine.stop()
     return rows
 
 
 def format_batching_table(rows):
-    lines = [f"{'model':<15} {'max-batch':>9} {'streams':>7} {'decode tok/s':>12} {'vs 1 stream':>11}",
-             "-" * 58]
-    for name, batch, streams, rate, ratio in rows:
-        lines.append(f"{name:<15} {batch:>9} {streams:>7} {rate:>12.1f} {ratio:>10.2f}x")
+    lines = [f"{'model':<15} {'max-batch':>9} {'streams':>7} {'tok/s':>7} {'vs 1':>6} {'tok/CPU-s':>9} {'vs 1':>6}",
+             "-" * 65]
+    for name, batch, streams, rate, ratio, cpu_rate, cpu_ratio in rows:
+        lines.append(f"{name:<15} {batch:>9} {streams:>7} {rate:>7.1f} {ratio:>5.2f}x {cpu_rate:>9.1f} {cpu_ratio:>5.2f}x")
     return "\n".join(lines)
 
 

@@ -6,9 +6,21 @@ the server's memory before and after (from /health).
 
     python benchmarks/server_load.py --base-url http://127.0.0.1:8080 --model NAME [--api-key KEY]
     python benchmarks/server_load.py --tiny    # starts a server on a tiny random checkpoint
+
+``--batching`` measures continuous batching instead: aggregate decode tokens/s of 1, 4 and 8
+concurrent greedy streams against an in-process engine (``--max-batch``, default 8), on the
+tiny test model and on the reduced-width bench model (``mlx-dsv4 bench --hidden-size 256 ...``,
+see docs/performance.md), with the ratio to 1 stream and, for reference, 4 streams decoded one
+at a time (``--max-batch 1``). Decode rate: the tokens after each stream's first, over the
+time from the first token of any stream to the last (the short prompts of later streams
+prefill inside it, as they would under load), in wall-clock seconds and in CPU seconds of
+the process (what other work on a shared machine disturbs least).
+
+    python benchmarks/server_load.py --batching
 """
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -96,6 +108,94 @@ def report(stats):
     )
 
 
+# The reduced-width model of docs/performance.md: V4-Flash's structure at small widths.
+REDUCED_WIDTH_FLAGS = ["--hidden-size", "256", "--num-attention-heads", "4", "--q-lora-rank", "64",
+                       "--o-groups", "2", "--o-lora-rank", "64", "--index-n-heads", "4",
+                       "--moe-intermediate-size", "128", "--vocab-size", "8192", "--layers", "4,128"]
+
+
+def reduced_width_checkpoint(log=print):
+    from mlx_dsv4 import bench
+    from mlx_dsv4.cli.bench import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return bench.ensure_checkpoint(p.parse_args(REDUCED_WIDTH_FLAGS), log)
+
+
+def tiny_checkpoint():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_server_support import checkpoint_dir
+
+    return checkpoint_dir()
+
+
+def decode_rate(engine, streams, *, max_tokens=64, prompt_tokens=64):
+    """Aggregate decode rates of ``streams`` concurrent greedy streams (prompts of different
+    lengths) through ``engine``: the tokens after each stream's first, over the time from the
+    first token of any stream to the last, as (tokens per second, tokens per CPU second of
+    this process: on a shared machine the figure that other processes disturb least)."""
+    import asyncio
+
+    import numpy as np
+
+    from mlx_dsv4.sampling import SamplingParams
+    from mlx_dsv4.server.engine import StepLog
+
+    rng = np.random.default_rng(streams)
+    vocab = engine.model.args.vocab_size
+    prompts = [rng.integers(0, vocab, prompt_tokens + 8 * i).tolist() for i in range(streams)]
+
+    async def one(ids):
+        arrivals = []
+        async for _ in engine.stream(None, ids, SamplingParams(max_tokens=max_tokens), StepLog()):
+            arrivals.append((time.perf_counter(), time.process_time()))
+        return arrivals
+
+    async def all_streams():
+        return await asyncio.gather(*(one(ids) for ids in prompts))
+
+    arrivals = asyncio.run(all_streams())
+    start = min(a[0] for a in arrivals)
+    end = max(a[-1] for a in arrivals)
+    tokens = sum(len(a) - 1 for a in arrivals)
+    return tuple(tokens / (e - s) if e > s and tokens else float("nan") for s, e in zip(start, end))
+
+
+def batching_table(models, *, max_batch=8, stream_counts=(1, 4, 8), max_tokens=64):
+    """Rows (model, max_batch, streams, tok/s, ratio to 1 stream, tok/CPU-s, ratio to 1 stream)
+    for each (name, checkpoint)."""
+    from mlx_dsv4.server.engine import Engine
+
+    rows = []
+    for name, path in models:
+        for batch in (max_batch, 1):
+            engine = Engine(path, prompt_cache="off", max_batch=batch)
+            engine.start()
+            try:
+                decode_rate(engine, 2, max_tokens=8)  # warm-up: compiled kernels, first allocations
+                counts = stream_counts if batch > 1 else (4,)
+                for streams in counts:
+                    rate, cpu_rate = decode_rate(engine, streams, max_tokens=max_tokens)
+                    if streams == 1:
+                        base, cpu_base = rate, cpu_rate
+                    else:
+                        base, cpu_base = next(((r[3], r[5]) for r in rows if r[0] == name and r[2] == 1),
+                                              (float("nan"), float("nan")))
+                    rows.append((name, batch, streams, rate, rate / base, cpu_rate, cpu_rate / cpu_base))
+            finally:
+                engine.stop()
+    return rows
+
+
+def format_batching_table(rows):
+    lines = [f"{'model':<15} {'max-batch':>9} {'streams':>7} {'tok/s':>7} {'vs 1':>6} {'tok/CPU-s':>9} {'vs 1':>6}",
+             "-" * 65]
+    for name, batch, streams, rate, ratio, cpu_rate, cpu_ratio in rows:
+        lines.append(f"{name:<15} {batch:>9} {streams:>7} {rate:>7.1f} {ratio:>5.2f}x {cpu_rate:>9.1f} {cpu_ratio:>5.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default=None)
@@ -105,7 +205,20 @@ def main(argv=None):
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=3)
+    p.add_argument("--batching", action="store_true",
+                   help="measure continuous batching on the tiny and the reduced-width model (in process)")
+    p.add_argument("--max-batch", type=int, default=8, help="with --batching: the engine's max batch (default 8)")
     args = p.parse_args(argv)
+    if args.batching:
+        import platform
+
+        import mlx.core as mx
+
+        print(f"server_load --batching: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"mlx {mx.__version__}, device {mx.default_device()}", flush=True)
+        models = [("tiny", tiny_checkpoint()), ("reduced-width", reduced_width_checkpoint())]
+        print(format_batching_table(batching_table(models, max_batch=args.max_batch)))
+        return 0
     server = None
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

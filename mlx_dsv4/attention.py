@@ -37,10 +37,15 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, width))
         self.norm = RMSNorm(head_dim, eps=eps)
 
-    def __call__(self, x: mx.array, state: CompressorState, rope: Rope) -> None:
-        """Feed x [B, L, D]; closed windows are appended to state as entries."""
+    def project(self, x: mx.array):
+        """(kv, gate float32) of x [B, L, D], as ``__call__`` pools them."""
+        return self.wkv(x), self.wgate(x).astype(mx.float32)
+
+    def __call__(self, x: mx.array, state: CompressorState, rope: Rope, projected=None) -> None:
+        """Feed x [B, L, D] (``projected``: its ``project`` when already computed); closed
+        windows are appended to state as entries."""
         r = self.ratio
-        kv, gate = split_tokens(lambda x: (self.wkv(x), self.wgate(x).astype(mx.float32)), x)
+        kv, gate = projected if projected is not None else split_tokens(self.project, x)
         if state.pending_kv is not None:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             gate = mx.concatenate([state.pending_gate, gate], axis=1)
@@ -182,19 +187,31 @@ class Attention(nn.Module):
         self.rope = Rope(inv_freq_for(args, compressed=self.ratio > 0))
 
     def __call__(self, x: mx.array, cache: LayerCache, query_block: Optional[int] = QUERY_BLOCK) -> mx.array:
-        B, L, _ = x.shape
-        H, hd, start = self.n_heads, self.head_dim, cache.offset
-
+        start = cache.offset
         q_lora, q, kv = split_tokens(lambda first, x: self._project(x, start + first), x, pass_first=True)
+        out = self.attend(x, q_lora, q, kv, cache, query_block)
+        return split_tokens(lambda first, out: self._output(out, start + first), out, pass_first=True)
+
+    def attend(self, x: mx.array, q_lora: mx.array, q: mx.array, kv: mx.array, cache: LayerCache,
+               query_block: Optional[int] = QUERY_BLOCK, projected: Optional[dict] = None) -> mx.array:
+        """Attention output [B, L, H, hd] (RoPE still applied) of this step's projections (see
+        ``_project``) against ``cache``, which takes this step's rows. ``projected``: those of the
+        compressors and the indexer queries when already computed (see ``side_projections``)."""
+        B, L, _ = x.shape
+        start = cache.offset
         q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
         keys, first = cache.window_keys(kv)
+        projected = projected or {}
 
         entries = index_q = index_w = None
         if self.ratio:
-            self.compressor(x, cache.compressor, self.rope)
+            self.compressor(x, cache.compressor, self.rope, projected.get("compressor"))
             if self.ratio == 4:
-                self.indexer.compressor(x, cache.indexer, self.rope)
-                if cache.indexer.n_entries:
+                self.indexer.compressor(x, cache.indexer, self.rope, projected.get("index_compressor"))
+                if cache.indexer.n_entries and "index_queries" in projected:
+                    index_q, index_w = projected["index_queries"]
+                    index_q = index_q.transpose(0, 2, 1, 3)
+                elif cache.indexer.n_entries:
                     index_q, index_w = split_tokens(
                         lambda first, x, q_lora: self.indexer.queries(x, q_lora, self.rope, start + first,
                                                                    cache.indexer.codec),
@@ -235,12 +252,22 @@ class Attention(nn.Module):
                 mx.eval(blocks[-len(streams):])
         out = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
         cache.offset += L
+        return out.transpose(0, 2, 1, 3)  # [B, L, H, hd]
 
-        out = out.transpose(0, 2, 1, 3)  # [B, L, H, hd]
-        return split_tokens(lambda first, out: self._output(out, start + first), out, pass_first=True)
+    def side_projections(self, x: mx.array, q_lora: mx.array, offset, index_codec: Optional[IndexCodec]) -> dict:
+        """The compressors' projections of x and the indexer queries (at ``offset``, as in
+        ``_project``), for ``attend`` to use instead of computing them itself."""
+        out = {}
+        if self.ratio:
+            out["compressor"] = self.compressor.project(x)
+        if self.ratio == 4:
+            out["index_compressor"] = self.indexer.compressor.project(x)
+            out["index_queries"] = self.indexer.queries(x, q_lora, self.rope, offset, index_codec)
+        return out
 
-    def _project(self, x, offset: int):
-        """Per-token projections: (q_lora [B, L, r], queries [B, L, H, hd], kv rows [B, L, hd])."""
+    def _project(self, x, offset):
+        """Per-token projections: (q_lora [B, L, r], queries [B, L, H, hd], kv rows [B, L, hd]);
+        ``offset``: the position of x[:, 0], or one per row (an array [B])."""
         B, L, _ = x.shape
         q_lora = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_lora).reshape(B, L, self.n_heads, self.head_dim)
@@ -248,8 +275,9 @@ class Attention(nn.Module):
         kv = self.rope(self.kv_norm(self.wkv(x)), offset=offset)
         return q_lora, q.transpose(0, 2, 1, 3), kv
 
-    def _output(self, out, offset: int):
-        """Attention output [B, L, H, hd] -> [B, L, dim]: RoPE undone, grouped projection."""
+    def _output(self, out, offset):
+        """Attention output [B, L, H, hd] -> [B, L, dim]: RoPE undone, grouped projection;
+        ``offset`` as in ``_project``."""
         B, L, H, hd = out.shape
         out = self.rope(out.transpose(0, 2, 1, 3), offset=offset, inverse=True).transpose(0, 2, 1, 3)
         G = self.args.o_groups

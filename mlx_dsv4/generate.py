@@ -734,6 +734,8 @@ class _Generation:
         self.pending = None  # a sampled (token, logprob, text) not yet handed out
         self.prompt_tps = 0.0
         self.drafting = None  # Drafting with speculative decoding
+        self.max_tokens = None  # set by open_generation, for callers that drive the decoding
+        self.seed_key = None  # with open_generation and a seed: the seed of this generation's PRNG key now
         self.t_start = time.perf_counter()
         self.t_first = None
         mx.reset_peak_memory()
@@ -794,28 +796,42 @@ class _Generation:
 
     def _sample(self, tokens: List[int]):
         """Run ``tokens``; the next token and its log-probability (not evaluated yet)."""
-        logits = self._run_model(tokens)[:, -1, :]
+        return self.pick(self._run_model(tokens)[:, -1, :])
+
+    def pick(self, logits: mx.array):
+        """The next token [1] and its log-probability (not evaluated yet) from logits [1, vocab]."""
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = self.sampler(logprobs).reshape(-1)
         return token, logprobs[0, token[0]]
 
+    def take(self, y: mx.array, logprob: mx.array, max_tokens: int):
+        """Record the sampled token ``y``: (token, logprob, why generation stops there or None,
+        the text it adds)."""
+        token = int(y.item())
+        lp = float(logprob.item())
+        self.generated.append(token)
+        self.pending = (token, lp, "")
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            self.prompt_tps = (len(self.ids) - self.cached) / (self.t_first - self.t_start)
+        if self.processors:
+            self.history = mx.concatenate([self.history, y.astype(mx.int32)])
+        reason, piece = self._stop_reason(token, max_tokens)
+        self.pending = (token, lp, piece)
+        return token, lp, reason, piece
+
+    def keep_prefix(self) -> None:
+        """Leave what the cache holds in the prompt cache (a generation stopped early)."""
+        if self.prompt_cache is not None and self.consistent:
+            self.prompt_cache.add(self.fed, self.cache)
+
     def decode(self, max_tokens: int) -> Iterator[GenerationStep]:
         y, logprob = self._sample(self.ids[-1:])
         mx.async_eval(y, logprob)
         while True:
-            token = int(y.item())
-            lp = float(logprob.item())
-            self.generated.append(token)
-            self.pending = (token, lp, "")
-            if self.t_first is None:
-                self.t_first = time.perf_counter()
-                self.prompt_tps = (len(self.ids) - self.cached) / (self.t_first - self.t_start)
-            if self.processors:
-                self.history = mx.concatenate([self.history, y.astype(mx.int32)])
-            reason, piece = self._stop_reason(token, max_tokens)
-            self.pending = (token, lp, piece)
+            token, lp, reason, piece = self.take(y, logprob, max_tokens)
             if reason is not None:
                 yield self._finish(token, lp, piece, reason)
                 return
@@ -828,8 +844,7 @@ class _Generation:
             except GeneratorExit:
                 # The caller stopped early (a tool call, a cancelled request): keep what
                 # the cache holds for the next turn.
-                if self.prompt_cache is not None and self.consistent:
-                    self.prompt_cache.add(self.fed, self.cache)
+                self.keep_prefix()
                 raise
             self.pending = None
 
@@ -1004,14 +1019,11 @@ def stream_generate(
     try:
         if seed is not None:
             mx.random.seed(seed)
-        if sampler is None:
-            sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=int(top_k))
-        processors = list(logits_processors or [])
-        processors += make_logits_processors(repetition_penalty=repetition_penalty,
-                                             repetition_context_size=repetition_context_size)
-        eos = set(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        run = _Generation(model, tokenizer, ids, sampler=sampler, processors=processors, eos=eos, stop=stop,
-                          prompt_cache=prompt_cache)
+        run = _new_generation(model, tokenizer, ids, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repetition_penalty=repetition_penalty,
+                              repetition_context_size=repetition_context_size, stop=stop,
+                              eos_token_ids=eos_token_ids, prompt_cache=prompt_cache,
+                              logits_processors=logits_processors, sampler=sampler)
         try:
             with wired_limit(model):
                 if draft is None:
@@ -1028,6 +1040,49 @@ def stream_generate(
     except Exception:
         _restore_global_random_seed(random_seed)
         raise
+
+
+def _new_generation(model, tokenizer, ids, *, temperature, top_p, top_k, min_p, repetition_penalty,
+                    repetition_context_size, stop, eos_token_ids, prompt_cache, logits_processors, sampler):
+    if sampler is None:
+        sampler = make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=int(top_k))
+    processors = list(logits_processors or [])
+    processors += make_logits_processors(repetition_penalty=repetition_penalty,
+                                         repetition_context_size=repetition_context_size)
+    eos = set(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    return _Generation(model, tokenizer, ids, sampler=sampler, processors=processors, eos=eos, stop=stop,
+                       prompt_cache=prompt_cache)
+
+
+def open_generation(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: Optional[float] = None, repetition_context_size: int = 20,
+                    seed: Optional[int] = None, stop: Sequence[str] = (),
+                    eos_token_ids: Optional[Iterable[int]] = None, prefill_step: int = 2048,
+                    prompt_cache: Optional[PromptCache] = None, logits_processors: Optional[List[Callable]] = None,
+                    kv_cache_limit: Optional[int] = None) -> "_Generation":
+    """A generation of ``prompt`` (text or token ids) that its caller drives step by step, as
+    ``stream_generate`` does, with the same checks: ``prefill`` it, then sample each token
+    from its logits with ``pick`` and record it with ``take`` (``mlx_dsv4.batch`` decodes
+    several such generations at once). ``seed_key``: the PRNG seed its sampling draws from
+    when ``seed`` is given (the global MLX key otherwise)."""
+    check_sampling_parameters(model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repetition_penalty=repetition_penalty,
+                              repetition_context_size=repetition_context_size, seed=seed, stop=stop)
+    if prompt_cache is not None:
+        prompt_cache.check_model(model)
+    if prefill_step < 1:
+        raise ValueError("prefill_step must be positive")
+    ids = _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
+                            on_overflow="error", prompt_cache=prompt_cache, chat_options=None,
+                            prefill_step=prefill_step)
+    run = _new_generation(model, tokenizer, ids, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
+                          stop=stop, eos_token_ids=eos_token_ids, prompt_cache=prompt_cache,
+                          logits_processors=logits_processors, sampler=None)
+    run.max_tokens = max_tokens
+    run.seed_key = seed
+    return run
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:

@@ -294,31 +294,49 @@ class ServerMetrics:
 
     def watch(self, model, steps) -> Iterator:
         """``steps`` (a stream_generate iterator) unchanged, their figures noted on the way."""
-        if self.model is not model:
-            self.model = model
-            self.routing = RoutingCounter.attach(model)
+        self.begin(model)
         last = None
         try:
             for step in steps:
                 last = step
-                self.routing.fold(keep_latest=True)
-                with self._lock:
-                    self.latest = step
+                self.note_step(step)
                 yield step
         except BaseException:
-            # a failed pass cannot be evaluated, and a stopped one need not be waited for
-            self.routing.discard_pending()
+            self.discard_pending()
             raise
         finally:
             steps.close()
-            self.routing.fold(keep_latest=False)
-            if last is not None:
-                with self._lock:
-                    for key, value in (("prompt_tokens", last.prompt_tokens), ("cached_tokens", last.cached_tokens),
-                                       ("generated_tokens", last.generation_tokens),
-                                       ("draft_proposed", last.draft_proposed),
-                                       ("draft_accepted", last.draft_accepted)):
-                        self.totals[key] += value
+            self.note_end(last)
+
+    def begin(self, model) -> None:
+        """Before a generation of ``model`` starts (counts the router's choices from then on)."""
+        if self.model is not model:
+            self.model = model
+            self.routing = RoutingCounter.attach(model)
+
+    def note_step(self, step, *, evaluated: bool = False) -> None:
+        """A step of a running generation; ``evaluated``: every forward pass so far is done."""
+        self.routing.fold(keep_latest=not evaluated)
+        with self._lock:
+            self.latest = step
+
+    def discard_pending(self) -> None:
+        """Forget the router's choices not counted yet: a failed pass cannot be evaluated, and a
+        stopped one need not be waited for."""
+        if self.routing is not None:
+            self.routing.discard_pending()
+
+    def note_end(self, last) -> None:
+        """A generation ended; ``last`` its last step (None when it gave none)."""
+        self.routing.fold(keep_latest=False)
+        if last is None:
+            return
+        with self._lock:
+            for key, value in (("prompt_tokens", last.prompt_tokens), ("cached_tokens", last.cached_tokens),
+                               ("generated_tokens", last.generation_tokens),
+                               ("draft_proposed", last.draft_proposed),
+                               ("draft_accepted", last.draft_accepted)):
+                self.totals[key] += value
 
     def snapshot(self) -> dict:
         with self._lock:

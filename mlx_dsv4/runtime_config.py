@@ -161,6 +161,7 @@ SETTINGS: Dict[str, Setting] = {
     "server.allowed_hosts": Setting(_strings, "allowed_hosts", ("serve",), convert=",".join),
     "server.served_model_name": Setting(_text, "served_model_name", ("serve",)),
     "server.max_queue": Setting(_integer(1), "max_queue", ("serve",)),
+    "server.max_batch": Setting(_integer(1), "max_batch", ("serve",)),
     "server.sse_keepalive": Setting(_number(0, low_open=True), "sse_keepalive", ("serve",)),
     "draft.mode": Setting(_choice(("none", "mtp")), "draft", ("generate",)),
     "draft.num_draft": Setting(_integer(1, 8), "num_draft", ("generate",)),

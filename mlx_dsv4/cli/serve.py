@@ -36,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait before new ones get 503")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests that decode together, each step reading the weights once for all of them "
+                        "(default 8; 1: one at a time; a distributed server runs one at a time)")
     p.add_argument("--sse-keepalive", type=float, default=5.0, metavar="SECONDS",
                    help="a streaming reply with nothing to send for SECONDS (a long prefill) gets an SSE "
                         "comment, so clients and proxies do not time out (default 5)")
@@ -81,7 +84,11 @@ def run(args):
     if os.environ.get(SCRIPT_ENV):
         print(f"warning: {SCRIPT_ENV} is set: test-only scripted completions replace sampling for matching prompts",
               file=sys.stderr)
+    if args.max_batch < 1:
+        print(f"error: --max-batch must be a positive number of requests, got {args.max_batch}", file=sys.stderr)
+        return 2
     options = dict(kv_cache_limit=args.max_kv_size, max_queue=args.max_queue, prefill_step=args.prefill_step,
+                   max_batch=args.max_batch,
                    cache_dtypes=(args.kv_dtype, args.index_dtype),
                    # ranks would have to evict snapshots in lockstep; distributed serving prefills every prompt
                    prompt_cache="off" if args.distributed else prefix_store_options(args))

@@ -1,12 +1,16 @@
-"""The model behind the server: one generation at a time on a dedicated thread.
+"""The model behind the server: generations batched on a dedicated thread.
 
 All MLX work (loading, prefill, decoding) happens on the engine thread; request
-handlers submit jobs and read the steps back through an asyncio queue. A job whose
-client went away is cancelled between two tokens (or skipped if still queued), so its
-slot frees at once. A request that extends an earlier conversation only prefills the new
-suffix: prompt-cache snapshots are kept per partition (one per API key; a single one when
-the server has no keys), so a request only reuses, or learns of, prefixes made by requests
-of its own partition.
+handlers submit jobs and read the steps back through an asyncio queue. Up to
+``max_batch`` generations decode together (``mlx_dsv4.batch``): a request that arrives
+while others decode is prefilled (one chunk between two of their steps) and joins them;
+one that finishes or is cancelled leaves, and the others go on. With ``max_batch`` 1
+(and on a distributed server, whose other ranks replay one request at a time) one
+generation runs at a time. A job whose client went away is cancelled between two tokens
+(or skipped if still queued), so its slot frees at once. A request that extends an
+earlier conversation only prefills the new suffix: prompt-cache snapshots are kept per
+partition (one per API key; a single one when the server has no keys), so a request only
+reuses, or learns of, prefixes made by requests of its own partition.
 """
 
 import asyncio
@@ -27,6 +31,7 @@ from .errors import APIError, ContextOverflow
 SCRIPT_ENV = "MLX_DSV4_SERVER_TEST_SCRIPT"
 
 DEFAULT_PROMPT_CACHE_BYTES = 2 << 30
+DEFAULT_MAX_BATCH = 8
 
 
 class StepLog:
@@ -98,9 +103,12 @@ class Engine:
 
     constrains = True  # applies grammar constraints
     stops_in_prefill = True  # a cancelled job stops between prefill chunks
+    batches = True  # decodes several generations together when max_batch > 1
 
     def __init__(self, model_path, *, kv_cache_limit=None, max_queue=256, prefill_step=2048, script_path=None,
-                 prompt_cache=None, cache_dtypes=("fp8", "fp4")):
+                 prompt_cache=None, cache_dtypes=("fp8", "fp4"), max_batch=DEFAULT_MAX_BATCH):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive number of generations, got {max_batch!r}")
         self.model_path = model_path
         # PrefixStore options ("off": no prompt cache); by default snapshots stay in memory only
         self.prompt_cache_options = prompt_cache or {"memory_bytes": DEFAULT_PROMPT_CACHE_BYTES, "directory": None}
@@ -126,6 +134,11 @@ class Engine:
         from ..metrics import ServerMetrics
 
         self.metrics = ServerMetrics()  # what /metrics reports of the generations
+        self.max_batch = max_batch if self.batches else 1
+        self._running = {}  # batched: the jobs decoding, by id of their generation
+        self._last_steps = {}  # batched: the newest step of each, by id of their generation
+        self.decoding = 0  # batched: generations in the running batch
+        self.largest_batch = 0  # the most generations that decoded together
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -143,6 +156,8 @@ class Engine:
             current = self._current
             if current is not None:
                 current.cancelled.set()
+            for job in list(self._running.values()):
+                job.cancelled.set()
             self._jobs.put(None)
             self._thread.join(timeout=10)
 
@@ -171,6 +186,9 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
+        if self.max_batch > 1:
+            self._run_batched()
+            return
         while True:
             job = self._jobs.get()
             if job is None:
@@ -217,8 +235,51 @@ class Engine:
                 return rule["completion"]
         return None
 
+    def _prepare(self, job, prompt_cache):
+        """(prompt ids, generate options, logits processors) of ``job``."""
+        tokenizer = self.tokenizer
+        if job.prompt_ids is not None:
+            ids = list(job.prompt_ids)
+            text = tokenizer.decode(ids) if self.script else ""
+        else:
+            ids = (prompt_cache.encode(job.prompt, tokenizer) if prompt_cache is not None
+                   else tokenizer.encode(job.prompt, add_special_tokens=False))
+            text = job.prompt
+        options = job.sampling.generate_kwargs()
+        processors = None
+        scripted = self._script_for(text) if self.script else None
+        if scripted is not None:
+            forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
+            processors = [_forcing_processor(forced, len(ids))]
+        elif job.constraint is not None:
+            if not self.constrains:
+                raise APIError(400, "structured output (response_format, output_config.format, a forced tool "
+                                    "choice) does not run on a distributed server yet", code="unsupported")
+            from ..constrain import GrammarLogitsProcessor
+
+            processors = [GrammarLogitsProcessor(job.constraint, tokenizer.vocab_size)]
+        return ids, options, processors
+
+    @staticmethod
+    def _failure(job, err) -> str:
+        """The outcome of a generation that raised ``err``; the client learns why."""
+        from ..generate import KVCacheLimitError, PromptCacheError
+
+        if isinstance(err, _ClientGone):
+            return "cancelled"
+        if isinstance(err, APIError):
+            job.put("error", err)
+        elif isinstance(err, KVCacheLimitError):
+            job.put("error", ContextOverflow(err.tokens_needed, err.tokens_that_fit,
+                                             what="the KV cache memory limit, prompt + max_tokens"))
+        elif isinstance(err, PromptCacheError):
+            job.put("error", APIError(400, str(err), code="invalid_prompt_cache"))
+        else:  # one bad generation must not stop the server
+            job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
+        return "failed"
+
     def _generate(self, job):
-        from ..generate import KVCacheLimitError, PromptCacheError, stream_generate
+        from ..generate import stream_generate
 
         self.active = True
         self._current = job
@@ -226,26 +287,7 @@ class Engine:
         prompt_cache = self._prompt_cache(job.partition)
         outcome = "completed"
         try:
-            if job.prompt_ids is not None:
-                ids = list(job.prompt_ids)
-                text = tokenizer.decode(ids) if self.script else ""
-            else:
-                ids = (prompt_cache.encode(job.prompt, tokenizer) if prompt_cache is not None
-                       else tokenizer.encode(job.prompt, add_special_tokens=False))
-                text = job.prompt
-            options = job.sampling.generate_kwargs()
-            processors = None
-            scripted = self._script_for(text) if self.script else None
-            if scripted is not None:
-                forced = tokenizer.encode(scripted, add_special_tokens=False) + [tokenizer.eos_token_id]
-                processors = [_forcing_processor(forced, len(ids))]
-            elif job.constraint is not None:
-                if not self.constrains:
-                    raise APIError(400, "structured output (response_format, output_config.format, a forced tool "
-                                        "choice) does not run on a distributed server yet", code="unsupported")
-                from ..constrain import GrammarLogitsProcessor
-
-                processors = [GrammarLogitsProcessor(job.constraint, tokenizer.vocab_size)]
+            ids, options, processors = self._prepare(job, prompt_cache)
             started = time.perf_counter()
             self.prefill = {"done": 0, "total": len(ids), "started": started}
 
@@ -268,26 +310,147 @@ class Engine:
                         break
             finally:
                 steps.close()
-        except _ClientGone:
-            outcome = "cancelled"
-        except APIError as err:
-            outcome = "failed"
-            job.put("error", err)
-        except KVCacheLimitError as err:
-            outcome = "failed"
-            job.put("error", ContextOverflow(err.tokens_needed, err.tokens_that_fit,
-                                             what="the KV cache memory limit, prompt + max_tokens"))
-        except PromptCacheError as err:
-            outcome = "failed"
-            job.put("error", APIError(400, str(err), code="invalid_prompt_cache"))
         except Exception as err:  # noqa: BLE001 - one bad generation must not stop the server
-            outcome = "failed"
-            job.put("error", APIError(500, f"generation failed: {type(err).__name__}: {err}"))
+            outcome = self._failure(job, err)
         finally:
             self.active = False
             self.prefill = None
             self._current = None
             self._finish(job, outcome)
+
+    # -- batched generation (engine thread) ---------------------------------------------
+
+    def _run_batched(self):
+        """The engine loop with ``max_batch`` > 1: admit queued jobs while the batch has room,
+        one decode step of the batch at a time."""
+        from collections import deque
+
+        from ..batch import DecodeBatch
+        from ..device_memory import wired_limit
+
+        batch = DecodeBatch(self.model)
+        waiting = deque()
+        stopping = False
+        while not stopping:
+            stopping = self._collect(waiting, block=True)
+            with wired_limit(self.model):
+                while (batch.runs or waiting) and not stopping:
+                    if waiting and len(batch) < self.max_batch and self._fits(waiting[0], batch):
+                        self._admit(waiting.popleft(), batch)
+                    if batch.runs:
+                        self._decode_step(batch)
+                    stopping = self._collect(waiting, block=False)
+            if not stopping:
+                self._release_memory()
+        for run in list(batch.runs):
+            self._leave(batch, run, "cancelled")
+        for job in waiting:
+            self._finish(job, "cancelled")
+        self._stopping()
+
+    def _collect(self, waiting, block) -> bool:
+        """Move queued jobs to ``waiting`` (waiting for one when ``block``); True when the engine stops."""
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return False
+            block = False
+            if job is None:
+                return True
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+            else:
+                waiting.append(job)
+
+    def _fits(self, job, batch) -> bool:
+        """Whether ``job`` may join ``batch`` under the KV cache limit: the caches of every
+        generation at its longest, plus the prefill of this one, stay within it."""
+        if self.kv_cache_limit is None or not batch.runs:
+            return True
+        from ..generate import estimate_cache_bytes, estimate_run_bytes
+
+        # a text prompt's length in characters bounds its tokens without tokenising it here
+        n = (len(job.prompt_ids) if job.prompt_ids is not None else len(job.prompt or "")) + job.sampling.max_tokens
+        held = sum(estimate_cache_bytes(self.model, len(run.ids) + run.max_tokens) for run in batch.runs)
+        return held + estimate_run_bytes(self.model, n, self.prefill_step) <= self.kv_cache_limit
+
+    def _admit(self, job, batch):
+        """Prefill ``job`` (one decode step of ``batch`` between two of its chunks) and add it to the batch."""
+        from ..generate import open_generation
+
+        if job.cancelled.is_set():
+            self._finish(job, "cancelled")
+            return
+        self.active = True
+        self._current = job
+        prompt_cache = self._prompt_cache(job.partition)
+        try:
+            ids, options, processors = self._prepare(job, prompt_cache)
+            run = open_generation(self.model, self.tokenizer, ids, prefill_step=self.prefill_step,
+                                  prompt_cache=prompt_cache, kv_cache_limit=self.kv_cache_limit,
+                                  logits_processors=processors, **options)
+            started = time.perf_counter()
+            self.prefill = {"done": 0, "total": len(ids), "started": started}
+
+            def progress(done, total):
+                self.prefill = {"done": done, "total": total, "started": started}
+                if job.cancelled.is_set():
+                    raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
+                if batch.runs:
+                    self._decode_step(batch)
+
+            self._announce(ids, options, job.partition)
+            self.metrics.begin(self.model)
+            run.prefill(self.prefill_step, set(), progress)
+        except Exception as err:  # noqa: BLE001 - one bad generation must not stop the server
+            self.metrics.discard_pending()
+            self._finish(job, self._failure(job, err))
+            return
+        finally:
+            self.prefill = None
+            self._current = None
+            self.active = bool(batch.runs)
+        batch.add(run)
+        self._running[id(run)] = job
+        self.active = True
+        self.decoding = len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _decode_step(self, batch):
+        """Drop the generations whose client went away, then one token for each of the others."""
+        for run in list(batch.runs):
+            if self._running[id(run)].cancelled.is_set():
+                self._leave(batch, run, "cancelled")
+        if batch.runs:
+            try:
+                steps = batch.step()
+            except Exception as err:  # noqa: BLE001 - the batch's generations fail, the server goes on
+                self.metrics.discard_pending()
+                for run in list(batch.runs):
+                    batch.remove(run, keep=False)  # its cache may hold part of the failed step
+                    job = self._running.pop(id(run))
+                    self._finish(job, self._failure(job, err))
+                    self.metrics.note_end(self._last_steps.pop(id(run), None))
+                steps = []
+            for run, step in steps:
+                job = self._running[id(run)]
+                job.put("step", step)
+                self.metrics.note_step(step, evaluated=True)
+                self._last_steps[id(run)] = step
+                if step.finish_reason is not None:
+                    del self._running[id(run)]
+                    self._finish(job, "completed")
+                    self.metrics.note_end(self._last_steps.pop(id(run)))
+                elif job.cancelled.is_set():
+                    self._leave(batch, run, "cancelled")
+        self.decoding = len(batch)
+        self.active = bool(batch.runs)
+
+    def _leave(self, batch, run, outcome):
+        batch.remove(run)
+        self._finish(self._running.pop(id(run)), outcome)
+        self.metrics.note_end(self._last_steps.pop(id(run), None))
 
     def _finish(self, job, outcome):
         with self._lock:
@@ -327,6 +490,7 @@ class Engine:
         return {
             "loaded": self._ready.is_set() and self._load_error is None,
             "active": self.active,
+            "batch": {"max": self.max_batch, "decoding": self.decoding, "largest": self.largest_batch},
             "prefill": _prefill_figures(self.prefill),
             "pending": self.pending,
             **self.counts,

@@ -326,3 +326,17 @@ def test_forced_acceptance_follows_the_asked_share():
         accepted, proposed = accepted + a, proposed + 3
         tokens += continuation[start : start + a + 1]
     assert abs(accepted / proposed - 0.8) < 0.05
+
+
+def test_batch_floor_times_the_decode_products_at_each_row_count(tmp_path, capsys):
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "batch_floor", Path(__file__).parent.parent / "benchmarks" / "batch_floor.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    assert floor.main([*TOY, "--checkpoint-dir", str(tmp_path / "ckpt"), "--rows", "4,2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1].strip() for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["1", "2", "4"]
+    assert "| 1 |" in "\n".join(lines) and lines[-3].endswith("| 1.00x |")

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 TASKS = ("needle", "multidoc", "codebase")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-MIN_SIZE = 256  # below this the instructions and the question leave no room for a haystack
+MIN_SIZE = 512  # below this the instructions and the question leave no room for a haystack
 
 
 class RetrievalSizeError(ValueError):
@@ -470,7 +470,7 @@ def _module(rng, package: str, names: _Registry, *, constant=None, settings_fiel
         imports.append("from dataclasses import dataclass")
     if imports:
         parts.append("\n".join(imports))
-    n_functions = rng.randint(0, 3) if constant is None else rng.randint(1, 3)
+    n_functions = rng.randint(0, 3) if constant is None else rng.randint(1, 2)
     holder = rng.randrange(n_functions) if constant is not None else -1
     defining = None
     for i in range(n_functions):

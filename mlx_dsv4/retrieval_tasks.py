@@ -156,7 +156,13 @@ def _place(rng) -> str:
 
 
 def _person(rng) -> str:
-    return f"{rng.choice(_FIRST_NAMES)} {_name(rng)}"
+    initial = f"{rng.choice('ABCDEFGHJKLMNOPRSTVW')}. " if rng.random() < 0.5 else ""
+    return f"{rng.choice(_FIRST_NAMES)} {initial}{_name(rng)}"
+
+
+def _company(rng) -> str:
+    second = f" {_name(rng)}" if rng.random() < 0.5 else ""
+    return f"{_name(rng)}{second} {rng.choice(_COMPANY_SUFFIXES)}"
 
 
 def _filler_sentence(rng) -> str:
@@ -261,10 +267,10 @@ class _Builder:
             excess = len(ids) - self.target
             if excess <= 0 and (best is None or len(ids) > len(best[1])):
                 best = (prompt, ids, blocks)
-            if -tolerance <= excess <= 0:
+            if -tolerance // 4 <= excess <= 0:
                 return best
-            # the separate counts of the blocks miss a few merges at their joins: correct and retry
-            budget -= excess if excess > 0 else excess // 2
+            # the blocks' separate counts miss the merges at their joins: correct the budget and retry
+            budget -= excess
         if best is None or len(best[1]) < self.target - tolerance:
             raise RetrievalSizeError(f"could not build a prompt of {self.target} tokens (within {tolerance})")
         return best
@@ -331,12 +337,12 @@ def _documents(rng, names: _Registry) -> Iterator[str]:
     while True:
         kind = rng.random()
         if kind < 0.4:
-            company = _unique(lambda: f"{_name(rng)} {rng.choice(_COMPANY_SUFFIXES)}", names.companies)
+            company = _unique(lambda: _company(rng), names.companies)
             yield _company_record(company, rng.choice(_PRODUCTS), rng.randint(1850, 2015), _place(rng),
                                   rng.randint(12, 90000))
         elif kind < 0.8:
             person = _unique(lambda: _person(rng), names.people)
-            company = f"{_name(rng)} {rng.choice(_COMPANY_SUFFIXES)}"
+            company = _company(rng)
             if rng.random() < 0.5 and company not in names.ceo_of:
                 names.ceo_of.add(company)
                 role = "chief executive officer"
@@ -352,7 +358,7 @@ def multidoc_case(tokenizer, size: int, *, seed: int = 0, index: int = 0) -> Cas
     with that company's record (its city or founding year)."""
     rng = _rng(seed, "multidoc", size, index)
     names = _Registry()
-    company = _unique(lambda: f"{_name(rng)} {rng.choice(_COMPANY_SUFFIXES)}", names.companies)
+    company = _unique(lambda: _company(rng), names.companies)
     names.ceo_of.add(company)
     ceo = _unique(lambda: _person(rng), names.people)
     city, year = _place(rng), rng.randint(1850, 2015)
@@ -412,12 +418,16 @@ def _plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
 
 
+def _constant_name(rng, names: _Registry) -> str:
+    return _unique(lambda: f"{rng.choice(_CONSTANT_WORDS)}_{rng.choice(_CODE_NOUNS).upper()}_"
+                           f"{rng.choice(_CODE_NOUNS).upper()}_{rng.choice(_UNITS)}", names.constants)
+
+
 def _function_source(rng, names: _Registry, constant: Optional[tuple] = None):
     noun = rng.choice(_CODE_NOUNS)
     function = _unique(lambda: f"{rng.choice(_VERBS)}_{noun}_{_plural(rng.choice(_CODE_NOUNS))}", names.functions)
     if constant is None and rng.random() < 0.7:
-        constant = (_unique(lambda: f"{rng.choice(_CONSTANT_WORDS)}_{rng.choice(_CODE_NOUNS).upper()}_"
-                                    f"{rng.choice(_UNITS)}", names.constants), rng.randint(2, 9999))
+        constant = (_constant_name(rng, names), rng.randint(2, 9999))
     arg = _plural(noun)
     lines = [f"def {function}({arg}, limit={rng.randint(2, 64)}):",
              f'    """{rng.choice(_VERBS).capitalize()} the {arg} up to `limit`."""']
@@ -453,7 +463,8 @@ def _settings_source(rng, class_name: str, field: Optional[tuple] = None) -> str
 
 def _module_path(rng, package: str, names: _Registry) -> str:
     """A new module path; its file name is new too, as a settings class is named after it."""
-    stem = _unique(lambda: f"{rng.choice(_CODE_NOUNS)}_{rng.choice(_CODE_NOUNS)}", names.modules)
+    stem = _unique(lambda: f"{rng.choice(_VERBS)}_{rng.choice(_CODE_NOUNS)}_{rng.choice(_CODE_NOUNS)}"
+                   if rng.random() < 0.7 else f"{rng.choice(_CODE_NOUNS)}_{rng.choice(_CODE_NOUNS)}", names.modules)
     return f"{package}/{rng.choice(_PACKAGE_AREAS)}/{stem}.py"
 
 
@@ -496,8 +507,7 @@ def codebase_case(tokenizer, size: int, *, seed: int = 0, index: int = 0) -> Cas
     names = _Registry()
     package = rng.choice(("orbitkit", "tallyhub", "quayline", "fernwork", "lumengrid", "basaltpy"))
     if index % 2 == 0:
-        constant = (_unique(lambda: f"{rng.choice(_CONSTANT_WORDS)}_{rng.choice(_CODE_NOUNS).upper()}_"
-                                    f"{rng.choice(_UNITS)}", names.constants), rng.randint(2, 9999))
+        constant = (_constant_name(rng, names), rng.randint(2, 9999))
         target, path, function = _module(rng, package, names, constant=constant)
         question = (f"In the `{package}` package above, which function defines the constant `{constant[0]}`? "
                     "Answer with the function name only.")

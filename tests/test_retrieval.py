@@ -30,6 +30,11 @@ def tokenizer():
     return load_tokenizer(tiny_chat_dir())
 
 
+def _sentences(text):
+    """Filler sentences end in a lower-case letter or a digit and a full stop (an initial does not)."""
+    return re.split(r"(?<=[a-z0-9]\.) ", text)
+
+
 def _haystack_bounds(case):
     """(start, end) characters of the text between the instruction and the question."""
     start = case.prompt.index("\n\n") + 2
@@ -62,7 +67,7 @@ def test_needle_sits_at_the_requested_depth(tokenizer, size, depth):
     def tokens(chars):
         return len(tokenizer.encode(case.prompt[start:chars]))
 
-    longest_sentence = max(len(tokenizer.encode(" " + s)) for s in case.prompt[start:end].split(". "))
+    longest_sentence = max(len(tokenizer.encode(" " + s)) for s in _sentences(case.prompt[start:end]))
     room = tokens(end) - len(tokenizer.encode(" " + needle))
     assert abs(tokens(at) - depth * room) <= longest_sentence, (tokens(at), depth * room, room)
     assert case.meta["needle_token"] == len(tokenizer.encode(case.prompt[:at]))
@@ -71,8 +76,8 @@ def test_needle_sits_at_the_requested_depth(tokenizer, size, depth):
 def test_haystack_sentences_are_varied_and_never_repeat(tokenizer):
     case = rt.needle_case(tokenizer, 16384, 0.5)
     start, end = _haystack_bounds(case)
-    sentences = [s for s in re.split(r"(?<=\.) ", case.prompt[start:end]) if s != case.meta["needle"]]
-    assert len(sentences) > 500
+    sentences = [s for s in _sentences(case.prompt[start:end]) if s != case.meta["needle"]]
+    assert len(sentences) > 500 and all(s.endswith(".") for s in sentences)
     assert len(set(sentences)) == len(sentences)
     openings = {" ".join(s.split()[:2]) for s in sentences}
     assert len(openings) > 50

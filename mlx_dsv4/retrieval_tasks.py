@@ -350,7 +350,7 @@ def _documents(rng, names: _Registry) -> Iterator[str]:
                 role = rng.choice(_ROLES)
             yield _staff_profile(person, role, company, rng)
         else:
-            yield f"Local news\n" + " ".join(next(sentences) for _ in range(rng.randint(1, 3)))
+            yield "Local news\n" + " ".join(next(sentences) for _ in range(rng.randint(1, 3)))
 
 
 def multidoc_case(tokenizer, size: int, *, seed: int = 0, index: int = 0) -> Case:
@@ -447,12 +447,12 @@ def _function_source(rng, names: _Registry, constant: Optional[tuple] = None):
     return "\n".join(lines), function
 
 
-def _settings_source(rng, class_name: str, field: Optional[tuple] = None) -> str:
+def _settings_source(rng, class_name: str, asked: Optional[tuple] = None) -> str:
     suffixes = rng.sample(_FIELD_SUFFIXES, 3)
     fields = [(f"{rng.choice(_CODE_NOUNS)}_{s}", rng.randint(1, 9000)) for s in suffixes]
-    if field is not None:
-        fields = [f for f in fields if f[0] != field[0]]
-        fields.insert(rng.randrange(len(fields) + 1), field)
+    if asked is not None:
+        fields = [f for f in fields if f[0] != asked[0]]
+        fields.insert(rng.randrange(len(fields) + 1), asked)
     seen, lines = set(), ["@dataclass", f"class {class_name}:"]
     for name, value in fields:
         if name not in seen:
@@ -513,13 +513,13 @@ def codebase_case(tokenizer, size: int, *, seed: int = 0, index: int = 0) -> Cas
                     "Answer with the function name only.")
         answer, meta = function, {"constant": constant[0], "module": path}
     else:
-        field = (f"{rng.choice(_CODE_NOUNS)}_{rng.choice(_FIELD_SUFFIXES)}", rng.randint(1, 9000))
+        asked = (f"{rng.choice(_CODE_NOUNS)}_{rng.choice(_FIELD_SUFFIXES)}", rng.randint(1, 9000))
         path = _module_path(rng, package, names)
-        target, _, _ = _module(rng, package, names, settings_field=field, module_path=path)
+        target, _, _ = _module(rng, package, names, settings_field=asked, module_path=path)
         class_name = "".join(w.capitalize() for w in path.rsplit("/", 1)[1][:-3].split("_")) + "Settings"
-        question = (f"In the `{package}` package above, what is the default value of `{field[0]}` in "
+        question = (f"In the `{package}` package above, what is the default value of `{asked[0]}` in "
                     f"`{class_name}`? Answer with the value only.")
-        answer, meta = str(field[1]), {"field": field[0], "class": class_name, "module": path}
+        answer, meta = str(asked[1]), {"field": asked[0], "class": class_name, "module": path}
     position = rng.uniform(0.0, 1.0)
     render = _chat_prompt(f"Below is the source code of the Python package `{package}`, one file after another. "
                           "Read it, then answer the question after it.", question)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from mlx_dsv4.cli.common import add_memory_arguments, positive_int
-from mlx_dsv4.retrieval_tasks import (DEFAULT_DEPTHS, MIN_SIZE, TASKS, RetrievalSizeError, build_cases,
-                                      format_tokens, is_correct)
+from mlx_dsv4.retrieval_tasks import (DEFAULT_DEPTHS, MIN_SIZE, TASKS, RetrievalSizeError, format_tokens,
+                                      is_correct, iter_cases)
 from mlx_dsv4.sizes import parse_size
 
 DEFAULT_SIZES = "32K,128K,512K,1M"
@@ -116,11 +116,10 @@ def is_memory_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("memory" in text or "alloc" in text)
 
 
-def run_case(model, tokenizer, case, args) -> dict:
+def run_case(model, tokenizer, case, label: str, args) -> dict:
     from mlx_dsv4.chat import parse_completion
     from mlx_dsv4.generate import generate
 
-    label = f"[{case.task} {format_tokens(case.size)} {case.label}]"
     t0 = time.perf_counter()
     result = generate(model, tokenizer, case.ids, max_tokens=args.max_new_tokens, prefill_step=args.prefill_step,
                       kv_cache_limit=args.max_kv_size, progress=PrefillProgress(label))
@@ -161,30 +160,30 @@ def run_suite(model, tokenizer, args, prompt_tokens, records: list) -> None:
                 print(f"[{task} {format_tokens(size)}] {refused}", flush=True)
                 records.append({"task": task, "size": size, "label": "all", "error": refused})
                 continue
+            cases = iter_cases(tokenizer, task, target, seed=args.seed, depths=args.depths, cases=args.cases)
             try:
-                cases = build_cases(tokenizer, task, target, seed=args.seed, depths=args.depths, cases=args.cases)
+                for case in cases:
+                    label = f"[{task} {format_tokens(size)} {case.label}]"
+                    record = case_record(case)
+                    record["size"] = size
+                    records.append(record)
+                    try:
+                        record.update(run_case(model, tokenizer, case, label, args))
+                    except KVCacheLimitError as e:
+                        record["error"] = f"--max-kv-size: {e}"
+                    except (MemoryError, RuntimeError) as e:
+                        if not is_memory_error(e):
+                            raise
+                        record["error"] = f"out of memory: {e}"
+                        out_of_memory_at = size
+                    if "error" in record:
+                        print(f"{label} {record['error']}", flush=True)
+                    if out_of_memory_at is not None:
+                        refused = f"skipped: ran out of memory at {format_tokens(out_of_memory_at)}"
+                        break
             except RetrievalSizeError as e:
                 print(f"[{task} {format_tokens(size)}] cannot build the cases: {e}", flush=True)
                 records.append({"task": task, "size": size, "label": "all", "error": str(e)})
-                continue
-            for case in cases:
-                record = case_record(case)
-                record["size"] = size
-                records.append(record)
-                try:
-                    record.update(run_case(model, tokenizer, case, args))
-                except KVCacheLimitError as e:
-                    record["error"] = f"--max-kv-size: {e}"
-                except (MemoryError, RuntimeError) as e:
-                    if not is_memory_error(e):
-                        raise
-                    record["error"] = f"out of memory: {e}"
-                    out_of_memory_at = size
-                if "error" in record:
-                    print(f"[{task} {format_tokens(size)} {case.label}] {record['error']}", flush=True)
-                if out_of_memory_at is not None:
-                    refused = f"skipped: ran out of memory at {format_tokens(out_of_memory_at)}"
-                    break
 
 
 def accuracy_table(records, tasks, sizes) -> dict:

@@ -533,13 +533,21 @@ def codebase_case(tokenizer, size: int, *, seed: int = 0, index: int = 0) -> Cas
 
 # -- the suite ------------------------------------------------------------------------------------------
 
-def build_cases(tokenizer, task: str, size: int, *, seed: int = 0, depths: Sequence[float] = DEFAULT_DEPTHS,
-                cases: int = 3) -> List[Case]:
-    """Every case of ``task`` at ``size`` prompt tokens: one per depth for the needle, ``cases`` otherwise."""
+def iter_cases(tokenizer, task: str, size: int, *, seed: int = 0, depths: Sequence[float] = DEFAULT_DEPTHS,
+               cases: int = 3) -> Iterator[Case]:
+    """The cases of ``task`` at ``size`` prompt tokens, one at a time: one per depth for the needle,
+    ``cases`` otherwise."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if task == "needle":
-        return [needle_case(tokenizer, size, d, seed=seed, index=i) for i, d in enumerate(depths)]
-    if task == "multidoc":
-        return [multidoc_case(tokenizer, size, seed=seed, index=i) for i in range(cases)]
-    if task == "codebase":
-        return [codebase_case(tokenizer, size, seed=seed, index=i) for i in range(cases)]
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        for i, depth in enumerate(depths):
+            yield needle_case(tokenizer, size, depth, seed=seed, index=i)
+    else:
+        make = multidoc_case if task == "multidoc" else codebase_case
+        for i in range(cases):
+            yield make(tokenizer, size, seed=seed, index=i)
+
+
+def build_cases(tokenizer, task: str, size: int, **options) -> List[Case]:
+    """Every case of ``iter_cases`` at once."""
+    return list(iter_cases(tokenizer, task, size, **options))

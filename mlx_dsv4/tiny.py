@@ -64,6 +64,15 @@ TINY_CONFIG = {
     "tie_word_embeddings": False,
 }
 
+# config.json key marking a checkpoint whose weights are the random draw below (the converter keeps it),
+# so that tools can say their results are meaningless for it.
+RANDOM_WEIGHTS_KEY = "mlx_dsv4_random_weights"
+
+
+def has_random_weights(config: dict) -> bool:
+    """Whether a checkpoint's config.json says it holds `write_tiny_checkpoint`'s random weights."""
+    return config.get(RANDOM_WEIGHTS_KEY) is True
+
 
 def tiny_config(preset: str = "flash", **overrides) -> dict:
     if preset not in PRESETS:
@@ -117,6 +126,7 @@ def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtyp
             a = a.astype(target)
         arrays[name] = a
     cfg["torch_dtype"] = dtype
+    cfg[RANDOM_WEIGHTS_KEY] = True
     mx.save_safetensors(str(out / "model.safetensors"), arrays, metadata={"format": "pt"})
     if mlx_lm:
         from .mlx_lm_files import mlx_lm_config, write_mlx_lm_files

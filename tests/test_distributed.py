@@ -439,10 +439,11 @@ def replies(transcript):
 
 def test_chat_on_two_ranks_replies_as_one_process_and_ctrl_c_stops_all(tmp_path):
     turns = "Hello there\nAnd again\n/save x\n/quit\n"
+    # in tmp_path: the single process saves its session to ./x
     single = subprocess.run(chat_command(extra=["--max-tokens", "6"]), input=turns, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, cwd=tmp_path)
     pair = subprocess.run(chat_command(2, ["--max-tokens", "6"]), input=turns, capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, cwd=tmp_path)
     assert single.returncode == pair.returncode == 0, pair.stderr
     want, got = replies(single.stdout), replies(pair.stdout)
     assert got[:2] == want[:2] and len(want[0]) > 3  # the same two replies, printed once

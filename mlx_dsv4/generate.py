@@ -943,6 +943,22 @@ def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logit
                                                 "checkpoint does not have")
 
 
+def _checked_prompt_ids(model, tokenizer, prompt, *, max_tokens, temperature, top_p, top_k, min_p,
+                        repetition_penalty, repetition_context_size, seed, stop, prompt_cache, prefill_step,
+                        kv_cache_limit, on_overflow="error", chat_options=None) -> List[int]:
+    """The prompt's token ids, after every check a generation makes before it runs."""
+    check_sampling_parameters(model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repetition_penalty=repetition_penalty,
+                              repetition_context_size=repetition_context_size, seed=seed, stop=stop)
+    if prompt_cache is not None:
+        prompt_cache.check_model(model)
+    if prefill_step < 1:
+        raise ValueError("prefill_step must be positive")
+    return _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
+                             on_overflow=on_overflow, prompt_cache=prompt_cache, chat_options=chat_options,
+                             prefill_step=prefill_step)
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -999,16 +1015,11 @@ def stream_generate(
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")
-    check_sampling_parameters(model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+    ids = _checked_prompt_ids(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repetition_penalty=repetition_penalty,
-                              repetition_context_size=repetition_context_size, seed=seed, stop=stop)
-    if prompt_cache is not None:
-        prompt_cache.check_model(model)
-    if prefill_step < 1:
-        raise ValueError("prefill_step must be positive")
-    ids = _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
-                            on_overflow=on_overflow, prompt_cache=prompt_cache, chat_options=chat_options,
-                            prefill_step=prefill_step)
+                              repetition_context_size=repetition_context_size, seed=seed, stop=stop,
+                              prompt_cache=prompt_cache, prefill_step=prefill_step, kv_cache_limit=kv_cache_limit,
+                              on_overflow=on_overflow, chat_options=chat_options)
     check_draft(model, draft, num_draft, temperature=temperature, sampler=sampler,
                 logits_processors=logits_processors, repetition_penalty=repetition_penalty,
                 prompt_cache=prompt_cache)
@@ -1066,16 +1077,10 @@ def open_generation(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     from its logits with ``pick`` and record it with ``take`` (``mlx_dsv4.batch`` decodes
     several such generations at once). ``seed_key``: the PRNG seed its sampling draws from
     when ``seed`` is given (the global MLX key otherwise)."""
-    check_sampling_parameters(model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+    ids = _checked_prompt_ids(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repetition_penalty=repetition_penalty,
-                              repetition_context_size=repetition_context_size, seed=seed, stop=stop)
-    if prompt_cache is not None:
-        prompt_cache.check_model(model)
-    if prefill_step < 1:
-        raise ValueError("prefill_step must be positive")
-    ids = _prompt_token_ids(model, tokenizer, prompt, max_tokens=max_tokens, kv_cache_limit=kv_cache_limit,
-                            on_overflow="error", prompt_cache=prompt_cache, chat_options=None,
-                            prefill_step=prefill_step)
+                              repetition_context_size=repetition_context_size, seed=seed, stop=stop,
+                              prompt_cache=prompt_cache, prefill_step=prefill_step, kv_cache_limit=kv_cache_limit)
     run = _new_generation(model, tokenizer, ids, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
                           stop=stop, eos_token_ids=eos_token_ids, prompt_cache=prompt_cache,

@@ -328,3 +328,16 @@ def test_initramfs_archive_is_read_by_cpio(tmp_path):
         subprocess.run(["cpio", "-idm", "--quiet"], stdin=stream, cwd=out, check=True)
     assert (out / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho hi\n"
     assert os.access(out / "bin" / "tool", os.X_OK) and os.readlink(out / "bin" / "sh") == "tool"
+
+
+@needs_qemu
+def test_guest_key_changes_when_an_input_changes(tmp_path, monkeypatch):
+    busybox = tmp_path / "busybox"
+    shutil.copyfile(os.environ.get("MLX_DSV4_VM_BUSYBOX") or "/bin/busybox", busybox)
+    os.chmod(busybox, 0o755)
+    monkeypatch.setenv("MLX_DSV4_VM_BUSYBOX", str(busybox))
+    before = guest.inputs(progress=False)["key"]
+    assert guest.inputs(progress=False)["key"] == before
+    with open(busybox, "ab") as f:
+        f.write(b"\0")
+    assert guest.inputs(progress=False)["key"] != before

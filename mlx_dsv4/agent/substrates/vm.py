@@ -155,7 +155,7 @@ class MicroVMSubstrate(Substrate):
                 "-kernel", self.kernel, "-initrd", self.initramfs, "-append", self.kernel_cmdline(network)]
         if share is None:
             return argv
-        argv += ["-fsdev", f"local,id=tool,path={share},security_model=none,readonly=on",
+        argv += ["-fsdev", f"local,id=tool,path={share.replace(',', ',,')},security_model=none,readonly=on",
                 "-device", f"virtio-9p-{self.bus},fsdev=tool,mount_tag=tool"]
         if network:
             argv += ["-netdev", "user,id=net0", "-device", f"virtio-net-{self.bus},netdev=net0"]

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 
-from . import guest as guest_module
+from .guest import GuestBuildError, guest
 from .base import (
     RUNNER,
     ExecutionResult,
@@ -181,9 +181,9 @@ class MicroVMSubstrate(Substrate):
     def _ensure_guest(self):
         if not (self.kernel and self.initramfs):
             if self.platform == "darwin":
-                raise guest_module.GuestBuildError(
+                raise GuestBuildError(
                     "the guest is built on Linux; on macOS pass kernel= and initramfs= (an arm64 build)")
-            built = guest_module.guest()
+            built = guest()
             self.kernel, self.initramfs = built.kernel, built.initramfs
         if self.accelerator is None:
             self.accelerator, self.kvm_cpu = self._probe_kvm()

@@ -353,9 +353,9 @@ def _busybox():
 
 def inputs(progress=True):
     """Everything the guest is built from, and the key hashing it."""
+    busybox, applets = _busybox()
     kernel, modules_root = find_kernel(progress)
     modules = module_files(modules_root)
-    busybox, applets = _busybox()
     interpreter, stdlib, dynload, version = python_parts()
     dynloads = _dynload_files(dynload)
     libraries = _shared_libraries([interpreter, *dynloads])

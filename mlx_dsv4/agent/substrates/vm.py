@@ -275,9 +275,11 @@ class MicroVMSubstrate(Substrate):
                 return ExecutionResult("timeout", error=f"the VM was killed after the {limits.timeout:g} s time limit "
                                        f"(plus {self.boot_timeout:g} s for the boot)", signal="SIGKILL",
                                        duration_s=duration)
+            panic = re.search(rb"Kernel panic - not syncing: [^\r\n]*", console)
             tail = (console[-1500:] + b"\n" + stderr[-1500:]).decode("utf-8", errors="replace").strip()
-            return ExecutionResult("error", error=f"the VM ended without a result (exit status {outcome[0]}): {tail}",
-                                   duration_s=duration)
+            reason = f"{panic.group(0).decode(errors='replace')}; " if panic else ""
+            return ExecutionResult("error", error=f"the VM ended without a result (exit status {outcome[0]}): "
+                                   f"{reason}{tail}", duration_s=duration)
         try:
             frame = json.loads(base64.b64decode(re.sub(rb"\s", b"", found.group(1))))
         except (binascii.Error, ValueError) as err:

@@ -191,7 +191,7 @@ class MicroVMSubstrate(Substrate):
     def _probe_kvm(self):
         """("kvm", cpu model) when a KVM guest boots here, else ("tcg", None): /dev/kvm
         may open and still not run a guest (nested virtualisation without support)."""
-        key = (self.executable, self.machine, self.kernel, self.initramfs)
+        key = (self.executable, self.kernel, self.initramfs)
         if key not in _accelerators:
             _accelerators[key] = ("tcg", None)
             if kvm_openable():

@@ -195,7 +195,7 @@ def agent_run(guest_tools, tmp_path_factory):
                     call("shell", command="id -u; ls /tool; echo done >&2; exit 3"), "The sum is 42.")
     with Agent(tools=tools, completion_fn=script, log_path=log, max_steps=8) as agent:
         result = agent.run("Sleep, bomb, then add.")
-    running = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -M microvm"], capture_output=True, text=True)
+    running = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -M microvm"], capture_output=True, text=True)
     return result, read_log(log), running.stdout.split(), substrate
 
 

@@ -17,6 +17,7 @@ Debian's ``linux-image-amd64`` fetched with ``apt-get download`` and unpacked wi
 import argparse
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import lzma
@@ -376,13 +377,11 @@ def inputs(progress=True):
 
 def _stdlib_zip(stdlib, files):
     """The pure-Python standard library as bytecode in a zip (found through pythonXY.zip)."""
-    import py_compile
-
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
         for path in files:
             rel = os.path.relpath(path, stdlib)
-            cached = py_compile.importlib.util.cache_from_source(path)
+            cached = importlib.util.cache_from_source(path)
             try:
                 fresh = os.stat(cached).st_mtime >= os.stat(path).st_mtime
             except OSError:

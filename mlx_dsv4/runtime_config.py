@@ -17,7 +17,7 @@ from .memory import INDEX_DTYPES, KV_DTYPES
 from .sizes import parse_size
 
 THINKING_MODES = ("chat", "think", "think-max")
-ISOLATIONS = ("function", "process", "sandbox", "container")
+ISOLATIONS = ("function", "process", "sandbox", "container", "microvm", "vm", "trusted", "untrusted")
 COMMANDS = ("generate", "chat", "serve")
 
 
@@ -315,6 +315,6 @@ prompt_cache:                   # chat and serve: the prefix store
   disk: 16G
 
 agent:                          # the agent API (Agent(**config.agent_options(), ...))
-  default_isolation: process    # function, process, sandbox or container
-  tools: {}                     # per tool: {name: isolation}
+  default_isolation: process    # function, process, sandbox, container, microvm or vm
+  tools: {}                     # per tool: {name: isolation}; trusted = function, untrusted = microvm
 """

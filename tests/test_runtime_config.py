@@ -78,7 +78,7 @@ BAD = [
     ("draft:\n  num_draft: 9\n", 2, "draft.num_draft", "1..8"),
     ("interleaved_thinking: yes please\n", 1, "interleaved_thinking", "true or false"),
     ("tool_schema: json\n", 1, "tool_schema", "must be one of dsml"),
-    ("agent:\n  tools: {shell: vm}\n", 2, "agent.tools", "tool 'shell'"),
+    ("agent:\n  tools: {shell: hypervisor}\n", 2, "agent.tools", "tool 'shell'"),
     ("prompt_cache:\n  memory: -5\n", 2, "prompt_cache.memory", "size"),
     ("- model\n- x\n", 1, None, "must be a mapping"),
     ("model: [unclosed\n", 2, None, "not valid YAML"),

@@ -8,7 +8,7 @@ JSON Lines.
 
 Tools: ``tool`` / ``Tool.from_function`` (schema from type hints and docstring),
 ``Tool.from_schema`` (an OpenAI function tool dict), ``shell_tool``.
-Substrates: ``function``, ``process``, ``sandbox``, ``container``.
+Substrates: ``function``, ``process``, ``sandbox``, ``container``, ``microvm``, ``vm``.
 """
 
 from .log import StepLog, read_log
@@ -18,10 +18,12 @@ from .substrates import (
     ExecutionResult,
     FunctionSubstrate,
     Limits,
+    MicroVMSubstrate,
     ProcessSubstrate,
     SandboxSubstrate,
     Substrate,
     SubstrateUnavailable,
+    VMSubstrate,
     make_substrate,
 )
 from .tools import Tool, ToolArgumentError, as_tool, schema_from_function, shell_tool, tool
@@ -33,11 +35,13 @@ __all__ = [
     "ExecutionResult",
     "FunctionSubstrate",
     "Limits",
+    "MicroVMSubstrate",
     "ProcessSubstrate",
     "SandboxSubstrate",
     "StepLog",
     "Substrate",
     "SubstrateUnavailable",
+    "VMSubstrate",
     "Tool",
     "ToolArgumentError",
     "ToolCallRecord",

@@ -128,7 +128,9 @@ class Tool:
 
     Exactly one of ``function`` (called with the arguments as keywords) and
     ``command`` (maps the arguments to an argv list run by the substrate) is set.
-    ``substrate`` (a name or instance) overrides the agent's default for this tool.
+    ``substrate`` (a name, a risk level "trusted" or "untrusted", or an instance)
+    overrides the agent's default for this tool. ``network``: the tool needs the network
+    (the VM substrates give it a network device only then).
     """
 
     name: str
@@ -137,6 +139,7 @@ class Tool:
     function: Optional[Callable] = None
     command: Optional[Callable[[dict], list]] = None
     substrate: object = None
+    network: bool = False
 
     def __post_init__(self):
         if (self.function is None) == (self.command is None):
@@ -147,9 +150,10 @@ class Tool:
         self._validator = jsonschema.Draft202012Validator(self.parameters)
 
     @classmethod
-    def from_function(cls, function, *, name=None, description=None, substrate=None):
+    def from_function(cls, function, *, name=None, description=None, substrate=None, network=False):
         spec = schema_from_function(function, name=name, description=description)["function"]
-        return cls(spec["name"], spec["description"], spec["parameters"], function=function, substrate=substrate)
+        return cls(spec["name"], spec["description"], spec["parameters"], function=function, substrate=substrate,
+                   network=network)
 
     @classmethod
     def from_schema(cls, schema, *, function=None, command=None, substrate=None):
@@ -186,10 +190,15 @@ class Tool:
         return arguments
 
 
-def tool(function=None, *, name=None, description=None, substrate=None):
-    """Decorator (bare or with options) making a ``Tool`` of a typed function."""
+def tool(function=None, *, name=None, description=None, substrate=None, isolation=None, network=False):
+    """Decorator (bare or with options) making a ``Tool`` of a typed function.
+    ``isolation`` is another name for ``substrate`` (e.g. "microvm", or "untrusted")."""
+    if substrate is not None and isolation is not None and substrate != isolation:
+        raise ValueError(f"substrate={substrate!r} and isolation={isolation!r} disagree; give one")
+    chosen = substrate if substrate is not None else isolation
+
     def make(f):
-        return Tool.from_function(f, name=name, description=description, substrate=substrate)
+        return Tool.from_function(f, name=name, description=description, substrate=chosen, network=network)
 
     return make(function) if function is not None else make
 

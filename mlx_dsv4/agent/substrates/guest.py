@@ -63,6 +63,7 @@ for word in $cmdline; do
   case $word in
     mlx.console=*) console=${word#mlx.console=} ;;
     mlx.share=*) share=${word#mlx.share=} ;;
+    mlx.result=*) result_port=${word#mlx.result=} ;;
     mlx.net=1) net=1 ;;
   esac
 done
@@ -81,9 +82,34 @@ if [ -n "$net" ]; then
   ip route add default via 10.0.2.2
   echo "nameserver 10.0.2.3" > /etc/resolv.conf
 fi
-export LD_LIBRARY_PATH=$(cat /py/library_path)
+# The outcome goes to its own virtio port, writable by root only: a tool (nobody) that
+# writes to the console cannot pass for the result.
+result=
 if [ -f /tool/guest_main.py ]; then
-  PYTHONHOME=/py /py/bin/python3 -I -S /tool/guest_main.py /dev/$console
+  case $result_port in
+    org.*)
+      tries=0
+      while [ -z "$result" ] && [ $tries -lt 50 ]; do
+        for port in /sys/class/virtio-ports/*; do
+          if [ "$(cat $port/name 2>/dev/null)" = "$result_port" ]; then
+            result=/dev/${port##*/}
+            [ -c $result ] || mknod $result c $(tr ':' ' ' < $port/dev)
+          fi
+        done
+        [ -n "$result" ] || { tries=$((tries + 1)); sleep 0.1; }
+      done ;;
+    ?*) [ -c /dev/$result_port ] && result=/dev/$result_port ;;
+  esac
+  if [ -n "$result" ]; then
+    chown 0:0 $result
+    chmod 0600 $result
+  fi
+fi
+export LD_LIBRARY_PATH=$(cat /py/library_path)
+if [ -f /tool/guest_main.py ] && [ -z "$result" ]; then
+  echo "mlx-dsv4 guest: no result port $result_port" > /dev/$console
+elif [ -f /tool/guest_main.py ]; then
+  PYTHONHOME=/py /py/bin/python3 -I -S /tool/guest_main.py $result
 else
   echo "mlx-dsv4 guest: no tool share" > /dev/$console
 fi

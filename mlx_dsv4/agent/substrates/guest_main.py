@@ -1,7 +1,8 @@
-"""Inside the VM guest: run one tool call with the runner of the process substrate and
-write its outcome to the console between markers. Started by the guest's ``/init`` as
-``python3 guest_main.py /dev/<console>`` from the read-only tool share; imports only the
-standard library and the copy of ``base.py`` beside it."""
+"""Inside the VM guest: run one tool call with the runner of the process substrate and,
+once the tool has exited, write its outcome as one JSON line to the result port (a
+virtio-serial port only root may open; the console is left to boot messages). Started by
+the guest's ``/init`` as ``python3 guest_main.py /dev/<result port>`` from the read-only
+tool share; imports only the standard library and the copy of ``base.py`` beside it."""
 
 import base64
 import json
@@ -9,11 +10,10 @@ import os
 import sys
 
 SHARE = os.path.dirname(os.path.abspath(__file__))
-BEGIN, END = b"<<mlx-dsv4-vm-result>>", b"<</mlx-dsv4-vm-result>>"
 
 
 def main():
-    console = sys.argv[1]
+    result_port = sys.argv[1]
     sys.path.insert(0, SHARE)
     import substrate_base
 
@@ -29,8 +29,8 @@ def main():
         "exit_code": exit_code, "signal": sig, "stdout": base64.b64encode(stdout).decode(),
         "stderr": base64.b64encode(stderr).decode(), "status": status, "truncated": truncated, "duration": duration,
     }).encode()
-    with open(console, "wb") as out:
-        out.write(b"\n" + BEGIN + base64.b64encode(frame) + END + b"\n")
+    with open(result_port, "wb") as out:  # buffered: a port takes at most 32 KiB per write
+        out.write(frame + b"\n")
         out.flush()
 
 

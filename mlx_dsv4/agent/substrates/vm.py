@@ -18,6 +18,11 @@ the tool declares ``network`` (then QEMU's user-mode network: outbound only, the
 at 10.0.2.2). Limits: ``-m`` memory, ``-smp`` CPUs, the process limits inside the
 guest, and the wall-clock ``timeout``, after which the whole QEMU process group is
 killed (``boot_timeout`` more seconds are allowed for the boot).
+
+The outcome comes back over a virtio-serial port of its own (``org.mlx-dsv4.result``,
+written by the guest's runner as root once the tool has exited, into a file of the call's
+temporary directory outside the share); the serial console only carries boot messages and
+panics, which the host reads when no outcome came.
 """
 
 import base64
@@ -46,7 +51,8 @@ from .process import Limits
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
 GUEST_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest_main.py")
-FRAME = re.compile(rb"<<mlx-dsv4-vm-result>>([A-Za-z0-9+/=\r\n]*)<</mlx-dsv4-vm-result>>")
+RESULT_PORT = "org.mlx-dsv4.result"  # the virtio-serial port the guest writes the outcome to
+RESULT_FIELDS = ("exit_code", "signal", "stdout", "stderr", "status", "truncated", "duration")
 SHARE_IN_GUEST = "/tool"
 NOBODY = {"uid": 65534, "gid": 65534}
 
@@ -142,13 +148,15 @@ class MicroVMSubstrate(Substrate):
         words = [f"console={console}", "quiet", "loglevel=1", "panic=-1", "reboot=t", "rdinit=/init",
                  "cryptomgr.notests", "mitigations=off", "nowatchdog", "audit=0", "8250.nr_uarts=1",
                  "i8042.noaux", "i8042.nopnp", "random.trust_cpu=on", f"mlx.console={console}", f"mlx.share={share}"]
+        # vfkit's second virtio-serial device is a console of its own (hvc1); QEMU's port has a name.
+        words.append("mlx.result=hvc1" if self.platform == "darwin" else f"mlx.result={RESULT_PORT}")
         if network:
             words.append("mlx.net=1")
         if self.accelerator == "tcg" and self.machine == "microvm":
             words += [f"tsc_early_khz={_host_tsc_khz()}", "no_timer_check"]
         return " ".join(words)
 
-    def qemu_argv(self, share, *, network=False):
+    def qemu_argv(self, share, *, network=False, result=None):
         accel = ["-enable-kvm", "-cpu", self.kvm_cpu] if self.accelerator == "kvm" else ["-accel", "tcg", "-cpu", "max"]
         argv = [self.executable, "-M", self.machine, *accel, "-m", f"{self.memory_mb}M", "-smp", str(self.cpus),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none",
@@ -157,24 +165,30 @@ class MicroVMSubstrate(Substrate):
             return argv
         argv += ["-fsdev", f"local,id=tool,path={share.replace(',', ',,')},security_model=none,readonly=on",
                 "-device", f"virtio-9p-{self.bus},fsdev=tool,mount_tag=tool"]
+        if result is not None:
+            argv += ["-chardev", f"file,id=mlxresult,path={result.replace(',', ',,')}",
+                     "-device", f"virtio-serial-{self.bus}",
+                     "-device", f"virtserialport,chardev=mlxresult,name={RESULT_PORT}"]
         if network:
             argv += ["-netdev", "user,id=net0", "-device", f"virtio-net-{self.bus},netdev=net0"]
         return argv
 
-    def vfkit_argv(self, share, *, network=False):
+    def vfkit_argv(self, share, *, network=False, result=None):
         argv = [self.executable, "--cpus", str(self.cpus), "--memory", str(self.memory_mb),
                 "--bootloader", f"linux,kernel={self.kernel},initrd={self.initramfs},"
                                 f"cmdline=\"{self.kernel_cmdline(network)}\"",
-                "--device", "virtio-serial,stdio",
-                "--device", f"virtio-fs,sharedDir={share},mountTag=tool"]
+                "--device", "virtio-serial,stdio"]
+        if result is not None:
+            argv += ["--device", f"virtio-serial,logFilePath={result}"]
+        argv += ["--device", f"virtio-fs,sharedDir={share},mountTag=tool"]
         if network:
             argv += ["--device", "virtio-net,nat"]
         return argv
 
-    def argv(self, share, *, network=False):
+    def argv(self, share, *, network=False, result=None):
         if self.platform == "darwin":
-            return self.vfkit_argv(share, network=network)
-        return self.qemu_argv(share, network=network)
+            return self.vfkit_argv(share, network=network, result=result)
+        return self.qemu_argv(share, network=network, result=result)
 
     # -- running -------------------------------------------------------------------
 
@@ -248,8 +262,11 @@ class MicroVMSubstrate(Substrate):
 
     def _boot(self, spec, sources, *, site, network, interpret):
         limits = self.limits
-        share = tempfile.mkdtemp(prefix="mlx-dsv4-vm-share-")
+        call_dir = tempfile.mkdtemp(prefix="mlx-dsv4-vm-call-")
+        share = os.path.join(call_dir, "share")  # the result file stays outside the guest's share
+        result_path = os.path.join(call_dir, "result.json")
         try:
+            os.mkdir(share)
             if sources:
                 self._place_sources(spec, sources, share)
             spec.update(limits=limits.for_runner(), workdir="/work", drop=NOBODY, user_namespace=False)
@@ -264,13 +281,18 @@ class MicroVMSubstrate(Substrate):
                 os.chmod(root, 0o755)
                 for name in files:
                     os.chmod(os.path.join(root, name), 0o644)
-            outcome = run_child(self.argv(share, network=network), timeout=limits.timeout + self.boot_timeout,
+            outcome = run_child(self.argv(share, network=network, result=result_path),
+                                timeout=limits.timeout + self.boot_timeout,
                                 output_bytes=4 * limits.output_bytes + (1 << 20))
+            try:
+                with open(result_path, "rb") as f:
+                    written = f.read()
+            except FileNotFoundError:
+                written = b""
         finally:
-            shutil.rmtree(share, ignore_errors=True)
+            shutil.rmtree(call_dir, ignore_errors=True)
         _, _, console, stderr, status, _, duration = outcome
-        found = FRAME.search(console)
-        if found is None:
+        if not written.strip():
             if status == "timeout":
                 return ExecutionResult("timeout", error=f"the VM was killed after the {limits.timeout:g} s time limit "
                                        f"(plus {self.boot_timeout:g} s for the boot)", signal="SIGKILL",
@@ -281,15 +303,32 @@ class MicroVMSubstrate(Substrate):
             return ExecutionResult("error", error=f"the VM ended without a result (exit status {outcome[0]}): "
                                    f"{reason}{tail}", duration_s=duration)
         try:
-            frame = json.loads(base64.b64decode(re.sub(rb"\s", b"", found.group(1))))
-        except (binascii.Error, ValueError) as err:
-            return ExecutionResult("error", error=f"the VM's result is damaged: {err}", duration_s=duration)
-        result = interpret(frame["exit_code"], frame["signal"], base64.b64decode(frame["stdout"]),
-                           base64.b64decode(frame["stderr"]), frame["status"], frame["truncated"], frame["duration"],
-                           timeout=limits.timeout)
+            frame = parse_result(written)
+        except ValueError as err:
+            return ExecutionResult("error", error=f"the VM's result ({len(written)} bytes from the {RESULT_PORT} "
+                                   f"port) is damaged: {err}", duration_s=duration)
+        result = interpret(frame["exit_code"], frame["signal"], frame["stdout"], frame["stderr"], frame["status"],
+                           frame["truncated"], frame["duration"], timeout=limits.timeout)
         result.extra["in_guest_s"] = result.duration_s
         result.duration_s = duration  # the boot is part of the call's cost
         return result
+
+
+def parse_result(data):
+    """The outcome the guest wrote to the result port: one JSON object, its output in
+    base64. ValueError naming the field or the byte offset where it is damaged."""
+    frame = json.loads(data)
+    if not isinstance(frame, dict):
+        raise ValueError(f"expected a JSON object, got {type(frame).__name__}")
+    missing = [key for key in RESULT_FIELDS if key not in frame]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    for key in ("stdout", "stderr"):
+        try:
+            frame[key] = base64.b64decode(frame[key], validate=True)
+        except (binascii.Error, TypeError) as err:
+            raise ValueError(f"field {key} is not base64: {err}") from None
+    return frame
 
 
 class VMSubstrate(MicroVMSubstrate):

@@ -37,8 +37,9 @@ from pathlib import Path
 
 FORMAT = 2
 
-# virtio transports (mmio for microvm, pci for q35), 9p for the tool share, virtio-fs and
-# the virtio console for vfkit, the network driver for tools that declare network.
+# virtio transports (mmio for microvm, pci for q35), 9p for the tool share, virtio-fs for
+# vfkit, the virtio console (the result port; vfkit's console), the network driver for
+# tools that declare network.
 WANTED_MODULES = (
     "virtio_mmio", "virtio_pci", "9pnet_virtio", "9p", "virtio_console", "virtiofs", "virtio_net",
 )

@@ -368,6 +368,14 @@ def rank_pid(launcher_pid, rank):
     raise AssertionError(f"no rank {rank} among {children}")
 
 
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
 def serve(tmp_path, name, ranks=None):
     port = free_port()
     cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(tiny_chat_dir()), "--port", str(port),
@@ -376,7 +384,7 @@ def serve(tmp_path, name, ranks=None):
         cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
                "--", *cmd, "--distributed", "pipeline"]
     log = tmp_path / f"{name}.log"
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     wait_healthy(base, proc, log)
     return proc, base, log
@@ -408,11 +416,11 @@ def test_serve_on_two_ranks_answers_as_one_process_and_stops_cleanly(tmp_path):
                              timeout=60)
         assert refused.status_code == 400 and "distributed" in refused.json()["error"]["message"]
         after = httpx.post(base + "/v1/chat/completions", json=body, timeout=60).json()
+        assert httpx.get(base + "/health", timeout=10).json()["batch"]["max"] == 1  # the ranks replay one at a time
         os.kill(rank_pid(launcher.pid, 0), signal.SIGINT)  # Ctrl-C reaches rank 0
         code = launcher.wait(timeout=60)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        kill_group(launcher)  # every rank, also when the test failed before they stopped
     output = log.read_text()
     assert want["usage"]["completion_tokens"] == 8
     for reply in (first, again, after):

@@ -19,6 +19,7 @@ class LeaderEngine(Engine):
     # and a prefill stopped on rank 0 alone would leave the others waiting mid-chunk.
     constrains = False
     stops_in_prefill = False
+    batches = False  # the other ranks replay one generation at a time
 
     def __init__(self, model_path, ranks, mode, split=None, **options):
         super().__init__(model_path, **options)

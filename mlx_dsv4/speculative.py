@@ -222,16 +222,18 @@ class Drafting:
 
 class DraftSwitch:
     """Chooses between speculative rounds and plain steps by their measured seconds per emitted
-    token, so that a drafter the model keeps rejecting does not slow decoding down: the faster way
-    runs, and the other is timed again for ``probe`` tokens after every ``interval`` tokens (the
-    interval doubles, up to ``max_interval``, each time a probe confirms the choice)."""
+    token, so that a drafter the model keeps rejecting does not slow decoding down. Each way is
+    timed in windows of ``probe`` tokens: the running way gives way at once when it gets slower
+    than the other's last figure, and the other is timed again after ``interval`` tokens (the
+    interval doubles, up to ``max_interval``, each time such a probe confirms the choice)."""
 
     def __init__(self, probe: int = 4, interval: int = 64, max_interval: int = 1024):
         self.probe, self.first_interval, self.max_interval = probe, interval, max_interval
         self.interval = interval
         self.rate = {True: None, False: None}  # seconds per token, per way (True: speculative)
         self.speculative = True
-        self.probing = True  # the current way runs a probe (else a run of `interval` tokens)
+        self.probing = True  # the current way is being timed again (else it runs)
+        self._run = 0  # tokens the current way has run since it was chosen
         self._seconds = 0.0
         self._tokens = 0
 
@@ -242,21 +244,25 @@ class DraftSwitch:
         """What the last round or step of the current way took and emitted."""
         self._seconds += seconds
         self._tokens += tokens
-        if self._tokens < (self.probe if self.probing else self.interval):
+        if self._tokens < self.probe:
             return
         way, rate = self.speculative, self._seconds / self._tokens
         old = self.rate[way]
         self.rate[way] = rate if old is None else (old + rate) / 2
+        self._run += self._tokens
         self._seconds, self._tokens = 0.0, 0
-        if self.rate[not way] is None:  # time the other way once before choosing
-            self.speculative, self.probing = not way, True
-            return
-        best = self.rate[True] <= self.rate[False]
-        if self.probing:
-            self.interval = min(self.max_interval, self.interval * 2) if best != way else self.first_interval
-            self.speculative, self.probing = best, False
-        elif best == way:
-            self.speculative, self.probing = not way, True
-        else:
+        other = self.rate[not way]
+        if other is None:  # time the other way once before choosing
+            self._choose(not way, probing=True)
+        elif self.probing:
+            faster = self.rate[way] < other
+            self.interval = self.first_interval if faster else min(self.max_interval, self.interval * 2)
+            self._choose(way if faster else not way, probing=False)
+        elif self.rate[way] > other:
             self.interval = self.first_interval
-            self.speculative, self.probing = best, False
+            self._choose(not way, probing=False)
+        elif self._run >= self.interval:
+            self._choose(not way, probing=True)
+
+    def _choose(self, way: bool, probing: bool) -> None:
+        self.speculative, self.probing, self._run = way, probing, 0

@@ -8,6 +8,7 @@ ids are valid.
 import atexit
 import functools
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -53,3 +54,9 @@ def config_only_dir(tmp_path) -> Path:
     model_dir.mkdir()
     (model_dir / "config.json").write_bytes((tiny_chat_dir() / "config.json").read_bytes())
     return model_dir
+
+
+def default_sigint():
+    """``preexec_fn`` for a child that must get Ctrl-C: a shell that started the tests in the
+    background sets SIGINT to ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

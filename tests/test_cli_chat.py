@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, tiny_chat_dir, tiny_chat_model
+from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, default_sigint, tiny_chat_dir, tiny_chat_model
 from mlx_dsv4.chat import encode_messages
 
 pexpect = pytest.importorskip("pexpect")
@@ -25,7 +25,7 @@ def spawn(tmp_path, *extra):
     child = pexpect.spawn(
         MLX_DSV4,
         ["chat", "--model", str(tiny_chat_dir()), "--history-file", str(tmp_path / "history"), *extra],
-        encoding="utf-8", timeout=60, env=env, dimensions=(40, 250),
+        encoding="utf-8", preexec_fn=default_sigint, timeout=60, env=env, dimensions=(40, 250),
     )
     child.expect(">>> ")
     return child
@@ -179,7 +179,7 @@ def test_a_history_file_that_cannot_be_written_is_reported(tmp_path):
     history = tmp_path / "missing" / "history"
     env = dict(os.environ, HOME=str(tmp_path))
     child = pexpect.spawn(MLX_DSV4, ["chat", "--model", str(tiny_chat_dir()), "--history-file", str(history)],
-                          encoding="utf-8", timeout=60, env=env, dimensions=(40, 250))
+                          encoding="utf-8", preexec_fn=default_sigint, timeout=60, env=env, dimensions=(40, 250))
     child.expect(">>> ")
     child.sendline("/quit")
     child.expect(rf"error: cannot write the history file {history}: the folder {history.parent} does not exist")

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, tiny_chat_dir, tiny_chat_model
+from generate_support import BAD_SAMPLING_FLAGS, config_only_dir, default_sigint, tiny_chat_dir, tiny_chat_model
 from mlx_dsv4.chat import encode_messages, parse_completion
 from mlx_dsv4.cli import main
 from mlx_dsv4.generate import generate
@@ -123,7 +123,7 @@ def test_terminal_output_dims_reasoning_shows_progress_and_stops_on_ctrl_c(model
         MLX_DSV4,
         ["generate", "--model", model_dir, "--prompt", "Tell me everything. " * 10, "--thinking", "think",
          "--max-tokens", "100000", "--prefill-step", "8"],
-        encoding="utf-8", timeout=60, dimensions=(24, 200),
+        encoding="utf-8", preexec_fn=default_sigint, timeout=60, dimensions=(24, 200),
     )
     child.expect(r"prefill \[#*\.*\] \d+/\d+ tokens")
     child.expect_exact("\x1b[2m")  # reasoning starts dimmed

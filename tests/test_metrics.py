@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from generate_support import tiny_chat_dir
+from generate_support import default_sigint, tiny_chat_dir
 from mlx_dsv4 import load
 from mlx_dsv4.cli import build_parser, main
 from mlx_dsv4.config import ModelArgs
@@ -296,7 +296,7 @@ def test_top_refreshes_until_interrupted(server):
     pexpect = pytest.importorskip("pexpect")
     completed = int(scrape(server)['mlx_dsv4_requests_total{"outcome": "completed"}'])
     child = pexpect.spawn(sys.executable, ["-m", "mlx_dsv4.cli", "top", server, "--interval", "0.3"],
-                          encoding="utf-8", timeout=60, dimensions=(50, 120))
+                          encoding="utf-8", preexec_fn=default_sigint, timeout=60, dimensions=(50, 120))
     try:
         child.expect(f"requests: {completed} completed")
         reply = httpx.post(server + "/v1/completions", timeout=120, headers={"x-api-key": API_KEY},

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlx_dsv4.cli.common import add_memory_arguments, positive_int
 from mlx_dsv4.retrieval_tasks import (DEFAULT_DEPTHS, MIN_SIZE, TASKS, RetrievalSizeError, format_tokens,
                                       is_correct, iter_cases)
-from mlx_dsv4.sizes import parse_size
+from mlx_dsv4.sizes import parse_token_counts
 
 DEFAULT_SIZES = "32K,128K,512K,1M"
 RANDOM_WEIGHTS_NOTE = ("{model} holds random weights (a tiny test checkpoint from mlx_dsv4.tiny): the scores "
@@ -28,18 +28,10 @@ RANDOM_WEIGHTS_NOTE = ("{model} holds random weights (a tiny test checkpoint fro
 
 def parse_sizes(text: str) -> list:
     """Token counts from "32K,128K,1M" (K = 1024, M = 1048576 tokens; see mlx_dsv4.sizes), sorted, unique."""
-    sizes = set()
-    for item in text.split(","):
-        try:
-            n = parse_size(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{item.strip()!r} is not a token count: give a number with an optional K or M "
-                "(32K = 32768 tokens, 1M = 1048576 tokens), sizes separated by commas") from None
-        if n < MIN_SIZE:
-            raise argparse.ArgumentTypeError(f"{item.strip()!r} is {n} tokens: a case needs at least {MIN_SIZE}")
-        sizes.add(n)
-    return sorted(sizes)
+    try:
+        return parse_token_counts(text, minimum=MIN_SIZE)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_depths(text: str) -> list:

@@ -74,19 +74,10 @@ MB = 1 << 20
 
 
 def parse_contexts(text: str) -> List[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        mult = 1024 if part.endswith("k") else 1
-        value = int(part[:-1] if mult > 1 else part) * mult
-        if value <= 0:
-            raise ValueError(f"context lengths must be positive, got {part!r}")
-        out.append(value)
-    if not out:
-        raise ValueError("no context lengths given")
-    return sorted(set(out))
+    """Context lengths from "1K,8K,32768" (see ``sizes.parse_token_counts``)."""
+    from .sizes import parse_token_counts
+
+    return parse_token_counts(text)
 
 
 def parse_layers(text: str) -> List[int]:

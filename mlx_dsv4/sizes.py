@@ -6,6 +6,9 @@ not matter. So ``8G`` = ``8GiB`` = 2**33 bytes and ``8GB`` = 8 * 10**9 bytes; a 
 number (or one followed by ``B``) is bytes. Fractions are allowed (``1.5G``); the
 result is rounded down to whole bytes.
 
+``parse_token_counts`` reads a comma-separated list of token counts with the same units
+(``32K`` = 32768 tokens, ``1M`` = 1048576 tokens).
+
 ``format_bytes`` prints binary units (KiB, MiB, GiB, TiB); ``format_decimal_bytes``
 prints the decimal units (kB, MB, GB) checkpoint sizes are given in.
 """
@@ -29,6 +32,22 @@ def parse_size(text: str) -> int:
     power = "kmgt".index(prefix.lower()) + 1
     base = 1000 if suffix is not None and suffix.lower() == "b" else 1024
     return int(number * base**power)
+
+
+def parse_token_counts(text: str, minimum: int = 1) -> list:
+    """Sorted, distinct token counts of at least ``minimum`` from text such as ``"32K,1K,8192"``
+    (K = 1024, M = 1048576)."""
+    counts = set()
+    for item in str(text).split(","):
+        try:
+            n = parse_size(item)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not a token count: give a number with an optional K or M "
+                             "(32K = 32768 tokens, 1M = 1048576 tokens), counts separated by commas") from None
+        if n < minimum:
+            raise ValueError(f"{item.strip()!r} is {n} tokens: at least {minimum} needed")
+        counts.add(n)
+    return sorted(counts)
 
 
 def format_bytes(n: float, digits: int = 1) -> str:

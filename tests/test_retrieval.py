@@ -204,8 +204,8 @@ def test_random_tiny_model_scores_are_called_meaningless(bench, tmp_path, capsys
 @pytest.mark.parametrize("sizes, message", [
     ("32Q", r"argument --sizes: '32Q' is not a token count: give a number with an optional K or M"),
     ("1K,,2K", r"argument --sizes: '' is not a token count"),
-    ("100", r"argument --sizes: '100' is 100 tokens: a case needs at least 512"),
-    ("0", r"argument --sizes: '0' is 0 tokens: a case needs at least 512"),
+    ("100", r"argument --sizes: '100' is 100 tokens: at least 512 needed"),
+    ("0", r"argument --sizes: '0' is 0 tokens: at least 512 needed"),
 ])
 def test_bad_sizes_are_refused_by_the_parser(bench, capsys, sizes, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -85,3 +85,17 @@ def test_bad_max_kv_size_is_a_usage_error(capsys):
         main(["serve", "--model", "m", "--max-kv-size", "8 gigs"])
     assert exit_.value.code == 2
     assert "--max-kv-size: '8 gigs' is not a size" in capsys.readouterr().err
+
+
+def test_token_count_lists():
+    from mlx_dsv4.sizes import parse_token_counts
+
+    assert parse_token_counts("32K,1k,8192,1K,1M") == [1024, 8192, 32768, 1048576]
+    with pytest.raises(ValueError, match="'' is not a token count"):
+        parse_token_counts("1K,,2K")
+    with pytest.raises(ValueError, match="'x' is not a token count"):
+        parse_token_counts("1K,x")
+    with pytest.raises(ValueError, match="'100' is 100 tokens: at least 512 needed"):
+        parse_token_counts("1K,100", minimum=512)
+    with pytest.raises(ValueError, match="'0' is 0 tokens: at least 1 needed"):
+        parse_token_counts("0")

@@ -95,7 +95,7 @@ def tiny_config(preset: str = "flash", **overrides) -> dict:
 
 # (name suffix, standard deviation, offset) of the random values; linear weights [out, in] not listed
 # here get std in**-0.5. "_scale" adds its offset after the float32 cast.
-DRAW_RULES = (("embed.weight", 1.0, 0.0), ("norm.weight", 0.1, 1.0), ("_fn", 0.1, 0.0), ("_base", 0.5, 0.0),
+DRAW_RULES = (("embed.weight", 1.0, 0.0), ("markov_w1.weight", 1.0, 0.0), ("norm.weight", 0.1, 1.0), ("_fn", 0.1, 0.0), ("_base", 0.5, 0.0),
               ("_scale", 0.1, 1.0), ("attn_sink", 1.0, 0.0), (".ape", 0.5, 0.0), ("gate.bias", 0.1, 0.0))
 
 

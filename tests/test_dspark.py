@@ -204,9 +204,14 @@ def test_speculative_sampling_gives_the_distribution_of_plain_sampling(tmp_path)
 
 @pytest.fixture(scope="module")
 def chat_dspark(tmp_path_factory):
-    """A DSpark checkpoint with the real vocabulary (three decoder layers), for generate."""
-    path = write_tiny_checkpoint(tmp_path_factory.mktemp("chat-dspark"), dspark=True, compress_ratios=[0, 4, 128],
-                                 num_hash_layers=1)
+    """A DSpark checkpoint with the real vocabulary (three decoder layers), for generate, written by
+    `mlx-dsv4 make-tiny --dspark`."""
+    from mlx_dsv4.cli import main
+
+    path = tmp_path_factory.mktemp("chat-dspark") / "tiny"
+    assert main(["make-tiny", str(path), "--dspark", "--layers", "0,4,128"]) == 0
+    config = json.loads((path / "config.json").read_text())
+    assert config["dspark_block_size"] == 4 and config["dspark_target_layer_ids"] == [1, 2]
     return path
 
 

@@ -1,5 +1,6 @@
 """`mlx-dsv4 bench --speculative`: plain greedy decode against speculative decode with the
-checkpoint's MTP layer, side by side in one process, on one prompt per context length.
+checkpoint's MTP layer (or its DSpark drafter, when it has one), side by side in one process,
+on one prompt per context length.
 
 Random weights make the MTP head's own proposals nearly always wrong, so the acceptance is
 also forced: the drafter's proposals are replaced by the target's known greedy continuation
@@ -29,6 +30,7 @@ SPEC_ACCEPTANCE = 0.8
 TARGET_VS_PLAIN = 1.6
 TARGET_VS_VLM = 1.5
 TARGET_AT_ZERO = 0.9
+DRAFTER_NAMES = {"mtp": "1 MTP layer", "dspark": "the DSpark drafter"}
 
 
 def parse_acceptances(text: str) -> List[float]:
@@ -76,11 +78,16 @@ class ForcedAcceptance:
         return right[:a] + [(t + 1) % self.vocab for t in right[a:]]
 
 
-def _restore(model, prefilled):
-    from .speculative import Drafting
+def _drafting(model, cache):
+    """The drafting state of the checkpoint's drafter: its DSpark drafter when it has one."""
+    from .speculative import Drafting, DSparkDrafting
 
+    return (Drafting if model.dspark is None else DSparkDrafting)(model, cache)
+
+
+def _restore(model, prefilled):
     main_state, draft_state, last_hidden, prompt = prefilled
-    drafting = Drafting(model, model.make_cache())
+    drafting = _drafting(model, model.make_cache())
     drafting.cache.load_state(*main_state)
     drafting.draft_cache.load_state(*draft_state)
     drafting.last_hidden = last_hidden
@@ -150,7 +157,7 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
     from .bench import ensure_checkpoint
     from .config import ModelArgs
     from .loader import load_model
-    from .speculative import Drafting, DraftSwitch
+    from .speculative import DraftSwitch
 
     contexts = [int(c) for c in args.spec_contexts]
     acceptances = parse_acceptances(args.acceptance)
@@ -159,9 +166,18 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
     path = ensure_checkpoint(args, log, mtp=True)
     model_args = ModelArgs.from_path(path)
     model = load_model(path, mtp=True)
-    if not model.mtp_layers:
-        raise ValueError(f"{path} has no MTP layer (mtp.* tensors): speculative decoding needs one")
-    log(f"checkpoint {path}: {model_args.num_hidden_layers} layers + 1 MTP layer, ratios "
+    if not model.mtp_layers and model.dspark is None:
+        raise ValueError(f"{path} has no MTP layer or DSpark drafter (mtp.* tensors): speculative decoding needs one")
+    drafter = "mtp" if model.dspark is None else "dspark"
+    if drafter == "dspark":
+        block = model.dspark.block_size
+        if any(k > block for k in drafts):
+            log(f"the DSpark drafter proposes at most {block} tokens per pass (dspark_block_size): "
+                f"skipping k={','.join(str(k) for k in drafts if k > block)}")
+            drafts = [k for k in drafts if k <= block]
+        if not drafts:
+            raise ValueError(f"--num-draft: the DSpark drafter of {path} proposes 1..{block} tokens per pass")
+    log(f"checkpoint {path}: {model_args.num_hidden_layers} layers + {DRAFTER_NAMES[drafter]}, ratios "
         f"{model_args.compress_ratios}, hidden {model_args.hidden_size}, vocab {model_args.vocab_size}")
     rng = np.random.default_rng(args.seed + 1)
     prompt_all = rng.integers(0, model_args.vocab_size, size=max(contexts)).astype(np.int32)
@@ -169,8 +185,8 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
                      else " ".join(sys.argv), "checkpoint": str(path), "dtype": args.dtype, "decode_steps": steps, "contexts": {}}
     for context in contexts:
         prompt = prompt_all[:context].tolist()
-        log(f"context {context}: prefill (main model and MTP layer) ...")
-        drafting = Drafting(model, model.make_cache())
+        log(f"context {context}: prefill (main model and {DRAFTER_NAMES[drafter]}) ...")
+        drafting = _drafting(model, model.make_cache())
         logits = drafting.prefill(prompt, args.chunk)
         first = int(mx.argmax(logits).item())
         prefilled = (drafting.cache.to_state(), drafting.draft_cache.to_state(), drafting.last_hidden, prompt)
@@ -196,7 +212,8 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
             if same is not None:
                 log(f"  note: k={k}, forced acceptance {forced}: token {same} differs from plain greedy decoding "
                     f"({summary['dtype']} rounding of a {k + 1}-token pass against a 1-token pass decides a near tie)")
-            entry = {"forced": forced, "k": k, "switch": switched, "acceptance": result["acceptance"],
+            entry = {"drafter": drafter, "forced": forced, "k": k, "switch": switched,
+                     "acceptance": result["acceptance"],
                      "first_difference": same,
                      "tok_s": 1 / result["s_per_token"], "vs_plain": plain_again / result["s_per_token"]}
             if vlm_s is not None:
@@ -211,7 +228,8 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
 
 
 def _label(run: dict) -> str:
-    label = "MTP head" if run["forced"] is None else f"forced {run['forced']:g}"
+    own = "DSpark drafter" if run.get("drafter") == "dspark" else "MTP head"
+    label = own if run["forced"] is None else f"forced {run['forced']:g}"
     return f"{label}, k={run['k']}" + (", switch" if run["switch"] else "")
 
 

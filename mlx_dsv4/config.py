@@ -44,6 +44,8 @@ INT_BOUNDS = {
 POSITIVE_FLOATS = ("routed_scaling_factor", "swiglu_limit", "hc_eps", "rope_theta", "compress_rope_theta",
                    "rms_norm_eps")
 BOOLS = ("norm_topk_prob", "tie_word_embeddings")
+# The DSpark keys that only mean something with `dspark_block_size`.
+DSPARK_FIELDS = ("dspark_target_layer_ids", "dspark_noise_token_id")
 MAX_PARAMETERS = 10**14  # 60x V4-Pro: a larger config is a typo, not a model
 
 
@@ -103,6 +105,15 @@ class ModelArgs:
     eos_token_id: Any = 1
     tie_word_embeddings: bool = False
     expert_dtype: Optional[str] = None  # stored precision of the release's routed experts
+    # DSpark drafter (V4-Flash-0731): set when the mtp.* stages are a DSpark drafter, not MTP layers
+    dspark_block_size: Optional[int] = None  # drafts proposed per drafter pass, at most
+    dspark_target_layer_ids: Optional[list] = None  # decoder layers whose outputs the drafter reads
+    dspark_noise_token_id: Optional[int] = None  # the mask token filling the drafted block
+    dspark_markov_rank: int = 256
+
+    @property
+    def has_dspark(self) -> bool:
+        return self.dspark_block_size is not None
 
     @property
     def yarn(self) -> Optional[dict]:
@@ -178,6 +189,7 @@ class ModelArgs:
         if self.num_hash_layers > self.num_hidden_layers:
             _bad("num_hash_layers", self.num_hash_layers, f"must be in [0, {self.num_hidden_layers}]")
         self._validate_rope_scaling()
+        self._validate_dspark()
         n = self.parameter_count()
         if n > MAX_PARAMETERS:
             raise ConfigError(f"the config describes {n:.3g} parameters, over the {MAX_PARAMETERS:.0e} this "
@@ -217,6 +229,32 @@ class ModelArgs:
             for key in ("beta_fast", "beta_slow"):
                 if rs.get(key) is not None and not _is_number(rs[key]):
                     _bad(f"rope_scaling.{key}", rs[key], "must be a finite number")
+
+    def _validate_dspark(self) -> None:
+        given = [k for k in DSPARK_FIELDS if getattr(self, k) is not None]
+        if self.dspark_block_size is None:
+            if given:
+                _bad(given[0], getattr(self, given[0]), "a DSpark drafter also needs `dspark_block_size`")
+            return
+        if self.dspark_noise_token_id is None:
+            self.dspark_noise_token_id = 0  # what the public drafter implementation assumes when absent
+        for name, (low, high) in (("dspark_block_size", (1, 64)), ("dspark_markov_rank", (1, 1 << 16)),
+                                  ("dspark_noise_token_id", (0, self.vocab_size - 1))):
+            v = getattr(self, name)
+            if not _is_int(v) or not low <= v <= high:
+                _bad(name, v, f"must be an integer in [{low}, {high}]")
+        ids = self.dspark_target_layer_ids
+        if not isinstance(ids, list) or not ids:
+            _bad("dspark_target_layer_ids", ids, "must be a non-empty list of decoder layer indices")
+        for i, layer in enumerate(ids):
+            if not _is_int(layer) or not 0 <= layer < self.num_hidden_layers:
+                _bad(f"dspark_target_layer_ids[{i}]", layer,
+                     f"must be a decoder layer index in [0, {self.num_hidden_layers - 1}]")
+        if len(set(ids)) != len(ids):
+            _bad("dspark_target_layer_ids", ids, "lists a layer more than once")
+        if self.num_nextn_predict_layers < 1:
+            _bad("num_nextn_predict_layers", self.num_nextn_predict_layers,
+                 "a DSpark drafter has at least one stage (mtp.0)")
 
     def parameter_count(self) -> int:
         """Parameters of the decoder (routed experts, attention and embeddings; a close upper estimate)."""
@@ -271,6 +309,8 @@ def fold_config(raw: dict) -> dict:
     _fold_mlp_layer_types(cfg)
     _fold_rope(cfg)
     _split_mtp_ratios(cfg)
+    if "dspark_markov_rank" in cfg and cfg["dspark_markov_rank"] is None:
+        del cfg["dspark_markov_rank"]
     qc = cfg.get("quantization_config")
     if "expert_dtype" not in cfg and isinstance(qc, dict) and "expert_dtype" in qc:
         cfg["expert_dtype"] = qc["expert_dtype"]

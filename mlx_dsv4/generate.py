@@ -26,7 +26,7 @@ from .device_memory import wired_limit
 from .memory import PREFILL_CHUNK, kv_bytes, run_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
-from .speculative import MAX_DRAFT, Drafting, DraftSwitch, sampling_distribution
+from .speculative import MAX_DRAFT, Drafting, DraftSwitch, DSparkDrafting, sampling_distribution
 from .streams import parallel_streams
 
 _sample_utils = import_mlx_lm("sample_utils")
@@ -849,13 +849,14 @@ class _Generation:
             self.pending = None
 
     def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int,
-                           progress=None, distribution=None, switch=None) -> Iterator[GenerationStep]:
-        """Decoding with the MTP drafter: greedy (``distribution`` None) gives the tokens of plain
-        greedy decoding; sampling from ``distribution`` gives tokens of the same distribution
-        as plain sampling. ``switch`` (a ``DraftSwitch``) turns speculation off while plain steps
-        are faster."""
+                           progress=None, distribution=None, switch=None, draft: str = "mtp") -> Iterator[GenerationStep]:
+        """Decoding with the MTP drafter (``draft`` "mtp") or the DSpark drafter ("dspark"): greedy
+        (``distribution`` None) gives the tokens of plain greedy decoding; sampling from
+        ``distribution`` gives tokens of the same distribution as plain sampling. ``switch`` (a
+        ``DraftSwitch``) turns speculation off while plain steps are faster."""
         self.cache = self.model.make_cache()
-        self.drafting = Drafting(self.model, self.cache, distribution=distribution)
+        drafting = DSparkDrafting if draft == "dspark" else Drafting
+        self.drafting = drafting(self.model, self.cache, distribution=distribution)
         self.consistent = False
         logits = self.drafting.prefill(self.ids, prefill_step, progress)
         self.fed = list(self.ids)
@@ -918,7 +919,7 @@ class _Generation:
         return self.step(piece + self.text.flush(), token, lp, "interrupted")
 
 
-DRAFTERS = ("none", "mtp")
+DRAFTERS = ("none", "mtp", "dspark")
 
 
 def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logits_processors=None,
@@ -938,9 +939,22 @@ def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logit
         raise GenerationParameterError("draft", f"{draft!r} runs no logits processors (repetition penalty)")
     if prompt_cache is not None:
         raise GenerationParameterError("draft", f"{draft!r} does not use a prompt cache")
-    if model is not None and not getattr(model, "mtp_layers", ()):
+    if model is None:
+        return
+    dspark = getattr(model, "dspark", None)
+    if draft == "mtp" and not getattr(model, "mtp_layers", ()):
+        if dspark is not None:
+            raise GenerationParameterError("draft", "'mtp' needs an MTP layer, but this checkpoint's mtp.* tensors "
+                                                    "are a DSpark drafter: use draft 'dspark'")
         raise GenerationParameterError("draft", f"{draft!r} needs an MTP layer (mtp.* tensors), which this "
                                                 "checkpoint does not have")
+    if draft == "dspark":
+        if dspark is None:
+            raise GenerationParameterError("draft", "'dspark' needs a DSpark drafter (dspark_* keys in config.json "
+                                                    "and mtp.* stages), which this checkpoint does not have")
+        if num_draft > dspark.block_size:
+            raise GenerationParameterError("num_draft", f"must be at most {dspark.block_size} with the DSpark drafter "
+                                                        f"(its dspark_block_size), got {num_draft}")
 
 
 def _checked_prompt_ids(model, tokenizer, prompt, *, max_tokens, temperature, top_p, top_k, min_p,
@@ -1006,7 +1020,8 @@ def stream_generate(
     fits. ``snapshot_at`` lists extra prompt lengths at which ``prompt_cache`` keeps a
     snapshot (e.g. the end of the system prompt).
     ``draft="mtp"``: speculative decoding, the checkpoint's MTP layer proposing ``num_draft``
-    (1..8) tokens per model forward pass. Greedy, the output is that of plain greedy decoding;
+    (1..8) tokens per model forward pass; ``draft="dspark"``: the same with the checkpoint's
+    DSpark drafter (V4-Flash-0731), up to its ``dspark_block_size`` tokens per pass. Greedy, the output is that of plain greedy decoding;
     sampled, it has the distribution of plain sampling with the same settings (no logits
     processors, custom sampler or prompt cache). The steps report the drafter's proposed and
     accepted token counts. With ``draft_switch`` decoding times speculative rounds against plain
@@ -1043,7 +1058,7 @@ def stream_generate(
                 else:
                     distribution = sampling_distribution(temperature, top_p=top_p, top_k=int(top_k), min_p=min_p)
                     yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress, distribution,
-                                                      DraftSwitch() if draft_switch else None)
+                                                      DraftSwitch() if draft_switch else None, draft)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)

@@ -6,6 +6,7 @@ per-module quantisation in config.json["quantization"]).
 """
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs, read_config
 from .device_memory import DEFAULT_CONTEXT, check_fit
+from .dspark import DSpark, check_dspark_shapes
 from .layers import expert_weights
 from .model import Model
 from .mtp import MTP
@@ -108,6 +110,9 @@ def _load_mtp(path: Path, model: Model, config: dict) -> None:
     weights = {k: v for k, v in _read_files(files).items() if is_mtp(k)}
     if not weights:
         return
+    if model.args.has_dspark:
+        _load_dspark(path, model, config, weights)
+        return
     holder = _MTPLayers(model.args)
     if config.get("quantization"):
         _apply_quantization(holder, config["quantization"])
@@ -117,6 +122,40 @@ def _load_mtp(path: Path, model: Model, config: dict) -> None:
     mx.eval(holder.parameters())
     holder.eval()
     object.__setattr__(model, "mtp_layers", tuple(holder.mtp))
+
+
+_MARKOV = re.compile(r"^mtp\.(\d+)\.markov_head\.")
+
+
+def _load_dspark(path: Path, model: Model, config: dict, weights: dict) -> None:
+    """Attach the checkpoint's DSpark drafter as ``model.dspark``. Its confidence head (and the
+    router's `bias_vl`), which the drafting rounds do not use, are not loaded; the Markov head
+    may sit under any one stage."""
+    args = model.args
+    last = args.num_nextn_predict_layers - 1
+    kept = {}
+    for k, v in weights.items():
+        if ".confidence_head." in k or k.endswith(".ffn.gate.bias_vl"):
+            continue
+        m = _MARKOV.match(k)
+        if m and int(m.group(1)) != last:
+            k = f"mtp.{last}." + k[m.end(1) + 1:]
+            if k in weights:
+                raise CheckpointError(f"{path}: the DSpark Markov head is stored twice ({k} and under mtp.{m.group(1)})")
+        kept[k] = v
+    try:
+        check_dspark_shapes(args, kept, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    holder = DSpark(args)
+    if config.get("quantization"):
+        _apply_quantization(holder, config["quantization"])
+    kept = to_mlx_layout(kept, args)
+    _check_tensors(path, dict(tree_flatten(holder.parameters())), kept, "DSpark ")
+    holder.load_weights(list(kept.items()), strict=True)
+    mx.eval(holder.parameters())
+    holder.eval()
+    object.__setattr__(model, "dspark", holder)
 
 
 def to_mlx_layout(weights: dict, args: ModelArgs) -> dict:
@@ -180,7 +219,8 @@ def load_model(path, *, context: int = DEFAULT_CONTEXT, check_memory: bool = Tru
     ``MemoryFitError`` when the weights exceed the machine's memory, ``MemoryFitWarning`` when
     weights + FP8 cache for ``context`` tokens exceed what it keeps resident. With ``mtp``, the
     checkpoint's MTP layers, when it has them, load as ``model.mtp_layers`` (the drafter for
-    speculative decoding; off by default, as they cost memory that plain decoding does not use)."""
+    speculative decoding; off by default, as they cost memory that plain decoding does not use), or
+    its DSpark drafter as ``model.dspark`` when config.json declares one (``dspark_block_size``)."""
     path, config, args = read_checkpoint_config(path)
     if check_memory:
         files = _weight_files(path) + (_mtp_files(path) if mtp else [])

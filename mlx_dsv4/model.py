@@ -1,6 +1,6 @@
 """The DeepSeek-V4 decoder: embedding, mHC blocks of attention + MoE, hc head."""
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,6 +63,9 @@ class Model(nn.Module):
     # The checkpoint's MTP layers (mlx_dsv4.mtp.MTP), set by the loader outside the parameter
     # tree: they share `embed` and `head` and do not change what the main model is.
     mtp_layers: tuple = ()
+    # The checkpoint's DSpark drafter (mlx_dsv4.dspark.DSpark) when its mtp.* stages are one, set
+    # the same way.
+    dspark = None
     # What make_cache() stores by default: V4's as-trained FP8 kv rows and FP4 indexer keys.
     cache_dtypes: tuple = ("fp8", "fp4")
 
@@ -108,9 +111,11 @@ class Model(nn.Module):
         return layer_caches(self.args, self.args.compress_ratios, kv_dtype, index_dtype, self.dtype, naive)
 
     def __call__(self, tokens: mx.array, cache: Optional[ModelCache] = None, last_only: bool = False,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, tap_layers: Optional[Sequence[int]] = None):
         """Logits [B, L, vocab] (or [B, 1, vocab] with last_only) for tokens [B, L], continuing `cache`;
-        with return_hidden, (logits, last hc streams [B, L, hc, D]) as the MTP layers read them."""
+        with return_hidden, (logits, last hc streams [B, L, hc, D]) as the MTP layers read them, or
+        with ``tap_layers`` (decoder layer indices) the outputs of those layers averaged over their
+        hc streams and concatenated in layer order [B, L, D * n], as the DSpark drafter reads them."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, length], got {tokens.shape}")
         if cache is None:
@@ -118,9 +123,12 @@ class Model(nn.Module):
         a = self.args
         x = self.embed(tokens)
         h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
-        for layer, layer_cache in zip(self.layers, cache.layers):
+        taps = []
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             h = layer(h, tokens, layer_cache, cache.query_block)
-        hidden = h
+            if tap_layers is not None and i in tap_layers:
+                taps.append(h.mean(axis=2))
+        hidden = h if tap_layers is None else mx.concatenate(taps, axis=-1)
         if last_only:
             h = h[:, -1:]
         x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)

@@ -163,7 +163,7 @@ SETTINGS: Dict[str, Setting] = {
     "server.max_queue": Setting(_integer(1), "max_queue", ("serve",)),
     "server.max_batch": Setting(_integer(1), "max_batch", ("serve",)),
     "server.sse_keepalive": Setting(_number(0, low_open=True), "sse_keepalive", ("serve",)),
-    "draft.mode": Setting(_choice(("none", "mtp")), "draft", ("generate",)),
+    "draft.mode": Setting(_choice(("none", "mtp", "dspark")), "draft", ("generate",)),
     "draft.num_draft": Setting(_integer(1, 8), "num_draft", ("generate",)),
     "prompt_cache.memory": Setting(_size, "prompt_cache_bytes", ("chat", "serve")),
     "prompt_cache.dir": Setting(_directory_or_none, "prompt_cache_dir", ("chat", "serve")),

@@ -32,7 +32,7 @@ _FAMILY_RULES = [
     (re.compile(_LAYER + r"attn\.(wq_a|wq_b|wkv|wo_a|wo_b)$"), DENSE),
     (re.compile(_LAYER + r"attn\.indexer\.wq_b$"), DENSE),
     (re.compile(_LAYER + r"ffn\.shared_experts\.(w1|w2|w3)$"), DENSE),
-    (re.compile(r"^mtp\.\d+\.(e_proj|h_proj)$"), DENSE),
+    (re.compile(r"^mtp\.\d+\.(e_proj|h_proj|main_proj)$"), DENSE),
     (re.compile(_LAYER + r"attn\.(indexer\.)?compressor\.(wkv|wgate)$"), AUX),
     (re.compile(_LAYER + r"attn\.indexer\.weights_proj$"), AUX),
 ]
@@ -115,16 +115,34 @@ def mtp_layer_tensors(args: ModelArgs, j: int) -> Dict[str, Shape]:
     return s
 
 
+def dspark_stage_tensors(args: ModelArgs, s: int) -> Dict[str, Shape]:
+    """DSpark stage s (a config with `dspark_block_size`): a learned-routing, sliding-window block;
+    stage 0 also projects the tapped decoder outputs (`main_proj`, `main_norm`), the last stage
+    holds the mHC head, the norm and the drafter's low-rank Markov head."""
+    D, V, p = args.hidden_size, args.vocab_size, f"mtp.{s}"
+    out = _block(args, p, 0, hashed=False)
+    if s == 0:
+        out.update({f"{p}.main_proj.weight": (D, D * len(args.dspark_target_layer_ids)),
+                    f"{p}.main_norm.weight": (D,)})
+    if s == args.num_nextn_predict_layers - 1:
+        out.update(_head(args, f"{p}."))
+        r = args.dspark_markov_rank
+        out.update({f"{p}.markov_head.markov_w1.weight": (V, r), f"{p}.markov_head.markov_w2.weight": (V, r)})
+    return out
+
+
 def official_tensors(args: ModelArgs, *, mtp: bool = True) -> Dict[str, Shape]:
-    """Official name -> logical shape, in a fixed order: top level, decoder layers, then MTP layers."""
+    """Official name -> logical shape, in a fixed order: top level, decoder layers, then MTP layers
+    (or the DSpark drafter's stages, which the checkpoint keeps under the same mtp.* names)."""
     D = args.hidden_size
     s = {"embed.weight": (args.vocab_size, D), "head.weight": (args.vocab_size, D)}
     s.update(_head(args))
     for i, ratio in enumerate(args.compress_ratios):
         s.update(_block(args, f"layers.{i}", ratio, hashed=is_hash_layer(args, i)))
     if mtp:
+        layer_tensors = dspark_stage_tensors if args.has_dspark else mtp_layer_tensors
         for j in range(args.num_nextn_predict_layers):
-            s.update(mtp_layer_tensors(args, j))
+            s.update(layer_tensors(args, j))
     return s
 
 

@@ -1,4 +1,4 @@
-"""Speculative decoding with the checkpoint's MTP layer as the drafter.
+"""Speculative decoding with the checkpoint's MTP layer (or its DSpark drafter) as the drafter.
 
 Each round the MTP layer drafts k tokens (feeding its own hc streams back for the drafts
 after the first), the main model scores the last token and the k drafts in one forward
@@ -14,7 +14,9 @@ kept as is when every draft was accepted).
 
 Invariant between rounds, with t_n the last emitted token (not yet run): the main cache
 holds positions 0..n-1, the drafter's cache positions 0..n-2 (position i read the main
-streams h_i and the token t_{i+1}), and `last_hidden` is h_{n-1}.
+streams h_i and the token t_{i+1}), and `last_hidden` is h_{n-1}. With the DSpark drafter
+(`DSparkDrafting`) the drafter's cache holds the tapped outputs of positions 0..n-1 and its
+one pass over [t_n, mask, ...] proposes all k drafts.
 """
 
 import time
@@ -175,6 +177,24 @@ class Drafting:
             switch.record(time.perf_counter() - t0, len(kept))
         return kept
 
+    def _forward(self, ids: Sequence[int]):
+        """(logits, what the drafter reads of each position) of the main model over ``ids``."""
+        return self.model(_tokens(ids), self.cache, return_hidden=True)
+
+    def _draft_snapshot(self):
+        return self.draft_cache.to_state()
+
+    def _read_kept(self, hidden: mx.array, kept: Sequence[int], draft_state) -> None:
+        """The drafter's cache after a round, from its state before (``draft_state``): it has read
+        the positions of the tokens run and kept, ``kept``, with their streams ``hidden``."""
+        self.draft_cache.load_state(*draft_state)
+        hidden = mx.concatenate([self.last_hidden, hidden], axis=1)
+        self._draft_feed(hidden[:, :-1], kept)
+        self.last_hidden = hidden[:, -1:]
+
+    def _eval_state(self) -> None:
+        mx.eval(self.last_hidden, self.cache.state(), self.draft_cache.state())
+
     def _read_unread(self) -> None:
         if self.unread_tokens:
             self._draft_feed(mx.concatenate(self.unread_hidden, axis=1), self.unread_tokens)
@@ -184,13 +204,13 @@ class Drafting:
         """Draft k tokens after `token` (the last emitted one), verify them; the tokens that
         follow `token` as plain greedy decoding gives them, with their log-probabilities."""
         self._read_unread()
-        draft_state = self.draft_cache.to_state()
+        draft_state = self._draft_snapshot()
         drafts, q = self._propose(token, k)
         if self.adjust_drafts is not None:
             drafts = list(self.adjust_drafts(self.tokens + [token], drafts))
         main_state = self.cache.to_state()
         fed = [token] + drafts
-        logits, hidden = self.model(_tokens(fed), self.cache, return_hidden=True)
+        logits, hidden = self._forward(fed)
         logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
         if self.distribution is None:
             targets = mx.argmax(logits[0], axis=-1).tolist()
@@ -205,12 +225,9 @@ class Drafting:
             targets = drafts[:a] + [following]
         if a < k:
             self.cache.load_state(*main_state)
-            _, hidden = self.model(_tokens(fed[: a + 1]), self.cache, return_hidden=True)
-        self.draft_cache.load_state(*draft_state)
-        hidden = mx.concatenate([self.last_hidden, hidden[:, : a + 1]], axis=1)
-        self._draft_feed(hidden[:, :-1], fed[: a + 1])
-        self.last_hidden = hidden[:, -1:]
-        mx.eval(self.last_hidden, self.cache.state(), self.draft_cache.state())
+            _, hidden = self._forward(fed[: a + 1])
+        self._read_kept(hidden[:, : a + 1], fed[: a + 1], draft_state)
+        self._eval_state()
         self.tokens += fed[: a + 1]
         self.rounds += 1
         self.proposed += k
@@ -266,3 +283,52 @@ class DraftSwitch:
 
     def _choose(self, way: bool, probing: bool) -> None:
         self.speculative, self.probing, self._run = way, probing, 0
+
+
+class DSparkDrafting(Drafting):
+    """Main model + DSpark drafter state for one generation (see ``mlx_dsv4.dspark``). The
+    drafter's cache reads every position the main model runs and keeps, as it runs: at each
+    round it holds positions 0..n-1 for the anchor t_n at position n."""
+
+    def __init__(self, model, cache, distribution=None):
+        if model.dspark is None:
+            raise ValueError("this checkpoint has no DSpark drafter (dspark_* config keys and mtp.* stages)")
+        super().__init__(model, cache, drafter=model.dspark, distribution=distribution)
+
+    def _forward(self, ids: Sequence[int], last_only: bool = False):
+        return self.model(_tokens(ids), self.cache, last_only=last_only, return_hidden=True,
+                          tap_layers=self.drafter.tap_layers)
+
+    def prefill(self, ids: Sequence[int], step: int, progress=None) -> mx.array:
+        logits = None
+        for a in range(0, len(ids), step):
+            b = min(len(ids), a + step)
+            logits, taps = self._forward(ids[a:b], last_only=True)
+            self.drafter.read(taps, self.draft_cache)
+            self._eval_state()
+            if progress is not None:
+                progress(b, len(ids))
+        self.tokens = list(ids)
+        return logits[0, -1]
+
+    def _propose(self, token: int, k: int) -> Tuple[List[int], Optional[mx.array]]:
+        return self.drafter.propose(token, k, self.model.embed, self.model.head, self.draft_cache,
+                                    self.distribution)
+
+    def plain_step(self, token: int) -> List[Tuple[int, float]]:
+        logits, taps = self._forward([token])
+        logits = logits[0, -1]
+        following = self.first_token(logits)
+        lp = (logits[following] - mx.logsumexp(logits)).item()
+        self.drafter.read(taps, self.draft_cache)
+        self.tokens.append(token)
+        return [(following, lp)]
+
+    def _draft_snapshot(self):
+        return None  # the drafted block never enters the drafter's cache: nothing to restore
+
+    def _read_kept(self, hidden: mx.array, kept: Sequence[int], draft_state) -> None:
+        self.drafter.read(hidden, self.draft_cache)
+
+    def _eval_state(self) -> None:
+        mx.eval(self.cache.state(), self.draft_cache.state())

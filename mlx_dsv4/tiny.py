@@ -74,6 +74,14 @@ def has_random_weights(config: dict) -> bool:
     return config.get(RANDOM_WEIGHTS_KEY) is True
 
 
+def dspark_config(num_hidden_layers: int, vocab_size: int) -> dict:
+    """The config keys of a tiny two-stage DSpark drafter reading three decoder layers."""
+    L = num_hidden_layers
+    return {"dspark_block_size": 4, "dspark_target_layer_ids": sorted({min(1, L - 1), L // 2, L - 1}),
+            "dspark_noise_token_id": vocab_size - 1, "dspark_markov_rank": 16,
+            "num_nextn_predict_layers": 2}
+
+
 def tiny_config(preset: str = "flash", **overrides) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -87,7 +95,7 @@ def tiny_config(preset: str = "flash", **overrides) -> dict:
 
 # (name suffix, standard deviation, offset) of the random values; linear weights [out, in] not listed
 # here get std in**-0.5. "_scale" adds its offset after the float32 cast.
-DRAW_RULES = (("embed.weight", 1.0, 0.0), ("norm.weight", 0.1, 1.0), ("_fn", 0.1, 0.0), ("_base", 0.5, 0.0),
+DRAW_RULES = (("embed.weight", 1.0, 0.0), ("markov_w1.weight", 1.0, 0.0), ("norm.weight", 0.1, 1.0), ("_fn", 0.1, 0.0), ("_base", 0.5, 0.0),
               ("_scale", 0.1, 1.0), ("attn_sink", 1.0, 0.0), (".ape", 0.5, 0.0), ("gate.bias", 0.1, 0.0))
 
 
@@ -110,14 +118,18 @@ def tiny_weights(cfg, seed: int = 0, mtp: bool = True) -> dict:
 
 
 def write_tiny_checkpoint(out_dir, *, preset: str = "flash", seed: int = 0, dtype: str = "float32",
-                          mtp: bool = True, mlx_lm: bool = False, **config_overrides) -> Path:
+                          mtp: bool = True, mlx_lm: bool = False, dspark: bool = False, **config_overrides) -> Path:
     """Write config.json + model.safetensors (official names, per-expert tensors); with mlx_lm,
-    also what mlx-lm needs to open the directory (model file, chat template, tokenizer files)."""
+    also what mlx-lm needs to open the directory (model file, chat template, tokenizer files);
+    with dspark, the mtp.* tensors are a DSpark drafter (`dspark_config`) instead of an MTP layer."""
     import mlx.core as mx
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(preset, **config_overrides)
+    if dspark:
+        drafter = dspark_config(cfg["num_hidden_layers"], cfg["vocab_size"])
+        cfg.update({k: v for k, v in drafter.items() if k not in config_overrides})
     target = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype]
     arrays = {}
     for name, value in tiny_weights(cfg, seed=seed, mtp=mtp).items():

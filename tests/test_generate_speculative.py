@@ -57,7 +57,7 @@ def test_draft_mtp_stops_where_plain_decoding_stops(plain, monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(draft="eagle"), r"draft must be one of none, mtp, got 'eagle'"),
+    (dict(draft="eagle"), r"draft must be one of none, mtp, dspark, got 'eagle'"),
     (dict(draft="mtp", num_draft=0), r"num_draft must be an integer in 1..8, got 0"),
     (dict(draft="mtp", num_draft=9), r"num_draft must be an integer in 1..8, got 9"),
     (dict(draft="mtp", sampler=lambda logprobs: logprobs.argmax(-1)), r"draft 'mtp' samples with the temperature"),

@@ -17,7 +17,7 @@ from mlx_dsv4.convert.plan import plan_units, sources_from_config
 from mlx_dsv4.convert.presets import PRESETS
 from mlx_dsv4.convert.recipes import Recipe
 from mlx_dsv4.model import Model
-from mlx_dsv4.tiny import tiny_config, tiny_weights, write_tiny_checkpoint
+from mlx_dsv4.tiny import dspark_config, tiny_config, tiny_weights, write_tiny_checkpoint
 
 TINY_VARIANTS = {
     "flash": tiny_config("flash", vocab_size=256),
@@ -28,6 +28,7 @@ TINY_VARIANTS = {
     "MTP ratio listed after the decoder's": tiny_config("flash", vocab_size=256, compress_ratios=[0, 4, 128, 4],
                                                         num_hidden_layers=3),
     "no shared expert": tiny_config("pro", vocab_size=256, n_shared_experts=0),
+    "DSpark drafter": tiny_config("flash", vocab_size=256, **dspark_config(6, 256)),
 }
 ALL_CONFIGS = {**{f"{k} preset": v for k, v in PRESETS.items()}, **TINY_VARIANTS}
 

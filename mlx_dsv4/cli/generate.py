@@ -29,11 +29,13 @@ def add_arguments(p):
                    help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")
     p.add_argument("--json", action="store_true",
                    help="print the parsed message (reasoning_content, content, tool_calls) as JSON")
-    p.add_argument("--draft", choices=["none", "mtp"], default="none",
+    p.add_argument("--draft", choices=["none", "mtp", "dspark"], default="none",
                    help="mtp: speculative decoding, the checkpoint's MTP layer drafting tokens that the model "
-                        "verifies (greedy: the output of plain greedy decoding; sampled: its distribution)")
+                        "verifies (greedy: the output of plain greedy decoding; sampled: its distribution); "
+                        "dspark: the same with the checkpoint's DSpark drafter (V4-Flash-0731)")
     p.add_argument("--num-draft", type=int, default=3, metavar="N",
-                   help="tokens the drafter proposes per model forward pass with --draft mtp (1..8, default 3)")
+                   help="tokens the drafter proposes per model forward pass with --draft (1..8, default 3; "
+                        "with dspark at most the checkpoint's dspark_block_size)")
     p.add_argument("--stats", action="store_true",
                    help="after the run, print the monitoring figures (KV cache by layer type, speeds, expert "
                         "routing, active parameters, FLOPs per token, draft acceptance) to stderr; with --json, "
@@ -82,7 +84,7 @@ def run(args) -> int:
     text, messages, chat_options = prompt
     thinking_mode = chat_options["thinking_mode"]
     try:
-        model, tokenizer = load(args.model, mtp=args.draft == "mtp")
+        model, tokenizer = load(args.model, mtp=args.draft in ("mtp", "dspark"))
         model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
         if args.max_kv_size == "auto":
             from ..device_memory import auto_kv_limit
@@ -272,7 +274,7 @@ def _draft_flag(e) -> str:
         return f"--num-draft {e.problem}"
     return f"--draft {e.problem}".replace(
         "logits processors (repetition penalty)", "logits processors (--repetition-penalty)").replace(
-        "a prompt cache", "--prompt-cache")
+        "a prompt cache", "--prompt-cache").replace("use draft 'dspark'", "use --draft dspark")
 
 
 def print_paths(model) -> None:

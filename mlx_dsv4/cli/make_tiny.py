@@ -11,6 +11,9 @@ def add_arguments(p):
     p.add_argument("--layers", type=str, default=None,
                    help="comma-separated compress ratios per layer (each 0, 4 or 128), e.g. 0,0,4,128")
     p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--dspark", action="store_true",
+                   help="the mtp.* tensors are a DSpark drafter (dspark_* config keys, two stages) instead of "
+                        "an MTP layer: for --draft dspark")
     p.add_argument("--mlx-lm", action="store_true",
                    help="also write what mlx-lm needs to open the directory (model file, chat template, "
                         "tokenizer files; load it with --trust-remote-code)")
@@ -25,6 +28,6 @@ def run(args):
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
     out = write_tiny_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype,
-                                mlx_lm=args.mlx_lm, **overrides)
+                                mlx_lm=args.mlx_lm, dspark=args.dspark, **overrides)
     print(f"wrote tiny DeepSeek-V4 checkpoint to {out}")
     return 0

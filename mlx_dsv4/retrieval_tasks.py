@@ -22,7 +22,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
-TASKS = ("needle", "multidoc", "codebase")
+TASKS = ("needle", "multidoc", "codebase", "keyvalue")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIN_SIZE = 512  # below this the instructions and the question leave no room for a haystack
 
@@ -531,17 +531,49 @@ def codebase_case(tokenizer, size: int, *, seed: int = 0, index: int = 0) -> Cas
     return Case("codebase", size, f"case {index + 1}", question, answer, prompt, ids, meta)
 
 
+# -- key: value lookups -----------------------------------------------------------------------------
+
+def keyvalue_case(tokenizer, size: int, depth: float, *, seed: int = 0, index: int = 0) -> Case:
+    """A "key: value" line at ``depth`` of a list of such lines, and a question about its key, in the
+    words of the small trained V4's retrieval task (``mlx_dsv4.train.data``)."""
+    from .chat import encode_messages
+
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    rng = _rng(seed, "keyvalue", size, index)
+    key, value = rng.randint(100, 999), rng.randint(100, 999)
+    while value == key:
+        value = rng.randint(100, 999)
+    line = f"{key}: {value}"
+    question = f"What is the value of key {key}?"
+
+    def render(context: str) -> str:
+        content = f"Here is a list of keys and values.\n{context}\n{question}"
+        return encode_messages([{"role": "user", "content": content}], thinking_mode="chat")
+
+    def lines() -> Iterator[str]:
+        r = _rng(seed, "keyvalue", size, index, "lines")
+        for k in r.sample(range(100, 1000), 900) + r.sample(range(1000, 10000), 9000):
+            if k != key:
+                yield f"{k}: {r.randint(100, 999)}"
+
+    prompt, ids, blocks = _Builder(tokenizer, size, "\n", render).build(lines, [_Special(line, depth)])
+    meta = {"depth": depth, "line": line, "lines": len(blocks), "line_index": blocks.index(line)}
+    return Case("keyvalue", size, f"depth {depth:.0%}", question, str(value), prompt, ids, meta)
+
+
 # -- the suite ------------------------------------------------------------------------------------------
 
 def iter_cases(tokenizer, task: str, size: int, *, seed: int = 0, depths: Sequence[float] = DEFAULT_DEPTHS,
                cases: int = 3) -> Iterator[Case]:
-    """The cases of ``task`` at ``size`` prompt tokens, one at a time: one per depth for the needle,
-    ``cases`` otherwise."""
+    """The cases of ``task`` at ``size`` prompt tokens, one at a time: one per depth for the needle
+    and the key-value lookup, ``cases`` otherwise."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if task == "needle":
+    if task in ("needle", "keyvalue"):
+        make = needle_case if task == "needle" else keyvalue_case
         for i, depth in enumerate(depths):
-            yield needle_case(tokenizer, size, depth, seed=seed, index=i)
+            yield make(tokenizer, size, depth, seed=seed, index=i)
     else:
         make = multidoc_case if task == "multidoc" else codebase_case
         for i in range(cases):

@@ -166,7 +166,7 @@ def test_suite_runs_end_to_end_on_the_tiny_model(bench, tmp_path, capsys):
     assert rc == 0, captured.err
     assert "| task | 1K | 1536 |" in captured.out
     for task in rt.TASKS:
-        expected_runs = 2 if task == "needle" else 1
+        expected_runs = 2 if task in ("needle", "keyvalue") else 1
         assert re.search(rf"^\| {task} \| \d/{expected_runs} \(\d+%\) \| \d/{expected_runs} \(\d+%\) \|$",
                          captured.out, flags=re.MULTILINE), captured.out
     # progress: two 512-token chunks and the rest for each 1K case
@@ -178,7 +178,7 @@ def test_suite_runs_end_to_end_on_the_tiny_model(bench, tmp_path, capsys):
     assert set(results["accuracy"]) == set(rt.TASKS)
     assert results["accuracy"]["needle"]["1K"]["ran"] == 2
     cases = results["cases"]
-    assert len(cases) == 2 * (2 + 1 + 1)
+    assert len(cases) == 2 * (2 + 1 + 1 + 2)
     for case in cases:
         assert case["size"] - rt.size_tolerance(case["size"]) <= case["prompt_tokens"] <= case["size"]
         assert isinstance(case["correct"], bool) and "output" in case and case["answer"]
@@ -275,3 +275,26 @@ def test_random_weights_marker_is_written_by_the_tiny_writer(tmp_path):
 
     assert has_random_weights(json.loads((tiny_chat_dir() / "config.json").read_text()))
     assert not has_random_weights({"model_type": "deepseek_v4"})
+
+
+@pytest.mark.parametrize("depth", (0.0, 0.5, 1.0))
+def test_keyvalue_case_is_the_trained_models_lookup_at_the_requested_depth(tokenizer, depth):
+    case = rt.keyvalue_case(tokenizer, 2048, depth, seed=4, index=1)
+    content = case.prompt.split("<｜User｜>", 1)[1].rsplit(ASSISTANT_OPENER, 1)[0]
+    head, *lines, question = content.split("\n")
+    assert head == "Here is a list of keys and values." and question == case.question
+    key = re.fullmatch(r"What is the value of key (\d+)\?", question).group(1)
+    pairs = [re.fullmatch(r"(\d+): (\d{3})", line).groups() for line in lines]
+    keys = [k for k, _ in pairs]
+    assert len(set(keys)) == len(keys) and keys.count(key) == 1
+    at = keys.index(key)
+    assert dict(pairs)[key] == case.answer
+    assert abs(at / (len(lines) - 1) - depth) <= 2 / len(lines)
+
+
+def test_without_a_model_the_trained_tiny_v4_runs_its_lookup(bench, capsys):
+    assert bench.main(["--sizes", "1K", "--depths", "50", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "is the small trained V4: it learned key: value lookups" in out
+    assert re.search(r"^\| keyvalue \| \d/1 \(\d+%\) \|$", out, flags=re.MULTILINE), out
+    assert "needle" not in out.split("| task |", 1)[1]

@@ -949,6 +949,10 @@ class _Generation:
             self.cache = self.model.make_cache()
             self.drafting = Drafting(self.model, self.cache, drafter_module, distribution=distribution)
         marks = set(snapshot_at)
+        if prompt_cache is not None:
+            # as plain decoding does, a snapshot before the prompt's last token: the same prompt
+            # again extends it
+            marks.add(len(ids) - 1)
         todo = len(ids) - self.cached
         for a, b in _chunks(self.cached, len(ids), prefill_step, marks):
             self.consistent = False
@@ -956,7 +960,7 @@ class _Generation:
             self.fed = list(ids[:b])
             self.consistent = True
             mx.clear_cache()
-            if prompt_cache is not None and (b in marks or b == len(ids)):
+            if prompt_cache is not None and b in marks:
                 self._add_snapshot()
             if progress is not None:
                 progress(b - self.cached, todo)

@@ -128,7 +128,7 @@ def test_a_restored_prefix_holds_the_drafter_cache_built_from_scratch(restored_s
     model, tok = tiny_chat_model()
     ids = tok.encode(PROMPT)
     scratch = Drafting(model, model.make_cache())
-    scratch.prefill(ids, 2048)
+    scratch.extend(ids, 0, len(ids) - 1)  # the prompt's snapshot is taken before its last token
     expected = _bits(scratch.drafter_state()[0])
     pc = PromptCache(model)
     generate(model, tok, ids, max_tokens=6, draft="mtp", prompt_cache=pc)

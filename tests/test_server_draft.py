@@ -84,7 +84,7 @@ def conversation(base):
     texts.append(completion.choices[0].text)
     usages.append(completion.usage)
     claude = anthropic.Anthropic(base_url=base, api_key="none", max_retries=0, timeout=120)
-    message = claude.messages.create(model=MODEL, max_tokens=14, temperature=0,
+    message = claude.messages.create(model=MODEL, max_tokens=14,
                                      messages=[{"role": "user", "content": PROMPTS[1]}])
     texts.append(message.content[0].text if message.content else "")
     usages.append(message.usage)

@@ -424,7 +424,7 @@ def _read_drafter_state(where, entry, arrays, model, n_tokens, activation_dtype)
     has loaded; None when the file has none or ``model`` has not that drafter (or another one)."""
     if entry is None:
         if arrays:
-            raise PromptCacheError(f"{where}: unexpected array {sorted(arrays)[0]!r}: the header lists no "
+            raise PromptCacheError(f"{where}: unexpected array 'draft.{sorted(arrays)[0]}': the header lists no "
                                    "drafter state for this snapshot")
         return None
     if (not isinstance(entry, dict) or set(entry) != {"drafter", "fingerprint", "meta"}
@@ -1134,9 +1134,10 @@ def stream_generate(
     sampled, it has the distribution of plain sampling with the same settings (no logits
     processors or custom sampler). With a ``prompt_cache`` its snapshots keep the drafter's
     state too; a snapshot without it (made without ``draft``) is not restored, the prompt is
-    run from its start. The steps report the drafter's proposed and accepted token counts. With ``draft_switch`` decoding times speculative rounds against plain
-    steps as it goes and drafts only while that is faster (a drafter the model keeps rejecting
-    costs about one probe in every few hundred tokens); the output is the same either way.
+    run from its start. The steps report the drafter's proposed and accepted token counts.
+    With ``draft_switch`` decoding times speculative rounds against plain steps as it goes and
+    drafts only while that is faster (a drafter the model keeps rejecting costs about one probe
+    in every few hundred tokens); the output is the same either way.
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")

@@ -78,3 +78,10 @@ def test_draft_mtp_with_a_prompt_cache_file(capsys, tmp_path):
     n = plain["usage"]["prompt_tokens"]
     assert [r["usage"]["cached_tokens"] for r in replies] == [0, n - 1, n - 1]
     assert replies[1]["draft"]["proposed"] > 0
+
+
+def test_the_flags_offer_every_drafter():
+    from mlx_dsv4.cli.common import DRAFTERS as FLAG_CHOICES
+    from mlx_dsv4.generate import DRAFTERS
+
+    assert FLAG_CHOICES == DRAFTERS

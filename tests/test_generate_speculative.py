@@ -202,3 +202,49 @@ def test_switching_speculation_off_and_on_keeps_the_plain_greedy_output(plain, m
     assert got.logprobs == pytest.approx(plain.logprobs, abs=1e-3)
     assert True in ways and False in ways
     assert 0 < got.stats["draft_accepted"] <= got.stats["draft_proposed"]
+
+
+def test_damaged_drafter_state_in_a_file_is_named(tmp_path):
+    import json
+
+    from mlx_dsv4.generate import PromptCacheError, _arrays_checksum
+
+    model, tok = tiny_chat_model()
+    pc = PromptCache(model)
+    generate(model, tok, PROMPT, max_tokens=4, draft="mtp", prompt_cache=pc)
+    path = tmp_path / "drafted.safetensors"
+    save_prompt_cache(path, pc)
+    arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+    n_tokens = json.loads(header["snapshots"])[0]["n_tokens"]
+
+    def refused(arrays, match, **draft_changes):
+        index = json.loads(header["snapshots"])
+        for key, value in draft_changes.items():
+            if value is None:
+                del index[0][key]
+            elif key == "offset":
+                index[0]["draft"]["meta"]["offset"] = value
+            else:
+                index[0]["draft"][key] = value
+        edited = tmp_path / "edited.safetensors"
+        mx.save_safetensors(str(edited), arrays, metadata=dict(header, snapshots=json.dumps(index),
+                                                                checksum=_arrays_checksum(arrays)))
+        with pytest.raises(PromptCacheError, match=match) as caught:
+            load_prompt_cache(edited, model)
+        assert str(caught.value).startswith(f"{edited}: snapshot 0")
+
+    without_hidden = {k: v for k, v in arrays.items() if k != "0.draft.last_hidden"}
+    refused(without_hidden, r"drafter 'mtp': array 'draft.last_hidden' is missing")
+    refused(dict(arrays, **{"0.draft.last_hidden": mx.zeros((1, 2, 3))}),
+            r"array 'draft.last_hidden' has shape \(1, 2, 3\)")
+    refused(arrays, r"drafter 'eagle': not a drafter", drafter="eagle")
+    refused(arrays, r"draft: expected an object with the text fields drafter and fingerprint", fingerprint=7)
+    refused(arrays, rf"its cache holds {n_tokens} tokens, expected {n_tokens - 1}", offset=str(n_tokens))
+    refused(arrays, r"unexpected array 'draft.cache.layers.0.ring.0': the header lists no drafter state", draft=None)
+    # a drafter of other weights: the snapshot stays, without the drafter state
+    edited = tmp_path / "other-drafter.safetensors"
+    index = json.loads(header["snapshots"])
+    for entry in index:
+        entry["draft"]["fingerprint"] = "0" * 32
+    mx.save_safetensors(str(edited), arrays, metadata=dict(header, snapshots=json.dumps(index)))
+    assert [s.draft for s in load_prompt_cache(edited, model).snapshots] == [None] * len(index)

@@ -199,7 +199,8 @@ class Drafting:
 
     def drafter_state(self) -> Tuple[dict, dict]:
         """(arrays, metadata) of the drafter's side of the invariant (its cache and
-        ``last_hidden``), for ``load_drafter_state`` on a main cache restored to the same tokens."""
+        ``last_hidden``), for ``load_drafter_state`` on a main cache restored to the same tokens.
+        The drafter first reads the positions plain steps ran since its last pass."""
         self._read_unread()
         arrays, meta = self.draft_cache.to_state()
         arrays = {f"cache.{name}": value for name, value in arrays.items()}

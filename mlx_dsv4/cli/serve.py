@@ -61,9 +61,9 @@ def api_keys(args):
 def run(args):
     import uvicorn
 
+    from ..generate import GenerationParameterError
     from ..server.access import LOOPBACK_NAMES, WILDCARD_ADDRESSES, HostPolicy
     from ..server.app import Context, create_app
-    from ..generate import GenerationParameterError
     from ..server.engine import SCRIPT_ENV, Engine
 
     if not args.model.is_dir():

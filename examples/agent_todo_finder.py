@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlx_dsv4.cli.common import add_draft_arguments, load_options
+
 SYSTEM = (
     "You are a coding assistant. The repository is at {repo} (read-only). Use the shell tool "
     "(grep, find, sed, wc, ...) to inspect it, then answer with a short list of file:line: TODO text."
@@ -36,15 +38,17 @@ def main(argv=None):
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--log", type=Path, help="JSONL step log")
+    add_draft_arguments(parser, what="each step")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).parent))
     from agent_weather_calculator import load_model_or_tiny, print_events
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model_or_tiny(args.model, Path(tmp))
+        model, tokenizer = load_model_or_tiny(args.model, Path(tmp), **load_options(args))
         with build_agent(model, tokenizer, args.repo, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                         log_path=args.log, on_event=print_events) as agent:
+                         log_path=args.log, on_event=print_events, draft=args.draft,
+                         num_draft=args.num_draft) as agent:
             result = agent.run(f"Find the TODO comments in {args.repo.resolve()}.")
     print(f"\n[{result.stop_reason} after {result.steps} step(s), {len(result.tool_calls)} tool call(s)]")
     return 0

@@ -13,6 +13,8 @@ import operator
 import sys
 import tempfile
 from pathlib import Path
+
+from mlx_dsv4.cli.common import add_draft_arguments, load_options
 from typing import Literal
 
 WEATHER = {
@@ -88,8 +90,9 @@ def print_events(event):
               f"{record.result.to_content(200)}]", flush=True)
 
 
-def load_model_or_tiny(path, scratch: Path):
-    """Load the checkpoint at `path`, or build a tiny random one in `scratch` when none is given."""
+def load_model_or_tiny(path, scratch: Path, **load_options):
+    """Load the checkpoint at `path`, or build a tiny random one in `scratch` when none is given
+    (``load_options``: of ``mlx_dsv4.load``, e.g. mtp=True to draft with its MTP layer)."""
     from mlx_dsv4 import load
     from mlx_dsv4.tiny import write_tiny_checkpoint
 
@@ -97,7 +100,7 @@ def load_model_or_tiny(path, scratch: Path):
         path = scratch / "tiny-v4"
         write_tiny_checkpoint(path, seed=0)
         print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
-    return load(path)
+    return load(path, **load_options)
 
 
 def main(argv=None):
@@ -108,12 +111,14 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--thinking", choices=["chat", "thinking"], default="chat")
     parser.add_argument("--log", type=Path, help="JSONL step log")
+    add_draft_arguments(parser, what="each step")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model_or_tiny(args.model, Path(tmp))
+        model, tokenizer = load_model_or_tiny(args.model, Path(tmp), **load_options(args))
         with build_agent(model, tokenizer, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                         thinking_mode=args.thinking, log_path=args.log, on_event=print_events) as agent:
+                         thinking_mode=args.thinking, log_path=args.log, on_event=print_events,
+                         draft=args.draft, num_draft=args.num_draft) as agent:
             result = agent.run(args.question)
     print(f"\n[{result.stop_reason} after {result.steps} step(s), {len(result.tool_calls)} tool call(s)]")
     return 0

@@ -165,6 +165,14 @@ class _Snapshot:
     arrays: dict
     meta: dict
     last_used: int = 0
+    # with speculative decoding: the drafter's side, {"drafter": its name, "fingerprint",
+    # "arrays", "meta"} (Drafting.drafter_state), so that a drafted generation resumes here
+    draft: Optional[dict] = None
+
+
+def snapshot_bytes(snapshot: _Snapshot) -> int:
+    draft = snapshot.draft["arrays"].values() if snapshot.draft else ()
+    return sum(a.nbytes for a in snapshot.arrays.values()) + sum(a.nbytes for a in draft)
 
 
 def restore_snapshot(snapshot: _Snapshot, model):
@@ -209,7 +217,7 @@ class PromptCache:
     def nbytes(self) -> int:
         seen, total = set(), 0
         for s in self.snapshots:
-            for a in s.arrays.values():
+            for a in [*s.arrays.values(), *(s.draft["arrays"].values() if s.draft else ())]:
                 if id(a) not in seen:
                     seen.add(id(a))
                     total += a.nbytes
@@ -252,12 +260,13 @@ class PromptCache:
         snapshot.last_used = self._clock
         return cache
 
-    def add(self, tokens: Sequence[int], cache) -> None:
+    def add(self, tokens: Sequence[int], cache, draft: Optional[dict] = None) -> None:
+        """Keep the state of ``cache`` after ``tokens`` (and ``draft``, the drafter's side)."""
         tokens = list(tokens)
         arrays, meta = cache.to_state()
         self._clock += 1
         self.snapshots = [s for s in self.snapshots if s.tokens != tokens]
-        self.snapshots.append(_Snapshot(tokens, arrays, dict(meta), self._clock))
+        self.snapshots.append(_Snapshot(tokens, arrays, dict(meta), self._clock, draft))
         if len(self.snapshots) > self.max_snapshots:
             self.snapshots.remove(min(self.snapshots, key=lambda s: s.last_used))
 
@@ -318,7 +327,12 @@ def save_prompt_cache(path, prompt_cache: PromptCache, metadata: Optional[dict] 
         for name, value in s.arrays.items():
             arrays[f"{i}.{name}"] = value
         arrays[f"{i}.__tokens__"] = mx.array(s.tokens if s.tokens else [0], dtype=mx.int32)
-        index.append({"n_tokens": len(s.tokens), "meta": s.meta})
+        entry = {"n_tokens": len(s.tokens), "meta": s.meta}
+        if s.draft:
+            for name, value in s.draft["arrays"].items():
+                arrays[f"{i}.draft.{name}"] = value
+            entry["draft"] = {key: s.draft[key] for key in ("drafter", "fingerprint", "meta")}
+        index.append(entry)
     extra = dict(prompt_cache.metadata)
     if metadata:
         extra.update(metadata)
@@ -377,12 +391,14 @@ def _read_snapshots(arrays: dict, index: list, model) -> List[_Snapshot]:
     snapshots = []
     for i, (entry, own) in enumerate(zip(index, groups)):
         where = f"snapshot {i}"
-        if not isinstance(entry, dict) or set(entry) != {"n_tokens", "meta"}:
-            raise PromptCacheError(f"{where}: expected an object with the fields n_tokens and meta, got {entry!r:.200}")
+        if not isinstance(entry, dict) or set(entry) - {"draft"} != {"n_tokens", "meta"}:
+            raise PromptCacheError(f"{where}: expected an object with the fields n_tokens and meta (and draft), "
+                                   f"got {entry!r:.200}")
         n_tokens = entry["n_tokens"]
         if not _is_integer(n_tokens) or n_tokens < 0:
             raise PromptCacheError(f"{where}: n_tokens must be a token count, got {n_tokens!r}")
         tokens = own.pop("__tokens__", None)
+        draft_arrays = {name[len("draft."):]: own.pop(name) for name in [n for n in own if n.startswith("draft.")]}
         if tokens is None:
             raise PromptCacheError(f"{where}: array {i}.__tokens__ is missing")
         if tokens.dtype != mx.int32 or tuple(tokens.shape) != (max(n_tokens, 1),):
@@ -398,8 +414,57 @@ def _read_snapshots(arrays: dict, index: list, model) -> List[_Snapshot]:
             raise PromptCacheError(f"{where}: {e}") from None
         if offset != n_tokens:
             raise PromptCacheError(f"{where}: the cache holds {offset} tokens but n_tokens is {n_tokens}")
-        snapshots.append(_Snapshot(tokens, own, dict(entry["meta"]), i))
+        draft = _read_drafter_state(where, entry.get("draft"), draft_arrays, model, n_tokens, activation_dtype)
+        snapshots.append(_Snapshot(tokens, own, dict(entry["meta"]), i, draft))
     return snapshots
+
+
+def _read_drafter_state(where, entry, arrays, model, n_tokens, activation_dtype) -> Optional[dict]:
+    """The drafter's side of a snapshot read from a file, checked against the drafter ``model``
+    has loaded; None when the file has none or ``model`` has not that drafter (or another one)."""
+    if entry is None:
+        if arrays:
+            raise PromptCacheError(f"{where}: unexpected array 'draft.{sorted(arrays)[0]}': the header lists no "
+                                   "drafter state for this snapshot")
+        return None
+    if (not isinstance(entry, dict) or set(entry) != {"drafter", "fingerprint", "meta"}
+            or not all(isinstance(entry[k], str) for k in ("drafter", "fingerprint"))
+            or not isinstance(entry["meta"], dict)):
+        raise PromptCacheError(f"{where}: draft: expected an object with the text fields drafter and fingerprint "
+                               f"and the object meta, got {entry!r:.200}")
+    where = f"{where}: drafter {entry['drafter']!r}"
+    if entry["drafter"] not in DRAFTERS or entry["drafter"] == "none":
+        raise PromptCacheError(f"{where}: not a drafter (the drafters are {', '.join(DRAFTERS[1:])})")
+    drafter = _drafter(model, entry["drafter"])
+    if drafter is None or model_fingerprint(drafter) != entry["fingerprint"]:
+        return None  # not the drafter this model drafts with: its generations re-run the prefix
+    cache_arrays = {name[len("cache."):]: value for name, value in arrays.items() if name.startswith("cache.")}
+    others = sorted(name for name in arrays if not name.startswith("cache.") and name != "last_hidden")
+    if others:
+        raise PromptCacheError(f"{where}: unexpected array 'draft.{others[0]}'")
+    try:
+        template = drafter.make_cache(*getattr(model, "cache_dtypes", ("fp8", "fp4")), dtype=model.dtype)
+        offset = template.check_state(cache_arrays, entry["meta"], batch=1, activation_dtype=activation_dtype)
+    except ValueError as e:
+        raise PromptCacheError(f"{where}: {e}") from None
+    # the DSpark drafter reads every position as it runs; the MTP layer reads one behind
+    reads_all = entry["drafter"] == "dspark"
+    expected = n_tokens if reads_all else max(n_tokens - 1, 0)
+    if offset != expected:
+        raise PromptCacheError(f"{where}: its cache holds {offset} tokens, expected {expected} "
+                               f"for a snapshot of {n_tokens} tokens")
+    if reads_all:
+        return {"drafter": entry["drafter"], "fingerprint": entry["fingerprint"], "arrays": dict(arrays),
+                "meta": dict(entry["meta"])}
+    hidden = arrays.get("last_hidden")
+    shape = (1, 1, model.args.hc_mult, model.args.hidden_size)
+    if hidden is None:
+        raise PromptCacheError(f"{where}: array 'draft.last_hidden' is missing")
+    if tuple(hidden.shape) != shape or not mx.issubdtype(hidden.dtype, mx.floating):
+        raise PromptCacheError(f"{where}: array 'draft.last_hidden' has shape {tuple(hidden.shape)} and dtype "
+                               f"{hidden.dtype}, expected {shape} and a float dtype")
+    return {"drafter": entry["drafter"], "fingerprint": entry["fingerprint"], "arrays": dict(arrays),
+            "meta": dict(entry["meta"])}
 
 
 def load_prompt_cache(path, model, *, strict: bool = True, max_snapshots: int = 4) -> PromptCache:
@@ -734,6 +799,7 @@ class _Generation:
         self.pending = None  # a sampled (token, logprob, text) not yet handed out
         self.prompt_tps = 0.0
         self.drafting = None  # Drafting with speculative decoding
+        self.draft_name = None  # the DRAFTERS name it drafts with
         self.max_tokens = None  # set by open_generation, for callers that drive the decoding
         self.seed_key = None  # with open_generation and a seed: the seed of this generation's PRNG key now
         self.t_start = time.perf_counter()
@@ -825,7 +891,20 @@ class _Generation:
     def keep_prefix(self) -> None:
         """Leave what the cache holds in the prompt cache (a generation stopped early)."""
         if self.prompt_cache is not None and self.consistent:
+            self._add_snapshot()
+
+    def _add_snapshot(self) -> None:
+        """Put the cache (with speculative decoding, the drafter's state too) in the prompt cache."""
+        draft = None
+        if self.drafting is not None:
+            arrays, meta = self.drafting.drafter_state()
+            draft = {"drafter": self.draft_name, "fingerprint": model_fingerprint(self.drafting.drafter),
+                     "arrays": arrays, "meta": meta}
+        mx.eval(self.cache.state())
+        if draft is None:
             self.prompt_cache.add(self.fed, self.cache)
+        else:
+            self.prompt_cache.add(self.fed, self.cache, draft=draft)
 
     def decode(self, max_tokens: int) -> Iterator[GenerationStep]:
         y, logprob = self._sample(self.ids[-1:])
@@ -848,19 +927,49 @@ class _Generation:
                 raise
             self.pending = None
 
-    def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int,
-                           progress=None, distribution=None, switch=None, draft: str = "mtp") -> Iterator[GenerationStep]:
-        """Decoding with the MTP drafter (``draft`` "mtp") or the DSpark drafter ("dspark"): greedy
-        (``distribution`` None) gives the tokens of plain greedy decoding; sampling from
-        ``distribution`` gives tokens of the same distribution as plain sampling. ``switch`` (a
-        ``DraftSwitch``) turns speculation off while plain steps are faster."""
-        self.cache = self.model.make_cache()
-        drafting = DSparkDrafting if draft == "dspark" else Drafting
-        self.drafting = drafting(self.model, self.cache, distribution=distribution)
-        self.consistent = False
-        logits = self.drafting.prefill(self.ids, prefill_step, progress)
-        self.fed = list(self.ids)
-        self.consistent = True
+    def decode_speculative(self, max_tokens: int, num_draft: int, prefill_step: int, progress=None,
+                           distribution=None, switch=None, drafter: str = "mtp",
+                           snapshot_at: Iterable[int] = ()) -> Iterator[GenerationStep]:
+        """Decoding with ``drafter`` (a name of ``DRAFTERS``): greedy (``distribution`` None) gives
+        the tokens of plain greedy decoding; sampling from ``distribution`` gives tokens of the
+        same distribution as plain sampling. ``switch`` (a ``DraftSwitch``) turns speculation off
+        while plain steps are faster. The prompt cache's snapshots carry the drafter's state;
+        one without it (made by plain decoding, or by another drafter) is not used: the
+        prompt is run from its start."""
+        self.draft_name = drafter
+        drafter_module = _drafter(self.model, drafter)
+        ids, prompt_cache = self.ids, self.prompt_cache
+        snapshot = prompt_cache.match(ids) if prompt_cache is not None else None
+        if snapshot is not None and not _has_drafter_state(snapshot, drafter, drafter_module):
+            snapshot = None
+        if snapshot is not None:
+            self.cache = prompt_cache.restore(snapshot, self.model)
+            self.drafting = _drafting(self.model, self.cache, drafter, drafter_module, distribution)
+            try:
+                self.drafting.load_drafter_state(snapshot.draft["arrays"], snapshot.draft["meta"], snapshot.tokens)
+            except (ValueError, KeyError) as e:
+                raise PromptCacheError(f"prompt cache does not fit this drafter: {e}") from None
+            self.cached = len(snapshot.tokens)
+            self.fed = list(snapshot.tokens)
+        else:
+            self.cache = self.model.make_cache()
+            self.drafting = _drafting(self.model, self.cache, drafter, drafter_module, distribution)
+        marks = set(snapshot_at)
+        if prompt_cache is not None:
+            # as plain decoding does, a snapshot before the prompt's last token: the same prompt
+            # again extends it
+            marks.add(len(ids) - 1)
+        todo = len(ids) - self.cached
+        for a, b in _chunks(self.cached, len(ids), prefill_step, marks):
+            self.consistent = False
+            logits = self.drafting.extend(ids, a, b)
+            self.fed = list(ids[:b])
+            self.consistent = True
+            mx.clear_cache()
+            if prompt_cache is not None and b in marks:
+                self._add_snapshot()
+            if progress is not None:
+                progress(b - self.cached, todo)
         logprobs = logits - mx.logsumexp(logits)
         token = self.drafting.first_token(logits)
         ready = [(token, float(logprobs[token].item()))]
@@ -870,13 +979,17 @@ class _Generation:
                 self.pending = (token, lp, "")
                 if self.t_first is None:
                     self.t_first = time.perf_counter()
-                    self.prompt_tps = len(self.ids) / (self.t_first - self.t_start)
+                    self.prompt_tps = (len(self.ids) - self.cached) / (self.t_first - self.t_start)
                 reason, piece = self._stop_reason(token, max_tokens)
                 self.pending = (token, lp, piece)
                 if reason is not None:
                     yield self._finish(token, lp, piece, reason)
                     return
-                yield self.step(piece, token, lp)
+                try:
+                    yield self.step(piece, token, lp)
+                except GeneratorExit:
+                    self.keep_prefix()
+                    raise
                 self.pending = None
             # no drafts past max_tokens: they could only be thrown away
             k = max(1, min(num_draft, max_tokens - len(self.generated)))
@@ -900,9 +1013,14 @@ class _Generation:
         if self.prompt_cache is not None:
             # Leave every sampled token in the cache, so the next turn only adds its own.
             if len(self.fed) < len(self.ids) + len(self.generated):
-                self._run_model([token])
-            mx.eval(self.cache.state())
-            self.prompt_cache.add(self.fed, self.cache)
+                if self.drafting is not None:
+                    self.consistent = False
+                    self.drafting.run_last(token)
+                    self.fed = list(self.drafting.tokens)
+                    self.consistent = True
+                else:
+                    self._run_model([token])
+            self._add_snapshot()
         if reason != "stop" or token in self.eos:
             piece += self.text.flush()
         self.pending = None
@@ -914,7 +1032,7 @@ class _Generation:
         if self.cache is None:
             self.cache = self.model.make_cache()
         elif self.prompt_cache is not None and self.consistent and len(self.fed) > self.cached:
-            self.prompt_cache.add(self.fed, self.cache)
+            self._add_snapshot()
         token, lp, piece = self.pending if self.pending is not None else (None, None, "")
         return self.step(piece + self.text.flush(), token, lp, "interrupted")
 
@@ -922,10 +1040,32 @@ class _Generation:
 DRAFTERS = ("none", "mtp", "dspark")
 
 
+def _drafter(model, draft: str):
+    """The module of ``model`` that drafts for the drafter named ``draft``, or None."""
+    if draft == "mtp":
+        layers = getattr(model, "mtp_layers", ())
+        return layers[0] if layers else None
+    if draft == "dspark":
+        return getattr(model, "dspark", None)
+    return None
+
+
+def _drafting(model, cache, draft: str, drafter, distribution):
+    """The speculative-decoding state of one generation with the drafter named ``draft``."""
+    if draft == "dspark":
+        return DSparkDrafting(model, cache, distribution=distribution)
+    return Drafting(model, cache, drafter, distribution=distribution)
+
+
+def _has_drafter_state(snapshot: _Snapshot, draft: str, drafter) -> bool:
+    return bool(snapshot.draft) and snapshot.draft["drafter"] == draft and \
+        snapshot.draft["fingerprint"] == model_fingerprint(drafter)
+
+
 def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logits_processors=None,
-                repetition_penalty=None, prompt_cache=None) -> None:
+                repetition_penalty=None) -> None:
     """``GenerationParameterError`` when speculative decoding with ``draft`` cannot run as asked
-    (``model`` None: every check but the checkpoint's MTP layer)."""
+    (``model`` None: every check but the checkpoint's drafter)."""
     if not _is_integer(num_draft) or not 1 <= num_draft <= MAX_DRAFT:
         raise GenerationParameterError("num_draft", f"must be an integer in 1..{MAX_DRAFT}, got {num_draft!r}")
     if draft is None or draft == "none":
@@ -937,8 +1077,6 @@ def check_draft(model, draft, num_draft, *, temperature=0.0, sampler=None, logit
                                                 "settings, not with a custom sampler")
     if logits_processors or repetition_penalty is not None:
         raise GenerationParameterError("draft", f"{draft!r} runs no logits processors (repetition penalty)")
-    if prompt_cache is not None:
-        raise GenerationParameterError("draft", f"{draft!r} does not use a prompt cache")
     if model is None:
         return
     dspark = getattr(model, "dspark", None)
@@ -1023,10 +1161,12 @@ def stream_generate(
     (1..8) tokens per model forward pass; ``draft="dspark"``: the same with the checkpoint's
     DSpark drafter (V4-Flash-0731), up to its ``dspark_block_size`` tokens per pass. Greedy, the output is that of plain greedy decoding;
     sampled, it has the distribution of plain sampling with the same settings (no logits
-    processors, custom sampler or prompt cache). The steps report the drafter's proposed and
-    accepted token counts. With ``draft_switch`` decoding times speculative rounds against plain
-    steps as it goes and drafts only while that is faster (a drafter the model keeps rejecting
-    costs about one probe in every few hundred tokens); the output is the same either way.
+    processors or custom sampler). With a ``prompt_cache`` its snapshots keep the drafter's
+    state too; a snapshot without it (made without ``draft``) is not restored, the prompt is
+    run from its start. The steps report the drafter's proposed and accepted token counts.
+    With ``draft_switch`` decoding times speculative rounds against plain steps as it goes and
+    drafts only while that is faster (a drafter the model keeps rejecting costs about one probe
+    in every few hundred tokens); the output is the same either way.
     """
     if on_overflow not in ("error", "drop_oldest"):
         raise ValueError(f"on_overflow must be 'error' or 'drop_oldest', got {on_overflow!r}")
@@ -1036,8 +1176,7 @@ def stream_generate(
                               prompt_cache=prompt_cache, prefill_step=prefill_step, kv_cache_limit=kv_cache_limit,
                               on_overflow=on_overflow, chat_options=chat_options)
     check_draft(model, draft, num_draft, temperature=temperature, sampler=sampler,
-                logits_processors=logits_processors, repetition_penalty=repetition_penalty,
-                prompt_cache=prompt_cache)
+                logits_processors=logits_processors, repetition_penalty=repetition_penalty)
     if draft == "none":
         draft = None
 
@@ -1058,7 +1197,8 @@ def stream_generate(
                 else:
                     distribution = sampling_distribution(temperature, top_p=top_p, top_k=int(top_k), min_p=min_p)
                     yield from run.decode_speculative(max_tokens, num_draft, prefill_step, progress, distribution,
-                                                      DraftSwitch() if draft_switch else None, draft)
+                                                      DraftSwitch() if draft_switch else None, draft,
+                                                      snapshot_at)
         except KeyboardInterrupt:
             if _global_random_seed() is None:
                 _restore_global_random_seed(random_seed)

@@ -33,6 +33,7 @@ from .generate import (
     model_fingerprint,
     restore_snapshot,
     save_prompt_cache,
+    snapshot_bytes,
 )
 
 log = logging.getLogger("mlx_dsv4.prefix_store")
@@ -218,7 +219,7 @@ class PrefixStore:
             del self._entries[entry.key]
             return False
         entry.snapshot = snapshot
-        entry.nbytes = _snapshot_bytes(snapshot)
+        entry.nbytes = snapshot_bytes(snapshot)
         self.counts["disk_loads"] += 1
         return True
 
@@ -283,9 +284,10 @@ class PrefixStore:
             self.counts["misses"] += 1
             return None
 
-    def add(self, partition: str, tokens, cache):
+    def add(self, partition: str, tokens, cache, draft=None):
+        """Keep the state of ``cache`` after ``tokens`` (and ``draft``, the drafter's side) in ``partition``."""
         arrays, meta = cache.to_state()
-        self.add_snapshot(partition, _Snapshot(list(tokens), arrays, dict(meta)))
+        self.add_snapshot(partition, _Snapshot(list(tokens), arrays, dict(meta), draft=draft))
 
     def add_snapshot(self, partition: str, snapshot: _Snapshot):
         """Keep ``snapshot`` (its arrays already checked against the model) in ``partition``."""
@@ -296,7 +298,7 @@ class PrefixStore:
             if entry is None:
                 entry = _Entry(key, partition, tokens, None, 0, None, 0, 0)
                 self._entries[key] = entry
-            entry.snapshot, entry.nbytes = snapshot, _snapshot_bytes(snapshot)
+            entry.snapshot, entry.nbytes = snapshot, snapshot_bytes(snapshot)
             self._touch(entry)
             if self.directory is not None:
                 self._write(entry)
@@ -342,10 +344,6 @@ class PrefixStore:
         return found
 
 
-def _snapshot_bytes(snapshot: _Snapshot) -> int:
-    return sum(a.nbytes for a in snapshot.arrays.values())
-
-
 class PartitionView:
     """One partition of a ``PrefixStore``, with the operations ``stream_generate`` uses."""
 
@@ -372,8 +370,8 @@ class PartitionView:
     def restore(self, snapshot, model):
         return restore_snapshot(snapshot, model)
 
-    def add(self, tokens, cache):
-        self.store.add(self.partition, tokens, cache)
+    def add(self, tokens, cache, draft=None):
+        self.store.add(self.partition, tokens, cache, draft)
 
     def encode(self, text, tokenizer):
         return self.store.encode(self.partition, text, tokenizer)

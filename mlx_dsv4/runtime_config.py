@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .cli.common import DRAFTERS
 from .memory import INDEX_DTYPES, KV_DTYPES
 from .sizes import parse_size
 
@@ -163,8 +164,8 @@ SETTINGS: Dict[str, Setting] = {
     "server.max_queue": Setting(_integer(1), "max_queue", ("serve",)),
     "server.max_batch": Setting(_integer(1), "max_batch", ("serve",)),
     "server.sse_keepalive": Setting(_number(0, low_open=True), "sse_keepalive", ("serve",)),
-    "draft.mode": Setting(_choice(("none", "mtp", "dspark")), "draft", ("generate",)),
-    "draft.num_draft": Setting(_integer(1, 8), "num_draft", ("generate",)),
+    "draft.mode": Setting(_choice(DRAFTERS), "draft"),
+    "draft.num_draft": Setting(_integer(1, 8), "num_draft"),
     "prompt_cache.memory": Setting(_size, "prompt_cache_bytes", ("chat", "serve")),
     "prompt_cache.dir": Setting(_directory_or_none, "prompt_cache_dir", ("chat", "serve")),
     "prompt_cache.disk": Setting(_size, "prompt_cache_disk_bytes", ("chat", "serve")),
@@ -199,7 +200,8 @@ class RuntimeConfig:
             options["thinking_mode"] = "chat" if self.values["thinking"] == "chat" else "thinking"
             if self.values["thinking"] == "think-max":
                 options["reasoning_effort"] = "max"
-        for key, name in (("sampling.temperature", "temperature"), ("sampling.max_tokens", "max_tokens")):
+        for key, name in (("sampling.temperature", "temperature"), ("sampling.max_tokens", "max_tokens"),
+                          ("draft.mode", "draft"), ("draft.num_draft", "num_draft")):
             if key in self.values:
                 options[name] = self.values[key]
         return options
@@ -305,8 +307,8 @@ server:
   # api_keys: [change-me]       # each key has its own prompt-cache partition
   sse_keepalive: 5
 
-draft:                          # generate: speculative decoding with the MTP layer
-  mode: none                    # none or mtp
+draft:                          # speculative decoding (generate, chat, serve, the agent API)
+  mode: none                    # none or mtp (the checkpoint's MTP layer drafts)
   num_draft: 3
 
 prompt_cache:                   # chat and serve: the prefix store

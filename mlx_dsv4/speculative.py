@@ -118,17 +118,23 @@ class Drafting:
         logits = None
         for a in range(0, len(ids), step):
             b = min(len(ids), a + step)
-            logits, hidden = self.model(_tokens(ids[a:b]), self.cache, last_only=True, return_hidden=True)
-            start = a
-            if self.last_hidden is not None:
-                hidden = mx.concatenate([self.last_hidden, hidden], axis=1)
-                start = a - 1
-            self._draft_feed(hidden[:, :-1], ids[start + 1 : b])
-            self.last_hidden = hidden[:, -1:]
-            mx.eval(self.last_hidden, self.cache.state(), self.draft_cache.state())
+            logits = self.extend(ids, a, b)
             if progress is not None:
                 progress(b, len(ids))
-        self.tokens = list(ids)
+        return logits
+
+    def extend(self, ids: Sequence[int], a: int, b: int) -> mx.array:
+        """Run ``ids[a:b]`` after the caches' ``ids[:a]`` (the main cache holding a positions,
+        ``last_hidden`` that of position a - 1); the logits [vocab] of position b - 1."""
+        logits, hidden = self.model(_tokens(ids[a:b]), self.cache, last_only=True, return_hidden=True)
+        start = a
+        if self.last_hidden is not None:
+            hidden = mx.concatenate([self.last_hidden, hidden], axis=1)
+            start = a - 1
+        self._draft_feed(hidden[:, :-1], ids[start + 1 : b])
+        self.last_hidden = hidden[:, -1:]
+        mx.eval(self.last_hidden, self.cache.state(), self.draft_cache.state())
+        self.tokens = list(ids[:b])
         return logits[0, -1]
 
     def _propose(self, token: int, k: int) -> Tuple[List[int], Optional[mx.array]]:
@@ -199,6 +205,36 @@ class Drafting:
         if self.unread_tokens:
             self._draft_feed(mx.concatenate(self.unread_hidden, axis=1), self.unread_tokens)
             self.unread_hidden, self.unread_tokens = [], []
+
+    def run_last(self, token: int) -> None:
+        """Run ``token`` (the last emitted one, that no token follows) through the main model, so
+        that the caches hold every token; the drafter reads every position but that one."""
+        _, hidden = self.model(_tokens([token]), self.cache, return_hidden=True)
+        self.unread_hidden.append(self.last_hidden)
+        self.unread_tokens.append(token)
+        self.last_hidden = hidden[:, -1:]
+        self.tokens.append(token)
+        self._read_unread()
+        mx.eval(self.last_hidden, self.cache.state(), self.draft_cache.state())
+
+    def drafter_state(self) -> Tuple[dict, dict]:
+        """(arrays, metadata) of the drafter's side of the invariant (its cache and
+        ``last_hidden``), for ``load_drafter_state`` on a main cache restored to the same tokens.
+        The drafter first reads the positions plain steps ran since its last pass."""
+        self._read_unread()
+        arrays, meta = self.draft_cache.to_state()
+        arrays = {f"cache.{name}": value for name, value in arrays.items()}
+        arrays["last_hidden"] = self.last_hidden
+        mx.eval(list(arrays.values()))
+        return arrays, dict(meta)
+
+    def load_drafter_state(self, arrays: dict, meta: dict, tokens: Sequence[int]) -> None:
+        """Take the drafter's side back from ``drafter_state``, the main cache holding ``tokens``."""
+        cache_arrays = {name[len("cache."):]: value for name, value in arrays.items() if name.startswith("cache.")}
+        self.draft_cache.load_state(cache_arrays, dict(meta))
+        self.last_hidden = arrays["last_hidden"]
+        self.unread_hidden, self.unread_tokens = [], []
+        self.tokens = list(tokens)
 
     def round(self, token: int, k: int) -> List[Tuple[int, float]]:
         """Draft k tokens after `token` (the last emitted one), verify them; the tokens that
@@ -299,17 +335,29 @@ class DSparkDrafting(Drafting):
         return self.model(_tokens(ids), self.cache, last_only=last_only, return_hidden=True,
                           tap_layers=self.drafter.tap_layers)
 
-    def prefill(self, ids: Sequence[int], step: int, progress=None) -> mx.array:
-        logits = None
-        for a in range(0, len(ids), step):
-            b = min(len(ids), a + step)
-            logits, taps = self._forward(ids[a:b], last_only=True)
-            self.drafter.read(taps, self.draft_cache)
-            self._eval_state()
-            if progress is not None:
-                progress(b, len(ids))
-        self.tokens = list(ids)
+    def extend(self, ids: Sequence[int], a: int, b: int) -> mx.array:
+        logits, taps = self._forward(ids[a:b], last_only=True)
+        self.drafter.read(taps, self.draft_cache)
+        self._eval_state()
+        self.tokens = list(ids[:b])
         return logits[0, -1]
+
+    def run_last(self, token: int) -> None:
+        _, taps = self._forward([token])
+        self.drafter.read(taps, self.draft_cache)
+        self.tokens.append(token)
+        self._eval_state()
+
+    def drafter_state(self) -> Tuple[dict, dict]:
+        arrays, meta = self.draft_cache.to_state()
+        arrays = {f"cache.{name}": value for name, value in arrays.items()}
+        mx.eval(list(arrays.values()))
+        return arrays, dict(meta)
+
+    def load_drafter_state(self, arrays: dict, meta: dict, tokens: Sequence[int]) -> None:
+        cache_arrays = {name[len("cache."):]: value for name, value in arrays.items() if name.startswith("cache.")}
+        self.draft_cache.load_state(cache_arrays, dict(meta))
+        self.tokens = list(tokens)
 
     def _propose(self, token: int, k: int) -> Tuple[List[int], Optional[mx.array]]:
         return self.drafter.propose(token, k, self.model.embed, self.model.head, self.draft_cache,

@@ -163,3 +163,54 @@ def test_default_generation_path_on_a_tiny_model(tmp_path):
     generations = [r for r in read_log(tmp_path / "log.jsonl") if r["event"] == "generation"]
     assert generations and generations[0]["prompt_tokens"] > 50
     assert 1 <= generations[0]["completion_tokens"] <= 6
+
+
+def test_a_drafting_agent_gives_the_plain_greedy_steps(monkeypatch):
+    """draft="mtp": every step gives plain greedy decoding's tokens; a run that continues the
+    conversation restores the drafter's state from the prompt cache."""
+    from generate_support import tiny_chat_model
+    from mlx_dsv4.speculative import Drafting
+
+    model, tokenizer = tiny_chat_model()
+    restored = []
+    load_state = Drafting.load_drafter_state
+
+    def counting(self, *state):
+        restored.append(len(state[-1]))
+        load_state(self, *state)
+
+    monkeypatch.setattr(Drafting, "load_drafter_state", counting)
+    runs = {}
+    for draft in ("none", "mtp"):
+        with Agent(model, tokenizer, tools=[add], max_steps=1, max_tokens=8, draft=draft, num_draft=2) as agent:
+            first = agent.run("What is 2 + 3?")
+            second = agent.run(first.messages + [{"role": "user", "content": "And 4 + 5?"}])
+        runs[draft] = (first.messages, second.messages)
+    assert runs["mtp"] == runs["none"]
+    assert len(restored) == 1 and restored[0] > 50
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(draft="mtp", num_draft=0), r"num_draft must be an integer in 1..8, got 0"),
+    (dict(draft="mtp", num_draft=9), r"num_draft must be an integer in 1..8, got 9"),
+    (dict(draft="eagle"), r"draft must be one of none, mtp, dspark, got 'eagle'"),
+    (dict(draft="mtp", generation_options={"repetition_penalty": 1.1}), r"draft 'mtp' runs no logits processors"),
+])
+def test_draft_options_drafting_cannot_use_are_refused_at_construction(options, message):
+    from generate_support import tiny_chat_model
+    from mlx_dsv4.generate import GenerationParameterError
+
+    model, tokenizer = tiny_chat_model()
+    with pytest.raises(GenerationParameterError, match=message):
+        Agent(model, tokenizer, tools=[add], **options)
+
+
+def test_draft_mtp_needs_a_model_with_an_mtp_layer():
+    from generate_support import tiny_chat_dir, tiny_chat_model
+    from mlx_dsv4.generate import GenerationParameterError
+    from mlx_dsv4.loader import load_model
+
+    _, tokenizer = tiny_chat_model()
+    model = load_model(tiny_chat_dir(), mtp=False)
+    with pytest.raises(GenerationParameterError, match=r"draft 'mtp' needs an MTP layer \(mtp.\* tensors\)"):
+        Agent(model, tokenizer, tools=[add], draft="mtp")

@@ -230,3 +230,58 @@ def test_a_bad_system_prompt_is_refused_before_loading(tmp_path, capsys, system,
     code = main(["chat", "--model", str(config_only_dir(tmp_path)), "--system", system])
     assert code == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def chat_output(tmp_path, name, *flags):
+    """stdout of a chat session of two turns (a fresh prompt-cache folder of its own)."""
+    import signal
+
+    env = dict(os.environ, HOME=str(tmp_path / name), XDG_CACHE_HOME=str(tmp_path / name / "cache"))
+    proc = subprocess.Popen([MLX_DSV4, "chat", "--model", str(tiny_chat_dir()), "--max-tokens", "10", *flags],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(b"Hello there\nAnd again\n/quit\n", timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+def test_draft_mtp_chat_gives_the_plain_replies_and_resumes_from_the_prompt_cache(tmp_path):
+    summary = re.compile(r"\[(\d+) new prompt tokens prefilled, (\d+) cached \| (\d+) tokens at [^\]]*\]\n")
+    plain = chat_output(tmp_path, "plain")
+    drafted = chat_output(tmp_path, "drafted", "--draft", "mtp", "--num-draft", "2")
+    assert summary.sub("", drafted) == summary.sub("", plain)
+    turns = summary.findall(drafted)
+    assert len(turns) == 2 and int(turns[1][1]) == int(turns[0][0]) + int(turns[0][2])
+    figures = re.findall(r" \| draft (\d+)/(\d+) accepted", drafted)
+    assert len(figures) == 2 and all(0 <= int(a) <= int(p) and int(p) > 0 for a, p in figures)
+    assert "accepted" not in plain
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--draft", "mtp", "--num-draft", "0"], "error: --num-draft must be an integer in 1..8, got 0\n"),
+    (["--draft", "mtp", "--num-draft", "9"], "error: --num-draft must be an integer in 1..8, got 9\n"),
+    (["--draft", "mtp", "--repetition-penalty", "1.2"],
+     "error: --draft 'mtp' runs no logits processors (--repetition-penalty)\n"),
+])
+def test_bad_draft_flags_are_refused_before_loading(tmp_path, capsys, flags, message):
+    from mlx_dsv4.cli import main
+
+    code = main(["chat", "--model", str(config_only_dir(tmp_path)), *flags])
+    assert code == 2
+    assert capsys.readouterr().err == message
+
+
+def test_draft_mtp_names_a_checkpoint_without_an_mtp_layer(tmp_path, capsys):
+    from generate_support import LAYERS
+    from mlx_dsv4.cli import main
+    from mlx_dsv4.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "no-mtp", mtp=False, compress_ratios=LAYERS, num_hash_layers=1)
+    code = main(["chat", "--model", str(path), "--draft", "mtp", "--prompt-cache-dir", "none"])
+    assert code == 1
+    assert f"error: {path}: --draft 'mtp' needs an MTP layer (mtp.* tensors)" in capsys.readouterr().err

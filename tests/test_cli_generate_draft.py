@@ -59,3 +59,29 @@ def test_draft_mtp_samples_with_the_temperature(capsys):
     assert code == 0, err
     draft = json.loads(out)["draft"]
     assert draft["drafter"] == "mtp" and draft["proposed"] > 0
+
+
+def test_draft_mtp_with_a_prompt_cache_file(capsys, tmp_path):
+    """The file a drafted run writes keeps the drafter's state: the same prompt again restores it
+    and gives the plain answer; so does a plain run from that file."""
+    cache = tmp_path / "prompt.safetensors"
+    common = ["--model", str(tiny_chat_dir()), "--prompt", "Name a bird.", "--max-tokens", "10", "--json"]
+    code, plain, _ = run_cli(capsys, *common)
+    assert code == 0
+    plain = json.loads(plain)
+    replies = []
+    for flags in (["--draft", "mtp"], ["--draft", "mtp"], []):
+        code, out, err = run_cli(capsys, *common, "--prompt-cache", str(cache), *flags)
+        assert code == 0, err
+        replies.append(json.loads(out))
+    assert [r["content"] for r in replies] == [plain["content"]] * 3
+    n = plain["usage"]["prompt_tokens"]
+    assert [r["usage"]["cached_tokens"] for r in replies] == [0, n - 1, n - 1]
+    assert replies[1]["draft"]["proposed"] > 0
+
+
+def test_the_flags_offer_every_drafter():
+    from mlx_dsv4.cli.common import DRAFTERS as FLAG_CHOICES
+    from mlx_dsv4.generate import DRAFTERS
+
+    assert FLAG_CHOICES == DRAFTERS

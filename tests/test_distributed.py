@@ -308,6 +308,15 @@ def test_generate_refuses_flags_that_do_not_run_distributed(capsys, flags, probl
     assert capsys.readouterr().err.strip() == f"error: {problem}"
 
 
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_refuse_a_draft_with_distributed(capsys, command):
+    from mlx_dsv4.cli import main
+
+    code = main([command, "--model", str(tiny_chat_dir()), "--distributed", "pipeline", "--draft", "mtp"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --draft does not run with --distributed")
+
+
 # -- convert --estimate-only --ranks --------------------------------------------------------
 
 

@@ -341,3 +341,36 @@ def test_converted_checkpoints_keep_the_dspark_drafter(converted):
     # --no-mtp drops the drafter with the rest of the mtp.* tensors
     assert not (converted / "no-mtp" / "mtp.safetensors.index.json").exists()
     assert load_model(converted / "no-mtp", check_memory=False, mtp=True).dspark is None
+
+
+def test_a_drafted_dspark_turn_resumes_from_the_prompt_cache(chat_dspark, tmp_path):
+    """The DSpark drafter's cache travels with the prompt cache, in memory and through a file: the
+    second turn starts from the snapshot and gives plain greedy decoding's tokens; the restored
+    drafter cache is bit-equal to one built from scratch over the same tokens."""
+    from mlx_dsv4 import load
+    from mlx_dsv4.generate import PromptCache, generate, load_prompt_cache, save_prompt_cache
+    from mlx_dsv4.speculative import DSparkDrafting
+
+    model, tok = load(chat_dspark, mtp=True)
+    prompt = "<｜begin▁of▁sentence｜><｜User｜>Name a bird and a tree.<｜Assistant｜></think>"
+    pc = PromptCache(model)
+    generate(model, tok, prompt, max_tokens=10, draft="dspark", num_draft=3, prompt_cache=pc)
+    first = max(pc.snapshots, key=lambda s: len(s.tokens))
+    assert first.draft is not None and first.draft["drafter"] == "dspark"
+    scratch = DSparkDrafting(model, model.make_cache())
+    scratch.extend(first.tokens, 0, len(first.tokens))
+    def bits(arrays):
+        return {k: bytes(memoryview(v.view(mx.uint8))) for k, v in arrays.items()}
+
+    assert bits(scratch.drafter_state()[0]) == bits(first.draft["arrays"])
+
+    ids = first.tokens + tok.encode(" And a fish?")
+    plain = generate(model, tok, ids, max_tokens=10)
+    again = generate(model, tok, ids, max_tokens=10, draft="dspark", num_draft=3, prompt_cache=pc)
+    assert again.tokens == plain.tokens and again.stats["cached_tokens"] == len(first.tokens)
+    path = tmp_path / "turn.safetensors"
+    save_prompt_cache(path, pc)
+    fresh, _ = load(chat_dspark, mtp=True)
+    from_file = generate(fresh, tok, ids, max_tokens=10, draft="dspark", num_draft=3,
+                         prompt_cache=load_prompt_cache(path, fresh))
+    assert from_file.tokens == plain.tokens and from_file.stats["cached_tokens"] >= len(first.tokens)

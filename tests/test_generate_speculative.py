@@ -4,8 +4,18 @@ import random
 
 import pytest
 
-from generate_support import tiny_chat_model
-from mlx_dsv4.generate import GenerationParameterError, PromptCache, generate, stream_generate
+import mlx.core as mx
+
+from generate_support import tiny_chat_dir, tiny_chat_model
+from mlx_dsv4 import load
+from mlx_dsv4.generate import (
+    GenerationParameterError,
+    PromptCache,
+    generate,
+    load_prompt_cache,
+    save_prompt_cache,
+    stream_generate,
+)
 from mlx_dsv4.speculative import Drafting
 
 PROMPT = "Speculative decoding keeps greedy output"
@@ -69,10 +79,87 @@ def test_bad_draft_options_are_named(options, message):
         next(stream_generate(model, tok, PROMPT, max_tokens=4, **options))
 
 
-def test_draft_mtp_refuses_a_prompt_cache():
+def _bits(arrays: dict) -> dict:
+    return {name: bytes(memoryview(value.view(mx.uint8))) for name, value in arrays.items()}
+
+
+@pytest.fixture
+def restored_states(monkeypatch):
+    """The drafter state (arrays, as bytes) of every Drafting right after a snapshot restores it."""
+    states = []
+    load = Drafting.load_drafter_state
+
+    def recording(self, arrays, meta, tokens):
+        load(self, arrays, meta, tokens)
+        states.append(_bits(self.drafter_state()[0]))
+
+    monkeypatch.setattr(Drafting, "load_drafter_state", recording)
+    return states
+
+
+def test_a_drafted_turn_resumes_from_the_prompt_cache(restored_states, tmp_path):
+    """A second turn with a draft restores the drafter's state with the main cache, in memory and
+    from a file, and gives the tokens of plain greedy decoding from scratch."""
     model, tok = tiny_chat_model()
-    with pytest.raises(GenerationParameterError, match="does not use a prompt cache"):
-        next(stream_generate(model, tok, PROMPT, max_tokens=4, draft="mtp", prompt_cache=PromptCache(model)))
+    pc = PromptCache(model)
+    generate(model, tok, PROMPT, max_tokens=12, draft="mtp", num_draft=3, prompt_cache=pc)
+    first = max(pc.snapshots, key=lambda s: len(s.tokens))
+    assert first.draft is not None and first.draft["drafter"] == "mtp"
+    saved = _bits(first.draft["arrays"])
+    ids = first.tokens + tok.encode(" And then?")
+    plain = generate(model, tok, ids, max_tokens=12)
+    path = tmp_path / "turn.safetensors"
+    save_prompt_cache(path, pc)
+
+    again = generate(model, tok, ids, max_tokens=12, draft="mtp", num_draft=3, prompt_cache=pc)
+    assert again.tokens == plain.tokens
+    assert again.stats["cached_tokens"] == len(first.tokens)
+    assert restored_states == [saved]
+
+    fresh, _ = load(tiny_chat_dir(), mtp=True)  # as a new process would load it
+    from_file = generate(fresh, tok, ids, max_tokens=12, draft="mtp", num_draft=3,
+                         prompt_cache=load_prompt_cache(path, fresh))
+    assert from_file.tokens == plain.tokens
+    assert from_file.stats["cached_tokens"] == len(first.tokens)
+    assert restored_states == [saved, saved]
+
+
+def test_a_restored_prefix_holds_the_drafter_cache_built_from_scratch(restored_states, tmp_path):
+    model, tok = tiny_chat_model()
+    ids = tok.encode(PROMPT)
+    scratch = Drafting(model, model.make_cache())
+    scratch.extend(ids, 0, len(ids) - 1)  # the prompt's snapshot is taken before its last token
+    expected = _bits(scratch.drafter_state()[0])
+    pc = PromptCache(model)
+    generate(model, tok, ids, max_tokens=6, draft="mtp", prompt_cache=pc)
+    path = tmp_path / "prefix.safetensors"
+    save_prompt_cache(path, pc)
+    other = ids + tok.encode(" is the question")  # extends the prompt's snapshot, not the reply's
+    want = generate(model, tok, other, max_tokens=8)
+    assert generate(model, tok, other, max_tokens=8, draft="mtp", prompt_cache=pc).tokens == want.tokens
+    assert generate(model, tok, other, max_tokens=8, draft="mtp",
+                    prompt_cache=load_prompt_cache(path, model)).tokens == want.tokens
+    assert restored_states == [expected, expected]
+
+
+def test_a_snapshot_without_drafter_state_is_run_again(restored_states):
+    """A plain generation's snapshot holds no drafter state: a drafted one runs the prompt from
+    its start (and leaves snapshots that have it); a plain one uses a drafted one's snapshot."""
+    model, tok = tiny_chat_model()
+    pc = PromptCache(model)
+    generate(model, tok, PROMPT, max_tokens=6, prompt_cache=pc)
+    assert all(s.draft is None for s in pc.snapshots)
+    ids = pc.tokens + tok.encode(" More.")
+    want = generate(model, tok, ids, max_tokens=8)
+    got = generate(model, tok, ids, max_tokens=8, draft="mtp", prompt_cache=pc)
+    assert got.tokens == want.tokens and got.stats["cached_tokens"] == 0
+    assert restored_states == []
+    drafted = max(pc.snapshots, key=lambda s: len(s.tokens))
+    assert drafted.draft is not None
+    more = drafted.tokens + tok.encode(" Go on.")
+    plain = generate(model, tok, more, max_tokens=8, prompt_cache=pc)
+    assert plain.stats["cached_tokens"] == len(drafted.tokens)
+    assert plain.tokens == generate(model, tok, more, max_tokens=8).tokens
 
 
 def test_draft_mtp_needs_a_checkpoint_with_an_mtp_layer():
@@ -115,3 +202,49 @@ def test_switching_speculation_off_and_on_keeps_the_plain_greedy_output(plain, m
     assert got.logprobs == pytest.approx(plain.logprobs, abs=1e-3)
     assert True in ways and False in ways
     assert 0 < got.stats["draft_accepted"] <= got.stats["draft_proposed"]
+
+
+def test_damaged_drafter_state_in_a_file_is_named(tmp_path):
+    import json
+
+    from mlx_dsv4.generate import PromptCacheError, _arrays_checksum
+
+    model, tok = tiny_chat_model()
+    pc = PromptCache(model)
+    generate(model, tok, PROMPT, max_tokens=4, draft="mtp", prompt_cache=pc)
+    path = tmp_path / "drafted.safetensors"
+    save_prompt_cache(path, pc)
+    arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+    n_tokens = json.loads(header["snapshots"])[0]["n_tokens"]
+
+    def refused(arrays, match, **draft_changes):
+        index = json.loads(header["snapshots"])
+        for key, value in draft_changes.items():
+            if value is None:
+                del index[0][key]
+            elif key == "offset":
+                index[0]["draft"]["meta"]["offset"] = value
+            else:
+                index[0]["draft"][key] = value
+        edited = tmp_path / "edited.safetensors"
+        mx.save_safetensors(str(edited), arrays, metadata=dict(header, snapshots=json.dumps(index),
+                                                                checksum=_arrays_checksum(arrays)))
+        with pytest.raises(PromptCacheError, match=match) as caught:
+            load_prompt_cache(edited, model)
+        assert str(caught.value).startswith(f"{edited}: snapshot 0")
+
+    without_hidden = {k: v for k, v in arrays.items() if k != "0.draft.last_hidden"}
+    refused(without_hidden, r"drafter 'mtp': array 'draft.last_hidden' is missing")
+    refused(dict(arrays, **{"0.draft.last_hidden": mx.zeros((1, 2, 3))}),
+            r"array 'draft.last_hidden' has shape \(1, 2, 3\)")
+    refused(arrays, r"drafter 'eagle': not a drafter", drafter="eagle")
+    refused(arrays, r"draft: expected an object with the text fields drafter and fingerprint", fingerprint=7)
+    refused(arrays, rf"its cache holds {n_tokens} tokens, expected {n_tokens - 1}", offset=str(n_tokens))
+    refused(arrays, r"unexpected array 'draft.cache.layers.0.ring.0': the header lists no drafter state", draft=None)
+    # a drafter of other weights: the snapshot stays, without the drafter state
+    edited = tmp_path / "other-drafter.safetensors"
+    index = json.loads(header["snapshots"])
+    for entry in index:
+        entry["draft"]["fingerprint"] = "0" * 32
+    mx.save_safetensors(str(edited), arrays, metadata=dict(header, snapshots=json.dumps(index)))
+    assert [s.draft for s in load_prompt_cache(edited, model).snapshots] == [None] * len(index)

@@ -136,3 +136,39 @@ def test_damaged_or_foreign_files_are_skipped_and_rebuilt(loaded, tiny_dirs, tmp
         assert generate(model, tokenizer, h + [9, 10], max_tokens=1, prompt_cache=view,
                         eos_token_ids=()).stats["cached_tokens"] >= len(h)
     assert (folder / "readme.txt").exists() and (folder / "notes.safetensors").exists()
+
+
+def test_a_drafted_conversation_resumes_with_its_drafter_state_after_a_restart(tiny_dirs, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    from mlx_dsv4 import load
+    from mlx_dsv4.speculative import Drafting
+
+    model, tokenizer = load(tiny_dirs["flash"], mtp=True)
+    store = PrefixStore(model, memory_bytes=BUDGET, directory=tmp_path)
+    prompt = [0] + words(5, 60)
+    first = generate(model, tokenizer, prompt, max_tokens=6, prompt_cache=store.view("k1"), eos_token_ids=(),
+                     draft="mtp", num_draft=2)
+    history = prompt + first.tokens
+    saved = store.match("k1", history + [1])
+    assert saved is not None and saved.tokens == history and saved.draft["drafter"] == "mtp"
+
+    def bits(arrays):
+        return {name: bytes(memoryview(value.view(mx.uint8))) for name, value in arrays.items()}
+
+    restored = []
+    original_load = Drafting.load_drafter_state
+
+    def recording(self, arrays, meta, tokens):
+        original_load(self, arrays, meta, tokens)
+        restored.append(bits(self.drafter_state()[0]))
+
+    fresh, _ = load(tiny_dirs["flash"], mtp=True)
+    restarted = PrefixStore(fresh, memory_bytes=BUDGET, directory=tmp_path)
+    follow_up = history + words(6, 12)
+    monkeypatch.setattr(Drafting, "load_drafter_state", recording)
+    again = generate(fresh, tokenizer, follow_up, max_tokens=8, prompt_cache=restarted.view("k1"),
+                     eos_token_ids=(), draft="mtp", num_draft=2)
+    assert again.stats["cached_tokens"] == len(history) and restarted.stats()["disk_loads"] == 1
+    assert restored == [bits(saved.draft["arrays"])]
+    assert again.tokens == generate(model, tokenizer, follow_up, max_tokens=8, eos_token_ids=()).tokens

@@ -61,6 +61,17 @@ def test_the_file_sets_defaults_and_flags_win(tmp_path):
     assert args.prompt_cache_bytes == 1 << 30 and args.thinking == "think-max"
 
 
+def test_the_draft_section_sets_chat_and_serve_too(tmp_path):
+    for command in (["chat"], ["serve"]):
+        args = parsed(tmp_path, CONFIG, command)
+        assert (args.draft, args.num_draft) == ("mtp", 4)
+        args = parsed(tmp_path, CONFIG, [*command, "--draft", "none", "--num-draft", "2"])
+        assert (args.draft, args.num_draft) == ("none", 2)
+    assert parse_config(CONFIG).agent_options() == {"thinking_mode": "thinking", "reasoning_effort": "max",
+                                                    "temperature": 0.3, "max_tokens": 7, "draft": "mtp",
+                                                    "num_draft": 4}
+
+
 BAD = [
     ("model: x\nflavour: strong\n", 2, "flavour", "unknown setting"),
     ("sampling:\n  temperture: 1\n", 2, "sampling.temperture", "did you mean sampling.temperature"),
@@ -132,6 +143,7 @@ def test_the_agent_takes_its_isolation_from_the_file():
     config = parse_config("agent:\n  default_isolation: process\n  tools: {add: function}\n"
                           "thinking: think\nsampling: {temperature: 0.5, max_tokens: 64}\n")
     agent = Agent(tools=[add, ping], completion_fn=lambda prompt: iter(()), **config.agent_options())
+    assert (agent.draft, agent.num_draft) == ("none", 3)
     assert agent.substrate_for(agent.tools["add"]).name == "function"
     assert agent.substrate_for(agent.tools["ping"]).name == "process"
     assert (agent.thinking_mode, agent.temperature, agent.max_tokens) == ("thinking", 0.5, 64)

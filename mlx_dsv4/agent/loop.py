@@ -55,7 +55,11 @@ class Agent:
     text chunks or objects with ``.text`` (and optionally ``.prompt_tokens``,
     ``.generation_tokens``, ``.finish_reason``). By default ``stream_generate`` is used
     with a prompt cache, so each round prefills only the new tokens. ``on_event`` gets
-    every parser event and each ``("tool_result", ToolCallRecord)``.
+    every parser event and each ``("tool_result", ToolCallRecord)``. ``draft`` (a name of
+    ``mlx_dsv4.generate.DRAFTERS``, e.g. "mtp": the model loaded with ``mtp=True``) decodes
+    with speculative decoding, ``num_draft`` tokens proposed per forward pass; the prompt
+    cache keeps the drafter's state between rounds. A ``draft`` the model or the generation
+    options cannot use raises ``GenerationParameterError`` here, naming it.
 
     Every step goes to ``log_path`` as JSON Lines: "generation" records (prompt_tokens,
     completion_tokens, reasoning, content, tool_calls, finish_reason, repairs,
@@ -83,6 +87,8 @@ class Agent:
         on_event=None,
         prompt_store=None,
         tool_substrates=None,
+        draft="none",
+        num_draft=3,
     ):
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError("thinking_mode must be 'chat' or 'thinking'")
@@ -116,6 +122,13 @@ class Agent:
         self._prompt_cache = None
         if completion_fn is None and model is None:
             raise ValueError("give a model and tokenizer, or a completion_fn")
+        from ..generate import check_draft
+
+        check_draft(model, draft, num_draft, temperature=temperature,
+                    sampler=self.generation_options.get("sampler"),
+                    logits_processors=self.generation_options.get("logits_processors"),
+                    repetition_penalty=self.generation_options.get("repetition_penalty"))
+        self.draft, self.num_draft = draft, num_draft
         # Resolve substrates now: a missing sandbox tool is an error before the first call.
         for t in self.tools.values():
             self.substrate_for(t)
@@ -147,6 +160,7 @@ class Agent:
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             prompt_cache=self._prompt_cache,
+            **({"draft": self.draft, "num_draft": self.num_draft} if self.draft != "none" else {}),
             **self.generation_options,
         )
 

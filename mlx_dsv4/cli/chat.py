@@ -11,10 +11,13 @@ from pathlib import Path
 from ..sizes import format_bytes
 from .common import (
     THINKING,
+    add_draft_arguments,
     add_generation_arguments,
     add_model_argument,
     add_prompt_cache_arguments,
+    check_draft_flags,
     check_sampling_flags,
+    load_options,
     sampling_from_args,
     text_problem,
 )
@@ -44,6 +47,7 @@ def add_arguments(p):
     p.add_argument("--tools", type=Path, default=None, help="JSON file with OpenAI tool definitions")
     add_generation_arguments(p, what="turns")
     add_prompt_cache_arguments(p)
+    add_draft_arguments(p, what="each reply")
     add_distributed_arguments(p)
     p.add_argument("--on-overflow", choices=["error", "drop_oldest"], default="error",
                    help="with --max-kv-size: refuse a turn that does not fit, or drop the oldest turns")
@@ -141,6 +145,11 @@ class ChatSession:
 
     def conversation(self):
         return _conversation(self.system, self.tools, self.messages)
+
+    def draft_options(self) -> dict:
+        """stream_generate's draft arguments of the --draft and --num-draft flags."""
+        draft = getattr(self.args, "draft", "none")
+        return {"draft": draft, "num_draft": self.args.num_draft} if draft != "none" else {}
 
     # -- commands ------------------------------------------------------------
 
@@ -289,6 +298,7 @@ class ChatSession:
         steps = stream_generate(
             self.model, self.tokenizer, ids, prompt_cache=self.prompt_cache, progress=bar,
             prefill_step=args.prefill_step, snapshot_at=[m for m in marks if m], **sampling,
+            **self.draft_options(),
         )
         try:
             with _interrupt_between_tokens(self.ranks is not None) as interrupt:
@@ -323,6 +333,8 @@ class ChatSession:
             f"prompt {last.prompt_tps:.1f} tok/s",
             f"cache {format_bytes(last.cache_bytes)}",
         ]
+        if last.draft_proposed:
+            parts.append(f"draft {last.draft_accepted}/{last.draft_proposed} accepted")
         reason = "interrupted" if interrupted else last.finish_reason
         if reason != "stop":
             parts.append(reason)
@@ -374,7 +386,7 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..loader import CheckpointError, load
 
-    problem = check_sampling_flags(args)
+    problem = check_sampling_flags(args) or check_draft_flags(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -413,8 +425,12 @@ def run(args) -> int:
             if ranks.rank != 0:
                 return _follow(args, ranks, model, tokenizer)
         else:
-            model, tokenizer = load(args.model)
+            model, tokenizer = load(args.model, **load_options(args))
             model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
+            problem = check_draft_flags(args, model)
+            if problem:
+                print(f"error: {args.model}: {problem}", file=sys.stderr)
+                return 1
         if args.max_kv_size == "auto":
             from ..device_memory import auto_kv_limit
 

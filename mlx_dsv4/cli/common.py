@@ -14,6 +14,9 @@ THINKING = {"chat": ("chat", None), "think": ("thinking", None), "think-max": ("
 
 DEFAULT_SAMPLING = SamplingParams(max_tokens=1024)  # generate and chat
 
+DRAFTERS = ("none", "mtp", "dspark")  # mlx_dsv4.generate.DRAFTERS, named here without importing MLX
+DEFAULT_NUM_DRAFT = 3
+
 DEFAULT_PROMPT_CACHE_BYTES = 2 << 30
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 16 << 30
 
@@ -109,6 +112,47 @@ def add_generation_arguments(p, *, what="prompts"):
     """generate and chat: sampling flags with their defaults, --prefill-step, --max-kv-size."""
     add_sampling_arguments(p, DEFAULT_SAMPLING)
     add_memory_arguments(p, what=what)
+
+
+def add_draft_arguments(p, *, what="the reply"):
+    """--draft and --num-draft: speculative decoding (generate, chat, serve)."""
+    p.add_argument("--draft", choices=DRAFTERS, default="none",
+                   help=f"speculative decoding of {what}: mtp drafts tokens with the checkpoint's MTP layer and the "
+                        "model verifies them (greedy: the output of plain greedy decoding; sampled: its "
+                        "distribution); dspark the same with the checkpoint's DSpark drafter (V4-Flash-0731); "
+                        "none (default) decodes one token per forward pass")
+    p.add_argument("--num-draft", type=int, default=DEFAULT_NUM_DRAFT, metavar="N",
+                   help=f"tokens the drafter proposes per model forward pass with --draft (1..8, default "
+                        f"{DEFAULT_NUM_DRAFT}; with dspark at most the checkpoint's dspark_block_size)")
+
+
+def draft_flag(error) -> str:
+    """A draft problem (a GenerationParameterError of check_draft) worded with the flags."""
+    if error.field == "num_draft":
+        return f"--num-draft {error.problem}"
+    return f"--draft {error.problem}".replace(
+        "logits processors (repetition penalty)", "logits processors (--repetition-penalty)").replace(
+        "use draft 'dspark'", "use --draft dspark")
+
+
+def check_draft_flags(args, model=None) -> Optional[str]:
+    """The problem with --draft / --num-draft and the sampling flags, naming the flag, or None;
+    with ``model`` (loaded with ``load_options``) also whether it has the drafter."""
+    from ..generate import GenerationParameterError, check_draft
+
+    sampling = sampling_from_args(args)
+    try:
+        check_draft(model, args.draft, args.num_draft, temperature=sampling.temperature,
+                    repetition_penalty=sampling.repetition_penalty)
+    except GenerationParameterError as e:
+        return draft_flag(e)
+    return None
+
+
+def load_options(args) -> dict:
+    """Keyword arguments of ``mlx_dsv4.load`` the flags need: the checkpoint's mtp.* tensors (the MTP
+    layer or the DSpark drafter) for --draft mtp or dspark."""
+    return {"mtp": getattr(args, "draft", "none") in ("mtp", "dspark")}
 
 
 def sampling_from_args(args) -> SamplingParams:

@@ -6,9 +6,12 @@ from pathlib import Path
 
 from .common import (
     THINKING,
+    add_draft_arguments,
     add_generation_arguments,
     add_model_argument,
+    check_draft_flags,
     check_sampling_flags,
+    load_options,
     sampling_from_args,
     text_problem,
 )
@@ -29,13 +32,7 @@ def add_arguments(p):
                    help="reuse the prefilled prefix stored in FILE; create FILE when it does not exist")
     p.add_argument("--json", action="store_true",
                    help="print the parsed message (reasoning_content, content, tool_calls) as JSON")
-    p.add_argument("--draft", choices=["none", "mtp", "dspark"], default="none",
-                   help="mtp: speculative decoding, the checkpoint's MTP layer drafting tokens that the model "
-                        "verifies (greedy: the output of plain greedy decoding; sampled: its distribution); "
-                        "dspark: the same with the checkpoint's DSpark drafter (V4-Flash-0731)")
-    p.add_argument("--num-draft", type=int, default=3, metavar="N",
-                   help="tokens the drafter proposes per model forward pass with --draft (1..8, default 3; "
-                        "with dspark at most the checkpoint's dspark_block_size)")
+    add_draft_arguments(p)
     p.add_argument("--stats", action="store_true",
                    help="after the run, print the monitoring figures (KV cache by layer type, speeds, expert "
                         "routing, active parameters, FLOPs per token, draft acceptance) to stderr; with --json, "
@@ -49,13 +46,11 @@ def run(args) -> int:
     from ..config import ConfigError
     from ..console import ProgressBar, Renderer, prefix_length, stats_line, usage
     from ..generate import (
-        GenerationParameterError,
         KVCacheLimitError,
         PromptCache,
         PromptCacheError,
         load_prompt_cache,
         save_prompt_cache,
-        check_draft,
         stream_generate,
     )
     from ..loader import CheckpointError, load
@@ -65,12 +60,9 @@ def run(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     sampling = sampling_from_args(args).generate_kwargs()
-    draft_options = dict(temperature=sampling["temperature"], repetition_penalty=sampling["repetition_penalty"],
-                         prompt_cache=args.prompt_cache)
-    try:
-        check_draft(None, args.draft, args.num_draft, **draft_options)
-    except GenerationParameterError as e:
-        print(f"error: {_draft_flag(e)}", file=sys.stderr)
+    problem = check_draft_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     problem = distributed_problem(args)
     if problem:
@@ -84,7 +76,7 @@ def run(args) -> int:
     text, messages, chat_options = prompt
     thinking_mode = chat_options["thinking_mode"]
     try:
-        model, tokenizer = load(args.model, mtp=args.draft in ("mtp", "dspark"))
+        model, tokenizer = load(args.model, **load_options(args))
         model.set_cache_dtypes(args.kv_dtype, args.index_dtype)
         if args.max_kv_size == "auto":
             from ..device_memory import auto_kv_limit
@@ -94,10 +86,9 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    try:
-        check_draft(model, args.draft, args.num_draft, **draft_options)
-    except GenerationParameterError as e:
-        print(f"error: {args.model}: {_draft_flag(e)}", file=sys.stderr)
+    problem = check_draft_flags(args, model)
+    if problem:
+        print(f"error: {args.model}: {problem}", file=sys.stderr)
         return 1
     if args.verbose:
         print_paths(model)
@@ -266,15 +257,6 @@ def _run_distributed(args, sampling) -> int:
     if last is not None:
         print(stats_line(last, reason), file=sys.stderr)
     return 130 if reason == "interrupted" else 0
-
-
-def _draft_flag(e) -> str:
-    """A draft problem worded with the command's flags."""
-    if e.field == "num_draft":
-        return f"--num-draft {e.problem}"
-    return f"--draft {e.problem}".replace(
-        "logits processors (repetition penalty)", "logits processors (--repetition-penalty)").replace(
-        "a prompt cache", "--prompt-cache").replace("use draft 'dspark'", "use --draft dspark")
 
 
 def print_paths(model) -> None:

@@ -5,11 +5,14 @@ import sys
 
 from ..sampling import SamplingParams
 from .common import (
+    add_draft_arguments,
     add_memory_arguments,
     add_prompt_cache_arguments,
     add_model_argument,
     add_sampling_arguments,
+    check_draft_flags,
     check_sampling_flags,
+    draft_flag,
     prefix_store_options,
     sampling_from_args,
 )
@@ -17,6 +20,7 @@ from .distributed import add_distributed_arguments, distributed_problem
 
 # for requests that do not set them
 DEFAULT_SAMPLING = SamplingParams(max_tokens=4096, temperature=0.6, top_p=0.95)
+DEFAULT_MAX_BATCH = 8  # without --draft
 
 
 def add_arguments(p):
@@ -36,9 +40,11 @@ def add_arguments(p):
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait before new ones get 503")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
                    help="requests that decode together, each step reading the weights once for all of them "
-                        "(default 8; 1: one at a time; a distributed server runs one at a time)")
+                        f"(default {DEFAULT_MAX_BATCH}; 1: one at a time; a distributed server, and one with "
+                        "--draft, runs one at a time)")
+    add_draft_arguments(p, what="each request (one request decodes at a time)")
     p.add_argument("--sse-keepalive", type=float, default=5.0, metavar="SECONDS",
                    help="a streaming reply with nothing to send for SECONDS (a long prefill) gets an SSE "
                         "comment, so clients and proxies do not time out (default 5)")
@@ -55,6 +61,7 @@ def api_keys(args):
 def run(args):
     import uvicorn
 
+    from ..generate import GenerationParameterError
     from ..server.access import LOOPBACK_NAMES, WILDCARD_ADDRESSES, HostPolicy
     from ..server.app import Context, create_app
     from ..server.engine import SCRIPT_ENV, Engine
@@ -65,7 +72,7 @@ def run(args):
     if not args.sse_keepalive > 0:
         print(f"error: --sse-keepalive must be a positive number of seconds, got {args.sse_keepalive}", file=sys.stderr)
         return 2
-    problem = check_sampling_flags(args)
+    problem = check_sampling_flags(args) or check_draft_flags(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -84,11 +91,16 @@ def run(args):
     if os.environ.get(SCRIPT_ENV):
         print(f"warning: {SCRIPT_ENV} is set: test-only scripted completions replace sampling for matching prompts",
               file=sys.stderr)
-    if args.max_batch < 1:
+    if args.max_batch is not None and args.max_batch < 1:
         print(f"error: --max-batch must be a positive number of requests, got {args.max_batch}", file=sys.stderr)
         return 2
+    if args.draft != "none" and (args.max_batch or 1) > 1:
+        print(f"error: --draft decodes one request at a time: it does not run with --max-batch {args.max_batch} "
+              "(leave --max-batch out, or give 1)", file=sys.stderr)
+        return 2
+    max_batch = args.max_batch or (1 if args.draft != "none" else DEFAULT_MAX_BATCH)
     options = dict(kv_cache_limit=args.max_kv_size, max_queue=args.max_queue, prefill_step=args.prefill_step,
-                   max_batch=args.max_batch,
+                   max_batch=max_batch, draft=args.draft, num_draft=args.num_draft,
                    cache_dtypes=(args.kv_dtype, args.index_dtype),
                    # ranks would have to evict snapshots in lockstep; distributed serving prefills every prompt
                    prompt_cache="off" if args.distributed else prefix_store_options(args))
@@ -113,6 +125,9 @@ def run(args):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         engine.start()
+    except GenerationParameterError as err:  # the checkpoint has not the drafter --draft names
+        print(f"error: {args.model}: {draft_flag(err)}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - a checkpoint that does not load is a usage error
         print(f"error: cannot load {args.model}: {err}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from .common import (
     tool_constraint,
     tools_for_choice,
     validate_functions,
+    speculative_usage,
 )
 from .errors import APIError, anthropic_body
 
@@ -254,6 +255,7 @@ def usage(steps, *, output=True):
     body = {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
     if output:
         body["output_tokens"] = last.generation_tokens if last else 0
+        body.update(speculative_usage(steps))
     return body
 
 

@@ -128,6 +128,16 @@ class Plan:
     matcher: object = None  # its llguidance matcher, fresh for this request
 
 
+def speculative_usage(steps) -> dict:
+    """With speculative decoding: {"speculative": {"proposed", "accepted"}}, the draft tokens of
+    this generation and how many of them the model kept; {} when the server does not draft."""
+    if getattr(steps, "drafter", None) is None:
+        return {}
+    last = steps.last
+    return {"speculative": {"proposed": getattr(last, "draft_proposed", 0) if last else 0,
+                            "accepted": getattr(last, "draft_accepted", 0) if last else 0}}
+
+
 def validate_functions(functions, param):
     """Check OpenAI ``function`` objects (name, optional description and parameters schema)."""
     names = set()

@@ -11,6 +11,12 @@ generation runs at a time. A job whose client went away is cancelled between two
 earlier conversation only prefills the new suffix: prompt-cache snapshots are kept per
 partition (one per API key; a single one when the server has no keys), so a request only
 reuses, or learns of, prefixes made by requests of its own partition.
+
+With a ``draft`` (speculative decoding, a name of ``mlx_dsv4.generate.DRAFTERS``) requests
+decode one at a time (``max_batch`` must be 1): a drafting generation verifies several
+tokens per forward pass of its own, which the batch's one-token steps do not take. A
+request that cannot draft (a grammar constraint, a repetition penalty, a scripted
+completion) decodes without it.
 """
 
 import asyncio
@@ -41,6 +47,7 @@ class StepLog:
         self.last = None
         self.tokens = []
         self.stop_sequence = None
+        self.drafter = None  # the engine's drafter when it drafts: the usage reports its figures
 
     def add(self, step):
         self.last = step
@@ -106,9 +113,13 @@ class Engine:
     batches = True  # decodes several generations together when max_batch > 1
 
     def __init__(self, model_path, *, kv_cache_limit=None, max_queue=256, prefill_step=2048, script_path=None,
-                 prompt_cache=None, cache_dtypes=("fp8", "fp4"), max_batch=DEFAULT_MAX_BATCH):
+                 prompt_cache=None, cache_dtypes=("fp8", "fp4"), max_batch=DEFAULT_MAX_BATCH, draft="none",
+                 num_draft=3):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive number of generations, got {max_batch!r}")
+        if draft != "none" and max_batch > 1:
+            raise ValueError(f"draft {draft!r} decodes one request at a time: max_batch must be 1, got {max_batch}")
+        self.draft, self.num_draft = draft, num_draft
         self.model_path = model_path
         # PrefixStore options ("off": no prompt cache); by default snapshots stay in memory only
         self.prompt_cache_options = prompt_cache or {"memory_bytes": DEFAULT_PROMPT_CACHE_BYTES, "directory": None}
@@ -167,6 +178,10 @@ class Engine:
 
             self.model, self.tokenizer = self._load()
             self.model.set_cache_dtypes(*self.cache_dtypes)
+            if self.draft != "none":
+                from ..generate import check_draft
+
+                check_draft(self.model, self.draft, self.num_draft)
             if self.kv_cache_limit == "auto":
                 from ..device_memory import auto_kv_limit
 
@@ -206,7 +221,7 @@ class Engine:
     def _load(self):
         from .. import load
 
-        return load(self.model_path)
+        return load(self.model_path, mtp=self.draft in ("mtp", "dspark"))
 
     def _stopping(self):
         """Called on the engine thread when the engine stops."""
@@ -300,6 +315,7 @@ class Engine:
             steps = self.metrics.watch(self.model, stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
                 kv_cache_limit=self.kv_cache_limit, logits_processors=processors, progress=progress, **options,
+                **self._draft_options(options, processors),
             ))
             try:
                 for step in steps:
@@ -317,6 +333,12 @@ class Engine:
             self.prefill = None
             self._current = None
             self._finish(job, outcome)
+
+    def _draft_options(self, options, processors) -> dict:
+        """stream_generate's draft arguments for a request: none when it cannot draft."""
+        if self.draft == "none" or processors or options.get("repetition_penalty") is not None:
+            return {}
+        return {"draft": self.draft, "num_draft": self.num_draft}
 
     # -- batched generation (engine thread) ---------------------------------------------
 
@@ -469,6 +491,8 @@ class Engine:
                 raise APIError(503, f"the server is busy ({self.pending} requests waiting); retry later")
             self.pending += 1
         job = Job(prompt, prompt_ids, sampling, asyncio.get_running_loop(), partition=partition, constraint=constraint)
+        if self.draft != "none":
+            log.drafter = self.draft
         self._jobs.put(job)
         try:
             while True:
@@ -497,8 +521,19 @@ class Engine:
             "prompt_cache_snapshots": store["snapshots"] if store else 0,
             "prompt_cache": store,
             "max_kv_tokens": self.kv_tokens,
+            "draft": self._draft_figures(),
             "memory": {"active_bytes": mx.get_active_memory(), "rss_bytes": _rss_bytes()},
         }
+
+
+    def _draft_figures(self):
+        """The drafter and its totals over every finished generation, or None without a draft."""
+        if self.draft == "none":
+            return None
+        totals = self.metrics.snapshot()["totals"]
+        proposed, accepted = totals["draft_proposed"], totals["draft_accepted"]
+        return {"drafter": self.draft, "num_draft": self.num_draft, "proposed": proposed, "accepted": accepted,
+                "acceptance_rate": round(accepted / proposed, 4) if proposed else None}
 
 
 def _prefill_figures(prefill):

@@ -16,6 +16,7 @@ from .common import (
     tool_constraint,
     tools_for_choice,
     validate_functions,
+    speculative_usage,
 )
 from .errors import APIError
 
@@ -195,7 +196,9 @@ def usage(steps):
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": getattr(last, "cached_tokens", 0) or 0},
+        **speculative_usage(steps),
     }
+
 
 
 def chat_message(assembler):

@@ -290,11 +290,3 @@ def test_keyvalue_case_is_the_trained_models_lookup_at_the_requested_depth(token
     at = keys.index(key)
     assert dict(pairs)[key] == case.answer
     assert abs(at / (len(lines) - 1) - depth) <= 2 / len(lines)
-
-
-def test_without_a_model_the_trained_tiny_v4_runs_its_lookup(bench, capsys):
-    assert bench.main(["--sizes", "1K", "--depths", "50", "--max-new-tokens", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "is the small trained V4: it learned key: value lookups" in out
-    assert re.search(r"^\| keyvalue \| \d/1 \(\d+%\) \|$", out, flags=re.MULTILINE), out
-    assert "needle" not in out.split("| task |", 1)[1]

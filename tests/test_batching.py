@@ -2,6 +2,7 @@
 concurrent requests together with each one's solo output."""
 
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -72,9 +73,10 @@ CANCELLED = 2  # the request whose client closes its stream midway
 SEEDED = [("Pick some words at random.", 11), ("Pick some words at random.", 12)]
 
 
-def _stream(server, prompt, read_at_most=None, seed=None):
+def _stream(server, prompt, read_at_most=None, seed=None, before_close=None):
     """(text, finish_reason) of one streaming request, greedy (sampled at temperature 1 with
-    ``seed``); with ``read_at_most`` the client closes the stream after that many chunks."""
+    ``seed``); with ``read_at_most`` the client closes the stream after that many chunks (once
+    ``before_close()`` returns)."""
     import openai
 
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0, timeout=120)
@@ -87,6 +89,8 @@ def _stream(server, prompt, read_at_most=None, seed=None):
             pieces.append(chunk.choices[0].delta.content or "")
             reason = chunk.choices[0].finish_reason or reason
         if read_at_most is not None and n + 1 >= read_at_most:
+            if before_close is not None:
+                before_close()
             stream.close()
             break
     return "".join(pieces), reason
@@ -128,8 +132,17 @@ def test_concurrent_streams_decode_together_with_their_solo_outputs(solo_outputs
     solo_outputs, solo_seeded = solo_outputs
     assert len(set(solo_outputs)) == len(PROMPTS)  # distinct outputs: nothing could pass by mixing rows
     server = ServerProcess(["--served-model-name", MODEL, "--max-batch", "4", "--prompt-cache-dir", "none"])
+
+    def all_four_joined(timeout=60):
+        # on a loaded machine the last request can reach the server late: the client that leaves
+        # early waits for it, so that the batch did hold all four streams at once
+        deadline = time.monotonic() + timeout
+        while server.health()["batch"]["largest"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     try:
-        fns = [lambda p=p, i=i: _stream(server, p, read_at_most=6 if i == CANCELLED else None)
+        fns = [lambda p=p, i=i: _stream(server, p, read_at_most=6 if i == CANCELLED else None,
+                                        before_close=all_four_joined if i == CANCELLED else None)
                for i, p in enumerate(PROMPTS)]
         outputs = _concurrently(fns)
         for i, (output, solo) in enumerate(zip(outputs, solo_outputs)):

@@ -303,14 +303,7 @@ class Engine:
         outcome = "completed"
         try:
             ids, options, processors = self._prepare(job, prompt_cache)
-            started = time.perf_counter()
-            self.prefill = {"done": 0, "total": len(ids), "started": started}
-
-            def progress(done, total):
-                self.prefill = {"done": done, "total": total, "started": started}
-                if job.cancelled.is_set() and self.stops_in_prefill:
-                    raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
-
+            progress = self._prefill_progress(job, len(ids), stops=self.stops_in_prefill)
             self._announce(ids, options, job.partition)
             steps = self.metrics.watch(self.model, stream_generate(
                 self.model, tokenizer, ids, prefill_step=self.prefill_step, prompt_cache=prompt_cache,
@@ -397,6 +390,22 @@ class Engine:
         held = sum(estimate_cache_bytes(self.model, len(run.ids) + run.max_tokens) for run in batch.runs)
         return held + estimate_run_bytes(self.model, n, self.prefill_step) <= self.kv_cache_limit
 
+    def _prefill_progress(self, job, n_tokens: int, *, stops: bool = True, between=None):
+        """The progress callback of ``job``'s prefill: it keeps the prefill figures /health shows,
+        ends the prefill between two chunks once the client has gone (with ``stops``) and calls
+        ``between()`` after each chunk."""
+        started = time.perf_counter()
+        self.prefill = {"done": 0, "total": n_tokens, "started": started}
+
+        def progress(done, total):
+            self.prefill = {"done": done, "total": total, "started": started}
+            if stops and job.cancelled.is_set():
+                raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
+            if between is not None:
+                between()
+
+        return progress
+
     def _admit(self, job, batch):
         """Prefill ``job`` (one decode step of ``batch`` between two of its chunks) and add it to the batch."""
         from ..generate import open_generation
@@ -412,16 +421,7 @@ class Engine:
             run = open_generation(self.model, self.tokenizer, ids, prefill_step=self.prefill_step,
                                   prompt_cache=prompt_cache, kv_cache_limit=self.kv_cache_limit,
                                   logits_processors=processors, **options)
-            started = time.perf_counter()
-            self.prefill = {"done": 0, "total": len(ids), "started": started}
-
-            def progress(done, total):
-                self.prefill = {"done": done, "total": total, "started": started}
-                if job.cancelled.is_set():
-                    raise _ClientGone  # stop between two prefill chunks, not after the whole prompt
-                if batch.runs:
-                    self._decode_step(batch)
-
+            progress = self._prefill_progress(job, len(ids), between=lambda: batch.runs and self._decode_step(batch))
             self._announce(ids, options, job.partition)
             self.metrics.begin(self.model)
             run.prefill(self.prefill_step, set(), progress)

@@ -60,3 +60,24 @@ def default_sigint():
     """``preexec_fn`` for a child that must get Ctrl-C: a shell that started the tests in the
     background sets SIGINT to ignored, and the child would inherit that."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def forced_drafts(continuation, prompt_len: int, vocab: int, rng):
+    """(adjust_drafts, rounds): replaces a drafter's proposals by the known greedy continuation or by
+    wrong tokens, the rounds cycling through: all accepted, none, all, a random number, none, a
+    random number (so consecutive rounds also alternate); ``rounds`` records how many were right."""
+    rounds = []
+
+    def adjust(tokens, drafts):
+        k = len(drafts)
+        pos = len(tokens) - prompt_len
+        right = (continuation[pos : pos + k] + [0] * k)[:k]
+        wrong = [(t + 1) % vocab for t in right]
+        kind = ("all", "none", "all", "random", "none", "random")[len(rounds) % 6]
+        n_right = {"all": k, "none": 0}.get(kind)
+        if n_right is None:
+            n_right = rng.randint(0, k)
+        rounds.append(n_right)
+        return right[:n_right] + wrong[n_right:]
+
+    return adjust, rounds

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from generate_support import forced_drafts
 from mlx_dsv4.config import ConfigError, ModelArgs
 from mlx_dsv4.generate import GenerationParameterError, check_draft
 from mlx_dsv4.loader import CheckpointError, load_model
@@ -95,23 +96,7 @@ def test_greedy_drafts_are_the_argmax_chain_through_the_markov_head(tiny):
 
 
 def _forced(continuation, rng):
-    """Replaces the drafter's proposals by the known greedy continuation or by wrong tokens, the
-    rounds cycling through: all accepted, none, all, a random number, none, a random number."""
-    rounds = []
-
-    def adjust(tokens, drafts):
-        k = len(drafts)
-        pos = len(tokens) - len(PROMPT)
-        right = (continuation[pos : pos + k] + [0] * k)[:k]
-        wrong = [(t + 1) % VOCAB for t in right]
-        kind = ("all", "none", "all", "random", "none", "random")[len(rounds) % 6]
-        n_right = {"all": k, "none": 0}.get(kind)
-        if n_right is None:
-            n_right = rng.randint(0, k)
-        rounds.append(n_right)
-        return right[:n_right] + wrong[n_right:]
-
-    return adjust, rounds
+    return forced_drafts(continuation, len(PROMPT), VOCAB, rng)
 
 
 def test_speculative_equals_plain_greedy_and_leaves_plain_caches(tiny):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from generate_support import forced_drafts
 from mlx_dsv4.layers import QuantizedSwitchLinear
 from mlx_dsv4.loader import CheckpointError, load_model, to_mlx_layout
 from mlx_dsv4.model import Block
@@ -112,24 +113,7 @@ def plain(tiny):
 
 
 def _forced(continuation, rng):
-    """Replaces the drafter's proposals by the known greedy continuation or by wrong tokens, the
-    rounds cycling through: all accepted, none, all, a random number, none, a random number
-    (so consecutive rounds also alternate)."""
-    rounds = []
-
-    def adjust(tokens, drafts):
-        k = len(drafts)
-        pos = len(tokens) - len(PROMPT)
-        right = (continuation[pos : pos + k] + [0] * k)[:k]
-        wrong = [(t + 1) % 1000 for t in right]
-        kind = ("all", "none", "all", "random", "none", "random")[len(rounds) % 6]
-        n_right = {"all": k, "none": 0}.get(kind)
-        if n_right is None:
-            n_right = rng.randint(0, k)
-        rounds.append(n_right)
-        return right[:n_right] + wrong[n_right:]
-
-    return adjust, rounds
+    return forced_drafts(continuation, len(PROMPT), 1000, rng)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

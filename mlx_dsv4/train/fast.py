@@ -29,11 +29,12 @@ def _entries(compressor, x: mx.array, rope, codec) -> Optional[mx.array]:
 
 
 def _window_scores(q: mx.array, kv: mx.array, window: int, scale: float):
-    """Scores of queries q [B, H, L, hd] against the keys of their sliding windows, blocked by
-    WINDOW_BLOCK queries: (scores [B, H, n, b, 2b] with -inf outside each window, keys [B, n, 2b, hd]).
+    """Scores of queries q [B, L, H, hd] against the keys of their sliding windows, blocked by
+    WINDOW_BLOCK queries: (scores [B, n, b, H, 2b] with -inf outside each window, keys [B, n, 2b, hd]).
 
-    Block i's keys are the rows of blocks i - 1 and i (zeros before the sequence, masked)."""
-    B, H, L, hd = q.shape
+    Block i's keys are the rows of blocks i - 1 and i (zeros before the sequence, masked). The heads
+    share one kv head, so each block is one [b * H, hd] x [hd, 2b] product."""
+    B, L, H, hd = q.shape
     b = WINDOW_BLOCK
     assert window <= b + 1, "a query's window must fit in its block and the one before"
     n = -(-L // b)
@@ -41,10 +42,10 @@ def _window_scores(q: mx.array, kv: mx.array, window: int, scale: float):
     rows = mx.concatenate([mx.zeros((B, b, hd), kv.dtype), kv, mx.zeros((B, pad, hd), kv.dtype)], axis=1)
     rows = rows.reshape(B, n + 1, b, hd)
     keys = mx.concatenate([rows[:, :-1], rows[:, 1:]], axis=2)  # [B, n, 2b, hd]
-    qb = mx.concatenate([q, mx.zeros((B, H, pad, hd), q.dtype)], axis=2).reshape(B, H, n, b, hd)
-    s = (qb @ keys[:, None].swapaxes(-1, -2)) * scale
-    q_pos = mx.arange(n * b).reshape(n, b, 1)
-    k_pos = (mx.arange(n)[:, None] * b + mx.arange(2 * b)[None, :] - b)[:, None, :]  # [n, 1, 2b]
+    qb = mx.concatenate([q, mx.zeros((B, pad, H, hd), q.dtype)], axis=1).reshape(B, n, b * H, hd)
+    s = ((qb @ keys.swapaxes(-1, -2)) * scale).reshape(B, n, b, H, 2 * b)
+    q_pos = mx.arange(n * b).reshape(n, b, 1, 1)
+    k_pos = (mx.arange(n)[:, None] * b + mx.arange(2 * b)[None, :] - b)[:, None, None, :]  # [n, 1, 1, 2b]
     delta = q_pos - k_pos
     visible = (delta >= 0) & (delta < window) & (k_pos >= 0)
     return mx.where(visible, s, -mx.inf), keys
@@ -73,11 +74,11 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
     weights "iw" (computed from inputs with their gradient stopped, so that the indexer's
     objective moves the indexer only), the entries "entries" and the indexer keys "keys"."""
     B, L, _ = x.shape
-    q_lora, q, kv = attn._project(x, 0)
-    q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
+    q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
+    H, hd = q.shape[2], q.shape[3]
     s_win, win = _window_scores(q, kv, attn.window, attn.scale)
-    H, n, b = q.shape[1], s_win.shape[2], s_win.shape[3]
-    parts = [s_win.reshape(B, H, n * b, -1)[:, :, :L]]
+    n, b = s_win.shape[1], s_win.shape[2]
+    parts = [s_win.reshape(B, n * b, H, -1)[:, :L]]
 
     entries = None
     if attn.ratio:
@@ -92,21 +93,20 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
             keys = _entries(indexer.compressor, x, attn.rope, index_codec)
             if record is not None:
                 iq, iw = indexer.queries(mx.stop_gradient(x), mx.stop_gradient(q_lora), attn.rope, 0, index_codec)
-                record.update(q=q.transpose(0, 2, 1, 3), iq=iq, iw=iw, entries=entries, keys=keys)
+                record.update(q=q, iq=iq, iw=iw, entries=entries, keys=keys)
             else:
                 iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
             visible = top_k_mask(mx.stop_gradient(index_scores(iq, iw, keys)), visible, indexer.topk)
-        s_ent = (q @ entries[:, None].swapaxes(-1, -2)) * attn.scale  # [B, H, L, T]
-        parts.append(mx.where(visible[:, None] if visible.ndim == 3 else visible, s_ent, -mx.inf))
-    sinks = mx.broadcast_to(attn.attn_sink.astype(mx.float32)[None, :, None, None], (B, H, L, 1))
-    probs = mx.softmax(mx.concatenate(parts + [sinks.astype(parts[0].dtype)], axis=-1), axis=-1,
-                       precise=True).astype(q.dtype)
+        s_ent = ((q.reshape(B, L * H, hd) @ entries.swapaxes(-1, -2)) * attn.scale).reshape(B, L, H, T)
+        parts.append(mx.where(mx.expand_dims(visible, -2), s_ent, -mx.inf))
+    sinks = mx.broadcast_to(attn.attn_sink.astype(parts[0].dtype)[:, None], (B, L, H, 1))
+    probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True).astype(q.dtype)
     n_win = parts[0].shape[-1]
-    p_win = mx.concatenate([probs[..., :n_win], mx.zeros((B, H, n * b - L, n_win), probs.dtype)], axis=2)
-    out = (p_win.reshape(B, H, n, b, n_win) @ win[:, None]).reshape(B, H, n * b, -1)[:, :, :L]
+    p_win = mx.concatenate([probs[..., :n_win], mx.zeros((B, n * b - L, H, n_win), probs.dtype)], axis=1)
+    out = (p_win.reshape(B, n, b * H, n_win) @ win).reshape(B, n * b, H, hd)[:, :L]
     if entries is not None:
-        out = out + probs[..., n_win:-1] @ entries[:, None]
-    return attn._output(out.transpose(0, 2, 1, 3), 0)
+        out = out + (probs[..., n_win:-1].reshape(B, L * H, -1) @ entries).reshape(B, L, H, hd)
+    return attn._output(out, 0)
 
 
 def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None) -> mx.array:

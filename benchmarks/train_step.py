@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
-from mlx_dsv4.train.trainer import Trainer, TrainOptions, head_cross_entropy, index_kl
+from mlx_dsv4.train.trainer import Trainer, TrainOptions, index_kl
 
 
 def timed(fn, *args, repeat: int = 2) -> float:
@@ -56,7 +56,7 @@ def breakdown(trainer: Trainer, batch: dict) -> None:
         mx.eval(h)
     feats = model.norm(h.mean(axis=2))
     main_pos, targets = batch["main_pos"], batch["main_targets"]
-    both("head cross-entropy", lambda f: head_cross_entropy(f[0, main_pos], model.head.weight, targets), feats)
+    both("head cross-entropy", lambda f: fast.head_cross_entropy(f[0, main_pos], model.head.weight, targets), feats)
     for name, (layer, r) in records.items():
         both(f"{name} indexer objective", lambda iq: index_kl(r["q"], r["entries"], r["keys"], iq, r["iw"],
                                                               batch["index_pos"], layer.attn.scale), r["iq"])

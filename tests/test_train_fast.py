@@ -85,14 +85,14 @@ def _fast_picks(trainer: Trainer, tokens: mx.array) -> dict:
     L = tokens.shape[1]
     for i, r in records.items():
         T = r["keys"].shape[1]
-        visible = mx.arange(T)[None, :] < ((mx.arange(L) + 1) // 4)[:, None]
+        visible = np.arange(T)[None, :] < ((np.arange(L) + 1) // 4)[:, None]
         scores = fast.index_scores(r["iq"], r["iw"], r["keys"])
         k = model.layers[i].attn.indexer.topk
         # The picks are defined only when the k-th and (k + 1)-th highest visible scores differ.
-        ordered = -np.sort(-np.where(np.array(visible), np.array(scores[0]), -np.inf), axis=-1)
-        crowded = np.array(visible).sum(axis=-1) > k
+        ordered = -np.sort(-np.where(visible, scores[0], -np.inf), axis=-1)
+        crowded = visible.sum(axis=-1) > k
         assert (ordered[crowded, k - 1] != ordered[crowded, k]).all(), "tied indexer scores at the top-k boundary"
-        picks[i] = np.array(fast.top_k_mask(scores, visible, k)[0])
+        picks[i] = fast.top_k_mask(scores, visible, k)[0]
     return picks
 
 

@@ -1,24 +1,25 @@
 """The training forward of a whole sequence from position 0, without caches.
 
-It computes what `Model.__call__` with a "float" cache computes, differently laid out for
-autograd on the CPU: each layer's attention is one masked product of every query against its
-window keys and the compressed entries, instead of query blocks over a ring buffer; a CSA
-layer's indexer scores every query against every entry at once under the causal visibility
-mask, takes one top-k, and turns the picks into a mask over the entries rather than gathering
-them per query. Per-token pieces (projections, mHC, MoE) are the modules' own.
+It computes what `Model.__call__` with a "float" cache computes, without what a cache costs
+under autograd: window keys are slices of the sequence's own rows (no ring buffer, no encoding),
+a CSA layer's indexer scores every query against every entry at once in numpy under the causal
+visibility mask and takes one top-k (no blocked merge, no evaluation inside the graph), and the
+vocabulary head's backward reuses its forward's probabilities. Per-token pieces (projections,
+mHC, MoE) and the attention products are the modules' own.
 """
 
 from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import CompressorState
 from ..hc import hc_head
 from ..kvcodec import IndexCodec, KVCodec
 from ..model import Block, Model
 
-WINDOW_BLOCK = 128  # queries per block of the banded window product
+QUERY_BLOCK = 128  # queries per attention block: each sees at most 2 blocks of window keys
 
 
 def _entries(compressor, x: mx.array, rope, codec) -> Optional[mx.array]:
@@ -28,43 +29,27 @@ def _entries(compressor, x: mx.array, rope, codec) -> Optional[mx.array]:
     return state.entries()
 
 
-def _window_scores(q: mx.array, kv: mx.array, window: int, scale: float):
-    """Scores of queries q [B, L, H, hd] against the keys of their sliding windows, blocked by
-    WINDOW_BLOCK queries: (scores [B, n, b, H, 2b] with -inf outside each window, keys [B, n, 2b, hd]).
-
-    Block i's keys are the rows of blocks i - 1 and i (zeros before the sequence, masked). The heads
-    share one kv head, so each block is one [b * H, hd] x [hd, 2b] product."""
-    B, L, H, hd = q.shape
-    b = WINDOW_BLOCK
-    assert window <= b + 1, "a query's window must fit in its block and the one before"
-    n = -(-L // b)
-    pad = n * b - L
-    rows = mx.concatenate([mx.zeros((B, b, hd), kv.dtype), kv, mx.zeros((B, pad, hd), kv.dtype)], axis=1)
-    rows = rows.reshape(B, n + 1, b, hd)
-    keys = mx.concatenate([rows[:, :-1], rows[:, 1:]], axis=2)  # [B, n, 2b, hd]
-    qb = mx.concatenate([q, mx.zeros((B, pad, H, hd), q.dtype)], axis=1).reshape(B, n, b * H, hd)
-    s = ((qb @ keys.swapaxes(-1, -2)) * scale).reshape(B, n, b, H, 2 * b)
-    q_pos = mx.arange(n * b).reshape(n, b, 1, 1)
-    k_pos = (mx.arange(n)[:, None] * b + mx.arange(2 * b)[None, :] - b)[:, None, None, :]  # [n, 1, 1, 2b]
-    delta = q_pos - k_pos
-    visible = (delta >= 0) & (delta < window) & (k_pos >= 0)
-    return mx.where(visible, s, -mx.inf), keys
+def index_scores(iq: mx.array, iw: mx.array, keys: mx.array) -> np.ndarray:
+    """The lightning indexer's scores [B, L, T] (numpy, no gradient): iq [B, L, H, d], iw [B, L, H],
+    keys [B, T, d]. Computed with numpy's BLAS: MLX's CPU matmul is several times slower here."""
+    s = np.matmul(np.array(iq), np.swapaxes(np.array(keys.astype(mx.float32)), -1, -2)[:, None])  # [B, L, H, T]
+    np.maximum(s, 0, out=s)
+    return np.matmul(np.array(iw)[:, :, None], s)[:, :, 0]
 
 
-def index_scores(iq: mx.array, iw: mx.array, keys: mx.array) -> mx.array:
-    """The lightning indexer's scores [B, L, T]: iq [B, L, H, d], iw [B, L, H], keys [B, T, d]."""
-    s = iq.transpose(0, 2, 1, 3) @ keys.astype(mx.float32)[:, None].swapaxes(-1, -2)  # [B, H, L, T]
-    return (nn.relu(s) * iw.transpose(0, 2, 1)[..., None]).sum(axis=1)
-
-
-def top_k_mask(scores: mx.array, visible: mx.array, k: int) -> mx.array:
-    """Boolean [B, L, T]: the k highest-scoring visible entries of each query (all of them when
-    fewer are visible)."""
-    masked = mx.where(visible, scores, -mx.inf)
+def top_k(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
+    """Indices [B, L, min(k, T)] of each query's k highest-scoring visible entries (scores
+    [B, L, T], visible [L, T]); where fewer are visible, all of them and invisible ones."""
+    masked = np.where(visible, scores, -np.inf)
     k = min(k, scores.shape[-1])
-    picks = mx.argpartition(-masked, k - 1, axis=-1)[..., :k]
-    chosen = mx.put_along_axis(mx.zeros(scores.shape, mx.bool_), picks, mx.array(True), axis=-1)
-    return mx.stop_gradient(chosen & visible)
+    return np.argpartition(-masked, k - 1, axis=-1)[..., :k]
+
+
+def top_k_mask(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
+    """Boolean [B, L, T]: the visible entries `top_k` picks."""
+    chosen = np.zeros(scores.shape, bool)
+    np.put_along_axis(chosen, top_k(scores, visible, k), True, axis=-1)
+    return chosen & visible
 
 
 def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
@@ -75,38 +60,45 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
     objective moves the indexer only), the entries "entries" and the indexer keys "keys"."""
     B, L, _ = x.shape
     q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
-    H, hd = q.shape[2], q.shape[3]
-    s_win, win = _window_scores(q, kv, attn.window, attn.scale)
-    n, b = s_win.shape[1], s_win.shape[2]
-    parts = [s_win.reshape(B, n * b, H, -1)[:, :L]]
-
-    entries = None
+    entries = picks = None
     if attn.ratio:
         kv_codec = KVCodec("float", attn.head_dim, attn.args.qk_rope_head_dim, x.dtype)
         entries = _entries(attn.compressor, x, attn.rope, kv_codec)
-    if entries is not None:
+    counts = (np.arange(L) + 1) // attn.ratio if attn.ratio else None  # entries each query sees
+    if entries is not None and attn.ratio == 4:
+        indexer = attn.indexer
+        index_codec = IndexCodec("float", indexer.head_dim, x.dtype)
+        keys = _entries(indexer.compressor, x, attn.rope, index_codec)
+        if record is not None:
+            iq, iw = indexer.queries(mx.stop_gradient(x), mx.stop_gradient(q_lora), attn.rope, 0, index_codec)
+            record.update(q=q, iq=iq, iw=iw, entries=entries, keys=keys)
+        else:
+            iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
         T = entries.shape[1]
-        visible = mx.arange(T)[None, :] < ((mx.arange(L) + 1) // attn.ratio)[:, None]  # [L, T]
-        if attn.ratio == 4:
-            indexer = attn.indexer
-            index_codec = IndexCodec("float", indexer.head_dim, x.dtype)
-            keys = _entries(indexer.compressor, x, attn.rope, index_codec)
-            if record is not None:
-                iq, iw = indexer.queries(mx.stop_gradient(x), mx.stop_gradient(q_lora), attn.rope, 0, index_codec)
-                record.update(q=q, iq=iq, iw=iw, entries=entries, keys=keys)
-            else:
-                iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
-            visible = top_k_mask(mx.stop_gradient(index_scores(iq, iw, keys)), visible, indexer.topk)
-        s_ent = ((q.reshape(B, L * H, hd) @ entries.swapaxes(-1, -2)) * attn.scale).reshape(B, L, H, T)
-        parts.append(mx.where(mx.expand_dims(visible, -2), s_ent, -mx.inf))
-    sinks = mx.broadcast_to(attn.attn_sink.astype(parts[0].dtype)[:, None], (B, L, H, 1))
-    probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True).astype(q.dtype)
-    n_win = parts[0].shape[-1]
-    p_win = mx.concatenate([probs[..., :n_win], mx.zeros((B, n * b - L, H, n_win), probs.dtype)], axis=1)
-    out = (p_win.reshape(B, n, b * H, n_win) @ win).reshape(B, n * b, H, hd)[:, :L]
-    if entries is not None:
-        out = out + (probs[..., n_win:-1].reshape(B, L * H, -1) @ entries).reshape(B, L, H, hd)
-    return attn._output(out, 0)
+        picks = top_k(index_scores(iq, iw, keys), np.arange(T)[None, :] < counts[:, None], indexer.topk)
+        valid = mx.array(picks < counts[:, None])
+        picks = mx.array(picks.astype(np.int32))
+
+    q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
+    sinks = attn.attn_sink.astype(mx.float32)
+    blocks = []
+    for q0 in range(0, L, QUERY_BLOCK):
+        q1 = min(L, q0 + QUERY_BLOCK)
+        k0 = max(0, q0 - attn.window + 1)
+        delta = np.arange(q0, q1)[:, None] - np.arange(k0, q1)[None, :]
+        mask = mx.array((delta >= 0) & (delta < attn.window))
+        win = kv[:, k0:q1]
+        if picks is not None:
+            picked = entries[mx.arange(B)[:, None, None], picks[:, q0:q1]]  # [B, Lq, k, hd]
+            blocks.append(attn._sparse(q[:, :, q0:q1], win, mask, picked, valid[:, q0:q1], sinks))
+            continue
+        if entries is not None:
+            win = mx.concatenate([win, entries], axis=1)
+            seen = mx.array(np.arange(entries.shape[1])[None, :] < counts[q0:q1, None])
+            mask = mx.concatenate([mask, seen], axis=1)
+        blocks.append(attn._sdpa(q[:, :, q0:q1], win, mask, sinks))
+    out = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
+    return attn._output(out.transpose(0, 2, 1, 3), 0)
 
 
 def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None) -> mx.array:
@@ -139,3 +131,50 @@ def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed) -> mx.arra
     h = block(mtp, h, next_tokens)
     x = hc_head(h, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
     return mtp.norm(x)
+
+
+# -- the vocabulary head ---------------------------------------------------------------------------
+
+# (feats, targets, probabilities) of the latest forwards, newest last, for their backward to reuse:
+# recomputing the [N, vocab] softmax costs as much as the rest of the head's backward.
+_saved_probs = []
+_SAVED_MAX = 4
+
+
+def _head_probs(w: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    p = feats @ w.T
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+@mx.custom_function
+def head_cross_entropy(feats, weight, targets):
+    """trainer.head_cross_entropy, keeping the forward's probabilities for the backward."""
+    f, t = np.array(feats), np.array(targets)
+    if not len(t):
+        return mx.array(0.0, dtype=mx.float32)
+    p = _head_probs(np.array(weight), f)
+    loss = -np.log(np.maximum(p[np.arange(len(t)), t], 1e-30)).mean()
+    _saved_probs.append((f, t, p))
+    del _saved_probs[:-_SAVED_MAX]
+    return mx.array(loss, dtype=mx.float32)
+
+
+@head_cross_entropy.vjp
+def _head_cross_entropy_vjp(primals, cotangent, output):
+    feats, weight, targets = primals
+    w, f, t = np.array(weight), np.array(feats), np.array(targets)
+    p = None
+    for i in range(len(_saved_probs) - 1, -1, -1):
+        saved_f, saved_t, saved_p = _saved_probs[i]
+        if saved_f.shape == f.shape and np.array_equal(saved_t, t) and np.array_equal(saved_f, f):
+            p = saved_p
+            del _saved_probs[i]
+            break
+    if p is None:
+        p = _head_probs(w, f) if len(t) else np.zeros((0, w.shape[0]), np.float32)
+    p[np.arange(len(t)), t] -= 1.0
+    p *= float(cotangent.item()) / max(1, len(t))
+    return mx.array(p @ w), mx.array((f.T @ p).T), mx.zeros_like(targets)

@@ -287,10 +287,10 @@ class Trainer:
         model, mtp = joint.model, joint.mtp.mtp[0]
         records = {}
         feats, hidden = fast.trunk(model, tokens, records)
-        main = head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
+        main = fast.head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
-        mtp_loss = head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
+        mtp_loss = fast.head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
         kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale)
                for i, r in records.items() if "iq" in r]
         index_loss = sum(kls) / len(kls) if kls else mx.array(0.0)

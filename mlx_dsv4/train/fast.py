@@ -8,6 +8,11 @@ vocabulary head's backward reuses its forward's probabilities. Per-token pieces 
 mHC, MoE) and the attention products are the modules' own.
 """
 
+import contextlib
+import ctypes
+import functools
+import glob
+import os
 from typing import Dict, Optional
 
 import mlx.core as mx
@@ -18,6 +23,41 @@ from ..cache import CompressorState
 from ..hc import hc_head
 from ..kvcodec import IndexCodec, KVCodec
 from ..model import Block, Model
+
+@functools.lru_cache(maxsize=None)
+def _openblas_threads():
+    """(get, set) of the thread count of numpy's bundled OpenBLAS, or None when not found."""
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    return get, put
+    return None
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's BLAS on one thread within the block. With the cores busy (a training run shares
+    them), OpenBLAS threads waiting on each other made single products of the head 100x slower
+    (2.5 s instead of 0.004 s for [2, 129280] x [129280, 64]), at random."""
+    threads = _openblas_threads()
+    if threads is None:
+        yield
+        return
+    get, put = threads
+    before = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(before)
+
 
 QUERY_BLOCK = 128  # queries per attention block: each sees at most 2 blocks of window keys
 
@@ -32,9 +72,11 @@ def _entries(compressor, x: mx.array, rope, codec) -> Optional[mx.array]:
 def index_scores(iq: mx.array, iw: mx.array, keys: mx.array) -> np.ndarray:
     """The lightning indexer's scores [B, L, T] (numpy, no gradient): iq [B, L, H, d], iw [B, L, H],
     keys [B, T, d]. Computed with numpy's BLAS: MLX's CPU matmul is several times slower here."""
-    s = np.matmul(np.array(iq), np.swapaxes(np.array(keys.astype(mx.float32)), -1, -2)[:, None])  # [B, L, H, T]
-    np.maximum(s, 0, out=s)
-    return np.matmul(np.array(iw)[:, :, None], s)[:, :, 0]
+    iq, iw, keys = np.array(iq), np.array(iw), np.array(keys.astype(mx.float32))
+    with one_blas_thread():
+        s = np.matmul(iq, np.swapaxes(keys, -1, -2)[:, None])  # [B, L, H, T]
+        np.maximum(s, 0, out=s)
+        return np.matmul(iw[:, :, None], s)[:, :, 0]
 
 
 def top_k(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
@@ -155,7 +197,8 @@ def head_cross_entropy(feats, weight, targets):
     f, t = np.array(feats), np.array(targets)
     if not len(t):
         return mx.array(0.0, dtype=mx.float32)
-    p = _head_probs(np.array(weight), f)
+    with one_blas_thread():
+        p = _head_probs(np.array(weight), f)
     loss = -np.log(np.maximum(p[np.arange(len(t)), t], 1e-30)).mean()
     _saved_probs.append((f, t, p))
     del _saved_probs[:-_SAVED_MAX]
@@ -173,8 +216,9 @@ def _head_cross_entropy_vjp(primals, cotangent, output):
             p = saved_p
             del _saved_probs[i]
             break
-    if p is None:
-        p = _head_probs(w, f) if len(t) else np.zeros((0, w.shape[0]), np.float32)
-    p[np.arange(len(t)), t] -= 1.0
-    p *= float(cotangent.item()) / max(1, len(t))
-    return mx.array(p @ w), mx.array((f.T @ p).T), mx.zeros_like(targets)
+    with one_blas_thread():
+        if p is None:
+            p = _head_probs(w, f) if len(t) else np.zeros((0, w.shape[0]), np.float32)
+        p[np.arange(len(t)), t] -= 1.0
+        p *= float(cotangent.item()) / max(1, len(t))
+        return mx.array(p @ w), mx.array((f.T @ p).T), mx.zeros_like(targets)

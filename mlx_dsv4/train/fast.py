@@ -62,6 +62,59 @@ def one_blas_thread():
 QUERY_BLOCK = 128  # queries per attention block: each sees at most 2 blocks of window keys
 
 
+# MLX's CPU backend runs these float32 products several times slower than numpy's BLAS on one
+# thread: the attention's score and value products go through numpy, joined by a custom VJP.
+@mx.custom_function
+def matmul(a, b):
+    """a @ b for a [..., m, k] and b [..., k, n] with the same leading dimensions."""
+    a, b = np.array(a), np.array(b)
+    with one_blas_thread():
+        return mx.array(np.matmul(a, b))
+
+
+@matmul.vjp
+def _matmul_vjp(primals, cotangent, output):
+    a, b = (np.array(x) for x in primals)
+    g = np.array(cotangent)
+    with one_blas_thread():
+        return mx.array(np.matmul(g, np.swapaxes(b, -1, -2))), mx.array(np.matmul(np.swapaxes(a, -1, -2), g))
+
+
+def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_entries) -> mx.array:
+    """Attention [B, L, H, hd] of q [B, L, H, hd] over each query's window of kv [B, L, hd] and the
+    entries [B, T, hd] it attends to (seen_entries: boolean [B or 1, L, T]), with the sink.
+
+    Queries go in blocks of QUERY_BLOCK; block i's keys are the rows of blocks i - 1 and i (zeros
+    before the sequence, masked). The heads share one kv head, so each block's scores are one
+    [b * H, hd] x [hd, 2b] product."""
+    B, L, H, hd = q.shape
+    b = QUERY_BLOCK
+    n = -(-L // b)
+    pad = n * b - L
+    rows = mx.concatenate([mx.zeros((B, b, hd), kv.dtype), kv, mx.zeros((B, pad, hd), kv.dtype)], axis=1)
+    rows = rows.reshape(B, n + 1, b, hd)
+    win = mx.concatenate([rows[:, :-1], rows[:, 1:]], axis=2)  # [B, n, 2b, hd]
+    qb = mx.concatenate([q, mx.zeros((B, pad, H, hd), q.dtype)], axis=1).reshape(B, n, b * H, hd)
+    s = (matmul(qb, mx.contiguous(win.swapaxes(-1, -2))) * attn.scale).reshape(B, n * b, H, 2 * b)[:, :L]
+    q_pos = np.arange(n * b).reshape(n, b, 1)
+    k_pos = np.arange(n)[:, None, None] * b + np.arange(2 * b)[None, None, :] - b
+    delta = q_pos - k_pos
+    seen = ((delta >= 0) & (delta < attn.window) & (k_pos >= 0)).reshape(n * b, 1, 2 * b)[:L]
+    parts = [mx.where(mx.array(seen), s, -mx.inf)]
+    if entries is not None:
+        T = entries.shape[1]
+        s_ent = (matmul(q.reshape(B, L * H, hd), mx.contiguous(entries.swapaxes(-1, -2))) * attn.scale)
+        visible = mx.array(seen_entries[:, :, None, :])
+        parts.append(mx.where(visible, s_ent.reshape(B, L, H, T), -mx.inf))
+    sinks = mx.broadcast_to(attn.attn_sink.astype(parts[0].dtype)[:, None], (B, L, H, 1))
+    probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True).astype(q.dtype)
+    p_win = mx.concatenate([probs[..., : 2 * b], mx.zeros((B, pad, H, 2 * b), probs.dtype)], axis=1)
+    out = matmul(p_win.reshape(B, n, b * H, 2 * b), win).reshape(B, n * b, H, hd)[:, :L]
+    if entries is not None:
+        out = out + matmul(mx.contiguous(probs[..., 2 * b : -1]).reshape(B, L * H, -1), entries).reshape(B, L, H, hd)
+    return out
+
+
 def _entries(compressor, x: mx.array, rope, codec) -> Optional[mx.array]:
     """The compressed entries [B, T, d] of x [B, L, D] read from position 0 (None when L < ratio)."""
     state = CompressorState(codec)
@@ -117,10 +170,17 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
         else:
             iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
         T = entries.shape[1]
-        picks = top_k(index_scores(iq, iw, keys), np.arange(T)[None, :] < counts[:, None], indexer.topk)
+        visible = np.arange(T)[None, :] < counts[:, None]
+        if attn.window <= QUERY_BLOCK + 1:
+            chosen = top_k_mask(index_scores(iq, iw, keys), visible, indexer.topk)
+            return attn._output(_banded(attn, q, kv, entries, chosen), 0)
+        picks = top_k(index_scores(iq, iw, keys), visible, indexer.topk)
         valid = mx.array(picks < counts[:, None])
         picks = mx.array(picks.astype(np.int32))
 
+    if picks is None and attn.window <= QUERY_BLOCK + 1:
+        seen = None if entries is None else (np.arange(entries.shape[1])[None, :] < counts[:, None])[None]
+        return attn._output(_banded(attn, q, kv, entries, seen), 0)
     q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
     sinks = attn.attn_sink.astype(mx.float32)
     blocks = []

@@ -1,11 +1,12 @@
 """The training forward of a whole sequence from position 0, without caches.
 
-It computes what `Model.__call__` with a "float" cache computes, without what a cache costs
-under autograd: window keys are slices of the sequence's own rows (no ring buffer, no encoding),
-a CSA layer's indexer scores every query against every entry at once in numpy under the causal
-visibility mask and takes one top-k (no blocked merge, no evaluation inside the graph), and the
-vocabulary head's backward reuses its forward's probabilities. Per-token pieces (projections,
-mHC, MoE) and the attention products are the modules' own.
+It computes what `Model.__call__` with a "float" cache computes, laid out for autograd on the
+CPU: no ring buffer or encoding (window keys are the sequence's own rows); each layer's
+attention is one softmax over banded window scores, the compressed entries it sees and the
+sink, its products in numpy; a CSA layer's indexer scores every query against every entry at
+once in numpy under the causal visibility mask and takes one top-k, a mask over the entries
+(no blocked merge, no evaluation inside the graph); the vocabulary head's backward reuses its
+forward's probabilities. Per-token pieces (projections, mHC, MoE) are the modules' own.
 """
 
 import contextlib
@@ -59,7 +60,7 @@ def one_blas_thread():
         put(before)
 
 
-QUERY_BLOCK = 128  # queries per attention block: each sees at most 2 blocks of window keys
+QUERY_BLOCK = 128  # queries per attention block (more when the window is longer)
 
 
 # MLX's CPU backend runs these float32 products several times slower than numpy's BLAS on one
@@ -84,11 +85,12 @@ def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_e
     """Attention [B, L, H, hd] of q [B, L, H, hd] over each query's window of kv [B, L, hd] and the
     entries [B, T, hd] it attends to (seen_entries: boolean [B or 1, L, T]), with the sink.
 
-    Queries go in blocks of QUERY_BLOCK; block i's keys are the rows of blocks i - 1 and i (zeros
+    Queries go in blocks of b = QUERY_BLOCK (or window - 1 when longer); block i's keys are the rows of blocks i - 1 and i (zeros
     before the sequence, masked). The heads share one kv head, so each block's scores are one
-    [b * H, hd] x [hd, 2b] product."""
+    [b * H, hd] x [hd, 2b] product. Each CSA query's top-k picks are a mask over all entries,
+    which costs less here than gathering them per query."""
     B, L, H, hd = q.shape
-    b = QUERY_BLOCK
+    b = max(QUERY_BLOCK, attn.window - 1)
     n = -(-L // b)
     pad = n * b - L
     rows = mx.concatenate([mx.zeros((B, b, hd), kv.dtype), kv, mx.zeros((B, pad, hd), kv.dtype)], axis=1)
@@ -134,7 +136,8 @@ def index_scores(iq: mx.array, iw: mx.array, keys: mx.array) -> np.ndarray:
 
 def top_k(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
     """Indices [B, L, min(k, T)] of each query's k highest-scoring visible entries (scores
-    [B, L, T], visible [L, T]); where fewer are visible, all of them and invisible ones."""
+    [B, L, T], visible boolean broadcasting to it); where fewer are visible, all of them and
+    invisible ones."""
     masked = np.where(visible, scores, -np.inf)
     k = min(k, scores.shape[-1])
     return np.argpartition(-masked, k - 1, axis=-1)[..., :k]
@@ -155,11 +158,13 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
     objective moves the indexer only), the entries "entries" and the indexer keys "keys"."""
     B, L, _ = x.shape
     q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
-    entries = picks = None
+    entries = seen = None
     if attn.ratio:
         kv_codec = KVCodec("float", attn.head_dim, attn.args.qk_rope_head_dim, x.dtype)
         entries = _entries(attn.compressor, x, attn.rope, kv_codec)
-    counts = (np.arange(L) + 1) // attn.ratio if attn.ratio else None  # entries each query sees
+    if entries is not None:
+        T = entries.shape[1]
+        seen = (np.arange(T)[None, :] < ((np.arange(L) + 1) // attn.ratio)[:, None])[None]  # [1, L, T]
     if entries is not None and attn.ratio == 4:
         indexer = attn.indexer
         index_codec = IndexCodec("float", indexer.head_dim, x.dtype)
@@ -169,38 +174,8 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
             record.update(q=q, iq=iq, iw=iw, entries=entries, keys=keys)
         else:
             iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
-        T = entries.shape[1]
-        visible = np.arange(T)[None, :] < counts[:, None]
-        if attn.window <= QUERY_BLOCK + 1:
-            chosen = top_k_mask(index_scores(iq, iw, keys), visible, indexer.topk)
-            return attn._output(_banded(attn, q, kv, entries, chosen), 0)
-        picks = top_k(index_scores(iq, iw, keys), visible, indexer.topk)
-        valid = mx.array(picks < counts[:, None])
-        picks = mx.array(picks.astype(np.int32))
-
-    if picks is None and attn.window <= QUERY_BLOCK + 1:
-        seen = None if entries is None else (np.arange(entries.shape[1])[None, :] < counts[:, None])[None]
-        return attn._output(_banded(attn, q, kv, entries, seen), 0)
-    q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
-    sinks = attn.attn_sink.astype(mx.float32)
-    blocks = []
-    for q0 in range(0, L, QUERY_BLOCK):
-        q1 = min(L, q0 + QUERY_BLOCK)
-        k0 = max(0, q0 - attn.window + 1)
-        delta = np.arange(q0, q1)[:, None] - np.arange(k0, q1)[None, :]
-        mask = mx.array((delta >= 0) & (delta < attn.window))
-        win = kv[:, k0:q1]
-        if picks is not None:
-            picked = entries[mx.arange(B)[:, None, None], picks[:, q0:q1]]  # [B, Lq, k, hd]
-            blocks.append(attn._sparse(q[:, :, q0:q1], win, mask, picked, valid[:, q0:q1], sinks))
-            continue
-        if entries is not None:
-            win = mx.concatenate([win, entries], axis=1)
-            seen = mx.array(np.arange(entries.shape[1])[None, :] < counts[q0:q1, None])
-            mask = mx.concatenate([mask, seen], axis=1)
-        blocks.append(attn._sdpa(q[:, :, q0:q1], win, mask, sinks))
-    out = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
-    return attn._output(out.transpose(0, 2, 1, 3), 0)
+        seen = top_k_mask(index_scores(iq, iw, keys), seen, indexer.topk)
+    return attn._output(_banded(attn, q, kv, entries, seen), 0)
 
 
 def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None) -> mx.array:

@@ -215,7 +215,7 @@ def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed) -> mx.arra
 # (feats, targets, probabilities) of the latest forwards, newest last, for their backward to reuse:
 # recomputing the [N, vocab] softmax costs as much as the rest of the head's backward.
 _saved_probs = []
-_SAVED_MAX = 4
+_SAVED_MAX = 2  # a step's two heads (main, MTP); a forward without backward leaves no more
 
 
 def _head_probs(w: np.ndarray, feats: np.ndarray) -> np.ndarray:

@@ -11,6 +11,10 @@ Objectives:
 The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
 positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
 CPU matmul is several times slower for this shape), joined to the MLX graph by a custom VJP.
+
+`Trainer` computes a step through `fast` (the whole sequence from position 0, without caches);
+`Trainer(reference=True)` through the inference modules and their caches (`trunk` here), which
+the training path must agree with.
 """
 
 import json

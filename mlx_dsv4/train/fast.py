@@ -9,15 +9,9 @@ once in numpy under the causal visibility mask and takes one top-k, a mask over 
 forward's probabilities. Per-token pieces (projections, mHC, MoE) are the modules' own.
 """
 
-import contextlib
-import ctypes
-import functools
-import glob
-import os
 from typing import Dict, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..cache import CompressorState
@@ -25,39 +19,14 @@ from ..hc import hc_head
 from ..kvcodec import IndexCodec, KVCodec
 from ..model import Block, Model
 
-@functools.lru_cache(maxsize=None)
-def _openblas_threads():
-    """(get, set) of the thread count of numpy's bundled OpenBLAS, or None when not found."""
-    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    return get, put
-    return None
 
-
-@contextlib.contextmanager
 def one_blas_thread():
     """numpy's BLAS on one thread within the block. With the cores busy (a training run shares
     them), OpenBLAS threads waiting on each other made single products of the head 100x slower
     (2.5 s instead of 0.004 s for [2, 129280] x [129280, 64]), at random."""
-    threads = _openblas_threads()
-    if threads is None:
-        yield
-        return
-    get, put = threads
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
 
 
 QUERY_BLOCK = 128  # queries per attention block (more when the window is longer)

@@ -11,6 +11,10 @@ Objectives:
 The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
 positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
 CPU matmul is several times slower for this shape), joined to the MLX graph by a custom VJP.
+
+`Trainer` computes a step through `fast` (the whole sequence from position 0, without caches);
+`Trainer(reference=True)` through the inference modules and their caches (`trunk` here), which
+the training path must agree with.
 """
 
 import json
@@ -31,6 +35,7 @@ from ..loader import _MTPLayers, to_mlx_layout
 from ..model import Block, Model
 from ..spec import official_tensors, official_to_mlx
 from ..tiny import PRESETS, tiny_config, tiny_weights
+from . import fast
 from .data import TaskGenerator
 
 
@@ -147,29 +152,34 @@ def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed, cache) -> 
 def indexer_kl(model: Model, recorder: Recorder, cache, positions: np.ndarray) -> mx.array:
     """Mean KL(main attention over compressed entries || indexer) at query `positions`, over CSA layers."""
     losses = []
-    pos = mx.array(positions)
     for i, rec in recorder.records.items():
         layer_cache = cache.layers[i]
         if not layer_cache.compressor.n_entries or "iq" not in rec:
             continue
-        attn = model.layers[i].attn
-        entries = layer_cache.compressor.entries()  # [B, T, hd]
-        keys = layer_cache.indexer.entries().astype(mx.float32)  # [B, T, d]
-        T = entries.shape[1]
-        visible = mx.arange(T)[None, :] < ((pos + 1) // 4)[:, None]  # [P, T]
-        q = rec["q"][:, pos].transpose(0, 2, 1, 3)  # [B, H, P, hd]
-        s = (q @ entries[:, None].swapaxes(-1, -2)) * attn.scale
-        s = mx.where(visible, s, -mx.inf)
-        target = mx.stop_gradient(mx.softmax(s, axis=-1, precise=True).mean(axis=1))  # [B, P, T]
-        iq = rec["iq"][:, pos]  # [B, P, H, d]
-        iw = rec["iw"][:, pos]  # [B, P, H]
-        scores = (nn.relu(iq @ keys[:, None].swapaxes(-1, -2)) * iw[..., None]).sum(axis=2)  # [B, P, T]
-        masked = mx.where(visible, scores, -mx.inf)
-        log_q = masked - mx.logsumexp(masked, axis=-1, keepdims=True)
-        kl = mx.where(visible & (target > 0), target * (mx.log(mx.maximum(target, 1e-30)) - log_q), 0.0)
-        losses.append(kl.sum(axis=-1).mean())
+        losses.append(index_kl(rec["q"], layer_cache.compressor.entries(), layer_cache.indexer.entries(),
+                               rec["iq"], rec["iw"], positions, model.layers[i].attn.scale))
     recorder.records.clear()
     return sum(losses) / len(losses) if losses else mx.array(0.0)
+
+
+def index_kl(q, entries, keys, iq, iw, positions: np.ndarray, scale: float) -> mx.array:
+    """One CSA layer's KL at query `positions`: attention queries q [B, L, H, hd], entries [B, T, hd],
+    indexer keys [B, T, d], indexer queries iq [B, L, H, d] and head weights iw [B, L, H]."""
+    pos = mx.array(positions)
+    keys = keys.astype(mx.float32)
+    T = entries.shape[1]
+    visible = mx.arange(T)[None, :] < ((pos + 1) // 4)[:, None]  # [P, T]
+    q = q[:, pos].transpose(0, 2, 1, 3)  # [B, H, P, hd]
+    s = (q @ entries[:, None].swapaxes(-1, -2)) * scale
+    s = mx.where(visible, s, -mx.inf)
+    target = mx.stop_gradient(mx.softmax(s, axis=-1, precise=True).mean(axis=1))  # [B, P, T]
+    iq = iq[:, pos]  # [B, P, H, d]
+    iw = iw[:, pos]  # [B, P, H]
+    scores = (nn.relu(iq @ keys[:, None].swapaxes(-1, -2)) * iw[..., None]).sum(axis=2)  # [B, P, T]
+    masked = mx.where(visible, scores, -mx.inf)
+    log_q = masked - mx.logsumexp(masked, axis=-1, keepdims=True)
+    kl = mx.where(visible & (target > 0), target * (mx.log(mx.maximum(target, 1e-30)) - log_q), 0.0)
+    return kl.sum(axis=-1).mean()
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -234,7 +244,10 @@ def init_model(cfg: dict, seed: int):
 
 
 class Trainer:
-    def __init__(self, tokenizer, options: TrainOptions):
+    """reference=True computes the objectives through the inference modules and their caches
+    (`trunk`), the slow path the fast one (`fast.trunk`, the default) is checked against."""
+
+    def __init__(self, tokenizer, options: TrainOptions, reference: bool = False):
         self.options = options
         self.cfg = trained_config(options.preset)
         mx.random.seed(options.seed)
@@ -244,7 +257,7 @@ class Trainer:
         self.rng = np.random.default_rng(options.seed)
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         self.step = 0
-        self._grad = nn.value_and_grad(self._joint, self._loss)
+        self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
     def _lr(self, step):
         o = self.options
@@ -270,6 +283,21 @@ class Trainer:
         mtp_feats = mtp_features(mtp, hidden, next_tokens, model.embed, mtp_cache)
         mtp_loss = head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
+        o = self.options
+        total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
+        return total, (main, mtp_loss, index_loss)
+
+    def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos):
+        model, mtp = joint.model, joint.mtp.mtp[0]
+        records = {}
+        feats, hidden = fast.trunk(model, tokens, records)
+        main = fast.head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
+        next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
+        mtp_loss = fast.head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
+        kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale)
+               for i, r in records.items() if "iq" in r]
+        index_loss = sum(kls) / len(kls) if kls else mx.array(0.0)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
         return total, (main, mtp_loss, index_loss)

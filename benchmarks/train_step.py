@@ -1,0 +1,90 @@
+"""Seconds per training step of the tiny V4 (value_and_grad + AdamW update), the cache path
+(`Trainer(reference=True)`) and the training path side by side on the same batches in one process.
+
+    python benchmarks/train_step.py [--steps 3] [--breakdown]
+
+--breakdown also times, on the first batch, each component's forward and forward + backward
+(gradient of the sum of its output) in the training path: per layer the mHC split, attention
+and MoE, then the vocabulary head and the indexer objective.
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_dsv4.tokenizer import load_tokenizer
+from mlx_dsv4.train import fast
+from mlx_dsv4.train.trainer import Trainer, TrainOptions, index_kl
+
+
+def timed(fn, *args, repeat: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        mx.eval(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def breakdown(trainer: Trainer, batch: dict) -> None:
+    model = trainer.model
+    a = model.args
+    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    tokens = batch["tokens"]
+    x = model.embed(tokens)
+    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    rows = []
+
+    def both(name, fn, *args):
+        grad = mx.grad(lambda *xs: fn(*xs).sum(), argnums=tuple(range(len(args))))
+        rows.append((name, timed(fn, *args), timed(grad, *args)))
+
+    layers = [(f"layer {i}", layer) for i, layer in enumerate(model.layers)]
+    records = {}
+    for name, layer in layers:
+        both(f"{name} mHC split", lambda h: layer._attn_input(h, opts)[0], h)
+        xa, post, comb = layer._attn_input(h, opts)
+        record = {} if layer.attn.ratio == 4 else None
+        both(f"{name} attention (ratio {layer.attn.ratio})", lambda xa: fast.attention(layer.attn, xa), xa)
+        out = fast.attention(layer.attn, xa, record)
+        if record:
+            records[name] = (layer, record)
+        both(f"{name} MoE", lambda xf: layer.ffn(xf, tokens), layer.ffn_norm(xa))
+        h = layer._ffn(out, h, post, comb, tokens, opts)
+        mx.eval(h)
+    feats = model.norm(h.mean(axis=2))
+    main_pos, targets = batch["main_pos"], batch["main_targets"]
+    both("head cross-entropy", lambda f: fast.head_cross_entropy(f[0, main_pos], model.head.weight, targets), feats)
+    for name, (layer, r) in records.items():
+        both(f"{name} indexer objective", lambda iq: index_kl(r["q"], r["entries"], r["keys"], iq, r["iw"],
+                                                              batch["index_pos"], layer.attn.scale), r["iq"])
+    print(f"{'component':44s} {'forward s':>10s} {'fwd+bwd s':>10s}")
+    for name, f, fb in rows:
+        print(f"{name:44s} {f:10.4f} {fb:10.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(seed=0)
+    reference, trainer = Trainer(tokenizer, options, reference=True), Trainer(tokenizer, options)
+    if args.breakdown:
+        batch, _ = Trainer(tokenizer, options).batch()
+        breakdown(trainer, batch)
+    ratios = []
+    for _ in range(args.steps):
+        old, new = reference.train_step(), trainer.train_step()
+        ratios.append(old["seconds"] / new["seconds"])
+        print(f"step {new['step']}: {new['tokens']} tokens; cache path {old['seconds']:.3f} s loss {old['loss']:.5f}; "
+              f"training path {new['seconds']:.3f} s loss {new['loss']:.5f}; ratio {ratios[-1]:.2f}")
+    print(f"speed-up (cache path / training path seconds per step): {sum(ratios) / len(ratios):.2f} "
+          f"(per step {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The training forward of a whole sequence from position 0, without caches.
+
+It computes what `Model.__call__` with a "float" cache computes, laid out for autograd on the
+CPU: no ring buffer or encoding (window keys are the sequence's own rows); each layer's
+attention is one softmax over banded window scores, the compressed entries it sees and the
+sink, its products in numpy; a CSA layer's indexer scores every query against every entry at
+once in numpy under the causal visibility mask and takes one top-k, a mask over the entries
+(no blocked merge, no evaluation inside the graph); the vocabulary head's backward reuses its
+forward's probabilities. Per-token pieces (projections, mHC, MoE) are the modules' own.
+"""
+
+from typing import Dict, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache import CompressorState
+from ..hc import hc_head
+from ..kvcodec import IndexCodec, KVCodec
+from ..model import Block, Model
+
+
+def one_blas_thread():
+    """numpy's BLAS on one thread within the block. With the cores busy (a training run shares
+    them), OpenBLAS threads waiting on each other made single products of the head 100x slower
+    (2.5 s instead of 0.004 s for [2, 129280] x [129280, 64]), at random."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
+QUERY_BLOCK = 128  # queries per attention block (more when the window is longer)
+
+
+# MLX's CPU backend runs these float32 products several times slower than numpy's BLAS on one
+# thread: the attention's score and value products go through numpy, joined by a custom VJP.
+@mx.custom_function
+def matmul(a, b):
+    """a @ b for a [..., m, k] and b [..., k, n] with the same leading dimensions."""
+    a, b = np.array(a), np.array(b)
+    with one_blas_thread():
+        return mx.array(np.matmul(a, b))
+
+
+@matmul.vjp
+def _matmul_vjp(primals, cotangent, output):
+    a, b = (np.array(x) for x in primals)
+    g = np.array(cotangent)
+    with one_blas_thread():
+        return mx.array(np.matmul(g, np.swapaxes(b, -1, -2))), mx.array(np.matmul(np.swapaxes(a, -1, -2), g))
+
+
+def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_entries) -> mx.array:
+    """Attention [B, L, H, hd] of q [B, L, H, hd] over each query's window of kv [B, L, hd] and the
+    entries [B, T, hd] it attends to (seen_entries: boolean [B or 1, L, T]), with the sink.
+
+    Queries go in blocks of b = QUERY_BLOCK (or window - 1 when longer); block i's keys are the rows of blocks i - 1 and i (zeros
+    before the sequence, masked). The heads share one kv head, so each block's scores are one
+    [b * H, hd] x [hd, 2b] product. Each CSA query's top-k picks are a mask over all entries,
+    which costs less here than gathering them per query."""
+    B, L, H, hd = q.shape
+    b = max(QUERY_BLOCK, attn.window - 1)
+    n = -(-L // b)
+    pad = n * b - L
+    rows = mx.concatenate([mx.zeros((B, b, hd), kv.dtype), kv, mx.zeros((B, pad, hd), kv.dtype)], axis=1)
+    rows = rows.reshape(B, n + 1, b, hd)
+    win = mx.concatenate([rows[:, :-1], rows[:, 1:]], axis=2)  # [B, n, 2b, hd]
+    qb = mx.concatenate([q, mx.zeros((B, pad, H, hd), q.dtype)], axis=1).reshape(B, n, b * H, hd)
+    s = (matmul(qb, mx.contiguous(win.swapaxes(-1, -2))) * attn.scale).reshape(B, n * b, H, 2 * b)[:, :L]
+    q_pos = np.arange(n * b).reshape(n, b, 1)
+    k_pos = np.arange(n)[:, None, None] * b + np.arange(2 * b)[None, None, :] - b
+    delta = q_pos - k_pos
+    seen = ((delta >= 0) & (delta < attn.window) & (k_pos >= 0)).reshape(n * b, 1, 2 * b)[:L]
+    parts = [mx.where(mx.array(seen), s, -mx.inf)]
+    if entries is not None:
+        T = entries.shape[1]
+        s_ent = (matmul(q.reshape(B, L * H, hd), mx.contiguous(entries.swapaxes(-1, -2))) * attn.scale)
+        visible = mx.array(seen_entries[:, :, None, :])
+        parts.append(mx.where(visible, s_ent.reshape(B, L, H, T), -mx.inf))
+    sinks = mx.broadcast_to(attn.attn_sink.astype(parts[0].dtype)[:, None], (B, L, H, 1))
+    probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True).astype(q.dtype)
+    p_win = mx.concatenate([probs[..., : 2 * b], mx.zeros((B, pad, H, 2 * b), probs.dtype)], axis=1)
+    out = matmul(p_win.reshape(B, n, b * H, 2 * b), win).reshape(B, n * b, H, hd)[:, :L]
+    if entries is not None:
+        out = out + matmul(mx.contiguous(probs[..., 2 * b : -1]).reshape(B, L * H, -1), entries).reshape(B, L, H, hd)
+    return out
+
+
+def _entries(compressor, x: mx.array, rope, codec) -> Optional[mx.array]:
+    """The compressed entries [B, T, d] of x [B, L, D] read from position 0 (None when L < ratio)."""
+    state = CompressorState(codec)
+    compressor(x, state, rope)
+    return state.entries()
+
+
+def index_scores(iq: mx.array, iw: mx.array, keys: mx.array) -> np.ndarray:
+    """The lightning indexer's scores [B, L, T] (numpy, no gradient): iq [B, L, H, d], iw [B, L, H],
+    keys [B, T, d]. Computed with numpy's BLAS: MLX's CPU matmul is several times slower here."""
+    iq, iw, keys = np.array(iq), np.array(iw), np.array(keys.astype(mx.float32))
+    with one_blas_thread():
+        s = np.matmul(iq, np.swapaxes(keys, -1, -2)[:, None])  # [B, L, H, T]
+        np.maximum(s, 0, out=s)
+        return np.matmul(iw[:, :, None], s)[:, :, 0]
+
+
+def top_k(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
+    """Indices [B, L, min(k, T)] of each query's k highest-scoring visible entries (scores
+    [B, L, T], visible boolean broadcasting to it); where fewer are visible, all of them and
+    invisible ones."""
+    masked = np.where(visible, scores, -np.inf)
+    k = min(k, scores.shape[-1])
+    return np.argpartition(-masked, k - 1, axis=-1)[..., :k]
+
+
+def top_k_mask(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
+    """Boolean [B, L, T]: the visible entries `top_k` picks."""
+    chosen = np.zeros(scores.shape, bool)
+    np.put_along_axis(chosen, top_k(scores, visible, k), True, axis=-1)
+    return chosen & visible
+
+
+def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
+    """Attention.__call__ of x [B, L, D] from position 0 on an empty "float" cache, [B, L, D].
+
+    record (CSA layers): receives the attention queries "q", the indexer's queries "iq" and head
+    weights "iw" (computed from inputs with their gradient stopped, so that the indexer's
+    objective moves the indexer only), the entries "entries" and the indexer keys "keys"."""
+    B, L, _ = x.shape
+    q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
+    entries = seen = None
+    if attn.ratio:
+        kv_codec = KVCodec("float", attn.head_dim, attn.args.qk_rope_head_dim, x.dtype)
+        entries = _entries(attn.compressor, x, attn.rope, kv_codec)
+    if entries is not None:
+        T = entries.shape[1]
+        seen = (np.arange(T)[None, :] < ((np.arange(L) + 1) // attn.ratio)[:, None])[None]  # [1, L, T]
+    if entries is not None and attn.ratio == 4:
+        indexer = attn.indexer
+        index_codec = IndexCodec("float", indexer.head_dim, x.dtype)
+        keys = _entries(indexer.compressor, x, attn.rope, index_codec)
+        if record is not None:
+            iq, iw = indexer.queries(mx.stop_gradient(x), mx.stop_gradient(q_lora), attn.rope, 0, index_codec)
+            record.update(q=q, iq=iq, iw=iw, entries=entries, keys=keys)
+        else:
+            iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
+        seen = top_k_mask(index_scores(iq, iw, keys), seen, indexer.topk)
+    return attn._output(_banded(attn, q, kv, entries, seen), 0)
+
+
+def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None) -> mx.array:
+    """Block.__call__ from position 0 on an empty "float" cache."""
+    a = layer.args
+    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    x, post, comb = layer._attn_input(h, opts)
+    out = attention(layer.attn, x, record)
+    return layer._ffn(out, h, post, comb, tokens, opts)
+
+
+def trunk(model: Model, tokens: mx.array, records: Dict[int, dict]):
+    """(normed final features [B, L, D], last hc streams); `records` gets each CSA layer's
+    record (see `attention`) under its index."""
+    a = model.args
+    x = model.embed(tokens)
+    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    for i, layer in enumerate(model.layers):
+        record = records.setdefault(i, {}) if layer.attn.ratio == 4 else None
+        h = block(layer, h, tokens, record)
+    x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    return model.norm(x), h
+
+
+def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed) -> mx.array:
+    """The MTP layer's normed features [B, L, D] for token i + 2 (as trainer.mtp_features)."""
+    a = mtp.args
+    e = mtp.e_proj(mtp.enorm(embed(next_tokens)))
+    h = e[:, :, None, :] + mtp.h_proj(mtp.hnorm(hidden.astype(e.dtype)))
+    h = block(mtp, h, next_tokens)
+    x = hc_head(h, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    return mtp.norm(x)
+
+
+# -- the vocabulary head ---------------------------------------------------------------------------
+
+# (feats, targets, probabilities) of the latest forwards, newest last, for their backward to reuse:
+# recomputing the [N, vocab] softmax costs as much as the rest of the head's backward.
+_saved_probs = []
+_SAVED_MAX = 2  # a step's two heads (main, MTP); a forward without backward leaves no more
+
+
+def _head_probs(w: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    p = feats @ w.T
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+@mx.custom_function
+def head_cross_entropy(feats, weight, targets):
+    """trainer.head_cross_entropy, keeping the forward's probabilities for the backward."""
+    f, t = np.array(feats), np.array(targets)
+    if not len(t):
+        return mx.array(0.0, dtype=mx.float32)
+    with one_blas_thread():
+        p = _head_probs(np.array(weight), f)
+    loss = -np.log(np.maximum(p[np.arange(len(t)), t], 1e-30)).mean()
+    _saved_probs.append((f, t, p))
+    del _saved_probs[:-_SAVED_MAX]
+    return mx.array(loss, dtype=mx.float32)
+
+
+@head_cross_entropy.vjp
+def _head_cross_entropy_vjp(primals, cotangent, output):
+    feats, weight, targets = primals
+    w, f, t = np.array(weight), np.array(feats), np.array(targets)
+    p = None
+    for i in range(len(_saved_probs) - 1, -1, -1):
+        saved_f, saved_t, saved_p = _saved_probs[i]
+        if saved_f.shape == f.shape and np.array_equal(saved_t, t) and np.array_equal(saved_f, f):
+            p = saved_p
+            del _saved_probs[i]
+            break
+    with one_blas_thread():
+        if p is None:
+            p = _head_probs(w, f) if len(t) else np.zeros((0, w.shape[0]), np.float32)
+        p[np.arange(len(t)), t] -= 1.0
+        p *= float(cotangent.item()) / max(1, len(t))
+        return mx.array(p @ w), mx.array((f.T @ p).T), mx.zeros_like(targets)

@@ -1,0 +1,133 @@
+"""The training path (mlx_dsv4.train.fast) computes what the cache path (Trainer(reference=True))
+computes: the same loss terms, gradients, indexer top-k picks and training steps."""
+
+import numpy as np
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_dsv4.tokenizer import load_tokenizer
+from mlx_dsv4.train import fast
+from mlx_dsv4.train.trainer import Trainer, TrainOptions, trunk
+
+TOLERANCE = 1e-5
+# The few-element mHC scales' gradients are each one sum, over every position, of terms of both
+# signs: float32 summation in another order moves that sum by more than 1e-5 of itself.
+SCALAR_TOLERANCE = 5e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+def _random_batch(L: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, 129280, L).astype(np.int32)
+    main_pos = np.arange(L // 3, L - 1, 2, dtype=np.int32)
+    mtp_pos = main_pos[main_pos < L - 2]
+    index_pos = np.arange(5, L, 9, dtype=np.int32)
+    return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos), main_targets=mx.array(ids[main_pos + 1]),
+                mtp_pos=mx.array(mtp_pos), mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos)
+
+
+def _clear_of_relu_kinks(trainer: Trainer, batch: dict) -> np.ndarray:
+    """The batch's indexer-objective positions at which no indexer score (per head) lies within
+    1e-5 of the largest of zero: there relu's derivative would flip on float32 rounding of
+    either path, and the objective's gradient with it."""
+    records = {}
+    fast.trunk(trainer.model, batch["tokens"], records)
+    keep = np.ones(len(batch["index_pos"]), bool)
+    pos = mx.array(batch["index_pos"])
+    for r in records.values():
+        s = np.array(r["iq"][0, pos] @ r["keys"][0].astype(mx.float32).T)  # [P, H, T]
+        keep &= (np.abs(s) > 1e-5 * np.abs(s).max()).all(axis=(1, 2))
+    assert keep.mean() > 0.5, "too few positions clear of relu's kink to compare the indexer objective"
+    return batch["index_pos"][keep]
+
+
+def _losses_and_grads(trainer: Trainer, batch: dict):
+    (_, parts), grads = trainer._grad(trainer._joint, batch["tokens"], batch["main_pos"], batch["main_targets"],
+                                      batch["mtp_pos"], batch["mtp_targets"], batch["index_pos"])
+    mx.eval(parts, grads)
+    return [float(p) for p in parts], dict(tree_flatten(grads))
+
+
+def _reference_picks(trainer: Trainer, tokens: mx.array) -> dict:
+    """Per CSA layer, the cache path's top-k picks as a boolean [L, T] (valid picks only)."""
+    model = trainer.model
+    _, _, cache = trunk(model, tokens)
+    records = dict(trainer.recorder.records)
+    trainer.recorder.records.clear()
+    picks = {}
+    L = tokens.shape[1]
+    for i, rec in records.items():
+        attn, state = model.layers[i].attn, cache.layers[i].indexer
+        T = state.n_entries
+        iq = rec["iq"].transpose(0, 2, 1, 3)
+        chosen = np.zeros((L, T), bool)
+        for q0 in range(0, L, 128):
+            q1 = min(L, q0 + 128)
+            visible = ((mx.arange(q0, q1) + 1) // 4)[:, None]
+            indices, valid = attn.indexer.select(iq[:, :, q0:q1], rec["iw"][:, q0:q1], state, visible,
+                                                 n_entries=min(T, q1 // 4), decode_keys=True)
+            for row, (idx, ok) in enumerate(zip(np.array(indices[0]), np.array(valid[0]))):
+                chosen[q0 + row, idx[ok]] = True
+        picks[i] = chosen
+    return picks
+
+
+def _fast_picks(trainer: Trainer, tokens: mx.array) -> dict:
+    model = trainer.model
+    records = {}
+    fast.trunk(model, tokens, records)
+    picks = {}
+    L = tokens.shape[1]
+    for i, r in records.items():
+        T = r["keys"].shape[1]
+        visible = np.arange(T)[None, :] < ((np.arange(L) + 1) // 4)[:, None]
+        scores = fast.index_scores(r["iq"], r["iw"], r["keys"])
+        k = model.layers[i].attn.indexer.topk
+        # The picks are defined only when the k-th and (k + 1)-th highest visible scores differ.
+        ordered = -np.sort(-np.where(visible, scores[0], -np.inf), axis=-1)
+        crowded = visible.sum(axis=-1) > k
+        assert (ordered[crowded, k - 1] != ordered[crowded, k]).all(), "tied indexer scores at the top-k boundary"
+        picks[i] = fast.top_k_mask(scores, visible, k)[0]
+    return picks
+
+
+@pytest.mark.parametrize("source", ["first batch", "random 701 tokens"])
+def test_training_path_matches_cache_path(tokenizer, source):
+    options = TrainOptions(seed=0)
+    reference, trainer = Trainer(tokenizer, options, reference=True), Trainer(tokenizer, options)
+    batch = trainer.batch()[0] if source == "first batch" else _random_batch(701, seed=3)
+    L = batch["tokens"].shape[1]
+    assert L >= 600 and L % 128
+    batch["index_pos"] = _clear_of_relu_kinks(trainer, batch)
+
+    ref_picks, fast_picks = _reference_picks(reference, batch["tokens"]), _fast_picks(trainer, batch["tokens"])
+    assert ref_picks.keys() == fast_picks.keys() and ref_picks
+    for i in ref_picks:
+        assert ref_picks[i].sum() > 0
+        np.testing.assert_array_equal(fast_picks[i], ref_picks[i], err_msg=f"layer {i} top-k picks")
+
+    ref_losses, ref_grads = _losses_and_grads(reference, batch)
+    losses, grads = _losses_and_grads(trainer, batch)
+    assert min(ref_losses) > 0
+    np.testing.assert_allclose(losses, ref_losses, rtol=TOLERANCE)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        scale = float(mx.abs(ref).max())
+        assert scale > 0, name
+        error = float(mx.abs(grads[name] - ref).max()) / scale
+        assert error <= (TOLERANCE if ref.size > 3 else SCALAR_TOLERANCE), f"{name}: gradient differs by {error:.2e} of its largest value"
+
+
+def test_train_step_losses_match_cache_path(tokenizer):
+    options = TrainOptions(seed=0)
+    reference, trainer = Trainer(tokenizer, options, reference=True), Trainer(tokenizer, options)
+    for _ in range(3):
+        expected, got = reference.train_step(), trainer.train_step()
+        assert got["tokens"] == expected["tokens"]
+        for key in ("loss", "main", "mtp", "indexer_kl"):
+            assert got[key] == pytest.approx(expected[key], rel=TOLERANCE, abs=2e-5), (got["step"], key)

@@ -453,16 +453,14 @@ def _read_drafter_state(where, entry, arrays, model, n_tokens, activation_dtype)
     if offset != expected:
         raise PromptCacheError(f"{where}: its cache holds {offset} tokens, expected {expected} "
                                f"for a snapshot of {n_tokens} tokens")
-    if reads_all:
-        return {"drafter": entry["drafter"], "fingerprint": entry["fingerprint"], "arrays": dict(arrays),
-                "meta": dict(entry["meta"])}
-    hidden = arrays.get("last_hidden")
-    shape = (1, 1, model.args.hc_mult, model.args.hidden_size)
-    if hidden is None:
-        raise PromptCacheError(f"{where}: array 'draft.last_hidden' is missing")
-    if tuple(hidden.shape) != shape or not mx.issubdtype(hidden.dtype, mx.floating):
-        raise PromptCacheError(f"{where}: array 'draft.last_hidden' has shape {tuple(hidden.shape)} and dtype "
-                               f"{hidden.dtype}, expected {shape} and a float dtype")
+    if not reads_all:
+        hidden = arrays.get("last_hidden")
+        shape = (1, 1, model.args.hc_mult, model.args.hidden_size)
+        if hidden is None:
+            raise PromptCacheError(f"{where}: array 'draft.last_hidden' is missing")
+        if tuple(hidden.shape) != shape or not mx.issubdtype(hidden.dtype, mx.floating):
+            raise PromptCacheError(f"{where}: array 'draft.last_hidden' has shape {tuple(hidden.shape)} and dtype "
+                                   f"{hidden.dtype}, expected {shape} and a float dtype")
     return {"drafter": entry["drafter"], "fingerprint": entry["fingerprint"], "arrays": dict(arrays),
             "meta": dict(entry["meta"])}
 
@@ -901,10 +899,7 @@ class _Generation:
             draft = {"drafter": self.draft_name, "fingerprint": model_fingerprint(self.drafting.drafter),
                      "arrays": arrays, "meta": meta}
         mx.eval(self.cache.state())
-        if draft is None:
-            self.prompt_cache.add(self.fed, self.cache)
-        else:
-            self.prompt_cache.add(self.fed, self.cache, draft=draft)
+        self.prompt_cache.add(self.fed, self.cache, draft=draft)
 
     def decode(self, max_tokens: int) -> Iterator[GenerationStep]:
         y, logprob = self._sample(self.ids[-1:])

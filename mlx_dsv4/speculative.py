@@ -224,7 +224,8 @@ class Drafting:
         self._read_unread()
         arrays, meta = self.draft_cache.to_state()
         arrays = {f"cache.{name}": value for name, value in arrays.items()}
-        arrays["last_hidden"] = self.last_hidden
+        if self.last_hidden is not None:  # a drafter that reads every position as it runs keeps none
+            arrays["last_hidden"] = self.last_hidden
         mx.eval(list(arrays.values()))
         return arrays, dict(meta)
 
@@ -232,7 +233,7 @@ class Drafting:
         """Take the drafter's side back from ``drafter_state``, the main cache holding ``tokens``."""
         cache_arrays = {name[len("cache."):]: value for name, value in arrays.items() if name.startswith("cache.")}
         self.draft_cache.load_state(cache_arrays, dict(meta))
-        self.last_hidden = arrays["last_hidden"]
+        self.last_hidden = arrays.get("last_hidden")
         self.unread_hidden, self.unread_tokens = [], []
         self.tokens = list(tokens)
 
@@ -347,17 +348,6 @@ class DSparkDrafting(Drafting):
         self.drafter.read(taps, self.draft_cache)
         self.tokens.append(token)
         self._eval_state()
-
-    def drafter_state(self) -> Tuple[dict, dict]:
-        arrays, meta = self.draft_cache.to_state()
-        arrays = {f"cache.{name}": value for name, value in arrays.items()}
-        mx.eval(list(arrays.values()))
-        return arrays, dict(meta)
-
-    def load_drafter_state(self, arrays: dict, meta: dict, tokens: Sequence[int]) -> None:
-        cache_arrays = {name[len("cache."):]: value for name, value in arrays.items() if name.startswith("cache.")}
-        self.draft_cache.load_state(cache_arrays, dict(meta))
-        self.tokens = list(tokens)
 
     def _propose(self, token: int, k: int) -> Tuple[List[int], Optional[mx.array]]:
         return self.drafter.propose(token, k, self.model.embed, self.model.head, self.draft_cache,

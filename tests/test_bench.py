@@ -287,7 +287,10 @@ def test_decode_steps_take_turns():
     assert all(r.decode_tok_s > 0 and r.decode_ms > 0 for r in results.values())
 
 
-def test_speculative_bench_forces_acceptance_and_keeps_the_greedy_output(tmp_path, capsys):
+def test_speculative_bench_forces_acceptance_and_keeps_the_greedy_output(tmp_path, capsys, monkeypatch):
+    from mlx_dsv4 import bench_speculative
+
+    monkeypatch.setattr(bench_speculative, "SWITCH_STEPS", 48)  # the switch's runs: figures need not settle here
     out = tmp_path / "spec.json"
     toy = [a for a in TOY[: TOY.index("--contexts")]] + ["--chunk", "64", "--decode-steps", "12"]
     rc = main(["bench", "--speculative", *toy, "--contexts", "80", "--acceptance", "0,0.5,1", "--num-draft", "1,3",

@@ -10,7 +10,7 @@ import pytest
 
 from test_server_support import API_KEY, MODEL, anthropic_client, openai_client, shared_server
 
-SAMPLES = 50
+SAMPLES = 20
 MAX_TOKENS = 400  # far above what the schemas below allow, so only the grammar ends a reply
 
 # Every property required and no others: every valid reply is short and complete.

@@ -85,3 +85,59 @@ def test_packing_keeps_every_example_whole(tokenizer):
         assert kinds == ["retrieval"] or "retrieval" not in kinds
         assert len(ids) <= 1024 or len(kinds) == 1
         assert ids[0] == tokenizer.bos_token_id and (ids == tokenizer.bos_token_id).sum() == len(kinds)
+
+
+def test_copy_targets_are_the_items_of_the_question(tokenizer):
+    gen = TaskGenerator(tokenizer, seed=2, mix={"copy": 1.0})
+    whats = set()
+    for _ in range(40):
+        ex = next(gen)
+        assert ex.kind == "copy"
+        items = ex.meta["answer"]
+        targets = tokenizer.decode([t for t, keep in zip(ex.ids, ex.mask) if keep])
+        assert targets == items + tokenizer.eos_token
+        question = ex.text.split("<｜User｜>")[1].split("<｜Assistant｜>")[0]
+        assert question.endswith(items)
+        whats.add(question.split(":")[0].split()[-1])
+    assert {"numbers", "names", "expression"} <= whats
+
+
+def test_default_mix_draws_no_copy_examples(tokenizer):
+    gen = TaskGenerator(tokenizer, seed=0, retrieval_tokens=(200, 300))
+    assert "copy" not in {next(gen).kind for _ in range(60)}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tool=1,foo=2", "'foo=2' is not KIND=WEIGHT"),
+    ("tool", "'tool' is not KIND=WEIGHT"),
+    ("tool=x", "weight of 'tool' is not a number: 'x'"),
+    ("tool=-1,copy=1", "weight of 'tool' is negative"),
+    ("tool=0", "every weight is zero"),
+])
+def test_bad_mix_is_named(text, message):
+    from argparse import ArgumentTypeError
+
+    from mlx_dsv4.cli.train_tiny import parse_mix
+
+    with pytest.raises(ArgumentTypeError, match=message):
+        parse_mix(text)
+    assert parse_mix("tool=0.5,copy=0.25") == {"tool": 0.5, "copy": 0.25}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("o_lora_rank", "'o_lora_rank' is not KEY=INTEGER"),
+    ("no_such_key=3", "'no_such_key=3' is not KEY=INTEGER"),
+    ("rope_scaling=3", "'rope_scaling=3' is not KEY=INTEGER"),  # not an integer value of the config
+    ("o_lora_rank=big", "value of 'o_lora_rank' is not an integer: 'big'"),
+])
+def test_bad_model_config_is_named(text, message):
+    from argparse import ArgumentTypeError
+
+    from mlx_dsv4.cli.train_tiny import parse_config
+    from mlx_dsv4.train.trainer import trained_config
+
+    with pytest.raises(ArgumentTypeError, match=message):
+        parse_config(text)
+    overrides = parse_config("o_lora_rank=64,moe_intermediate_size=48")
+    cfg = trained_config(**overrides)
+    assert (cfg["o_lora_rank"], cfg["moe_intermediate_size"], cfg["hidden_size"]) == (64, 48, 64)

@@ -10,8 +10,54 @@ def add_arguments(p):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--save-every", type=int, default=50, help="write the checkpoint every N steps")
     p.add_argument("--max-tokens", type=int, default=None, help="packed sequence length bound")
+    p.add_argument("--mix", type=parse_mix, default=None, metavar="KIND=W,...",
+                   help="task weights, e.g. tool=0.5,copy=0.2,chat=0.1,pattern=0.12,retrieval=0.08 "
+                        "(default: the data module's DEFAULT_MIX)")
+    p.add_argument("--config", type=parse_config, default=None, metavar="KEY=INT,...",
+                   help="model config values over the trained model's, e.g. o_lora_rank=64,moe_intermediate_size=64")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
+
+
+def parse_mix(text: str) -> dict:
+    from argparse import ArgumentTypeError
+
+    from ..train.data import KINDS
+
+    mix = {}
+    for part in text.split(","):
+        kind, sep, weight = part.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS or not sep:
+            raise ArgumentTypeError(f"{part!r} is not KIND=WEIGHT with KIND one of {', '.join(KINDS)}")
+        try:
+            mix[kind] = float(weight)
+        except ValueError:
+            raise ArgumentTypeError(f"weight of {kind!r} is not a number: {weight!r}") from None
+        if mix[kind] < 0:
+            raise ArgumentTypeError(f"weight of {kind!r} is negative")
+    if not any(mix.values()):
+        raise ArgumentTypeError("every weight is zero")
+    return mix
+
+
+def parse_config(text: str) -> dict:
+    from argparse import ArgumentTypeError
+
+    from ..train.trainer import trained_config
+
+    known = trained_config()
+    config = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in known or not isinstance(known[key], int) or isinstance(known[key], bool):
+            raise ArgumentTypeError(f"{part!r} is not KEY=INTEGER with KEY an integer value of the model config")
+        try:
+            config[key] = int(value)
+        except ValueError:
+            raise ArgumentTypeError(f"value of {key!r} is not an integer: {value!r}") from None
+    return config
 
 
 def run(args):
@@ -23,7 +69,7 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

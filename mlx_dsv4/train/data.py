@@ -8,7 +8,9 @@ and including its end-of-sentence token). Kinds:
   result as the agent loop would feed it back, then a final answer that uses that result;
 - "retrieval": many "key: value" lines, then a question about one key;
 - "chat": single and multi-turn chat, and thinking-mode traces (reasoning, then the answer);
-- "pattern": counting and spelling, where the next-but-one token is predictable (for MTP).
+- "pattern": counting and spelling, where the next-but-one token is predictable (for MTP);
+- "copy": numbers, names and expressions from the question written back, the skill that filling a
+  tool call's arguments from the question needs (off in the default mix; `mix=` turns it on).
 
 `split="eval"` draws numbers, cities and phrasings the "train" split never uses.
 """
@@ -22,7 +24,7 @@ from ..agent.substrates import make_substrate
 from ..agent.tools import as_tool
 from ..chat import encode_messages
 
-KINDS = ("tool", "retrieval", "chat", "pattern")
+KINDS = ("tool", "retrieval", "chat", "pattern", "copy")
 DEFAULT_MIX = {"tool": 0.6, "retrieval": 0.08, "chat": 0.16, "pattern": 0.16}
 WEATHER_SYSTEM = "You answer questions about the weather. Use the tools for data and arithmetic."
 
@@ -92,6 +94,8 @@ WEATHER_TEMPLATES = {
     "eval": ("Could you check the weather in {city}?", "How is the weather today in {city}?",
              "Give me the weather for {city}."),
 }
+COPY_PROMPTS = ("Repeat these {what}: {items}", "Copy exactly: {items}", "Write back the {what}: {items}",
+                "Echo these {what}: {items}")
 FAHRENHEIT_SUFFIX = {"train": (" Answer in fahrenheit.", " Use fahrenheit."), "eval": (" In fahrenheit, please.",)}
 ADD_TEMPLATES = {
     "train": ("What is {a} + {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?", "{a} plus {b}?"),
@@ -323,3 +327,23 @@ class TaskGenerator:
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         ids, mask, text = render(messages, self.tokenizer)
         return Example("pattern", ids, mask, text, {"answer": reply})
+
+    # -- copying ------------------------------------------------------------------------------
+
+    def _copy(self) -> Example:
+        """Items of the question written back. Names come from every city list: a weather question about
+        an evaluation city stays unseen, the name's tokens do not."""
+        r = self.rng
+        pick = r.random()
+        if pick < 0.45:
+            what, items = "numbers", ", ".join(str(r.randint(1, 999)) for _ in range(r.randint(2, 6)))
+        elif pick < 0.75:
+            names = TRAIN_CITIES + EVAL_CITIES + tuple(COUNTRIES)
+            what, items = "names", ", ".join(r.sample(names, r.randint(1, 4)))
+        else:
+            a, b = self._operands()
+            what, items = "expression", f"{a} {r.choice(tuple(OPS))} {b}"
+        question = r.choice(COPY_PROMPTS).format(what=what, items=items)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": items}]
+        ids, mask, text = render(messages, self.tokenizer)
+        return Example("copy", ids, mask, text, {"answer": items})

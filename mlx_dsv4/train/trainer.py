@@ -43,11 +43,12 @@ STATE_DIR = "train_state"
 TRAINED_LAYERS = 4  # the preset's first four layers: its schedule, at a size CPU training affords
 
 
-def trained_config(preset: str = "flash") -> dict:
+def trained_config(preset: str = "flash", **overrides) -> dict:
     """The trained model's config: the tiny V4 (real vocabulary, the preset's layer schedule cut to
-    TRAINED_LAYERS layers) with one MTP layer."""
+    TRAINED_LAYERS layers) with one MTP layer; ``overrides``: other config.json values."""
     ratios = list(PRESETS[preset][:TRAINED_LAYERS])
-    return tiny_config(preset, compress_ratios=ratios, num_hidden_layers=len(ratios), num_nextn_predict_layers=1)
+    return tiny_config(preset, **{"compress_ratios": ratios, "num_hidden_layers": len(ratios),
+                                  "num_nextn_predict_layers": 1, **overrides})
 
 
 @dataclass
@@ -65,6 +66,8 @@ class TrainOptions:
     retrieval_tokens: tuple = (1024, 1536)
     preset: str = "flash"
     log_every: int = 1
+    mix: dict | None = None  # task kind -> weight; None is data.DEFAULT_MIX
+    config: dict | None = None  # config.json values over trained_config's
 
 
 # -- the numpy head --------------------------------------------------------------------------------
@@ -249,11 +252,12 @@ class Trainer:
 
     def __init__(self, tokenizer, options: TrainOptions, reference: bool = False):
         self.options = options
-        self.cfg = trained_config(options.preset)
+        self.cfg = trained_config(options.preset, **(options.config or {}))
         mx.random.seed(options.seed)
         self.model, self.mtp_holder = init_model(self.cfg, options.seed)
         self.recorder = Recorder(self.model)
-        self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens))
+        self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
+                                                 mix=options.mix))
         self.rng = np.random.default_rng(options.seed)
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         self.step = 0

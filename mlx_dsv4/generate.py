@@ -26,7 +26,7 @@ from .device_memory import wired_limit
 from .memory import PREFILL_CHUNK, kv_bytes, run_bytes
 from .mlx_lm_import import import_mlx_lm
 from .sizes import format_bytes
-from .speculative import MAX_DRAFT, Drafting, DraftSwitch, DSparkDrafting, sampling_distribution
+from .speculative import DRAFTING, MAX_DRAFT, DraftSwitch, sampling_distribution
 from .streams import parallel_streams
 
 _sample_utils = import_mlx_lm("sample_utils")
@@ -447,13 +447,12 @@ def _read_drafter_state(where, entry, arrays, model, n_tokens, activation_dtype)
         offset = template.check_state(cache_arrays, entry["meta"], batch=1, activation_dtype=activation_dtype)
     except ValueError as e:
         raise PromptCacheError(f"{where}: {e}") from None
-    # the DSpark drafter reads every position as it runs; the MTP layer reads one behind
-    reads_all = entry["drafter"] == "dspark"
-    expected = n_tokens if reads_all else max(n_tokens - 1, 0)
+    lag = DRAFTING[entry["drafter"]].cache_lag
+    expected = max(n_tokens - lag, 0)
     if offset != expected:
         raise PromptCacheError(f"{where}: its cache holds {offset} tokens, expected {expected} "
                                f"for a snapshot of {n_tokens} tokens")
-    if not reads_all:
+    if lag:
         hidden = arrays.get("last_hidden")
         shape = (1, 1, model.args.hc_mult, model.args.hidden_size)
         if hidden is None:
@@ -1047,9 +1046,7 @@ def _drafter(model, draft: str):
 
 def _drafting(model, cache, draft: str, drafter, distribution):
     """The speculative-decoding state of one generation with the drafter named ``draft``."""
-    if draft == "dspark":
-        return DSparkDrafting(model, cache, distribution=distribution)
-    return Drafting(model, cache, drafter, distribution=distribution)
+    return DRAFTING[draft](model, cache, drafter, distribution=distribution)
 
 
 def _has_drafter_state(snapshot: _Snapshot, draft: str, drafter) -> bool:

@@ -87,6 +87,9 @@ class Drafting:
 
     # (tokens so far, the drafter's proposals) -> the proposals to verify; tests replace it
     adjust_drafts: Optional[Callable[[List[int], List[int]], List[int]]] = None
+    # Positions the drafter's cache lags the main cache by between rounds: the MTP layer reads
+    # position i with token i + 1, so it holds one fewer, and the last hidden state waits for it.
+    cache_lag = 1
 
     def __init__(self, model, cache, drafter=None, distribution=None):
         if drafter is None:
@@ -327,7 +330,9 @@ class DSparkDrafting(Drafting):
     drafter's cache reads every position the main model runs and keeps, as it runs: at each
     round it holds positions 0..n-1 for the anchor t_n at position n."""
 
-    def __init__(self, model, cache, distribution=None):
+    cache_lag = 0
+
+    def __init__(self, model, cache, drafter=None, distribution=None):
         if model.dspark is None:
             raise ValueError("this checkpoint has no DSpark drafter (dspark_* config keys and mtp.* stages)")
         super().__init__(model, cache, drafter=model.dspark, distribution=distribution)
@@ -370,3 +375,7 @@ class DSparkDrafting(Drafting):
 
     def _eval_state(self) -> None:
         mx.eval(self.cache.state(), self.draft_cache.state())
+
+
+# The drafting state of each drafter name (`--draft`).
+DRAFTING = {"mtp": Drafting, "dspark": DSparkDrafting}

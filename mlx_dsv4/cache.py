@@ -144,6 +144,9 @@ class LayerCache:
         self.keep_all_rows = keep_all_rows  # baseline mode: every raw row is kept, none recycled
         self.offset = 0
         self._ring: Optional[tuple] = None  # encoded rows; position p lives in slot p % sliding_window
+        # The ring's rows decoded (activation dtype, same slots): each row is decoded once, when
+        # written, instead of the whole window at every step. Derived: not part of the state.
+        self._window: Optional[mx.array] = None
         self.compressor = CompressorState(kv_codec) if ratio else None
         self.indexer = CompressorState(index_codec) if ratio == 4 else None
 
@@ -162,21 +165,25 @@ class LayerCache:
         W, start, L = self.sliding_window, self.offset, kv.shape[1]
         first = max(0, start - (W - 1))
         if start > first:
-            slots = mx.arange(first, start) % W
-            previous = self.kv_codec.decode(tuple(p[:, slots] for p in self._ring))
-            keys = mx.concatenate([previous, rounded], axis=1)
+            keys = mx.concatenate([self.window_rows(mx.arange(first, start) % W), rounded], axis=1)
         else:
             keys = rounded
         if self._ring is None:
             zeros = mx.zeros((kv.shape[0], W, kv.shape[2]), dtype=kv.dtype)
             self._ring = tuple(mx.array(p) for p in self.kv_codec.encode(zeros))
+            self._window = self.kv_codec.decode(self._ring)
         keep = min(L, W)
         slots = mx.arange(start + L - keep, start + L) % W
         _assign(self._ring, slots, tuple(p[:, L - keep :] for p in encoded))
+        self._window[:, slots] = rounded[:, L - keep :]
         return keys, first
 
+    def window_rows(self, slots: mx.array) -> mx.array:
+        """The window's rows in ``slots``, decoded: [B, len(slots), head_dim]."""
+        return self._window[:, slots]
+
     def arrays(self) -> List[mx.array]:
-        out = list(self._ring or ())
+        out = list(self._ring or ()) + ([self._window] if self._window is not None else [])
         for state in (self.compressor, self.indexer):
             if state is not None:
                 out += state.arrays()
@@ -211,6 +218,7 @@ class LayerCache:
             ring.append(_own(arrays[f"{prefix}.ring.{i}"]))
             i += 1
         self._ring = tuple(ring) or None
+        self._window = self.kv_codec.decode(self._ring) if self._ring and not self.keep_all_rows else None
         for name in ("compressor", "indexer"):
             state = getattr(self, name)
             if state is not None:

@@ -88,7 +88,7 @@ class DSparkStage(Block):
         if start:
             W = cache.sliding_window
             slots = mx.arange(max(0, start - W), start) % W
-            context = cache.kv_codec.decode(tuple(p[:, slots] for p in cache._ring))
+            context = cache.window_rows(slots)
             keys = mx.concatenate([context.astype(block_rows.dtype), block_rows], axis=1)
         q = q.transpose(0, 2, 1, 3)  # [B, H, L, hd]
         mask = mx.ones((q.shape[2], keys.shape[1]), dtype=mx.bool_)

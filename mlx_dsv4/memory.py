@@ -74,7 +74,7 @@ def layer_kv_bytes(args: ModelArgs, ratio: int, tokens: int, kv_dtype: str = "fp
         return 0
     act = dtype_bytes(dtype)
     kv_row = kv_row_bytes(kv_dtype, args.head_dim, args.qk_rope_head_dim, act)
-    total = batch * args.sliding_window * kv_row
+    total = batch * args.sliding_window * (kv_row + args.head_dim * act)  # the ring, stored and decoded
     if ratio:
         total += _compressor_bytes(tokens, ratio, args.head_dim, kv_row, act, batch)
     if ratio == 4:

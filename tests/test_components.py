@@ -173,6 +173,32 @@ def test_cache_keeps_only_the_window_and_entries(pair):
     assert cache.nbytes > 0
 
 
+def test_decoded_window_is_the_decoded_ring_through_writes_wraps_and_restores(pair):
+    """The window's rows are decoded once, when written: at every point (a prefill, single steps
+    across the ring's wrap, a chunk, a restored snapshot) that copy equals decoding the stored ring."""
+    ours, _ = pair
+    tokens = np.random.default_rng(5).integers(0, PARITY_VOCAB, (1, 330)).tolist()[0]
+    cache = ours.make_cache("fp8", "fp4")
+
+    def check(c):
+        for layer in c.layers:
+            np.testing.assert_array_equal(np.array(layer._window.astype(mx.float32)),
+                                          np.array(layer.kv_codec.decode(layer._ring).astype(mx.float32)))
+
+    ours(mx.array([tokens[:100]]), cache=cache)
+    check(cache)
+    for t in tokens[100:140]:  # single steps across slot 127 -> 0
+        ours(mx.array([[t]]), cache=cache)
+    check(cache)
+    ours(mx.array([tokens[140:300]]), cache=cache)  # a chunk longer than the window
+    check(cache)
+    restored = ours.make_cache("fp8", "fp4")
+    restored.load_state(*cache.to_state())
+    check(restored)
+    after = [ours(mx.array([tokens[300:]]), cache=c) for c in (cache, restored)]
+    np.testing.assert_array_equal(np.array(after[0]), np.array(after[1]))
+
+
 def test_no_cache_equals_fresh_cache(pair):
     ours, _ = pair
     tokens = mx.array(np.random.default_rng(6).integers(0, PARITY_VOCAB, (1, 150)))

@@ -264,3 +264,19 @@ def test_draft_switch_runs_the_faster_way_and_probes_the_other():
     assert _switch_run(switch, lambda _: 0.5, lambda _: 1.0, tokens=1000) > 0.95
     assert _switch_run(switch, lambda _: 3.0, lambda _: 1.0, tokens=1000) < 0.1
     assert not switch.speculate() or switch.probing
+
+
+def test_draft_switch_spaces_probes_of_a_much_slower_drafter_by_their_cost():
+    """Speculation 7x slower per token (every draft rejected): after the first probe, the next
+    ones are far enough apart to cost about 5% of the time; doubling alone lost 9% over 2,000
+    tokens and 42% over 256 (two probes within them)."""
+    from mlx_dsv4.speculative import DraftSwitch
+
+    def lost(tokens):  # time beyond all-plain decoding, as a share of it
+        return _switch_run(DraftSwitch(), lambda _: 7.0, lambda _: 1.0, tokens=tokens) * (7.0 - 1)
+
+    assert lost(2000) < 0.07
+    assert lost(256) < 0.2  # the first probe alone (two rounds of three tokens) is 0.14
+    switch = DraftSwitch()
+    _switch_run(switch, lambda _: 7.0, lambda _: 1.0, tokens=100)
+    assert not switch.speculate() and switch.interval >= 4 * 6 / 0.05

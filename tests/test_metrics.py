@@ -4,11 +4,8 @@ cache by layer type, GET /metrics, `mlx-dsv4 top`, chat's /stats and `generate -
 import http.server
 import io
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,6 +25,7 @@ from mlx_dsv4.config import ModelArgs
 from mlx_dsv4.generate import stream_generate
 from mlx_dsv4.metrics import RoutingCounter, active_parameters, flops_per_token, kv_cache_by_type
 from mlx_dsv4.tiny import tiny_config
+from test_server_support import ServerProcess, free_port
 
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
@@ -183,45 +181,15 @@ def test_kv_cache_by_layer_type_equals_the_cache(fresh_model, n_tokens):
 API_KEY = "metrics-test-key"
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     root = Path(tempfile.mkdtemp(prefix="dsv4-metrics-test-"))
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(tiny_chat_dir()), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--served-model-name", "tiny", "--api-key", API_KEY],
-        env={**os.environ, "XDG_CACHE_HOME": str(root / "cache")}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+    process = ServerProcess(["--served-model-name", "tiny", "--api-key", API_KEY], model=tiny_chat_dir(), root=root)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, log.seek(0) or log.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.2)
-        yield base
+        yield process.base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        process.stop()
+        process.log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -318,7 +286,7 @@ def test_top_checks_the_interval(capsys):
 
 
 def test_top_says_when_the_url_does_not_answer(capsys):
-    port = _free_port()
+    port = free_port()
     assert main(["top", f"127.0.0.1:{port}", "--once"]) == 1
     err = capsys.readouterr().err
     assert f"error: http://127.0.0.1:{port}/metrics does not answer" in err

@@ -226,7 +226,7 @@ class _MlxLmServer(ServerProcess):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_lm", "server", "--model", str(checkpoint), "--trust-remote-code",
              "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
         self._wait_ready(timeout=120)
 
 

@@ -1,12 +1,9 @@
 """`mlx-dsv4 serve --draft mtp`: served greedy output as without a draft, acceptance in each
 response's usage, in /health and in /metrics; bad draft flags refused at start."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +11,7 @@ import pytest
 from generate_support import LAYERS
 from mlx_dsv4.cli import main
 from mlx_dsv4.metrics import figures_from_prometheus
-from test_server_support import checkpoint_dir, free_port
+from test_server_support import ServerProcess, checkpoint_dir, free_port
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -25,38 +22,15 @@ PROMPTS = ["Name a bird.", "Count to five", "What is the capital of France?"]
 
 @contextmanager
 def served(tmp_path, *flags):
-    """A server on the tiny checkpoint (it has an MTP layer), greedy by default, stopped with its
-    whole process group whatever happens."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / f"server-{port}.log", "w+")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"cache-{port}")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(checkpoint_dir()), "--port", str(port),
-         "--served-model-name", MODEL, "--log-level", "warning", "--temperature", "0", *flags],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    """A server on the tiny checkpoint (it has an MTP layer), greedy by default, with its own
+    prompt caches, stopped whatever happens."""
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    server = ServerProcess(["--served-model-name", MODEL, "--temperature", "0", *flags], root=root,
+                           env={"XDG_CACHE_HOME": str(root / "cache")})
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"the server did not start:\n{log.read()}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        yield base
+        yield server.base
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        server.stop()
 
 
 def conversation(base):

@@ -9,6 +9,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,19 +80,29 @@ def checkpoint_dir():
 
 
 class ServerProcess:
-    def __init__(self, extra_args=(), env=None):
+    """`mlx-dsv4 serve` in its own process group on a free port, ready when constructed; ``model``:
+    the checkpoint (default: the tiny one here), ``root``: the folder of its log and prompt
+    caches (default: this module's)."""
+
+    def __init__(self, extra_args=(), env=None, model=None, root=None, timeout=120):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(checkpoint_dir()),
+        model = model or checkpoint_dir()
+        if root is None:
+            checkpoint_dir()
+            root = _state["root"]
+        root = Path(root)
+        args = [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(model),
                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra_args]
-        self.log = open(_state["root"] / f"server-{self.port}.log", "w+")
+        self.log = open(root / f"server-{self.port}.log", "w+")
         # prompt caches go to the test's own folder unless a test names one
-        env = {"XDG_CACHE_HOME": str(_state["root"] / "cache"), **(env or {})}
-        self.proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {"XDG_CACHE_HOME": str(root / "cache"), **(env or {})}
+        self.proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         atexit.register(self.stop)
-        self._wait_ready()
+        self._wait_ready(timeout)
 
-    def _wait_ready(self, timeout=90):
+    def _wait_ready(self, timeout):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -102,6 +113,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()
         raise RuntimeError(f"server did not become ready:\n{self.output()}")
 
     def output(self):
@@ -116,12 +128,13 @@ class ServerProcess:
         return self.proc.poll() is None
 
     def stop(self):
+        """Stop the server and whatever it started (its process group)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
 

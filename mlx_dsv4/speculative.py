@@ -341,6 +341,7 @@ class DSparkDrafting(Drafting):
     cache_lag = 0
 
     def __init__(self, model, cache, drafter=None, distribution=None):
+        # ``drafter`` is taken for a constructor like Drafting's; the drafter is always model.dspark
         if model.dspark is None:
             raise ValueError("this checkpoint has no DSpark drafter (dspark_* config keys and mtp.* stages)")
         super().__init__(model, cache, drafter=model.dspark, distribution=distribution)

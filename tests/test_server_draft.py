@@ -25,12 +25,12 @@ def served(tmp_path, *flags):
     """A server on the tiny checkpoint (it has an MTP layer), greedy by default, with its own
     prompt caches, stopped whatever happens."""
     root = Path(tempfile.mkdtemp(dir=tmp_path))
-    server = ServerProcess(["--served-model-name", MODEL, "--temperature", "0", *flags], root=root,
-                           env={"XDG_CACHE_HOME": str(root / "cache")})
+    server = ServerProcess(["--served-model-name", MODEL, "--temperature", "0", *flags], root=root)
     try:
         yield server.base
     finally:
         server.stop()
+        server.log.close()
 
 
 def conversation(base):

@@ -50,7 +50,9 @@ def _losses_and_grads(trainer: Trainer, batch: dict):
     (_, parts), grads = trainer._grad(trainer._joint, batch["tokens"], batch["main_pos"], batch["main_targets"],
                                       batch["mtp_pos"], batch["mtp_targets"], batch["index_pos"])
     mx.eval(parts, grads)
-    return [float(p) for p in parts], dict(tree_flatten(grads))
+    main, mtp, index, guide = (float(p) for p in parts)
+    assert guide == 0.0  # the attention guidance is off by default
+    return [main, mtp, index], dict(tree_flatten(grads))
 
 
 def _reference_picks(trainer: Trainer, tokens: mx.array) -> dict:

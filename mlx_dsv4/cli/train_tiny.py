@@ -15,6 +15,9 @@ def add_arguments(p):
                         "(default: the data module's DEFAULT_MIX)")
     p.add_argument("--config", type=parse_config, default=None, metavar="KEY=INT,...",
                    help="model config values over the trained model's, e.g. o_lora_rank=64,moe_intermediate_size=64")
+    p.add_argument("--guide-weight", type=float, default=None,
+                   help="weight of the attention guidance for copying (a copy head and a previous-token "
+                        "head; default 0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -69,7 +72,7 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -50,9 +50,11 @@ def _matmul_vjp(primals, cotangent, output):
         return mx.array(np.matmul(g, np.swapaxes(b, -1, -2))), mx.array(np.matmul(np.swapaxes(a, -1, -2), g))
 
 
-def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_entries) -> mx.array:
+def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_entries,
+            keep: Optional[dict] = None) -> mx.array:
     """Attention [B, L, H, hd] of q [B, L, H, hd] over each query's window of kv [B, L, hd] and the
-    entries [B, T, hd] it attends to (seen_entries: boolean [B or 1, L, T]), with the sink.
+    entries [B, T, hd] it attends to (seen_entries: boolean [B or 1, L, T]), with the sink; `keep`
+    receives the probabilities "probs" [B, L, H, 2b + T + 1] and the block size "block" (b).
 
     Queries go in blocks of b = QUERY_BLOCK (or window - 1 when longer); block i's keys are the rows of blocks i - 1 and i (zeros
     before the sequence, masked). The heads share one kv head, so each block's scores are one
@@ -79,6 +81,8 @@ def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_e
         parts.append(mx.where(visible, s_ent.reshape(B, L, H, T), -mx.inf))
     sinks = mx.broadcast_to(attn.attn_sink.astype(parts[0].dtype)[:, None], (B, L, H, 1))
     probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True).astype(q.dtype)
+    if keep is not None:
+        keep.update(probs=probs, block=b)
     p_win = mx.concatenate([probs[..., : 2 * b], mx.zeros((B, pad, H, 2 * b), probs.dtype)], axis=1)
     out = matmul(p_win.reshape(B, n, b * H, 2 * b), win).reshape(B, n * b, H, hd)[:, :L]
     if entries is not None:
@@ -119,12 +123,13 @@ def top_k_mask(scores: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
     return chosen & visible
 
 
-def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
+def attention(attn, x: mx.array, record: Optional[dict] = None, probs: bool = False) -> mx.array:
     """Attention.__call__ of x [B, L, D] from position 0 on an empty "float" cache, [B, L, D].
 
     record (CSA layers): receives the attention queries "q", the indexer's queries "iq" and head
     weights "iw" (computed from inputs with their gradient stopped, so that the indexer's
-    objective moves the indexer only), the entries "entries" and the indexer keys "keys"."""
+    objective moves the indexer only), the entries "entries" and the indexer keys "keys"; with
+    `probs`, also the attention probabilities (see `_banded`)."""
     B, L, _ = x.shape
     q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
     entries = seen = None
@@ -144,27 +149,29 @@ def attention(attn, x: mx.array, record: Optional[dict] = None) -> mx.array:
         else:
             iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
         seen = top_k_mask(index_scores(iq, iw, keys), seen, indexer.topk)
-    return attn._output(_banded(attn, q, kv, entries, seen), 0)
+    return attn._output(_banded(attn, q, kv, entries, seen, record if probs else None), 0)
 
 
-def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None) -> mx.array:
+def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None, probs: bool = False) -> mx.array:
     """Block.__call__ from position 0 on an empty "float" cache."""
     a = layer.args
     opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
     x, post, comb = layer._attn_input(h, opts)
-    out = attention(layer.attn, x, record)
+    out = attention(layer.attn, x, record, probs)
     return layer._ffn(out, h, post, comb, tokens, opts)
 
 
-def trunk(model: Model, tokens: mx.array, records: Dict[int, dict]):
+def trunk(model: Model, tokens: mx.array, records: Dict[int, dict], probs_of=()):
     """(normed final features [B, L, D], last hc streams); `records` gets each CSA layer's
-    record (see `attention`) under its index."""
+    record (see `attention`) under its index, and the attention probabilities of the layers
+    in `probs_of`."""
     a = model.args
     x = model.embed(tokens)
     h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
     for i, layer in enumerate(model.layers):
-        record = records.setdefault(i, {}) if layer.attn.ratio == 4 else None
-        h = block(layer, h, tokens, record)
+        keep = i in probs_of
+        record = records.setdefault(i, {}) if layer.attn.ratio == 4 or keep else None
+        h = block(layer, h, tokens, record, keep)
     x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
     return model.norm(x), h
 

@@ -6,7 +6,12 @@ Objectives:
 - the lightning indexer's auxiliary objective: at sampled query positions, KL divergence from
   the main attention's distribution over the compressed entries (a stop-gradient target: the
   heads' mean softmax of query . entry) to the indexer's softmax over its scores. The top-k
-  choice has no gradient, so this is how the indexer learns which entries matter.
+  choice has no gradient, so this is how the indexer learns which entries matter;
+- optionally (`guide_weight`), attention guidance for copying: the first head of `copy_layer`
+  should attend, at each target whose token occurs earlier in the window (one to four times),
+  to those occurrences, and the first head of `previous_layer` to the previous position. Copying
+  a token from the context needs such heads; from the prediction loss alone a model this small
+  forms them only after many more tokens than a CPU run affords (docs/tiny-model.md).
 
 The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
 positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
@@ -68,6 +73,9 @@ class TrainOptions:
     log_every: int = 1
     mix: dict | None = None  # task kind -> weight; None is data.DEFAULT_MIX
     config: dict | None = None  # config.json values over trained_config's
+    guide_weight: float = 0.0  # the attention-guidance objective's weight; 0: off
+    copy_layer: int = 3
+    previous_layer: int = 0
 
 
 # -- the numpy head --------------------------------------------------------------------------------
@@ -185,6 +193,38 @@ def index_kl(q, entries, keys, iq, iw, positions: np.ndarray, scale: float) -> m
     return kl.sum(axis=-1).mean()
 
 
+def copy_sources(ids: np.ndarray, positions: np.ndarray, window: int, block: int):
+    """(query positions [P], slot masks [P, 2 * block]) for the copy guidance: the positions j among
+    `positions` whose next token ids[j + 1] occurs one to four times in ids[j - window + 1 .. j],
+    and those occurrences marked in j's row of `fast._banded`'s window slots."""
+    queries, masks = [], []
+    for j in positions:
+        lo = max(0, j - window + 1)
+        sources = np.nonzero(ids[lo: j + 1] == ids[j + 1])[0] + lo
+        if not 1 <= len(sources) <= 4:
+            continue
+        row = np.zeros(2 * block, np.float32)
+        row[sources - (j // block) * block + block] = 1
+        queries.append(j)
+        masks.append(row)
+    return np.array(queries, np.int32), np.array(masks, np.float32).reshape(-1, 2 * block)
+
+
+def guide_loss(copy_probs: mx.array, previous_probs: mx.array, block: int, copy_queries: np.ndarray,
+               copy_masks: np.ndarray) -> mx.array:
+    """-log of the first head's attention on the copy sources (mean over `copy_queries`), plus -log of
+    its attention on the previous position in the previous-token layer (mean over positions 1..L-1);
+    *_probs: `fast._banded`'s probabilities [1, L, H, ...] of the two layers."""
+    loss = mx.array(0.0)
+    if copy_queries is not None and len(copy_queries):
+        p = copy_probs[0, mx.array(copy_queries), 0, : 2 * block]
+        loss = loss - mx.log((p * mx.array(copy_masks)).sum(-1) + 1e-6).mean()
+    j = np.arange(1, previous_probs.shape[1])
+    slot = (j - 1) - (j // block) * block + block
+    on_previous = mx.take_along_axis(previous_probs[0, mx.array(j), 0], mx.array(slot[:, None]), axis=-1)[:, 0]
+    return loss + -mx.log(on_previous + 1e-6).mean()
+
+
 # -- batches -------------------------------------------------------------------------------------
 
 def pack(stream, max_tokens: int):
@@ -261,6 +301,8 @@ class Trainer:
         self.rng = np.random.default_rng(options.seed)
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         self.step = 0
+        if reference and options.guide_weight:
+            raise ValueError("the attention guidance is computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
     def _lr(self, step):
@@ -278,7 +320,8 @@ class Trainer:
             self._joint_module = joint
         return self._joint_module
 
-    def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos):
+    def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
+              copy_masks=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
@@ -289,12 +332,15 @@ class Trainer:
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        return total, (main, mtp_loss, index_loss)
+        return total, (main, mtp_loss, index_loss, mx.array(0.0))
 
-    def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos):
+    def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
+                   copy_masks=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
+        o = self.options
         records = {}
-        feats, hidden = fast.trunk(model, tokens, records)
+        guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
+        feats, hidden = fast.trunk(model, tokens, records, probs_of=guided)
         main = fast.head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
@@ -302,9 +348,13 @@ class Trainer:
         kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale)
                for i, r in records.items() if "iq" in r]
         index_loss = sum(kls) / len(kls) if kls else mx.array(0.0)
-        o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        return total, (main, mtp_loss, index_loss)
+        guide = mx.array(0.0)
+        if guided:
+            copy, previous = records[o.copy_layer], records[o.previous_layer]
+            guide = guide_loss(copy["probs"], previous["probs"], copy["block"], copy_queries, copy_masks)
+            total = total + o.guide_weight * guide
+        return total, (main, mtp_loss, index_loss, guide)
 
     def batch(self):
         ids, mask, kinds = pack(self.data, self.options.max_tokens)
@@ -316,20 +366,26 @@ class Trainer:
         offset = int(self.rng.integers(0, stride))
         index_pos = np.unique(np.concatenate([np.arange(4 + offset, L, stride), main_pos[-16:]]))
         index_pos = index_pos[index_pos >= 4].astype(np.int32)
+        copy_queries, copy_masks = np.zeros(0, np.int32), np.zeros((0, 1), np.float32)
+        if self.options.guide_weight:
+            window = self.cfg["sliding_window"]
+            copy_queries, copy_masks = copy_sources(ids, main_pos, window, max(fast.QUERY_BLOCK, window - 1))
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
-                    mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos), kinds
+                    mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
+                    copy_masks=copy_masks), kinds
 
     def train_step(self):
         batch, kinds = self.batch()
         t0 = time.perf_counter()
-        (loss, (main, mtp_loss, index_loss)), grads = self._grad(
+        (loss, (main, mtp_loss, index_loss, guide)), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
-            batch["mtp_targets"], batch["index_pos"])
+            batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5), "main": round(float(main), 5),
                   "mtp": round(float(mtp_loss), 5), "indexer_kl": round(float(index_loss), 5),
+                  **({"guide": round(float(guide), 5)} if self.options.guide_weight else {}),
                   "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
                   "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
                   "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,91 @@
+"""The attention guidance for copying: its targets sit where `fast._banded` keeps each position's
+window, its terms read the attention the model computes, and a guided training step runs."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dsv4.tokenizer import load_tokenizer
+from mlx_dsv4.train import fast
+from mlx_dsv4.train.trainer import Trainer, TrainOptions, copy_sources, guide_loss, init_model, trained_config
+
+
+def _dense_attention(attn, x: mx.array) -> np.ndarray:
+    """Probabilities [L, H, L] of a sliding-window layer's heads over the positions, computed
+    directly (causal, window, sink) rather than by blocks."""
+    _, q, kv = attn._project(x, 0)
+    s = np.einsum("lhd,md->lhm", np.array(q[0]), np.array(kv[0])) * attn.scale
+    L = s.shape[0]
+    delta = np.arange(L)[:, None] - np.arange(L)[None, :]
+    s = np.where(((delta >= 0) & (delta < attn.window))[:, None, :], s, -np.inf)
+    sink = np.array(attn.attn_sink)[None, :, None] * np.ones((L, 1, 1))
+    full = np.concatenate([s, sink], axis=-1)
+    full = np.exp(full - full.max(-1, keepdims=True))
+    return (full / full.sum(-1, keepdims=True))[..., :L]
+
+
+@pytest.fixture(scope="module")
+def layer0_state():
+    cfg = trained_config()
+    model, _ = init_model(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    L = 300  # three query blocks
+    ids = rng.integers(2, 40, L).astype(np.int32)  # a small alphabet: many repeats in the window
+    records = {}
+    fast.trunk(model, mx.array(ids[None]), records, probs_of=(0,))
+    layer = model.layers[0]
+    a = model.args
+    x = model.embed(mx.array(ids[None]))
+    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    xin, _, _ = layer._attn_input(h, dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps))
+    return ids, records[0], _dense_attention(layer.attn, xin), layer.attn.window
+
+
+def test_copy_sources_mark_the_earlier_occurrences_in_the_window():
+    ids = np.array([5, 7, 9, 5, 7, 3, 3, 3, 3, 3, 3, 8], np.int32)
+    queries, masks = copy_sources(ids, np.arange(len(ids) - 1), window=4, block=4)
+    # j=2, 3: the next 5 and 7 seen before; j=4: no 3 in 1..4; j=5..9: one to four 3s in the window
+    # of four positions (j-3..j); j=0, 1, 10: the next token is not in the window
+    assert queries.tolist() == [2, 3, 5, 6, 7, 8, 9]
+    b = 4
+    for j, row in zip(queries, masks):
+        positions = np.nonzero(row)[0] + (j // b) * b - b
+        lo = max(0, j - 3)
+        assert positions.tolist() == [p for p in range(lo, j + 1) if ids[p] == ids[j + 1]]
+    few = copy_sources(np.array([3] * 7 + [3], np.int32), np.array([6]), window=8, block=8)
+    assert len(few[0]) == 0  # seven earlier occurrences: not a copy target
+
+
+def test_guidance_reads_the_layers_attention(layer0_state):
+    ids, record, dense, window = layer0_state
+    probs, block = np.array(record["probs"][0]), record["block"]
+    L = len(ids)
+    for j in range(1, L):
+        slot = (j - 1) - (j // block) * block + block
+        assert probs[j, 0, slot] == pytest.approx(dense[j, 0, j - 1], rel=1e-4, abs=1e-7)
+    queries, masks = copy_sources(ids, np.arange(L - 1), window, block)
+    assert len(queries) > 200
+    for j, row in zip(queries, masks):
+        sources = [p for p in range(max(0, j - window + 1), j + 1) if ids[p] == ids[j + 1]]
+        assert float((probs[j, 0, : 2 * block] * row).sum()) == pytest.approx(dense[j, 0, sources].sum(), rel=1e-4)
+    loss = float(guide_loss(record["probs"], record["probs"], block, queries, masks))
+    copy_mass = np.array([dense[j, 0, [p for p in range(max(0, j - window + 1), j + 1) if ids[p] == ids[j + 1]]].sum()
+                          for j in queries])
+    previous = np.array([dense[j, 0, j - 1] for j in range(1, L)])
+    expected = -np.log(copy_mass + 1e-6).mean() - np.log(previous + 1e-6).mean()
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_guided_steps_move_the_heads_toward_their_targets(tmp_path):
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(steps=8, mix={"copy": 1.0}, guide_weight=1.0, lr=1e-2, warmup=1)
+    trainer = Trainer(tokenizer, options)
+    guides = [trainer.train_step()["guide"] for _ in range(8)]
+    assert np.mean(guides[-3:]) < guides[0] - 1.0, guides
+    trainer.save_official(tmp_path)
+    saved = json.loads((tmp_path / "train_options.json").read_text())
+    assert (saved["guide_weight"], saved["copy_layer"], saved["previous_layer"]) == (1.0, 3, 0)
+    with pytest.raises(ValueError, match="fast path"):
+        Trainer(tokenizer, options, reference=True)

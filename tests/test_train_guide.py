@@ -89,3 +89,23 @@ def test_guided_steps_move_the_heads_toward_their_targets(tmp_path):
     assert (saved["guide_weight"], saved["copy_layer"], saved["previous_layer"]) == (1.0, 3, 0)
     with pytest.raises(ValueError, match="fast path"):
         Trainer(tokenizer, options, reference=True)
+
+
+def test_head_from_embed_starts_the_head_as_the_scaled_embedding():
+    trainer = Trainer(load_tokenizer(None), TrainOptions(head_from_embed=True))
+    embed, head = np.array(trainer.model.embed.weight), np.array(trainer.model.head.weight)
+    np.testing.assert_array_equal(head, embed * np.float32(64 ** -0.5))
+    plain = Trainer(load_tokenizer(None), TrainOptions())
+    np.testing.assert_array_equal(np.array(plain.model.embed.weight), embed)
+    assert np.abs(np.array(plain.model.head.weight) - head).max() > 0.1
+
+
+def test_train_tiny_takes_the_guidance_options(tmp_path):
+    from mlx_dsv4.cli import main
+
+    assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
+                 "--head-from-embed"]) == 0
+    options = json.loads((tmp_path / "train_options.json").read_text())
+    assert (options["guide_weight"], options["head_from_embed"]) == (0.5, True)
+    record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
+    assert record["guide"] > 0

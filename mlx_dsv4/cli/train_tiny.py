@@ -18,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--guide-weight", type=float, default=None,
                    help="weight of the attention guidance for copying (a copy head and a previous-token "
                         "head; default 0: off)")
+    p.add_argument("--head-from-embed", action="store_true", default=None,
+                   help="start the vocabulary head as the embedding scaled by hidden_size**-0.5")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -72,7 +74,7 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "head_from_embed"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -74,6 +74,7 @@ class TrainOptions:
     mix: dict | None = None  # task kind -> weight; None is data.DEFAULT_MIX
     config: dict | None = None  # config.json values over trained_config's
     guide_weight: float = 0.0  # the attention-guidance objective's weight; 0: off
+    head_from_embed: bool = False  # start the vocabulary head as the embedding (see Trainer)
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -295,6 +296,12 @@ class Trainer:
         self.cfg = trained_config(options.preset, **(options.config or {}))
         mx.random.seed(options.seed)
         self.model, self.mtp_holder = init_model(self.cfg, options.seed)
+        if options.head_from_embed:
+            # Writing back a token read from the context then needs one map shared by all tokens
+            # (the features of the attended token's embedding) instead of a head row learned per
+            # token, which rare tokens (most numbers) would get only after many more steps.
+            self.model.head.weight = self.model.embed.weight * self.cfg["hidden_size"] ** -0.5
+            mx.eval(self.model.parameters())
         self.recorder = Recorder(self.model)
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
                                                  mix=options.mix))

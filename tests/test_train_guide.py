@@ -1,7 +1,9 @@
 """The attention guidance for copying: its targets sit where `fast._banded` keeps each position's
 window, its terms read the attention the model computes, and a guided training step runs."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -109,3 +111,12 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert (options["guide_weight"], options["head_from_embed"]) == (0.5, True)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0
+
+    # benchmarks/copy_probe.py reads such a run directory
+    spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parent.parent / "benchmarks" / "copy_probe.py")
+    copy_probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy_probe)
+    result = copy_probe.probe(tmp_path, examples=2)
+    assert result["number"]["targets"] > 0 and result["other"]["targets"] > 0
+    for row in result.values():
+        assert 0 < row["attention_on_sources"] < 1 and 0 <= row["greedy_right"] <= 1

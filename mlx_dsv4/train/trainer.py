@@ -428,17 +428,21 @@ class Trainer:
         (out / STATE_DIR / "step.json").write_text(json.dumps({"step": self.step}) + "\n")
         return out
 
+    def load_weights(self, out_dir) -> None:
+        """The model and MTP weights `save_official` wrote in `out_dir`."""
+        args = ModelArgs.from_dict(self.cfg)
+        weights = mx.load(str(Path(out_dir) / "model.safetensors"))
+        main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+        mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+        self.model.load_weights(list(to_mlx_layout(main, args).items()), strict=True)
+        self.mtp_holder.load_weights(list(to_mlx_layout(mtp, args).items()), strict=True)
+
     def resume(self, out_dir) -> int:
         """Continue from what `save_official` wrote in `out_dir`: weights, optimizer moments, step, and
         the data stream advanced past the sequences already trained on. Returns the step."""
         out = Path(out_dir)
         step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
-        args = ModelArgs.from_dict(self.cfg)
-        weights = mx.load(str(out / "model.safetensors"))
-        main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
-        mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
-        self.model.load_weights(list(to_mlx_layout(main, args).items()), strict=True)
-        self.mtp_holder.load_weights(list(to_mlx_layout(mtp, args).items()), strict=True)
+        self.load_weights(out)
         moments = out / STATE_DIR / "optimizer.safetensors"
         if moments.is_file():
             self.optimizer.state = tree_unflatten(list(mx.load(str(moments)).items()))

@@ -1,8 +1,10 @@
 """Where a small V4 in training stands on copying: for held-out tool and copy examples, at each
 assistant target whose token occurs earlier in the sliding window (`trainer.copy_sources`), the
-attention mass that the first head of a layer puts on those occurrences, and how often the
-model's greedy next token (teacher-forced) is the target, by kind of token: numbers, words of
-four or more letters, the rest (mostly the chat and DSML template's tokens).
+attention mass that the first head of a layer puts on those occurrences, how often that head's
+own prediction (its output alone through the output projection, the final norm and the vocabulary
+head: `trainer.copy_head_features`) is the target, and how often the model's greedy next token
+(teacher-forced) is, by kind of token: numbers, words of four or more letters, the rest (mostly
+the chat and DSML template's tokens).
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -11,7 +13,6 @@ RUN_DIR is what `mlx-dsv4 train-tiny` writes (config.json, model.safetensors, tr
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,7 +21,7 @@ import numpy as np
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.data import TaskGenerator
-from mlx_dsv4.train.trainer import Trainer, TrainOptions, copy_sources
+from mlx_dsv4.train.trainer import copy_head_features, copy_sources, load_run
 
 
 def token_kind(text: str) -> str:
@@ -33,14 +34,11 @@ def token_kind(text: str) -> str:
 
 
 def probe(run_dir: Path, layer: int = None, examples: int = 24, seed: int = 77) -> dict:
-    saved = json.loads((run_dir / "train_options.json").read_text())
-    options = TrainOptions(**{k: v for k, v in saved.items() if k in vars(TrainOptions())})
+    model, _, options = load_run(run_dir)
     tokenizer = load_tokenizer(None)
-    trainer = Trainer(tokenizer, options)
-    trainer.load_weights(run_dir)
     layer = options.copy_layer if layer is None else layer
-    window = trainer.cfg["sliding_window"]
-    block = max(fast.QUERY_BLOCK, window - 1)
+    window = model.args.sliding_window
+    block = fast.block_size(window)
     gen = TaskGenerator(tokenizer, seed=seed, split="eval", mix={"tool": 1.0, "copy": 1.0})
     rows = {}
     for _ in range(examples):
@@ -48,14 +46,20 @@ def probe(run_dir: Path, layer: int = None, examples: int = 24, seed: int = 77) 
         ids, mask = np.array(ex.ids, np.int32), np.array(ex.mask)
         queries, masks = copy_sources(ids, np.nonzero(mask[1:])[0], window, block)
         records = {}
-        feats, _ = fast.trunk(trainer.model, mx.array(ids[None]), records, probs_of=(layer,))
+        if not len(queries):
+            continue
+        feats, _ = fast.trunk(model, mx.array(ids[None]), records, probs_of=(layer,))
         probs = np.array(records[layer]["probs"][0, :, 0, : 2 * block])
-        greedy = np.array(mx.argmax(feats[0] @ trainer.model.head.weight.T, axis=-1))
-        for j, sources in zip(queries, masks):
+        greedy = np.array(mx.argmax(feats[0] @ model.head.weight.T, axis=-1))
+        own = copy_head_features(model, layer, records[layer]["heads"], queries)
+        own_greedy = np.array(mx.argmax(own @ model.head.weight.T, axis=-1))
+        for j, sources, head_pick in zip(queries, masks, own_greedy):
             kind = token_kind(tokenizer.decode([int(ids[j + 1])]))
-            rows.setdefault(kind, []).append((float((probs[j] * sources).sum()), float(greedy[j] == ids[j + 1])))
-    return {kind: {"targets": len(v), "attention_on_sources": float(np.mean([a for a, _ in v])),
-                   "greedy_right": float(np.mean([g for _, g in v]))} for kind, v in sorted(rows.items())}
+            rows.setdefault(kind, []).append((float((probs[j] * sources).sum()), float(head_pick == ids[j + 1]),
+                                              float(greedy[j] == ids[j + 1])))
+    return {kind: {"targets": len(v), "attention_on_sources": float(np.mean([r[0] for r in v])),
+                   "copy_head_right": float(np.mean([r[1] for r in v])),
+                   "greedy_right": float(np.mean([r[2] for r in v]))} for kind, v in sorted(rows.items())}
 
 
 def main(argv=None):
@@ -66,10 +70,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=77)
     args = p.parse_args(argv)
     result = probe(args.run_dir, args.layer, args.examples, args.seed)
-    print("| target token | targets | copy head's attention on its earlier occurrences | greedy token right |")
-    print("| --- | --- | --- | --- |")
+    print("| target token | targets | copy head's attention on its earlier occurrences | copy head's own "
+          "prediction right | greedy token right |")
+    print("| --- | --- | --- | --- | --- |")
     for kind, r in result.items():
-        print(f"| {kind} | {r['targets']} | {r['attention_on_sources']:.3f} | {r['greedy_right']:.3f} |")
+        print(f"| {kind} | {r['targets']} | {r['attention_on_sources']:.3f} | {r['copy_head_right']:.3f} "
+              f"| {r['greedy_right']:.3f} |")
     return 0
 
 

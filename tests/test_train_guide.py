@@ -1,5 +1,7 @@
-"""The attention guidance for copying: its targets sit where `fast._banded` keeps each position's
-window, its terms read the attention the model computes, and a guided training step runs."""
+"""The copy objectives: the attention guidance's targets sit where `fast._banded` keeps each
+position's window, its terms read the attention the model computes; the copy head's own
+prediction is that head's output alone through the output projection and the vocabulary head;
+training steps with them run and lower them."""
 
 import importlib.util
 import json
@@ -11,7 +13,8 @@ import pytest
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
-from mlx_dsv4.train.trainer import Trainer, TrainOptions, copy_sources, guide_loss, init_model, trained_config
+from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, guide_loss, init_model,
+                                    trained_config)
 
 
 def _dense_attention(attn, x: mx.array) -> np.ndarray:
@@ -42,7 +45,7 @@ def layer0_state():
     x = model.embed(mx.array(ids[None]))
     h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
     xin, _, _ = layer._attn_input(h, dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps))
-    return ids, records[0], _dense_attention(layer.attn, xin), layer.attn.window
+    return ids, records[0], _dense_attention(layer.attn, xin), layer.attn.window, model, xin
 
 
 def test_copy_sources_mark_the_earlier_occurrences_in_the_window():
@@ -61,7 +64,7 @@ def test_copy_sources_mark_the_earlier_occurrences_in_the_window():
 
 
 def test_guidance_reads_the_layers_attention(layer0_state):
-    ids, record, dense, window = layer0_state
+    ids, record, dense, window, _, _ = layer0_state
     probs, block = np.array(record["probs"][0]), record["block"]
     L = len(ids)
     for j in range(1, L):
@@ -80,15 +83,44 @@ def test_guidance_reads_the_layers_attention(layer0_state):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
-def test_guided_steps_move_the_heads_toward_their_targets(tmp_path):
+def test_copy_output_is_the_first_heads_own_prediction(layer0_state):
+    ids, record, dense, window, model, xin = layer0_state
+    attn = model.layers[0].attn
+    _, _, kv = attn._project(xin, 0)
+    first = dense[:, 0, :] @ np.array(kv[0])  # head 0's output [L, hd]
+    heads = np.array(record["heads"][0])
+    np.testing.assert_allclose(heads[:, 0], first, rtol=1e-4, atol=1e-5)
+
+    queries, _ = copy_sources(ids, np.arange(len(ids) - 1), window, record["block"])
+    alone = np.zeros_like(heads)
+    alone[:, 0] = first
+    feats = np.array(model.norm(attn._output(mx.array(alone[None]), 0)[0]))[queries]
+    logits = feats.astype(np.float64) @ np.array(model.head.weight).T.astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -log_p[np.arange(len(queries)), ids[queries + 1]].mean()
+    tokens = mx.array(ids[None])
+    loss = float(copy_output_loss(model, 0, record["heads"], tokens, queries))
+    assert loss == pytest.approx(expected, rel=1e-4)
+    others = heads.copy()
+    others[:, 1:] = np.random.default_rng(1).normal(size=others[:, 1:].shape)  # the other heads do not count
+    assert float(copy_output_loss(model, 0, mx.array(others[None]), tokens, queries)) == pytest.approx(loss, rel=1e-5)
+
+
+def test_copy_steps_lower_their_objectives(tmp_path):
     tokenizer = load_tokenizer(None)
-    options = TrainOptions(steps=8, mix={"copy": 1.0}, guide_weight=1.0, lr=1e-2, warmup=1)
+    options = TrainOptions(steps=8, mix={"copy": 1.0}, guide_weight=1.0, copy_output_weight=1.0, lr=1e-2, warmup=1,
+                           max_tokens=512)
     trainer = Trainer(tokenizer, options)
-    guides = [trainer.train_step()["guide"] for _ in range(8)]
+    records = [trainer.train_step() for _ in range(8)]
+    guides = [r["guide"] for r in records]
+    outputs = [r["copy_output"] for r in records]
     assert np.mean(guides[-3:]) < guides[0] - 1.0, guides
+    assert np.mean(outputs[-3:]) < outputs[0] - 1.0, outputs
     trainer.save_official(tmp_path)
     saved = json.loads((tmp_path / "train_options.json").read_text())
-    assert (saved["guide_weight"], saved["copy_layer"], saved["previous_layer"]) == (1.0, 3, 0)
+    assert (saved["guide_weight"], saved["copy_output_weight"], saved["copy_layer"], saved["previous_layer"]) == (
+        1.0, 1.0, 3, 0)
     with pytest.raises(ValueError, match="fast path"):
         Trainer(tokenizer, options, reference=True)
 
@@ -106,11 +138,11 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     from mlx_dsv4.cli import main
 
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
-                 "--head-from-embed"]) == 0
+                 "--copy-output-weight", "0.25", "--head-from-embed"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
-    assert (options["guide_weight"], options["head_from_embed"]) == (0.5, True)
+    assert (options["guide_weight"], options["copy_output_weight"], options["head_from_embed"]) == (0.5, 0.25, True)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
-    assert record["guide"] > 0
+    assert record["guide"] > 0 and record["copy_output"] > 0
 
     # benchmarks/copy_probe.py reads such a run directory
     spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parent.parent / "benchmarks" / "copy_probe.py")
@@ -120,3 +152,4 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert result["number"]["targets"] > 0 and result["other"]["targets"] > 0
     for row in result.values():
         assert 0 < row["attention_on_sources"] < 1 and 0 <= row["greedy_right"] <= 1
+        assert 0 <= row["copy_head_right"] <= 1

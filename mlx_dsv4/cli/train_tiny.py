@@ -18,6 +18,9 @@ def add_arguments(p):
     p.add_argument("--guide-weight", type=float, default=None,
                    help="weight of the attention guidance for copying (a copy head and a previous-token "
                         "head; default 0: off)")
+    p.add_argument("--copy-output-weight", type=float, default=None,
+                   help="weight of the copy head's own prediction of the copied token (through its output "
+                        "projection and the vocabulary head; default 0: off)")
     p.add_argument("--head-from-embed", action="store_true", default=None,
                    help="start the vocabulary head as the embedding scaled by hidden_size**-0.5")
     p.add_argument("--resume", action="store_true",
@@ -74,7 +77,7 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "head_from_embed"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -32,6 +32,11 @@ def one_blas_thread():
 QUERY_BLOCK = 128  # queries per attention block (more when the window is longer)
 
 
+def block_size(window: int) -> int:
+    """Queries per block of `_banded` for a sliding window of `window` rows."""
+    return max(QUERY_BLOCK, window - 1)
+
+
 # MLX's CPU backend runs these float32 products several times slower than numpy's BLAS on one
 # thread: the attention's score and value products go through numpy, joined by a custom VJP.
 @mx.custom_function
@@ -56,12 +61,12 @@ def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_e
     entries [B, T, hd] it attends to (seen_entries: boolean [B or 1, L, T]), with the sink; `keep`
     receives the probabilities "probs" [B, L, H, 2b + T + 1] and the block size "block" (b).
 
-    Queries go in blocks of b = QUERY_BLOCK (or window - 1 when longer); block i's keys are the rows of blocks i - 1 and i (zeros
+    Queries go in blocks of b = `block_size(window)`; block i's keys are the rows of blocks i - 1 and i (zeros
     before the sequence, masked). The heads share one kv head, so each block's scores are one
     [b * H, hd] x [hd, 2b] product. Each CSA query's top-k picks are a mask over all entries,
     which costs less here than gathering them per query."""
     B, L, H, hd = q.shape
-    b = max(QUERY_BLOCK, attn.window - 1)
+    b = block_size(attn.window)
     n = -(-L // b)
     pad = n * b - L
     rows = mx.concatenate([mx.zeros((B, b, hd), kv.dtype), kv, mx.zeros((B, pad, hd), kv.dtype)], axis=1)
@@ -129,7 +134,8 @@ def attention(attn, x: mx.array, record: Optional[dict] = None, probs: bool = Fa
     record (CSA layers): receives the attention queries "q", the indexer's queries "iq" and head
     weights "iw" (computed from inputs with their gradient stopped, so that the indexer's
     objective moves the indexer only), the entries "entries" and the indexer keys "keys"; with
-    `probs`, also the attention probabilities (see `_banded`)."""
+    `probs`, also the attention probabilities (see `_banded`) and the heads' outputs "heads"
+    [B, L, H, hd] before the output projection."""
     B, L, _ = x.shape
     q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
     entries = seen = None
@@ -149,7 +155,10 @@ def attention(attn, x: mx.array, record: Optional[dict] = None, probs: bool = Fa
         else:
             iq, iw = indexer.queries(x, q_lora, attn.rope, 0, index_codec)
         seen = top_k_mask(index_scores(iq, iw, keys), seen, indexer.topk)
-    return attn._output(_banded(attn, q, kv, entries, seen, record if probs else None), 0)
+    heads = _banded(attn, q, kv, entries, seen, record if probs else None)
+    if probs:
+        record["heads"] = heads
+    return attn._output(heads, 0)
 
 
 def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None, probs: bool = False) -> mx.array:
@@ -191,7 +200,7 @@ def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed) -> mx.arra
 # (feats, targets, probabilities) of the latest forwards, newest last, for their backward to reuse:
 # recomputing the [N, vocab] softmax costs as much as the rest of the head's backward.
 _saved_probs = []
-_SAVED_MAX = 2  # a step's two heads (main, MTP); a forward without backward leaves no more
+_SAVED_MAX = 3  # a step's heads (main, MTP, copy output); a forward without backward leaves no more
 
 
 def _head_probs(w: np.ndarray, feats: np.ndarray) -> np.ndarray:

@@ -11,7 +11,11 @@ Objectives:
   should attend, at each target whose token occurs earlier in the window (one to four times),
   to those occurrences, and the first head of `previous_layer` to the previous position. Copying
   a token from the context needs such heads; from the prediction loss alone a model this small
-  forms them only after many more tokens than a CPU run affords (docs/tiny-model.md).
+  forms them only after many more tokens than a CPU run affords (docs/tiny-model.md);
+- optionally (`copy_output_weight`), the copy head's own prediction: at the same targets, the
+  first head of `copy_layer` alone, through the layer's output projection, the final norm and the
+  vocabulary head, should predict the target (cross-entropy). Attention on the right position
+  copies nothing unless the head's value and output projection carry which token sits there.
 
 The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
 positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
@@ -75,6 +79,7 @@ class TrainOptions:
     config: dict | None = None  # config.json values over trained_config's
     guide_weight: float = 0.0  # the attention-guidance objective's weight; 0: off
     head_from_embed: bool = False  # start the vocabulary head as the embedding (see Trainer)
+    copy_output_weight: float = 0.0  # the copy head's own prediction objective's weight; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -226,6 +231,22 @@ def guide_loss(copy_probs: mx.array, previous_probs: mx.array, block: int, copy_
     return loss + -mx.log(on_previous + 1e-6).mean()
 
 
+def copy_head_features(model: Model, layer: int, heads: mx.array, queries: np.ndarray) -> mx.array:
+    """The normed features [P, D] at `queries` of the first head of `layer` alone: its output (heads
+    [1, L, H, hd]: the layer's head outputs before the output projection, as `fast.attention`
+    records them) through the layer's output projection and the final norm."""
+    attn = model.layers[layer].attn
+    first_only = mx.array(np.arange(heads.shape[2]) == 0, heads.dtype)[:, None]
+    return model.norm(attn._output(heads * first_only, 0)[0, mx.array(queries)])
+
+
+def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, queries: np.ndarray) -> mx.array:
+    """Mean cross-entropy, at `queries`, of the next token under the vocabulary head of
+    `copy_head_features`: the copy head's own prediction."""
+    feats = copy_head_features(model, layer, heads, queries)
+    return fast.head_cross_entropy(feats, model.head.weight, tokens[0, mx.array(queries + 1)])
+
+
 # -- batches -------------------------------------------------------------------------------------
 
 def pack(stream, max_tokens: int):
@@ -287,6 +308,26 @@ def init_model(cfg: dict, seed: int):
     return model, holder
 
 
+def _load_saved(model: Model, holder, cfg: dict, out_dir) -> None:
+    args = ModelArgs.from_dict(cfg)
+    weights = mx.load(str(Path(out_dir) / "model.safetensors"))
+    main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+    model.load_weights(list(to_mlx_layout(main, args).items()), strict=True)
+    holder.load_weights(list(to_mlx_layout(mtp, args).items()), strict=True)
+
+
+def load_run(out_dir):
+    """(Model, MTP holder, TrainOptions) of what `Trainer.save_official` wrote in `out_dir`."""
+    saved = json.loads((Path(out_dir) / "train_options.json").read_text())
+    options = TrainOptions(**{k: v for k, v in saved.items() if k in vars(TrainOptions())})
+    cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    model, holder = init_model(cfg, options.seed)
+    _load_saved(model, holder, cfg, out_dir)
+    mx.eval(model.parameters(), holder.parameters())
+    return model, holder, options
+
+
 class Trainer:
     """reference=True computes the objectives through the inference modules and their caches
     (`trunk`), the slow path the fast one (`fast.trunk`, the default) is checked against."""
@@ -308,8 +349,8 @@ class Trainer:
         self.rng = np.random.default_rng(options.seed)
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         self.step = 0
-        if reference and options.guide_weight:
-            raise ValueError("the attention guidance is computed on the fast path only (reference=False)")
+        if reference and (options.guide_weight or options.copy_output_weight):
+            raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
     def _lr(self, step):
@@ -339,7 +380,7 @@ class Trainer:
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        return total, (main, mtp_loss, index_loss, mx.array(0.0))
+        return total, (main, mtp_loss, index_loss, mx.array(0.0), mx.array(0.0))
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
                    copy_masks=None):
@@ -347,7 +388,8 @@ class Trainer:
         o = self.options
         records = {}
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
-        feats, hidden = fast.trunk(model, tokens, records, probs_of=guided)
+        probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight else set())
+        feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
         main = fast.head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
@@ -361,7 +403,12 @@ class Trainer:
             copy, previous = records[o.copy_layer], records[o.previous_layer]
             guide = guide_loss(copy["probs"], previous["probs"], copy["block"], copy_queries, copy_masks)
             total = total + o.guide_weight * guide
-        return total, (main, mtp_loss, index_loss, guide)
+        copy_output = mx.array(0.0)
+        if o.copy_output_weight and copy_queries is not None and len(copy_queries):
+            copy_output = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens, copy_queries)
+            total = total + o.copy_output_weight * copy_output
+        return total, (main, mtp_loss, index_loss, guide, copy_output)
+
 
     def batch(self):
         ids, mask, kinds = pack(self.data, self.options.max_tokens)
@@ -374,9 +421,9 @@ class Trainer:
         index_pos = np.unique(np.concatenate([np.arange(4 + offset, L, stride), main_pos[-16:]]))
         index_pos = index_pos[index_pos >= 4].astype(np.int32)
         copy_queries, copy_masks = np.zeros(0, np.int32), np.zeros((0, 1), np.float32)
-        if self.options.guide_weight:
+        if self.options.guide_weight or self.options.copy_output_weight:
             window = self.cfg["sliding_window"]
-            copy_queries, copy_masks = copy_sources(ids, main_pos, window, max(fast.QUERY_BLOCK, window - 1))
+            copy_queries, copy_masks = copy_sources(ids, main_pos, window, fast.block_size(window))
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
@@ -385,7 +432,7 @@ class Trainer:
     def train_step(self):
         batch, kinds = self.batch()
         t0 = time.perf_counter()
-        (loss, (main, mtp_loss, index_loss, guide)), grads = self._grad(
+        (loss, (main, mtp_loss, index_loss, guide, copy_output)), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"])
         self.optimizer.update(self._joint, grads)
@@ -393,6 +440,7 @@ class Trainer:
         record = {"step": self.step, "loss": round(float(loss), 5), "main": round(float(main), 5),
                   "mtp": round(float(mtp_loss), 5), "indexer_kl": round(float(index_loss), 5),
                   **({"guide": round(float(guide), 5)} if self.options.guide_weight else {}),
+                  **({"copy_output": round(float(copy_output), 5)} if self.options.copy_output_weight else {}),
                   "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
                   "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
                   "seconds": round(time.perf_counter() - t0, 3)}
@@ -430,12 +478,7 @@ class Trainer:
 
     def load_weights(self, out_dir) -> None:
         """The model and MTP weights `save_official` wrote in `out_dir`."""
-        args = ModelArgs.from_dict(self.cfg)
-        weights = mx.load(str(Path(out_dir) / "model.safetensors"))
-        main = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
-        mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
-        self.model.load_weights(list(to_mlx_layout(main, args).items()), strict=True)
-        self.mtp_holder.load_weights(list(to_mlx_layout(mtp, args).items()), strict=True)
+        _load_saved(self.model, self.mtp_holder, self.cfg, out_dir)
 
     def resume(self, out_dir) -> int:
         """Continue from what `save_official` wrote in `out_dir`: weights, optimizer moments, step, and

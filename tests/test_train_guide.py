@@ -1,7 +1,7 @@
 """The copy objectives: the attention guidance's targets sit where `fast._banded` keeps each
 position's window, its terms read the attention the model computes; the copy head's own
 prediction is that head's output alone through the output projection and the vocabulary head;
-training steps with them run and lower them."""
+training steps with them run and lower them; a tied head stays the scaled embedding."""
 
 import importlib.util
 import json
@@ -14,7 +14,7 @@ import pytest
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, guide_loss, init_model,
-                                    trained_config)
+                                    load_run, trained_config)
 
 
 def _dense_attention(attn, x: mx.array) -> np.ndarray:
@@ -134,13 +134,31 @@ def test_head_from_embed_starts_the_head_as_the_scaled_embedding():
     assert np.abs(np.array(plain.model.head.weight) - head).max() > 0.1
 
 
+def test_tied_head_stays_the_scaled_embedding(tmp_path):
+    from mlx.utils import tree_flatten
+
+    trainer = Trainer(load_tokenizer(None), TrainOptions(steps=2, tie_head=True, lr=1e-2, warmup=1, max_tokens=256))
+    assert not any(k.startswith("model.head.") for k, _ in tree_flatten(trainer._joint.trainable_parameters()))
+    start = np.array(trainer.model.embed.weight)
+    for _ in range(2):
+        trainer.train_step()
+    embed = np.array(trainer.model.embed.weight)
+    assert np.abs(embed - start).max() > 1e-3  # the embedding trained (as input and as head)
+    trainer.save_official(tmp_path)
+    model, _, options = load_run(tmp_path)
+    assert options.tie_head
+    np.testing.assert_array_equal(np.array(model.embed.weight), embed)
+    np.testing.assert_array_equal(np.array(model.head.weight), embed * np.float32(64 ** -0.5))
+
+
 def test_train_tiny_takes_the_guidance_options(tmp_path):
     from mlx_dsv4.cli import main
 
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
-                 "--copy-output-weight", "0.25", "--head-from-embed"]) == 0
+                 "--copy-output-weight", "0.25", "--head-from-embed", "--tie-head"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
-    assert (options["guide_weight"], options["copy_output_weight"], options["head_from_embed"]) == (0.5, 0.25, True)
+    assert (options["guide_weight"], options["copy_output_weight"], options["head_from_embed"], options["tie_head"]) == (
+        0.5, 0.25, True, True)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0
 

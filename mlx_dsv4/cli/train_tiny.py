@@ -23,6 +23,9 @@ def add_arguments(p):
                         "projection and the vocabulary head; default 0: off)")
     p.add_argument("--head-from-embed", action="store_true", default=None,
                    help="start the vocabulary head as the embedding scaled by hidden_size**-0.5")
+    p.add_argument("--tie-head", action="store_true", default=None,
+                   help="keep the vocabulary head equal to the embedding scaled by hidden_size**-0.5 while "
+                        "training (the checkpoint still has both tensors)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -77,7 +80,7 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed", "tie_head"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -79,6 +79,7 @@ class TrainOptions:
     config: dict | None = None  # config.json values over trained_config's
     guide_weight: float = 0.0  # the attention-guidance objective's weight; 0: off
     head_from_embed: bool = False  # start the vocabulary head as the embedding (see Trainer)
+    tie_head: bool = False  # the head is the scaled embedding throughout training (see Trainer)
     copy_output_weight: float = 0.0  # the copy head's own prediction objective's weight; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
@@ -240,11 +241,13 @@ def copy_head_features(model: Model, layer: int, heads: mx.array, queries: np.nd
     return model.norm(attn._output(heads * first_only, 0)[0, mx.array(queries)])
 
 
-def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, queries: np.ndarray) -> mx.array:
-    """Mean cross-entropy, at `queries`, of the next token under the vocabulary head of
-    `copy_head_features`: the copy head's own prediction."""
+def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, queries: np.ndarray,
+                     head: mx.array = None) -> mx.array:
+    """Mean cross-entropy, at `queries`, of the next token under the vocabulary head (`head`, or the
+    model's) of `copy_head_features`: the copy head's own prediction."""
     feats = copy_head_features(model, layer, heads, queries)
-    return fast.head_cross_entropy(feats, model.head.weight, tokens[0, mx.array(queries + 1)])
+    head = model.head.weight if head is None else head
+    return fast.head_cross_entropy(feats, head, tokens[0, mx.array(queries + 1)])
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -343,6 +346,11 @@ class Trainer:
             # token, which rare tokens (most numbers) would get only after many more steps.
             self.model.head.weight = self.model.embed.weight * self.cfg["hidden_size"] ** -0.5
             mx.eval(self.model.parameters())
+        if options.tie_head:
+            # Without it, the rows of rare tokens drift towards a shared direction (a head row of a
+            # number ends up closer to every other number's than to its own embedding), and an
+            # attended number can no longer be told from the others at the output.
+            self.model.head.freeze()
         self.recorder = Recorder(self.model)
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
                                                  mix=options.mix))
@@ -372,11 +380,11 @@ class Trainer:
               copy_masks=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
-        main = head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
+        main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         mtp_cache = mtp.make_cache("float", "float")
         mtp_feats = mtp_features(mtp, hidden, next_tokens, model.embed, mtp_cache)
-        mtp_loss = head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
+        mtp_loss = head_cross_entropy(mtp_feats[0, mtp_pos], self._head(model), mtp_targets)
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
@@ -390,10 +398,11 @@ class Trainer:
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
         probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight else set())
         feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
-        main = fast.head_cross_entropy(feats[0, main_pos], model.head.weight, main_targets)
+        head = self._head(model)
+        main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
-        mtp_loss = fast.head_cross_entropy(mtp_feats[0, mtp_pos], model.head.weight, mtp_targets)
+        mtp_loss = fast.head_cross_entropy(mtp_feats[0, mtp_pos], head, mtp_targets)
         kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale)
                for i, r in records.items() if "iq" in r]
         index_loss = sum(kls) / len(kls) if kls else mx.array(0.0)
@@ -405,10 +414,17 @@ class Trainer:
             total = total + o.guide_weight * guide
         copy_output = mx.array(0.0)
         if o.copy_output_weight and copy_queries is not None and len(copy_queries):
-            copy_output = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens, copy_queries)
+            copy_output = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens, copy_queries,
+                                           head)
             total = total + o.copy_output_weight * copy_output
         return total, (main, mtp_loss, index_loss, guide, copy_output)
 
+
+    def _head(self, model: Model) -> mx.array:
+        """The vocabulary head's weight: the model's, or with `tie_head` the scaled embedding."""
+        if self.options.tie_head:
+            return model.embed.weight * self.cfg["hidden_size"] ** -0.5
+        return model.head.weight
 
     def batch(self):
         ids, mask, kinds = pack(self.data, self.options.max_tokens)
@@ -452,6 +468,8 @@ class Trainer:
     def official_weights(self) -> dict:
         """Every trained tensor under its official name and shape (per-expert tensors, 2-D wo_a)."""
         args = ModelArgs.from_dict(self.cfg)
+        if self.options.tie_head:
+            self.model.head.weight = self._head(self.model)
         params = dict(tree_flatten(self.model.parameters()))
         params.update(tree_flatten(self.mtp_holder.parameters()))
         out = {}

@@ -4,7 +4,10 @@ attention mass that the first head of a layer puts on those occurrences, how oft
 own prediction (its output alone through the output projection, the final norm and the vocabulary
 head: `trainer.copy_head_features`) is the target, and how often the model's greedy next token
 (teacher-forced) is, by kind of token: numbers, words of four or more letters, the rest (mostly
-the chat and DSML template's tokens).
+the chat and DSML template's tokens). Then how far apart the vocabulary head keeps the numbers
+100-999 (`number_rows`): the mean cosine between two numbers' head rows, between a number's head
+row and its embedding, and how often a number's embedding scores its own head row above every
+other number's.
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -62,6 +65,18 @@ def probe(run_dir: Path, layer: int = None, examples: int = 24, seed: int = 77) 
                    "greedy_right": float(np.mean([r[2] for r in v]))} for kind, v in sorted(rows.items())}
 
 
+def number_rows(model, tokenizer) -> dict:
+    ids = sorted({t for n in range(100, 1000) for t in tokenizer.encode(str(n)) if tokenizer.decode([t]) == str(n)})
+    embed, head = np.array(model.embed.weight)[ids], np.array(model.head.weight)[ids]
+    unit = head / np.linalg.norm(head, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    own = (embed * unit).sum(1) / np.linalg.norm(embed, axis=1)
+    scores = embed @ head.T
+    return {"numbers": len(ids), "head_rows_cosine": float(cos[~np.eye(len(ids), dtype=bool)].mean()),
+            "head_row_embedding_cosine": float(own.mean()),
+            "embedding_picks_own_row": float((scores.argmax(1) == np.arange(len(ids))).mean())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
@@ -76,6 +91,11 @@ def main(argv=None):
     for kind, r in result.items():
         print(f"| {kind} | {r['targets']} | {r['attention_on_sources']:.3f} | {r['copy_head_right']:.3f} "
               f"| {r['greedy_right']:.3f} |")
+    model, _, _ = load_run(args.run_dir)
+    rows = number_rows(model, load_tokenizer(None))
+    print(f"\nhead rows of the {rows['numbers']} numbers 100-999: mean cosine between two "
+          f"{rows['head_rows_cosine']:.3f}, with the number's embedding {rows['head_row_embedding_cosine']:.3f}; "
+          f"the embedding scores its own row highest for {rows['embedding_picks_own_row']:.1%}")
     return 0
 
 

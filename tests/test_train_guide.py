@@ -171,3 +171,8 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     for row in result.values():
         assert 0 < row["attention_on_sources"] < 1 and 0 <= row["greedy_right"] <= 1
         assert 0 <= row["copy_head_right"] <= 1
+    model, _, options = load_run(tmp_path)
+    assert options.tie_head
+    rows = copy_probe.number_rows(model, load_tokenizer(None))
+    assert rows["numbers"] == 900  # each of 100-999 is one token
+    assert rows["head_row_embedding_cosine"] == pytest.approx(1.0, abs=1e-5)  # a tied head

@@ -137,25 +137,28 @@ def test_head_from_embed_starts_the_head_as_the_scaled_embedding():
 def test_tied_head_stays_the_scaled_embedding(tmp_path):
     from mlx.utils import tree_flatten
 
-    trainer = Trainer(load_tokenizer(None), TrainOptions(steps=2, tie_head=True, lr=1e-2, warmup=1, max_tokens=256))
+    options = TrainOptions(steps=2, tie_head=True, embed_scale=4.0, lr=1e-2, warmup=1, max_tokens=256)
+    trainer = Trainer(load_tokenizer(None), options)
     assert not any(k.startswith("model.head.") for k, _ in tree_flatten(trainer._joint.trainable_parameters()))
     start = np.array(trainer.model.embed.weight)
+    drawn, _ = init_model(trainer.cfg, options.seed)
+    np.testing.assert_allclose(start, np.array(drawn.embed.weight) * 4, rtol=1e-6)
     for _ in range(2):
         trainer.train_step()
     embed = np.array(trainer.model.embed.weight)
     assert np.abs(embed - start).max() > 1e-3  # the embedding trained (as input and as head)
     trainer.save_official(tmp_path)
-    model, _, options = load_run(tmp_path)
-    assert options.tie_head
+    model, _, saved = load_run(tmp_path)
+    assert saved.tie_head and saved.embed_scale == 4.0
     np.testing.assert_array_equal(np.array(model.embed.weight), embed)
-    np.testing.assert_array_equal(np.array(model.head.weight), embed * np.float32(64 ** -0.5))
+    np.testing.assert_allclose(np.array(model.head.weight), embed * (64 ** -0.5 / 4), rtol=1e-6)
 
 
 def test_train_tiny_takes_the_guidance_options(tmp_path):
     from mlx_dsv4.cli import main
 
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
-                 "--copy-output-weight", "0.25", "--head-from-embed", "--tie-head"]) == 0
+                 "--copy-output-weight", "0.25", "--head-from-embed", "--tie-head", "--embed-scale", "2"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["head_from_embed"], options["tie_head"]) == (
         0.5, 0.25, True, True)
@@ -172,7 +175,7 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
         assert 0 < row["attention_on_sources"] < 1 and 0 <= row["greedy_right"] <= 1
         assert 0 <= row["copy_head_right"] <= 1
     model, _, options = load_run(tmp_path)
-    assert options.tie_head
+    assert options.tie_head and options.embed_scale == 2.0
     rows = copy_probe.number_rows(model, load_tokenizer(None))
     assert rows["numbers"] == 900  # each of 100-999 is one token
     assert rows["head_row_embedding_cosine"] == pytest.approx(1.0, abs=1e-5)  # a tied head

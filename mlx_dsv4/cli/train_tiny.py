@@ -26,6 +26,9 @@ def add_arguments(p):
     p.add_argument("--tie-head", action="store_true", default=None,
                    help="keep the vocabulary head equal to the embedding scaled by hidden_size**-0.5 while "
                         "training (the checkpoint still has both tensors)")
+    p.add_argument("--embed-scale", type=float, default=None,
+                   help="start the embedding at this multiple of the random draw (default 1); a tied or "
+                        "embedding-started head is scaled down by as much")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -80,7 +83,8 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed", "tie_head"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed", "tie_head",
+                 "embed_scale"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

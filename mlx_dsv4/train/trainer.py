@@ -80,6 +80,7 @@ class TrainOptions:
     guide_weight: float = 0.0  # the attention-guidance objective's weight; 0: off
     head_from_embed: bool = False  # start the vocabulary head as the embedding (see Trainer)
     tie_head: bool = False  # the head is the scaled embedding throughout training (see Trainer)
+    embed_scale: float = 1.0  # the initial embedding's multiple of the tiny draw's (see Trainer)
     copy_output_weight: float = 0.0  # the copy head's own prediction objective's weight; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
@@ -340,11 +341,17 @@ class Trainer:
         self.cfg = trained_config(options.preset, **(options.config or {}))
         mx.random.seed(options.seed)
         self.model, self.mtp_holder = init_model(self.cfg, options.seed)
+        if options.embed_scale != 1.0:
+            # The layers soon write vectors tens of times the embedding's norm into the residual
+            # streams, and a token's identity is lost there by the last layer (a number's
+            # embedding can no longer be read back from the streams); a larger embedding keeps it.
+            self.model.embed.weight = self.model.embed.weight * options.embed_scale
+            mx.eval(self.model.parameters())
         if options.head_from_embed:
             # Writing back a token read from the context then needs one map shared by all tokens
             # (the features of the attended token's embedding) instead of a head row learned per
             # token, which rare tokens (most numbers) would get only after many more steps.
-            self.model.head.weight = self.model.embed.weight * self.cfg["hidden_size"] ** -0.5
+            self.model.head.weight = self.model.embed.weight * self._tie_scale
             mx.eval(self.model.parameters())
         if options.tie_head:
             # Without it, the rows of rare tokens drift towards a shared direction (a head row of a
@@ -423,8 +430,13 @@ class Trainer:
     def _head(self, model: Model) -> mx.array:
         """The vocabulary head's weight: the model's, or with `tie_head` the scaled embedding."""
         if self.options.tie_head:
-            return model.embed.weight * self.cfg["hidden_size"] ** -0.5
+            return model.embed.weight * self._tie_scale
         return model.head.weight
+
+    @property
+    def _tie_scale(self) -> float:
+        """The head as the embedding times this starts with the logit scale of the tiny draw's."""
+        return self.cfg["hidden_size"] ** -0.5 / self.options.embed_scale
 
     def batch(self):
         ids, mask, kinds = pack(self.data, self.options.max_tokens)

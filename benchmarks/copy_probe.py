@@ -7,7 +7,11 @@ head: `trainer.copy_head_features`) is the target, and how often the model's gre
 the chat and DSML template's tokens). Then how far apart the vocabulary head keeps the numbers
 100-999 (`number_rows`): the mean cosine between two numbers' head rows, between a number's head
 row and its embedding, and how often a number's embedding scores its own head row above every
-other number's.
+other number's. Last, whether each layer can still read which number sits at a position
+(`identity_by_layer`): on the lists of held-out retrieval examples, a least-squares map from the
+layer's attention input at each number's position to that number's embedding, fitted on three
+quarters of the numbers and scored on the other quarter (numbers it never saw): how often the
+mapped vector is closest to the right one of the 900 embeddings.
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -66,7 +70,7 @@ def probe(run_dir: Path, layer: int = None, examples: int = 24, seed: int = 77) 
 
 
 def number_rows(model, tokenizer) -> dict:
-    ids = sorted({t for n in range(100, 1000) for t in tokenizer.encode(str(n)) if tokenizer.decode([t]) == str(n)})
+    ids = _numbers(tokenizer)
     embed, head = np.array(model.embed.weight)[ids], np.array(model.head.weight)[ids]
     unit = head / np.linalg.norm(head, axis=1, keepdims=True)
     cos = unit @ unit.T
@@ -75,6 +79,43 @@ def number_rows(model, tokenizer) -> dict:
     return {"numbers": len(ids), "head_rows_cosine": float(cos[~np.eye(len(ids), dtype=bool)].mean()),
             "head_row_embedding_cosine": float(own.mean()),
             "embedding_picks_own_row": float((scores.argmax(1) == np.arange(len(ids))).mean())}
+
+
+def _numbers(tokenizer) -> list:
+    return sorted({t for n in range(100, 1000) for t in tokenizer.encode(str(n)) if tokenizer.decode([t]) == str(n)})
+
+
+def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: int = 77) -> list:
+    """Per layer, the share of held-out numbers read back from its attention input (see above)."""
+    numbers = _numbers(tokenizer)
+    is_number = np.zeros(model.args.vocab_size, bool)
+    is_number[numbers] = True
+    a = model.args
+    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    inputs, targets = [[] for _ in model.layers], []
+    for _ in range(examples):
+        ids = np.array(gen.retrieval(tokens).ids, np.int32)
+        at = np.nonzero(is_number[ids])[0]
+        targets.append(ids[at])
+        tokens_mx = mx.array(ids[None])
+        x = model.embed(tokens_mx)
+        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+        for i, layer in enumerate(model.layers):
+            inputs[i].append(np.array(layer._attn_input(h, opts)[0][0])[at])
+            h = fast.block(layer, h, tokens_mx)
+    targets = np.concatenate(targets)
+    embed = np.array(model.embed.weight)
+    held_out = np.random.default_rng(0).permutation(np.unique(targets))
+    held_out = np.isin(targets, held_out[: len(held_out) // 4])
+    shares = []
+    for per_layer in inputs:
+        x = np.concatenate(per_layer).astype(np.float64)
+        fit = x[~held_out]
+        w = np.linalg.solve(fit.T @ fit + 1e-2 * np.eye(x.shape[1]), fit.T @ embed[targets[~held_out]])
+        picked = np.array(numbers)[((x[held_out] @ w) @ embed[numbers].T).argmax(1)]
+        shares.append(float((picked == targets[held_out]).mean()))
+    return shares
 
 
 def main(argv=None):
@@ -96,6 +137,9 @@ def main(argv=None):
     print(f"\nhead rows of the {rows['numbers']} numbers 100-999: mean cosine between two "
           f"{rows['head_rows_cosine']:.3f}, with the number's embedding {rows['head_row_embedding_cosine']:.3f}; "
           f"the embedding scores its own row highest for {rows['embedding_picks_own_row']:.1%}")
+    shares = identity_by_layer(model, load_tokenizer(None))
+    print("held-out numbers read back from each layer's attention input: "
+          + ", ".join(f"layer {i} {share:.1%}" for i, share in enumerate(shares)))
     return 0
 
 

@@ -179,3 +179,5 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     rows = copy_probe.number_rows(model, load_tokenizer(None))
     assert rows["numbers"] == 900  # each of 100-999 is one token
     assert rows["head_row_embedding_cosine"] == pytest.approx(1.0, abs=1e-5)  # a tied head
+    shares = copy_probe.identity_by_layer(model, load_tokenizer(None), examples=1, tokens=800)
+    assert len(shares) == 4 and shares[0] > 0.9  # layer 0 reads the embedding itself

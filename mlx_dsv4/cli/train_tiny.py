@@ -29,6 +29,8 @@ def add_arguments(p):
     p.add_argument("--embed-scale", type=float, default=None,
                    help="start the embedding at this multiple of the random draw (default 1); a tied or "
                         "embedding-started head is scaled down by as much")
+    p.add_argument("--embed-lr-scale", type=float, default=None,
+                   help="the embedding's learning rate as a multiple of the others' (default 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -84,7 +86,7 @@ def run(args):
 
     options = TrainOptions(seed=args.seed)
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed", "tie_head",
-                 "embed_scale"):
+                 "embed_scale", "embed_lr_scale"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

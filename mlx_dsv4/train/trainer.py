@@ -81,6 +81,7 @@ class TrainOptions:
     head_from_embed: bool = False  # start the vocabulary head as the embedding (see Trainer)
     tie_head: bool = False  # the head is the scaled embedding throughout training (see Trainer)
     embed_scale: float = 1.0  # the initial embedding's multiple of the tiny draw's (see Trainer)
+    embed_lr_scale: float = 1.0  # the embedding's learning rate as a multiple of the others'
     copy_output_weight: float = 0.0  # the copy head's own prediction objective's weight; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
@@ -363,6 +364,12 @@ class Trainer:
                                                  mix=options.mix))
         self.rng = np.random.default_rng(options.seed)
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
+        if options.embed_lr_scale != 1.0:
+            # Adam's steps do not grow with the weights: a scaled-up embedding learns as fast,
+            # relative to its size, as the drawn one only with its learning rate scaled as much.
+            embed = optim.AdamW(learning_rate=lambda step: options.embed_lr_scale * self._lr(step),
+                                weight_decay=options.weight_decay)
+            self.optimizer = optim.MultiOptimizer([embed, self.optimizer], [lambda path, _: path == "model.embed.weight"])
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
@@ -521,7 +528,8 @@ class Trainer:
             self.optimizer.state = tree_unflatten(list(mx.load(str(moments)).items()))
         else:  # a weights-only save: the moments start afresh
             self.optimizer.init(self._joint.trainable_parameters())
-            self.optimizer.state["step"] = mx.array(step, mx.uint64)
+            for single in getattr(self.optimizer, "optimizers", [self.optimizer]):
+                single.state["step"] = mx.array(step, mx.uint64)
         for _ in range(step):
             self.batch()
         self.step = step

@@ -137,7 +137,8 @@ def test_head_from_embed_starts_the_head_as_the_scaled_embedding():
 def test_tied_head_stays_the_scaled_embedding(tmp_path):
     from mlx.utils import tree_flatten
 
-    options = TrainOptions(steps=2, tie_head=True, embed_scale=4.0, lr=1e-2, warmup=1, max_tokens=256)
+    options = TrainOptions(steps=3, tie_head=True, embed_scale=4.0, embed_lr_scale=4.0, lr=1e-2, warmup=1,
+                           max_tokens=256)
     trainer = Trainer(load_tokenizer(None), options)
     assert not any(k.startswith("model.head.") for k, _ in tree_flatten(trainer._joint.trainable_parameters()))
     start = np.array(trainer.model.embed.weight)
@@ -152,6 +153,23 @@ def test_tied_head_stays_the_scaled_embedding(tmp_path):
     assert saved.tie_head and saved.embed_scale == 4.0
     np.testing.assert_array_equal(np.array(model.embed.weight), embed)
     np.testing.assert_allclose(np.array(model.head.weight), embed * (64 ** -0.5 / 4), rtol=1e-6)
+    # the optimizer state of both learning rates goes on from the saved run
+    resumed = Trainer(load_tokenizer(None), options)
+    assert resumed.resume(tmp_path) == 2
+    assert resumed.train_step()["loss"] == trainer.train_step()["loss"]
+
+
+def test_embedding_learning_rate_scale():
+    changes = []
+    for scale in (1.0, 4.0):
+        trainer = Trainer(load_tokenizer(None), TrainOptions(embed_lr_scale=scale, lr=1e-3, warmup=1, max_tokens=256))
+        embed, wkv = np.array(trainer.model.embed.weight), np.array(trainer.model.layers[0].attn.wkv.weight)
+        trainer.train_step()
+        changes.append((np.abs(np.array(trainer.model.embed.weight) - embed).max(),
+                        np.abs(np.array(trainer.model.layers[0].attn.wkv.weight) - wkv).max()))
+    # the same first step (same batch, same gradients): Adam's moves scale with the learning rate
+    assert changes[1][0] == pytest.approx(4 * changes[0][0], rel=1e-4)
+    assert changes[1][1] == pytest.approx(changes[0][1], rel=1e-4)
 
 
 def test_train_tiny_takes_the_guidance_options(tmp_path):

@@ -40,10 +40,8 @@ def token_kind(text: str) -> str:
     return "other"
 
 
-def probe(run_dir: Path, layer: int = None, examples: int = 24, seed: int = 77) -> dict:
-    model, _, options = load_run(run_dir)
-    tokenizer = load_tokenizer(None)
-    layer = options.copy_layer if layer is None else layer
+def probe(model, tokenizer, layer: int, examples: int = 24, seed: int = 77) -> dict:
+    """Per kind of target token, the copy measures above for the first head of `layer`."""
     window = model.args.sliding_window
     block = fast.block_size(window)
     gen = TaskGenerator(tokenizer, seed=seed, split="eval", mix={"tool": 1.0, "copy": 1.0})
@@ -125,19 +123,21 @@ def main(argv=None):
     p.add_argument("--examples", type=int, default=24)
     p.add_argument("--seed", type=int, default=77)
     args = p.parse_args(argv)
-    result = probe(args.run_dir, args.layer, args.examples, args.seed)
+    model, _, options = load_run(args.run_dir)
+    tokenizer = load_tokenizer(None)
+    layer = options.copy_layer if args.layer is None else args.layer
+    result = probe(model, tokenizer, layer, args.examples, args.seed)
     print("| target token | targets | copy head's attention on its earlier occurrences | copy head's own "
           "prediction right | greedy token right |")
     print("| --- | --- | --- | --- | --- |")
     for kind, r in result.items():
         print(f"| {kind} | {r['targets']} | {r['attention_on_sources']:.3f} | {r['copy_head_right']:.3f} "
               f"| {r['greedy_right']:.3f} |")
-    model, _, _ = load_run(args.run_dir)
-    rows = number_rows(model, load_tokenizer(None))
+    rows = number_rows(model, tokenizer)
     print(f"\nhead rows of the {rows['numbers']} numbers 100-999: mean cosine between two "
           f"{rows['head_rows_cosine']:.3f}, with the number's embedding {rows['head_row_embedding_cosine']:.3f}; "
           f"the embedding scores its own row highest for {rows['embedding_picks_own_row']:.1%}")
-    shares = identity_by_layer(model, load_tokenizer(None))
+    shares = identity_by_layer(model, tokenizer)
     print("held-out numbers read back from each layer's attention input: "
           + ", ".join(f"layer {i} {share:.1%}" for i, share in enumerate(shares)))
     return 0

@@ -187,12 +187,12 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parent.parent / "benchmarks" / "copy_probe.py")
     copy_probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy_probe)
-    result = copy_probe.probe(tmp_path, examples=2)
+    model, _, options = load_run(tmp_path)
+    result = copy_probe.probe(model, load_tokenizer(None), options.copy_layer, examples=2)
     assert result["number"]["targets"] > 0 and result["other"]["targets"] > 0
     for row in result.values():
         assert 0 < row["attention_on_sources"] < 1 and 0 <= row["greedy_right"] <= 1
         assert 0 <= row["copy_head_right"] <= 1
-    model, _, options = load_run(tmp_path)
     assert options.tie_head and options.embed_scale == 2.0
     rows = copy_probe.number_rows(model, load_tokenizer(None))
     assert rows["numbers"] == 900  # each of 100-999 is one token

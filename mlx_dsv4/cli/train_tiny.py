@@ -85,8 +85,8 @@ def run(args):
     from ..train.trainer import TrainOptions, Trainer
 
     options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight", "head_from_embed", "tie_head",
-                 "embed_scale", "embed_lr_scale"):
+    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
+                 "head_from_embed", "tie_head", "embed_scale", "embed_lr_scale"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -433,7 +433,6 @@ class Trainer:
             total = total + o.copy_output_weight * copy_output
         return total, (main, mtp_loss, index_loss, guide, copy_output)
 
-
     def _head(self, model: Model) -> mx.array:
         """The vocabulary head's weight: the model's, or with `tie_head` the scaled embedding."""
         if self.options.tie_head:

@@ -50,7 +50,7 @@ def _losses_and_grads(trainer: Trainer, batch: dict):
     (_, parts), grads = trainer._grad(trainer._joint, batch["tokens"], batch["main_pos"], batch["main_targets"],
                                       batch["mtp_pos"], batch["mtp_targets"], batch["index_pos"])
     mx.eval(parts, grads)
-    main, mtp, index, guide, copy_output = (float(p) for p in parts)
+    main, mtp, index, guide, copy_output, copy_value = (float(p) for p in parts)
     assert guide == copy_output == 0.0  # the copy objectives are off by default
     return [main, mtp, index], dict(tree_flatten(grads))
 

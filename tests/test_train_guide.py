@@ -13,8 +13,8 @@ import pytest
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
-from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, guide_loss, init_model,
-                                    load_run, trained_config)
+from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, copy_value_loss,
+                                    copy_value_positions, guide_loss, init_model, load_run, trained_config)
 
 
 def _dense_attention(attn, x: mx.array) -> np.ndarray:
@@ -107,20 +107,52 @@ def test_copy_output_is_the_first_heads_own_prediction(layer0_state):
     assert float(copy_output_loss(model, 0, mx.array(others[None]), tokens, queries)) == pytest.approx(loss, rel=1e-5)
 
 
+def test_copy_value_is_the_output_projection_of_each_positions_own_value(layer0_state):
+    ids, record, _, _, model, xin = layer0_state
+    attn = model.layers[0].attn
+    _, _, kv = attn._project(xin, 0)
+    np.testing.assert_allclose(np.array(record["kv"][0]), np.array(kv[0]), rtol=1e-6, atol=1e-6)
+    positions = np.array([0, 5, 17, 150, 299], np.int32)
+    alone = np.zeros(record["heads"].shape[1:], np.float32)
+    alone[:, 0] = np.array(kv[0])  # head 0 attending only to its own position
+    feats = np.array(model.norm(attn._output(mx.array(alone[None]), 0)[0]))[positions]
+    logits = feats.astype(np.float64) @ np.array(model.head.weight).T.astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -log_p[np.arange(len(positions)), ids[positions]].mean()
+    loss = float(copy_value_loss(model, 0, record["kv"], mx.array(ids[None]), positions))
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_copy_value_positions_are_the_rare_tokens():
+    ids = np.array([9, 4, 4, 7, 9, 9, 2, 8, 7, 4], np.int32)  # 9 and 4 three times, 7 twice, 2 and 8 once
+    rng = np.random.default_rng(0)
+    assert copy_value_positions(ids, 16, rng).tolist() == [3, 6, 7, 8]
+    some = copy_value_positions(ids, 2, rng)
+    assert len(some) == 2 and set(some.tolist()) < {3, 6, 7, 8} and some.tolist() == sorted(some.tolist())
+
+
 def test_copy_steps_lower_their_objectives(tmp_path):
     tokenizer = load_tokenizer(None)
-    options = TrainOptions(steps=8, mix={"copy": 1.0}, guide_weight=1.0, copy_output_weight=1.0, lr=1e-2, warmup=1,
-                           max_tokens=512)
+    options = TrainOptions(steps=8, mix={"copy": 1.0}, guide_weight=1.0, copy_output_weight=1.0, copy_value_weight=1.0,
+                           lr=1e-2, warmup=1, max_tokens=512)
     trainer = Trainer(tokenizer, options)
+    first, _ = trainer.batch()
+    trainer.data, trainer.rng = Trainer(tokenizer, options).data, np.random.default_rng(options.seed)
     records = [trainer.train_step() for _ in range(8)]
     guides = [r["guide"] for r in records]
     outputs = [r["copy_output"] for r in records]
     assert np.mean(guides[-3:]) < guides[0] - 1.0, guides
     assert np.mean(outputs[-3:]) < outputs[0] - 1.0, outputs
+    (_, parts), _ = trainer._grad(trainer._joint, *(first[k] for k in (
+        "tokens", "main_pos", "main_targets", "mtp_pos", "mtp_targets", "index_pos", "copy_queries", "copy_masks",
+        "value_pos")))
+    # the first batch's rare tokens, named from their own values far better than before its step
+    assert float(parts[5]) < records[0]["copy_value"] - 2.0, (float(parts[5]), records[0]["copy_value"])
     trainer.save_official(tmp_path)
     saved = json.loads((tmp_path / "train_options.json").read_text())
-    assert (saved["guide_weight"], saved["copy_output_weight"], saved["copy_layer"], saved["previous_layer"]) == (
-        1.0, 1.0, 3, 0)
+    assert (saved["guide_weight"], saved["copy_output_weight"], saved["copy_value_weight"], saved["copy_layer"],
+            saved["previous_layer"]) == (1.0, 1.0, 1.0, 3, 0)
     with pytest.raises(ValueError, match="fast path"):
         Trainer(tokenizer, options, reference=True)
 
@@ -176,12 +208,13 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     from mlx_dsv4.cli import main
 
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
-                 "--copy-output-weight", "0.25", "--head-from-embed", "--tie-head", "--embed-scale", "2"]) == 0
+                 "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
+                 "--embed-scale", "2"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
-    assert (options["guide_weight"], options["copy_output_weight"], options["head_from_embed"], options["tie_head"]) == (
-        0.5, 0.25, True, True)
+    assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
+            options["head_from_embed"], options["tie_head"]) == (0.5, 0.25, 0.5, True, True)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
-    assert record["guide"] > 0 and record["copy_output"] > 0
+    assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0
 
     # benchmarks/copy_probe.py reads such a run directory
     spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parent.parent / "benchmarks" / "copy_probe.py")

@@ -134,8 +134,8 @@ def attention(attn, x: mx.array, record: Optional[dict] = None, probs: bool = Fa
     record (CSA layers): receives the attention queries "q", the indexer's queries "iq" and head
     weights "iw" (computed from inputs with their gradient stopped, so that the indexer's
     objective moves the indexer only), the entries "entries" and the indexer keys "keys"; with
-    `probs`, also the attention probabilities (see `_banded`) and the heads' outputs "heads"
-    [B, L, H, hd] before the output projection."""
+    `probs`, also the attention probabilities (see `_banded`), the heads' outputs "heads"
+    [B, L, H, hd] before the output projection and the shared key-value rows "kv" [B, L, hd]."""
     B, L, _ = x.shape
     q_lora, q, kv = attn._project(x, 0)  # q [B, L, H, hd]
     entries = seen = None
@@ -157,7 +157,7 @@ def attention(attn, x: mx.array, record: Optional[dict] = None, probs: bool = Fa
         seen = top_k_mask(index_scores(iq, iw, keys), seen, indexer.topk)
     heads = _banded(attn, q, kv, entries, seen, record if probs else None)
     if probs:
-        record["heads"] = heads
+        record.update(heads=heads, kv=kv)
     return attn._output(heads, 0)
 
 

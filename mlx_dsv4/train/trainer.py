@@ -15,7 +15,13 @@ Objectives:
 - optionally (`copy_output_weight`), the copy head's own prediction: at the same targets, the
   first head of `copy_layer` alone, through the layer's output projection, the final norm and the
   vocabulary head, should predict the target (cross-entropy). Attention on the right position
-  copies nothing unless the head's value and output projection carry which token sits there.
+  copies nothing unless the head's value and output projection carry which token sits there;
+- optionally (`copy_value_weight`), that map on its own: the copy head's output projection,
+  applied to the value at a position, should name the token at that position (cross-entropy at
+  up to `copy_value_positions` positions whose token occurs at most twice in the sequence). The
+  copy targets alone (a few numbers per sequence, their value mixed with others by the
+  attention) do not teach it: the value of a late layer is mostly one direction shared by every
+  position, and the part that tells the numbers apart is learned only from many examples.
 
 The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
 positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
@@ -83,6 +89,8 @@ class TrainOptions:
     embed_scale: float = 1.0  # the initial embedding's multiple of the tiny draw's (see Trainer)
     embed_lr_scale: float = 1.0  # the embedding's learning rate as a multiple of the others'
     copy_output_weight: float = 0.0  # the copy head's own prediction objective's weight; 0: off
+    copy_value_weight: float = 0.0  # the copy head's value-to-token objective's weight; 0: off
+    copy_value_positions: int = 256
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -252,6 +260,27 @@ def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array
     return fast.head_cross_entropy(feats, head, tokens[0, mx.array(queries + 1)])
 
 
+def copy_value_loss(model: Model, layer: int, kv: mx.array, tokens: mx.array, positions: np.ndarray,
+                    head: mx.array = None) -> mx.array:
+    """Mean cross-entropy, at `positions`, of the token there under the vocabulary head (`head`, or the
+    model's) of `copy_head_features` of the layer's own value kv [1, L, hd] (as if the copy head
+    attended only to the query's own position)."""
+    heads = mx.broadcast_to(kv[:, :, None, :], (*kv.shape[:2], model.args.num_attention_heads, kv.shape[-1]))
+    feats = copy_head_features(model, layer, heads, positions)
+    head = model.head.weight if head is None else head
+    return fast.head_cross_entropy(feats, head, tokens[0, mx.array(positions)])
+
+
+def copy_value_positions(ids: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `limit` positions (sorted, drawn by `rng`) whose token occurs at most twice in `ids`: the
+    tokens a copy head has to name (numbers, names), not the chat template's."""
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    rare = np.nonzero(counts[inverse] <= 2)[0]
+    if len(rare) > limit:
+        rare = np.sort(rng.choice(rare, limit, replace=False))
+    return rare.astype(np.int32)
+
+
 # -- batches -------------------------------------------------------------------------------------
 
 def pack(stream, max_tokens: int):
@@ -371,7 +400,7 @@ class Trainer:
                                 weight_decay=options.weight_decay)
             self.optimizer = optim.MultiOptimizer([embed, self.optimizer], [lambda path, _: path == "model.embed.weight"])
         self.step = 0
-        if reference and (options.guide_weight or options.copy_output_weight):
+        if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -391,7 +420,7 @@ class Trainer:
         return self._joint_module
 
     def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-              copy_masks=None):
+              copy_masks=None, value_pos=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
@@ -402,15 +431,15 @@ class Trainer:
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        return total, (main, mtp_loss, index_loss, mx.array(0.0), mx.array(0.0))
+        return total, (main, mtp_loss, index_loss, mx.array(0.0), mx.array(0.0), mx.array(0.0))
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-                   copy_masks=None):
+                   copy_masks=None, value_pos=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         o = self.options
         records = {}
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
-        probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight else set())
+        probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight or o.copy_value_weight else set())
         feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
         head = self._head(model)
         main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
@@ -431,7 +460,11 @@ class Trainer:
             copy_output = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens, copy_queries,
                                            head)
             total = total + o.copy_output_weight * copy_output
-        return total, (main, mtp_loss, index_loss, guide, copy_output)
+        copy_value = mx.array(0.0)
+        if o.copy_value_weight and value_pos is not None and len(value_pos):
+            copy_value = copy_value_loss(model, o.copy_layer, records[o.copy_layer]["kv"], tokens, value_pos, head)
+            total = total + o.copy_value_weight * copy_value
+        return total, (main, mtp_loss, index_loss, guide, copy_output, copy_value)
 
     def _head(self, model: Model) -> mx.array:
         """The vocabulary head's weight: the model's, or with `tie_head` the scaled embedding."""
@@ -458,23 +491,27 @@ class Trainer:
         if self.options.guide_weight or self.options.copy_output_weight:
             window = self.cfg["sliding_window"]
             copy_queries, copy_masks = copy_sources(ids, main_pos, window, fast.block_size(window))
+        value_pos = np.zeros(0, np.int32)
+        if self.options.copy_value_weight:
+            value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
-                    copy_masks=copy_masks), kinds
+                    copy_masks=copy_masks, value_pos=value_pos), kinds
 
     def train_step(self):
         batch, kinds = self.batch()
         t0 = time.perf_counter()
-        (loss, (main, mtp_loss, index_loss, guide, copy_output)), grads = self._grad(
+        (loss, (main, mtp_loss, index_loss, guide, copy_output, copy_value)), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
-            batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"])
+            batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5), "main": round(float(main), 5),
                   "mtp": round(float(mtp_loss), 5), "indexer_kl": round(float(index_loss), 5),
                   **({"guide": round(float(guide), 5)} if self.options.guide_weight else {}),
                   **({"copy_output": round(float(copy_output), 5)} if self.options.copy_output_weight else {}),
+                  **({"copy_value": round(float(copy_value), 5)} if self.options.copy_value_weight else {}),
                   "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
                   "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
                   "seconds": round(time.perf_counter() - t0, 3)}

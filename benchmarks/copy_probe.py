@@ -11,7 +11,10 @@ other number's. Last, whether each layer can still read which number sits at a p
 (`identity_by_layer`): on the lists of held-out retrieval examples, a least-squares map from the
 layer's attention input at each number's position to that number's embedding, fitted on three
 quarters of the numbers and scored on the other quarter (numbers it never saw): how often the
-mapped vector is closest to the right one of the 900 embeddings.
+mapped vector is closest to the right one of the 900 embeddings. And how loud the copy head is
+where the model's output is made (`output_norms`): at the number targets, the median norm of the
+copy head's output through the output projection, of the layer's whole attention output, of what
+the layer's feed-forward adds to the residual streams, and of the final features before the norm.
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -25,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_dsv4.hc import hc_head, hc_merge
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.data import TaskGenerator
@@ -65,6 +69,47 @@ def probe(model, tokenizer, layer: int, examples: int = 24, seed: int = 77) -> d
     return {kind: {"targets": len(v), "attention_on_sources": float(np.mean([r[0] for r in v])),
                    "copy_head_right": float(np.mean([r[1] for r in v])),
                    "greedy_right": float(np.mean([r[2] for r in v]))} for kind, v in sorted(rows.items())}
+
+
+def output_norms(model, tokenizer, layer: int, examples: int = 24, seed: int = 77) -> dict:
+    """At the number copy targets (as in `probe`), median norms of the copy head's output through the
+    output projection, the layer's attention output, its feed-forward's write to the streams and
+    the final features before the norm."""
+    a = model.args
+    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    block = fast.block_size(a.sliding_window)
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval", mix={"tool": 1.0, "copy": 1.0})
+    rows = []
+    for _ in range(examples):
+        ex = next(gen)
+        ids = np.array(ex.ids, np.int32)
+        queries, _ = copy_sources(ids, np.nonzero(np.array(ex.mask)[1:])[0], a.sliding_window, block)
+        at = np.array([j for j in queries if token_kind(tokenizer.decode([int(ids[j + 1])])) == "number"], np.int32)
+        if not len(at):
+            continue
+        tokens = mx.array(ids[None])
+        x = model.embed(tokens)
+        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+        for i, block_i in enumerate(model.layers):
+            if i != layer:
+                h = fast.block(block_i, h, tokens)
+                continue
+            xin, post, comb = block_i._attn_input(h, opts)
+            record = {}
+            out = fast.attention(block_i.attn, xin, record, probs=True)
+            heads = record["heads"]
+            copy = block_i.attn._output(heads * mx.array(np.arange(heads.shape[2]) == 0, heads.dtype)[:, None], 0)
+            merged = hc_merge(out, h, post, comb)
+            h = block_i._ffn(out, h, post, comb, tokens, opts)
+            written = (h - merged).reshape(*h.shape[:2], -1)
+        final = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps,
+                        norm_eps=a.rms_norm_eps)
+        rows.append(np.stack([np.linalg.norm(np.array(t[0])[at], axis=-1) for t in (copy, out, written, final)], 1))
+    if not rows:
+        return {"targets": 0}
+    rows = np.concatenate(rows)
+    names = ("copy_head", "attention", "feed_forward_write", "final_features")
+    return {"targets": len(rows), **{n: float(v) for n, v in zip(names, np.median(rows, 0))}}
 
 
 def number_rows(model, tokenizer) -> dict:
@@ -137,6 +182,11 @@ def main(argv=None):
     print(f"\nhead rows of the {rows['numbers']} numbers 100-999: mean cosine between two "
           f"{rows['head_rows_cosine']:.3f}, with the number's embedding {rows['head_row_embedding_cosine']:.3f}; "
           f"the embedding scores its own row highest for {rows['embedding_picks_own_row']:.1%}")
+    norms = output_norms(model, tokenizer, layer, args.examples, args.seed)
+    print(f"at the {norms['targets']} number targets, median norms: the copy head through the output projection "
+          f"{norms['copy_head']:.1f}, the layer's attention output {norms['attention']:.1f}, its feed-forward's "
+          f"write to the streams {norms['feed_forward_write']:.1f}, the final features before the norm "
+          f"{norms['final_features']:.1f}")
     shares = identity_by_layer(model, tokenizer)
     print("held-out numbers read back from each layer's attention input: "
           + ", ".join(f"layer {i} {share:.1%}" for i, share in enumerate(shares)))

@@ -191,6 +191,25 @@ def test_tied_head_stays_the_scaled_embedding(tmp_path):
     assert resumed.train_step()["loss"] == trainer.train_step()["loss"]
 
 
+def test_copy_head_scale_scales_only_the_copy_heads_output():
+    plain = Trainer(load_tokenizer(None), TrainOptions())
+    loud = Trainer(load_tokenizer(None), TrainOptions(copy_head_scale=8.0))
+    layer = loud.options.copy_layer
+    before, after = (np.array(t.model.layers[layer].attn.wo_a.weight) for t in (plain, loud))
+    hd = loud.cfg["head_dim"]
+    np.testing.assert_allclose(after[0, :, :hd], 8 * before[0, :, :hd], rtol=1e-6)
+    np.testing.assert_array_equal(after[0, :, hd:], before[0, :, hd:])
+    np.testing.assert_array_equal(after[1:], before[1:])
+    # through the layer: head 0's output 8 times as loud, the other heads' as before
+    attn_plain, attn_loud = plain.model.layers[layer].attn, loud.model.layers[layer].attn
+    heads = mx.array(np.random.default_rng(0).normal(size=(1, 5, plain.cfg["num_attention_heads"], hd)), mx.float32)
+    first = mx.array(np.arange(heads.shape[2]) == 0, mx.float32)[:, None]
+    np.testing.assert_allclose(np.array(attn_loud._output(heads * first, 0)),
+                               8 * np.array(attn_plain._output(heads * first, 0)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(attn_loud._output(heads * (1 - first), 0)),
+                               np.array(attn_plain._output(heads * (1 - first), 0)), rtol=1e-5, atol=1e-6)
+
+
 def test_embedding_learning_rate_scale():
     changes = []
     for scale in (1.0, 4.0):
@@ -217,7 +236,8 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0
 
     # benchmarks/copy_probe.py reads such a run directory
-    spec = importlib.util.spec_from_file_location("copy_probe", Path(__file__).parent.parent / "benchmarks" / "copy_probe.py")
+    probe_path = Path(__file__).parent.parent / "benchmarks" / "copy_probe.py"
+    spec = importlib.util.spec_from_file_location("copy_probe", probe_path)
     copy_probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy_probe)
     model, _, options = load_run(tmp_path)
@@ -230,5 +250,8 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     rows = copy_probe.number_rows(model, load_tokenizer(None))
     assert rows["numbers"] == 900  # each of 100-999 is one token
     assert rows["head_row_embedding_cosine"] == pytest.approx(1.0, abs=1e-5)  # a tied head
+    norms = copy_probe.output_norms(model, load_tokenizer(None), options.copy_layer, examples=2)
+    assert norms["targets"] == result["number"]["targets"]
+    assert all(0 < norms[k] < np.inf for k in ("copy_head", "attention", "feed_forward_write", "final_features"))
     shares = copy_probe.identity_by_layer(model, load_tokenizer(None), examples=1, tokens=800)
     assert len(shares) == 4 and shares[0] > 0.9  # layer 0 reads the embedding itself

@@ -91,6 +91,7 @@ class TrainOptions:
     copy_output_weight: float = 0.0  # the copy head's own prediction objective's weight; 0: off
     copy_value_weight: float = 0.0  # the copy head's value-to-token objective's weight; 0: off
     copy_value_positions: int = 256
+    copy_head_scale: float = 1.0  # the copy head's columns of the output projection start this many times the draw
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -383,6 +384,15 @@ class Trainer:
             # token, which rare tokens (most numbers) would get only after many more steps.
             self.model.head.weight = self.model.embed.weight * self._tie_scale
             mx.eval(self.model.parameters())
+        if options.copy_head_scale != 1.0:
+            # The last layer's feed-forward writes vectors a hundred times the copy head's output into
+            # the residual streams, and the output hardly hears what the head copied; the copy
+            # objectives do not see this scale (they read the head's output through the final norm).
+            attn = self.model.layers[options.copy_layer].attn
+            factor = np.ones(attn.wo_a.weight.shape, np.float32)  # [groups, rank, heads per group * head_dim]
+            factor[0, :, : self.cfg["head_dim"]] = options.copy_head_scale  # head 0's columns in group 0
+            attn.wo_a.weight = attn.wo_a.weight * mx.array(factor)
+            mx.eval(self.model.parameters())
         if options.tie_head:
             # Without it, the rows of rare tokens drift towards a shared direction (a head row of a
             # number ends up closer to every other number's than to its own embedding), and an
@@ -398,7 +408,8 @@ class Trainer:
             # relative to its size, as the drawn one only with its learning rate scaled as much.
             embed = optim.AdamW(learning_rate=lambda step: options.embed_lr_scale * self._lr(step),
                                 weight_decay=options.weight_decay)
-            self.optimizer = optim.MultiOptimizer([embed, self.optimizer], [lambda path, _: path == "model.embed.weight"])
+            self.optimizer = optim.MultiOptimizer([embed, self.optimizer],
+                                                  [lambda path, _: path == "model.embed.weight"])
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")

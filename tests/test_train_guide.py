@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
@@ -167,7 +168,6 @@ def test_head_from_embed_starts_the_head_as_the_scaled_embedding():
 
 
 def test_tied_head_stays_the_scaled_embedding(tmp_path):
-    from mlx.utils import tree_flatten
 
     options = TrainOptions(steps=3, tie_head=True, embed_scale=4.0, embed_lr_scale=4.0, lr=1e-2, warmup=1,
                            max_tokens=256)
@@ -208,6 +208,27 @@ def test_copy_head_scale_scales_only_the_copy_heads_output():
                                8 * np.array(attn_plain._output(heads * first, 0)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.array(attn_loud._output(heads * (1 - first), 0)),
                                np.array(attn_plain._output(heads * (1 - first), 0)), rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_starts_at_a_runs_weights(tmp_path):
+    tokenizer = load_tokenizer(None)
+    first = Trainer(tokenizer, TrainOptions(steps=2, max_tokens=256, warmup=1, lr=1e-2))
+    first.train_step()
+    first.save_official(tmp_path / "a")
+    saved, _, _ = load_run(tmp_path / "a")
+    follow = Trainer(tokenizer, TrainOptions(init_from=str(tmp_path / "a"), copy_head_scale=4.0, seed=5))
+    layer = follow.options.copy_layer
+    ours, theirs = (dict(tree_flatten(m.parameters())) for m in (follow.model, saved))
+    hd = follow.cfg["head_dim"]
+    for name, value in theirs.items():
+        if name == f"layers.{layer}.attn.wo_a.weight":
+            np.testing.assert_allclose(np.array(ours[name])[0, :, :hd], 4 * np.array(value)[0, :, :hd], rtol=1e-6)
+            np.testing.assert_array_equal(np.array(ours[name])[:, :, hd:], np.array(value)[:, :, hd:])
+        else:
+            np.testing.assert_array_equal(np.array(ours[name]), np.array(value), err_msg=name)
+    assert follow.step == 0 and follow.train_step()["step"] == 0  # a fresh schedule
+    with pytest.raises(ValueError, match="o_lora_rank"):
+        Trainer(tokenizer, TrainOptions(init_from=str(tmp_path / "a"), config={"o_lora_rank": 64}))
 
 
 def test_embedding_learning_rate_scale():

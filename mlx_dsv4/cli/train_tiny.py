@@ -27,6 +27,9 @@ def add_arguments(p):
     p.add_argument("--copy-head-scale", type=float, default=None,
                    help="start the copy head's columns of its layer's output projection at this multiple of the "
                         "draw (default 1)")
+    p.add_argument("--init-from", type=str, default=None, metavar="RUN_DIR",
+                   help="start from the weights of a run train-tiny wrote (same --config; a fresh optimizer and "
+                        "schedule; --copy-head-scale applies on top)")
     p.add_argument("--head-from-embed", action="store_true", default=None,
                    help="start the vocabulary head as the embedding scaled by hidden_size**-0.5")
     p.add_argument("--tie-head", action="store_true", default=None,
@@ -92,8 +95,8 @@ def run(args):
 
     options = TrainOptions(seed=args.seed)
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
-                 "copy_value_weight", "copy_head_scale", "head_from_embed", "tie_head", "embed_scale",
-                 "embed_lr_scale"):
+                 "copy_value_weight", "copy_head_scale", "init_from", "head_from_embed", "tie_head",
+                 "embed_scale", "embed_lr_scale"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -92,6 +92,7 @@ class TrainOptions:
     copy_value_weight: float = 0.0  # the copy head's value-to-token objective's weight; 0: off
     copy_value_positions: int = 256
     copy_head_scale: float = 1.0  # the copy head's columns of the output projection start this many times the draw
+    init_from: str | None = None  # a run directory whose weights replace the draw (see Trainer)
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -384,6 +385,17 @@ class Trainer:
             # token, which rare tokens (most numbers) would get only after many more steps.
             self.model.head.weight = self.model.embed.weight * self._tie_scale
             mx.eval(self.model.parameters())
+        if options.init_from:
+            # Another run's weights (with its embedding scale: give the same embed_scale so that a
+            # tied head keeps its scale); the optimizer and the schedule start afresh, and the
+            # copy head's scale below applies on top.
+            source = json.loads((Path(options.init_from) / "config.json").read_text())
+            differ = sorted(k for k in set(source) | set(self.cfg)
+                            if k != "torch_dtype" and source.get(k) != self.cfg.get(k))
+            if differ:
+                raise ValueError(f"{options.init_from}/config.json differs from this run's config in "
+                                 f"{', '.join(differ)} (give train-tiny the run's --config)")
+            _load_saved(self.model, self.mtp_holder, self.cfg, options.init_from)
         if options.copy_head_scale != 1.0:
             # The last layer's feed-forward writes vectors a hundred times the copy head's output into
             # the residual streams, and the output hardly hears what the head copied; the copy

@@ -257,9 +257,7 @@ def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array
                      head: mx.array = None) -> mx.array:
     """Mean cross-entropy, at `queries`, of the next token under the vocabulary head (`head`, or the
     model's) of `copy_head_features`: the copy head's own prediction."""
-    feats = copy_head_features(model, layer, heads, queries)
-    head = model.head.weight if head is None else head
-    return fast.head_cross_entropy(feats, head, tokens[0, mx.array(queries + 1)])
+    return _copy_head_cross_entropy(model, layer, heads, queries, tokens[0, mx.array(queries + 1)], head)
 
 
 def copy_value_loss(model: Model, layer: int, kv: mx.array, tokens: mx.array, positions: np.ndarray,
@@ -268,9 +266,13 @@ def copy_value_loss(model: Model, layer: int, kv: mx.array, tokens: mx.array, po
     model's) of `copy_head_features` of the layer's own value kv [1, L, hd] (as if the copy head
     attended only to the query's own position)."""
     heads = mx.broadcast_to(kv[:, :, None, :], (*kv.shape[:2], model.args.num_attention_heads, kv.shape[-1]))
-    feats = copy_head_features(model, layer, heads, positions)
-    head = model.head.weight if head is None else head
-    return fast.head_cross_entropy(feats, head, tokens[0, mx.array(positions)])
+    return _copy_head_cross_entropy(model, layer, heads, positions, tokens[0, mx.array(positions)], head)
+
+
+def _copy_head_cross_entropy(model: Model, layer: int, heads: mx.array, queries: np.ndarray, targets: mx.array,
+                             head: mx.array = None) -> mx.array:
+    feats = copy_head_features(model, layer, heads, queries)
+    return fast.head_cross_entropy(feats, model.head.weight if head is None else head, targets)
 
 
 def copy_value_positions(ids: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:

@@ -12,8 +12,8 @@ import argparse
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from mlx_dsv4.hc import expand, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.trainer import Trainer, TrainOptions, index_kl
@@ -31,10 +31,10 @@ def timed(fn, *args, repeat: int = 2) -> float:
 def breakdown(trainer: Trainer, batch: dict) -> None:
     model = trainer.model
     a = model.args
-    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    opts = split_options(a)
     tokens = batch["tokens"]
     x = model.embed(tokens)
-    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    h = expand(x, a.hc_mult)
     rows = []
 
     def both(name, fn, *args):

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import mlx.core as mx
 
 from .cache import ModelCache
-from .hc import hc_head
+from .hc import collapse, expand, split_options
 from .streams import split_outputs
 
 
@@ -25,10 +25,10 @@ def decode_rows(model, tokens: Sequence[int], caches: List[ModelCache]) -> mx.ar
     if len(tokens) != len(caches) or not tokens:
         raise ValueError(f"decode_rows: {len(tokens)} tokens for {len(caches)} caches")
     a = model.args
-    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    opts = split_options(a)
     ids = mx.array(list(tokens), dtype=mx.int32)[:, None]  # [B, 1]
     x = model.embed(ids)
-    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    h = expand(x, a.hc_mult)
     for i, layer in enumerate(model.layers):
         attn_in, post, comb = layer._attn_input(h, opts)
         attn = layer.attn
@@ -41,7 +41,7 @@ def decode_rows(model, tokens: Sequence[int], caches: List[ModelCache]) -> mx.ar
                 for r, cache in enumerate(caches)]
         out = attn._output(mx.concatenate(rows, axis=0), offsets)
         h = layer._ffn(out, h, post, comb, ids, opts)
-    x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    x = collapse(h, model, a)
     return split_outputs(model.head, model.norm(x))[:, -1, :]
 
 

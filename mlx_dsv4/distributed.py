@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 
 from .cache import ModelCache
 from .config import ModelArgs
-from .hc import hc_head
+from .hc import collapse, expand
 from .model import Model, layer_caches
 from .moe import MoE, RoutedExperts
 from .sharding import DistributedError, expert_range, parse_split, split_layers
@@ -326,7 +326,7 @@ class PipelineModel(Model):
         B, L = tokens.shape
         if r == 0:
             x = self.embed(tokens)
-            h = mx.broadcast_to(x[:, :, None, :], (B, L, a.hc_mult, a.hidden_size))
+            h = expand(x, a.hc_mult)
         else:
             with ranks.busy(f"receiving hidden states from rank {r - 1}", [r - 1]):
                 h = mx.distributed.recv((B, L, a.hc_mult, a.hidden_size), self.stream_dtype, r - 1, group=ranks.group)
@@ -341,8 +341,7 @@ class PipelineModel(Model):
         else:
             if last_only:
                 h = h[:, -1:]
-            x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps,
-                        norm_eps=a.rms_norm_eps)
+            x = collapse(h, self, a)
             logits = split_outputs(self.head, self.norm(x)).astype(self.stream_dtype)
         return mx.distributed.all_sum(ranks.sent(logits), group=ranks.group) if n > 1 else logits
 

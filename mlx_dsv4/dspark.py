@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from .cache import LayerCache, ModelCache
 from .config import ModelArgs
-from .hc import hc_head
+from .hc import collapse, expand, split_options
 from .layers import RMSNorm
 from .model import Block, layer_caches
 from .streams import split_outputs
@@ -76,7 +76,7 @@ class DSparkStage(Block):
         """The block's hc streams h [B, L, hc, D] through the stage, its queries at the positions
         that follow the context in ``cache`` (which is left as it is)."""
         a = self.args
-        opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        opts = split_options(a)
         x, post, comb = self._attn_input(h, opts)
         out = self._attend(x, cache)
         return self._ffn(out, h, post, comb, None, opts)
@@ -131,11 +131,11 @@ class DSpark(nn.Module):
         then mask tokens), before the Markov head."""
         a = self.args
         x = embed(tokens)
-        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+        h = expand(x, a.hc_mult)
         for stage, layer_cache in zip(self.mtp, cache.layers):
             h = stage(h, layer_cache)
         last = self.mtp[-1]
-        x = hc_head(h, last.hc_head_fn, last.hc_head_base, last.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        x = collapse(h, last, a)
         return split_outputs(head, last.norm(x))
 
     def propose(self, anchor: int, k: int, embed, head, cache: ModelCache,

@@ -60,3 +60,19 @@ def hc_head(streams, fn, base, scale, *, eps: float, norm_eps: float) -> mx.arra
     mixes = _mixes(streams, fn, norm_eps)
     pre = mx.sigmoid(mixes * scale.astype(mx.float32) + base.astype(mx.float32)) + eps
     return (pre[..., None] * streams).sum(axis=-2).astype(streams.dtype)
+
+
+def split_options(args) -> dict:
+    """hc_split's keyword options from a model config."""
+    return dict(iters=args.hc_sinkhorn_iters, eps=args.hc_eps, norm_eps=args.rms_norm_eps)
+
+
+def expand(x: mx.array, hc: int) -> mx.array:
+    """Embeddings [B, L, D] as hc identical streams [B, L, hc, D]."""
+    return mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], hc, x.shape[-1]))
+
+
+def collapse(streams: mx.array, owner, args) -> mx.array:
+    """hc_head with the hc_head_fn, hc_head_base and hc_head_scale of ``owner`` (a model, an MTP layer)."""
+    return hc_head(streams, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, eps=args.hc_eps,
+                   norm_eps=args.rms_norm_eps)

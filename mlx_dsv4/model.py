@@ -8,7 +8,7 @@ import mlx.nn as nn
 from .attention import QUERY_BLOCK, Attention
 from .cache import LayerCache, ModelCache
 from .config import ModelArgs
-from .hc import hc_head, hc_merge, hc_split
+from .hc import collapse, expand, hc_merge, hc_split, split_options
 from .kvcodec import IndexCodec, KVCodec
 from .layers import RMSNorm
 from .moe import MoE
@@ -44,7 +44,7 @@ class Block(nn.Module):
 
     def __call__(self, h: mx.array, tokens: mx.array, cache: LayerCache, query_block) -> mx.array:
         a = self.args
-        opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        opts = split_options(a)
         x, post, comb = split_tokens(lambda h: self._attn_input(h, opts), h)
         out = self.attn(x, cache, query_block)
         return split_tokens(lambda *a: self._ffn(*a, opts), out, h, post, comb, tokens)
@@ -122,7 +122,7 @@ class Model(nn.Module):
             cache = self.make_cache()
         a = self.args
         x = self.embed(tokens)
-        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+        h = expand(x, a.hc_mult)
         taps = []
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             h = layer(h, tokens, layer_cache, cache.query_block)
@@ -131,6 +131,6 @@ class Model(nn.Module):
         hidden = h if tap_layers is None else mx.concatenate(taps, axis=-1)
         if last_only:
             h = h[:, -1:]
-        x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        x = collapse(h, self, a)
         logits = split_outputs(self.head, self.norm(x))
         return (logits, hidden) if return_hidden else logits

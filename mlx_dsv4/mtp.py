@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from .cache import ModelCache
 from .config import ModelArgs
-from .hc import hc_head
+from .hc import collapse
 from .layers import RMSNorm
 from .model import Block, layer_caches
 from .streams import split_outputs
@@ -53,5 +53,5 @@ class MTP(Block):
         h = self.h_proj(self.hnorm(hidden.astype(e.dtype)))
         h = e[:, :, None, :] + h
         h = super().__call__(h, next_tokens, cache.layers[0], cache.query_block)
-        x = hc_head(h, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+        x = collapse(h, self, a)
         return split_outputs(head, self.norm(x)), h

@@ -11,6 +11,7 @@ import pytest
 from generate_support import forced_drafts
 from mlx_dsv4.config import ConfigError, ModelArgs
 from mlx_dsv4.generate import GenerationParameterError, check_draft
+from mlx_dsv4.hc import expand
 from mlx_dsv4.loader import CheckpointError, load_model
 from mlx_dsv4.speculative import DSparkDrafting, Drafting, sampling_distribution
 from mlx_dsv4.tiny import dspark_config, tiny_config, write_tiny_checkpoint
@@ -60,7 +61,7 @@ def test_taps_are_layer_outputs_averaged_over_the_hc_streams(tiny):
     _, taps = model(tokens, model.make_cache("float", "float"), return_hidden=True, tap_layers=(3, 1))
     cache = model.make_cache("float", "float")
     x = model.embed(tokens)
-    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], model.args.hc_mult, x.shape[-1]))
+    h = expand(x, model.args.hc_mult)
     outputs = []
     for layer, layer_cache in zip(model.layers, cache.layers):
         h = layer(h, tokens, layer_cache, cache.query_block)

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import CompressorState
-from ..hc import hc_head
+from ..hc import collapse, expand, split_options
 from ..kvcodec import IndexCodec, KVCodec
 from ..model import Block, Model
 
@@ -164,7 +164,7 @@ def attention(attn, x: mx.array, record: Optional[dict] = None, probs: bool = Fa
 def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = None, probs: bool = False) -> mx.array:
     """Block.__call__ from position 0 on an empty "float" cache."""
     a = layer.args
-    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    opts = split_options(a)
     x, post, comb = layer._attn_input(h, opts)
     out = attention(layer.attn, x, record, probs)
     return layer._ffn(out, h, post, comb, tokens, opts)
@@ -176,12 +176,12 @@ def trunk(model: Model, tokens: mx.array, records: Dict[int, dict], probs_of=())
     in `probs_of`."""
     a = model.args
     x = model.embed(tokens)
-    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    h = expand(x, a.hc_mult)
     for i, layer in enumerate(model.layers):
         keep = i in probs_of
         record = records.setdefault(i, {}) if layer.attn.ratio == 4 or keep else None
         h = block(layer, h, tokens, record, keep)
-    x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    x = collapse(h, model, a)
     return model.norm(x), h
 
 
@@ -191,7 +191,7 @@ def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed) -> mx.arra
     e = mtp.e_proj(mtp.enorm(embed(next_tokens)))
     h = e[:, :, None, :] + mtp.h_proj(mtp.hnorm(hidden.astype(e.dtype)))
     h = block(mtp, h, next_tokens)
-    x = hc_head(h, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    x = collapse(h, mtp, a)
     return mtp.norm(x)
 
 

@@ -14,8 +14,10 @@ TOL = 1e-3
 # (4e-3) apart, and such a step can tip a top-k or routing near-tie, moving that position's
 # logits far past TOL (test_bf16_storage_amplifies_tiny_perturbations). So most positions, not
 # all, are held to TOL, and the mean KL catches any drift. Rounding at the wrong points misses
-# both bounds widely (test_bf16_bounds_reject_rounding_at_other_points).
-BF16_TOL_SHARE = 0.98
+# both bounds widely (test_bf16_bounds_reject_rounding_at_other_points: at most 0.85 of positions
+# within TOL, mean KL 1e-4 or more). Two tipped positions in the 69 decoded ones are 0.971 (seen on
+# an AMD EPYC).
+BF16_TOL_SHARE = 0.95
 BF16_MEAN_KL = 1e-5
 
 

@@ -11,9 +11,10 @@ from mlx_dsv4.train import fast
 from mlx_dsv4.train.trainer import Trainer, TrainOptions, trunk
 
 TOLERANCE = 1e-5
-# The few-element mHC scales' gradients are each one sum, over every position, of terms of both
-# signs: float32 summation in another order moves that sum by more than 1e-5 of itself.
-SCALAR_TOLERANCE = 5e-5
+# The mHC parameters' gradients (and the sinks') are each one sum, over every position, of terms of
+# both signs: float32 summation in another order (another CPU's BLAS kernels) moves such a sum by
+# more than 1e-5 of the largest (seen: 1.25e-5 for the MTP layer's hc_head_fn on an AMD EPYC).
+SUM_TOLERANCE = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def _losses_and_grads(trainer: Trainer, batch: dict):
     (_, parts), grads = trainer._grad(trainer._joint, batch["tokens"], batch["main_pos"], batch["main_targets"],
                                       batch["mtp_pos"], batch["mtp_targets"], batch["index_pos"])
     mx.eval(parts, grads)
-    main, mtp, index, guide, copy_output, copy_value = (float(p) for p in parts)
-    assert guide == copy_output == 0.0  # the copy objectives are off by default
+    main, mtp, index, guide, copy_output, copy_value, entry_guide = (float(p) for p in parts)
+    assert guide == copy_output == copy_value == entry_guide == 0.0  # the guidance objectives are off by default
     return [main, mtp, index], dict(tree_flatten(grads))
 
 
@@ -122,7 +123,8 @@ def test_training_path_matches_cache_path(tokenizer, source):
         scale = float(mx.abs(ref).max())
         assert scale > 0, name
         error = float(mx.abs(grads[name] - ref).max()) / scale
-        assert error <= (TOLERANCE if ref.size > 3 else SCALAR_TOLERANCE), f"{name}: gradient differs by {error:.2e} of its largest value"
+        summed = ref.size <= 4 or ".hc_" in f".{name.split('.')[-1]}"
+        assert error <= (SUM_TOLERANCE if summed else TOLERANCE), f"{name}: gradient differs by {error:.2e} of its largest value"
 
 
 def test_train_step_losses_match_cache_path(tokenizer):

@@ -102,6 +102,9 @@ def main(argv=None):
                      f"n={tool['n']}"))
         rows.append(("tool use: expected call with expected arguments", f"{tool['well_formed_call']:.1%}",
                      f"n={tool['n']}"))
+        rows.append(("tool use: call names the expected tool", f"{tool['right_tool']:.1%}", f"n={tool['n']}"))
+        rows.append(("tool use: final answer right, given the expected call and its result",
+                     f"{tool['answer_after_result']:.1%}", f"n={tool['n']}"))
     for length in args.lengths:
         r = evaluate.retrieval(model, tokenizer, length, n=args.retrieval_n, seed=args.seed)
         results[f"retrieval_{length}"] = r

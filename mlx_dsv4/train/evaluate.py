@@ -3,7 +3,9 @@
 - held-out loss: teacher-forced cross-entropy on the assistant tokens of held-out examples;
 - tool use: the agent loop (real generation, parsing, validation, execution) on held-out numbers,
   cities and phrasings; correct = the expected call with the expected arguments, then the
-  expected final answer built from the tool's actual result;
+  expected final answer built from the tool's actual result. Its parts apart: how often the call
+  names the expected tool, and how often the final answer is right when the expected call and its
+  result are given (`answer_after_result`);
 - retrieval: greedy answer to "value of key K" after a key: value list of a given length;
 - MTP acceptance: how often the MTP layer's argmax equals the main model's next-but-one greedy token;
 - cache precision: mean KL and argmax agreement of each kv / indexer storage against float32.
@@ -59,7 +61,7 @@ def tool_use(model, tokenizer, n: int = 40, seed: int = 0, max_tokens: int = 96)
     from ..agent import Agent
 
     functions = {"get_weather": data.get_weather, "calculate": data.calculate, "add": data.add}
-    correct = well_formed = 0
+    correct = well_formed = right_tool = answered = 0
     failures = []
     toolsets = {"weather": ("get_weather", "calculate"), "add": ("add",)}
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
@@ -73,13 +75,26 @@ def tool_use(model, tokenizer, n: int = 40, seed: int = 0, max_tokens: int = 96)
         calls = result.tool_calls
         ok_call = bool(calls) and calls[0].name == m["call"] and _arguments(calls[0].arguments) == m["arguments"]
         well_formed += ok_call
+        right_tool += bool(calls) and calls[0].name == m["call"]
+        answered += answer_after_result(model, tokenizer, ex, max_tokens) == m["answer"]
         answer = (result.content or "").strip()
         if ok_call and answer == m["answer"]:
             correct += 1
         elif len(failures) < 5:
             failures.append({"question": m["question"], "expected": [m["call"], m["arguments"], m["answer"]],
                              "got": [[c.name, c.arguments] for c in calls], "answer": answer})
-    return {"n": n, "correct": correct / n, "well_formed_call": well_formed / n, "failures": failures}
+    return {"n": n, "correct": correct / n, "well_formed_call": well_formed / n, "right_tool": right_tool / n,
+            "answer_after_result": answered / n, "failures": failures}
+
+
+def answer_after_result(model, tokenizer, ex, max_tokens: int = 96) -> str:
+    """The model's greedy final answer to a tool example (`TaskGenerator.example("tool")`) given
+    everything before it: the question, the expected call and the tool's result."""
+    mask = ex.mask
+    end = len(mask) - mask[::-1].index(True)
+    start = end - mask[:end][::-1].index(False)
+    out = greedy(model, ex.ids[:start], max_tokens, tokenizer.eos_token_id)
+    return tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
 
 
 def _arguments(text):

@@ -3,8 +3,9 @@ assistant target whose token occurs earlier in the sliding window (`trainer.copy
 attention mass that the first head of a layer puts on those occurrences, how often that head's
 own prediction (its output alone through the output projection, the final norm and the vocabulary
 head: `trainer.copy_head_features`) is the target, and how often the model's greedy next token
-(teacher-forced) is, by kind of token: numbers, words of four or more letters, the rest (mostly
-the chat and DSML template's tokens). Then how far apart the vocabulary head keeps the numbers
+(teacher-forced) is, by kind of token: numbers (and among them a number's later tokens, such as
+"071" of "126071"), words of four or more letters, the rest (mostly the chat and DSML template's
+tokens). Then how far apart the vocabulary head keeps the numbers
 100-999 (`number_rows`): the mean cosine between two numbers' head rows, between a number's head
 row and its embedding, and how often a number's embedding scores its own head row above every
 other number's. Last, whether each layer can still read which number sits at a position
@@ -15,6 +16,8 @@ mapped vector is closest to the right one of the 900 embeddings. And how loud th
 where the model's output is made (`output_norms`): at the number targets, the median norm of the
 copy head's output through the output projection, of the layer's whole attention output, of what
 the layer's feed-forward adds to the residual streams, and of the final features before the norm.
+And where retrieval fails (`retrieval_probe`): whether the CSA layer's indexer picks the compressed
+entry that holds the asked key's value, and how much attention that entry gets.
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -28,11 +31,16 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_dsv4.hc import hc_head, hc_merge
+from mlx_dsv4.hc import collapse, expand, hc_merge, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.data import TaskGenerator
-from mlx_dsv4.train.trainer import copy_head_features, copy_sources, load_run
+from mlx_dsv4.train.trainer import copy_head_features, copy_sources, load_run, retrieval_source
+
+
+# numbers' later tokens ("071" of "126071"), also counted under "number": the copy head must find
+# where the previous token was written and read the token after it
+CONTINUED = "number, continued"
 
 
 def token_kind(text: str) -> str:
@@ -44,70 +52,69 @@ def token_kind(text: str) -> str:
     return "other"
 
 
-def probe(model, tokenizer, layer: int, examples: int = 24, seed: int = 77) -> dict:
-    """Per kind of target token, the copy measures above for the first head of `layer`."""
-    window = model.args.sliding_window
-    block = fast.block_size(window)
+def _forward(model, tokens: mx.array, layer: int):
+    """fast.trunk's forward with `layer` taken apart: (normed final features, the layer's attention
+    record with probabilities, the copy head's output through the output projection, the layer's
+    attention output, what its feed-forward adds to the streams, the final features before the norm)."""
+    a = model.args
+    opts = split_options(a)
+    h = expand(model.embed(tokens), a.hc_mult)
+    for i, block_i in enumerate(model.layers):
+        if i != layer:
+            h = fast.block(block_i, h, tokens)
+            continue
+        xin, post, comb = block_i._attn_input(h, opts)
+        record = {}
+        out = fast.attention(block_i.attn, xin, record, probs=True)
+        heads = record["heads"]
+        copy = block_i.attn._output(heads * mx.array(np.arange(heads.shape[2]) == 0, heads.dtype)[:, None], 0)
+        merged = hc_merge(out, h, post, comb)
+        h = block_i._ffn(out, h, post, comb, tokens, opts)
+        written = (h - merged).reshape(*h.shape[:2], -1)
+    final = collapse(h, model, a)
+    return model.norm(final), record, copy, out, written, final
+
+
+def probe(model, tokenizer, layer: int, examples: int = 24, seed: int = 77):
+    """(per kind of target token, the copy measures above for the first head of `layer`; at the
+    number targets, the median norms of `output_norms`) from one forward per example."""
+    a = model.args
+    block = fast.block_size(a.sliding_window)
     gen = TaskGenerator(tokenizer, seed=seed, split="eval", mix={"tool": 1.0, "copy": 1.0})
-    rows = {}
+    rows, norms = {}, []
     for _ in range(examples):
         ex = next(gen)
         ids, mask = np.array(ex.ids, np.int32), np.array(ex.mask)
-        queries, masks = copy_sources(ids, np.nonzero(mask[1:])[0], window, block)
-        records = {}
+        queries, masks = copy_sources(ids, np.nonzero(mask[1:])[0], a.sliding_window, block)
         if not len(queries):
             continue
-        feats, _ = fast.trunk(model, mx.array(ids[None]), records, probs_of=(layer,))
-        probs = np.array(records[layer]["probs"][0, :, 0, : 2 * block])
+        feats, record, *parts = _forward(model, mx.array(ids[None]), layer)
+        probs = np.array(record["probs"][0, :, 0, : 2 * block])
         greedy = np.array(mx.argmax(feats[0] @ model.head.weight.T, axis=-1))
-        own = copy_head_features(model, layer, records[layer]["heads"], queries)
+        own = copy_head_features(model, layer, record["heads"], queries)
         own_greedy = np.array(mx.argmax(own @ model.head.weight.T, axis=-1))
-        for j, sources, head_pick in zip(queries, masks, own_greedy):
-            kind = token_kind(tokenizer.decode([int(ids[j + 1])]))
-            rows.setdefault(kind, []).append((float((probs[j] * sources).sum()), float(head_pick == ids[j + 1]),
-                                              float(greedy[j] == ids[j + 1])))
-    return {kind: {"targets": len(v), "attention_on_sources": float(np.mean([r[0] for r in v])),
-                   "copy_head_right": float(np.mean([r[1] for r in v])),
-                   "greedy_right": float(np.mean([r[2] for r in v]))} for kind, v in sorted(rows.items())}
+        kinds = [token_kind(tokenizer.decode([int(ids[j + 1])])) for j in queries]
+        for j, sources, head_pick, kind in zip(queries, masks, own_greedy, kinds):
+            row = (float((probs[j] * sources).sum()), float(head_pick == ids[j + 1]), float(greedy[j] == ids[j + 1]))
+            rows.setdefault(kind, []).append(row)
+            if kind == "number" and token_kind(tokenizer.decode([int(ids[j])])) == "number":
+                rows.setdefault(CONTINUED, []).append(row)
+        at = np.array([j for j, kind in zip(queries, kinds) if kind == "number"], np.int32)
+        if len(at):
+            norms.append(np.stack([np.linalg.norm(np.array(t[0])[at], axis=-1) for t in parts], 1))
+    by_kind = {kind: {"targets": len(v), "attention_on_sources": float(np.mean([r[0] for r in v])),
+                      "copy_head_right": float(np.mean([r[1] for r in v])),
+                      "greedy_right": float(np.mean([r[2] for r in v]))} for kind, v in sorted(rows.items())}
+    return by_kind, output_norms(norms)
 
 
-def output_norms(model, tokenizer, layer: int, examples: int = 24, seed: int = 77) -> dict:
-    """At the number copy targets (as in `probe`), median norms of the copy head's output through the
-    output projection, the layer's attention output, its feed-forward's write to the streams and
-    the final features before the norm."""
-    a = model.args
-    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
-    block = fast.block_size(a.sliding_window)
-    gen = TaskGenerator(tokenizer, seed=seed, split="eval", mix={"tool": 1.0, "copy": 1.0})
-    rows = []
-    for _ in range(examples):
-        ex = next(gen)
-        ids = np.array(ex.ids, np.int32)
-        queries, _ = copy_sources(ids, np.nonzero(np.array(ex.mask)[1:])[0], a.sliding_window, block)
-        at = np.array([j for j in queries if token_kind(tokenizer.decode([int(ids[j + 1])])) == "number"], np.int32)
-        if not len(at):
-            continue
-        tokens = mx.array(ids[None])
-        x = model.embed(tokens)
-        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
-        for i, block_i in enumerate(model.layers):
-            if i != layer:
-                h = fast.block(block_i, h, tokens)
-                continue
-            xin, post, comb = block_i._attn_input(h, opts)
-            record = {}
-            out = fast.attention(block_i.attn, xin, record, probs=True)
-            heads = record["heads"]
-            copy = block_i.attn._output(heads * mx.array(np.arange(heads.shape[2]) == 0, heads.dtype)[:, None], 0)
-            merged = hc_merge(out, h, post, comb)
-            h = block_i._ffn(out, h, post, comb, tokens, opts)
-            written = (h - merged).reshape(*h.shape[:2], -1)
-        final = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps,
-                        norm_eps=a.rms_norm_eps)
-        rows.append(np.stack([np.linalg.norm(np.array(t[0])[at], axis=-1) for t in (copy, out, written, final)], 1))
-    if not rows:
+def output_norms(per_example: list) -> dict:
+    """Median norms over the number targets of the copy head's output through the output projection,
+    the layer's attention output, its feed-forward's write to the streams and the final features
+    before the norm."""
+    if not per_example:
         return {"targets": 0}
-    rows = np.concatenate(rows)
+    rows = np.concatenate(per_example)
     names = ("copy_head", "attention", "feed_forward_write", "final_features")
     return {"targets": len(rows), **{n: float(v) for n, v in zip(names, np.median(rows, 0))}}
 
@@ -134,7 +141,7 @@ def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, s
     is_number = np.zeros(model.args.vocab_size, bool)
     is_number[numbers] = True
     a = model.args
-    opts = dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    opts = split_options(a)
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
     inputs, targets = [[] for _ in model.layers], []
     for _ in range(examples):
@@ -143,7 +150,7 @@ def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, s
         targets.append(ids[at])
         tokens_mx = mx.array(ids[None])
         x = model.embed(tokens_mx)
-        h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+        h = expand(x, a.hc_mult)
         for i, layer in enumerate(model.layers):
             inputs[i].append(np.array(layer._attn_input(h, opts)[0][0])[at])
             h = fast.block(layer, h, tokens_mx)
@@ -161,6 +168,41 @@ def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, s
     return shares
 
 
+def retrieval_probe(model, tokenizer, n_tokens: int = 1024, examples: int = 8, seed: int = 77) -> dict:
+    """Where retrieval fails, on held-out key-value lists of about `n_tokens` tokens: at the answer
+    position, whether the CSA layer's lightning indexer picks a compressed entry holding the asked
+    key's value (the value's block of `ratio` tokens or the next, which overlaps it) among its top-k,
+    the best such entry's rank among the visible ones, the attention mass the layer's heads put on
+    those entries (the largest over heads), and whether the greedy answer is right."""
+    csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
+    attn = model.layers[csa].attn
+    ratio, k = attn.ratio, attn.indexer.topk
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    rows = []
+    for _ in range(examples):
+        ex = gen.retrieval(n_tokens)
+        ids = np.array(ex.ids, np.int32)
+        j = len(ids) - 3  # "</think>", whose next token is the answer
+        source = retrieval_source(ids, j)
+        records = {}
+        feats, _ = fast.trunk(model, mx.array(ids[None]), records, probs_of=(csa,))
+        r = records[csa]
+        scores = fast.index_scores(r["iq"], r["iw"], r["keys"])[0, j]
+        visible = np.arange(len(scores)) < (j + 1) // ratio
+        held = [t for t in (source // ratio, source // ratio + 1) if t < len(scores) and visible[t]]
+        chosen = fast.top_k_mask(scores[None, None], visible[None, None], k)[0, 0]
+        order = np.argsort(-np.where(visible, scores, -np.inf))
+        rank = int(min(np.nonzero(np.isin(order, held))[0]))
+        probs = np.array(r["probs"][0, j])  # [H, 2b + T + 1]
+        mass = probs[:, 2 * r["block"] + np.array(held)].sum(-1).max()
+        greedy = int(mx.argmax(feats[0, j] @ model.head.weight.T))
+        rows.append((float(chosen[held].any()), rank, float(mass), float(greedy == ids[j + 1])))
+    rows = np.array(rows)
+    return {"examples": examples, "tokens": int(len(ids)), "entries": int(visible.sum()), "top_k": k,
+            "picked": float(rows[:, 0].mean()), "median_rank": float(np.median(rows[:, 1])),
+            "attention_mass": float(rows[:, 2].mean()), "greedy_right": float(rows[:, 3].mean())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
@@ -171,7 +213,7 @@ def main(argv=None):
     model, _, options = load_run(args.run_dir)
     tokenizer = load_tokenizer(None)
     layer = options.copy_layer if args.layer is None else args.layer
-    result = probe(model, tokenizer, layer, args.examples, args.seed)
+    result, norms = probe(model, tokenizer, layer, args.examples, args.seed)
     print("| target token | targets | copy head's attention on its earlier occurrences | copy head's own "
           "prediction right | greedy token right |")
     print("| --- | --- | --- | --- | --- |")
@@ -182,11 +224,15 @@ def main(argv=None):
     print(f"\nhead rows of the {rows['numbers']} numbers 100-999: mean cosine between two "
           f"{rows['head_rows_cosine']:.3f}, with the number's embedding {rows['head_row_embedding_cosine']:.3f}; "
           f"the embedding scores its own row highest for {rows['embedding_picks_own_row']:.1%}")
-    norms = output_norms(model, tokenizer, layer, args.examples, args.seed)
     print(f"at the {norms['targets']} number targets, median norms: the copy head through the output projection "
           f"{norms['copy_head']:.1f}, the layer's attention output {norms['attention']:.1f}, its feed-forward's "
           f"write to the streams {norms['feed_forward_write']:.1f}, the final features before the norm "
           f"{norms['final_features']:.1f}")
+    ret = retrieval_probe(model, tokenizer, examples=args.examples // 2)
+    print(f"retrieval at ~{ret['tokens']} tokens ({ret['examples']} lists, {ret['entries']} visible compressed "
+          f"entries): the indexer's top-{ret['top_k']} holds the answer's entry {ret['picked']:.1%}, its median rank "
+          f"{ret['median_rank']:.0f}; the layer's heads put at most {ret['attention_mass']:.3f} of their attention "
+          f"on it; greedy answer right {ret['greedy_right']:.1%}")
     shares = identity_by_layer(model, tokenizer)
     print("held-out numbers read back from each layer's attention input: "
           + ", ".join(f"layer {i} {share:.1%}" for i, share in enumerate(shares)))

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_dsv4.hc import expand, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, copy_value_loss,
-                                    copy_value_positions, guide_loss, init_model, load_run, trained_config)
+                                    copy_value_positions, entry_guide_loss, guide_loss, init_model, load_run,
+                                    retrieval_source, trained_config)
 
 
 def _dense_attention(attn, x: mx.array) -> np.ndarray:
@@ -44,8 +46,8 @@ def layer0_state():
     layer = model.layers[0]
     a = model.args
     x = model.embed(mx.array(ids[None]))
-    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
-    xin, _, _ = layer._attn_input(h, dict(iters=a.hc_sinkhorn_iters, eps=a.hc_eps, norm_eps=a.rms_norm_eps))
+    h = expand(x, a.hc_mult)
+    xin, _, _ = layer._attn_input(h, split_options(a))
     return ids, records[0], _dense_attention(layer.attn, xin), layer.attn.window, model, xin
 
 
@@ -249,10 +251,11 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
 
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
                  "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
-                 "--embed-scale", "2"]) == 0
+                 "--embed-scale", "2", "--entry-guide-weight", "0.75"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
-            options["head_from_embed"], options["tie_head"]) == (0.5, 0.25, 0.5, True, True)
+            options["head_from_embed"], options["tie_head"], options["entry_guide_weight"]) == (
+                0.5, 0.25, 0.5, True, True, 0.75)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0
 
@@ -262,8 +265,9 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     copy_probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy_probe)
     model, _, options = load_run(tmp_path)
-    result = copy_probe.probe(model, load_tokenizer(None), options.copy_layer, examples=2)
+    result, norms = copy_probe.probe(model, load_tokenizer(None), options.copy_layer, examples=2)
     assert result["number"]["targets"] > 0 and result["other"]["targets"] > 0
+    assert result.get(copy_probe.CONTINUED, {"targets": 0})["targets"] < result["number"]["targets"]  # a subset
     for row in result.values():
         assert 0 < row["attention_on_sources"] < 1 and 0 <= row["greedy_right"] <= 1
         assert 0 <= row["copy_head_right"] <= 1
@@ -271,8 +275,65 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     rows = copy_probe.number_rows(model, load_tokenizer(None))
     assert rows["numbers"] == 900  # each of 100-999 is one token
     assert rows["head_row_embedding_cosine"] == pytest.approx(1.0, abs=1e-5)  # a tied head
-    norms = copy_probe.output_norms(model, load_tokenizer(None), options.copy_layer, examples=2)
     assert norms["targets"] == result["number"]["targets"]
     assert all(0 < norms[k] < np.inf for k in ("copy_head", "attention", "feed_forward_write", "final_features"))
+    ret = copy_probe.retrieval_probe(model, load_tokenizer(None), n_tokens=600, examples=1)
+    assert ret["top_k"] == 16 and 16 < ret["entries"] < 600 // 4 and ret["greedy_right"] in (0.0, 1.0)
+    assert (ret["median_rank"] < ret["top_k"]) == (ret["picked"] == 1.0)  # the top-k holds the best-ranked entry
+    assert ret["picked"] or ret["attention_mass"] == 0.0  # attention reaches only the picked entries
     shares = copy_probe.identity_by_layer(model, load_tokenizer(None), examples=1, tokens=800)
     assert len(shares) == 4 and shares[0] > 0.9  # layer 0 reads the embedding itself
+
+
+def test_entry_guidance_reads_the_answers_compressed_entries():
+    """The retrieval guidance: its target entries hold the asked key's value, its terms equal a direct
+    float64 computation of the first head's and the indexer's dense softmax over the entries the
+    answer position sees, and steps on its gradient lower it."""
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(seed=0, mix={"retrieval": 1.0}, retrieval_tokens=(600, 700), entry_guide_weight=1.0,
+                           lr=1e-2, warmup=1)
+    trainer = Trainer(tokenizer, options)
+    batch, kinds = trainer.batch()
+    assert kinds == ["retrieval"]
+    ids = np.array(batch["tokens"][0])
+    query, held = batch["entry_query"]
+    assert tokenizer.decode(ids[query - 3: query + 2].tolist()).startswith(tokenizer.decode([int(ids[query - 3])]))
+    source = retrieval_source(ids, query)
+    line = tokenizer.decode(ids[source - 3: source + 1].tolist())
+    assert line == f"{tokenizer.decode([int(ids[query - 3])])}: {tokenizer.decode([int(ids[query + 1])])}"
+    assert held == [source // 4, source // 4 + 1]
+    with pytest.raises(ValueError, match="0 lines start with the asked key"):
+        retrieval_source(np.where(np.arange(len(ids)) == source, ids[source] + 1, ids), query)
+    # the asked key's token also written as an earlier line's value ("K" after ": ") does not mislead it
+    values = np.nonzero(ids == ids[source - 2])[0] + 2  # after each ":" and " "
+    decoy = ids.copy()
+    decoy[values[values < source - 3][0]] = ids[query - 3]
+    assert retrieval_source(decoy, query) == source
+
+    records = {}
+    fast.trunk(trainer.model, batch["tokens"], records)
+    (csa, r), = [(i, r) for i, r in records.items() if "iq" in r]
+    scale = trainer.model.layers[csa].attn.scale
+    got = float(entry_guide_loss(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], query, held, scale))
+    visible = np.arange(r["entries"].shape[1]) < (query + 1) // 4
+    q, entries = np.array(r["q"][0, query, 0], np.float64), np.array(r["entries"][0], np.float64)
+    iq, iw = np.array(r["iq"][0, query], np.float64), np.array(r["iw"][0, query], np.float64)
+    keys = np.array(r["keys"][0].astype(mx.float32), np.float64)
+    expected = 0.0
+    for scores in (entries @ q * scale, (np.maximum(iq @ keys.T, 0) * iw[:, None]).sum(0)):
+        p = np.exp(scores[visible] - scores[visible].max())
+        p /= p.sum()
+        expected -= np.log(p[held].sum())
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert expected > 2 * np.log(visible.sum() / 2) - 3  # an untrained model: near the uniform mass
+
+    args = [batch[k] for k in ("tokens", "main_pos", "main_targets", "mtp_pos", "mtp_targets", "index_pos",
+                                "copy_queries", "copy_masks", "value_pos", "entry_query")]
+    seen = []
+    for _ in range(6):  # steps on this batch: the objective's gradient moves the entries' mass up
+        (_, parts), grads = trainer._grad(trainer._joint, *args)
+        trainer.optimizer.update(trainer._joint, grads)
+        mx.eval(trainer._joint.parameters(), trainer.optimizer.state)
+        seen.append(float(parts[6]))
+    assert seen[0] == pytest.approx(got, rel=1e-4)
+    assert seen[-1] < got - 1.0, seen

@@ -24,6 +24,9 @@ def add_arguments(p):
     p.add_argument("--copy-value-weight", type=float, default=None,
                    help="weight of the copy head's output projection naming the token of each position's own "
                         "value (its tokens that occur at most twice in the sequence; default 0: off)")
+    p.add_argument("--entry-guide-weight", type=float, default=None,
+                   help="weight of the retrieval guidance: at a retrieval answer, the CSA layers' first head and "
+                        "lightning indexer should pick the compressed entries that hold it (default 0: off)")
     p.add_argument("--copy-head-scale", type=float, default=None,
                    help="start the copy head's columns of its layer's output projection at this multiple of the "
                         "draw (default 1)")
@@ -96,7 +99,7 @@ def run(args):
     options = TrainOptions(seed=args.seed)
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
                  "copy_value_weight", "copy_head_scale", "init_from", "head_from_embed", "tie_head",
-                 "embed_scale", "embed_lr_scale"):
+                 "embed_scale", "embed_lr_scale", "entry_guide_weight"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

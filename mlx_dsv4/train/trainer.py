@@ -45,7 +45,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ModelArgs
-from ..hc import hc_head
+from ..hc import collapse, expand
 from ..loader import _MTPLayers, to_mlx_layout
 from ..model import Block, Model
 from ..spec import official_tensors, official_to_mlx
@@ -93,6 +93,7 @@ class TrainOptions:
     copy_value_positions: int = 256
     copy_head_scale: float = 1.0  # the copy head's columns of the output projection start this many times the draw
     init_from: str | None = None  # a run directory whose weights replace the draw (see Trainer)
+    entry_guide_weight: float = 0.0  # the retrieval answer's compressed-entry objective's weight; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -162,10 +163,10 @@ def trunk(model: Model, tokens: mx.array):
     a = model.args
     cache = model.make_cache("float", "float")
     x = model.embed(tokens)
-    h = mx.broadcast_to(x[:, :, None, :], (*x.shape[:2], a.hc_mult, x.shape[-1]))
+    h = expand(x, a.hc_mult)
     for layer, layer_cache in zip(model.layers, cache.layers):
         h = layer(h, tokens, layer_cache, cache.query_block)
-    x = hc_head(h, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    x = collapse(h, model, a)
     return model.norm(x), h, cache
 
 
@@ -175,7 +176,7 @@ def mtp_features(mtp, hidden: mx.array, next_tokens: mx.array, embed, cache) -> 
     e = mtp.e_proj(mtp.enorm(embed(next_tokens)))
     h = e[:, :, None, :] + mtp.h_proj(mtp.hnorm(hidden.astype(e.dtype)))
     h = Block.__call__(mtp, h, next_tokens, cache.layers[0], cache.query_block)
-    x = hc_head(h, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, eps=a.hc_eps, norm_eps=a.rms_norm_eps)
+    x = collapse(h, mtp, a)
     return mtp.norm(x)
 
 
@@ -283,6 +284,33 @@ def copy_value_positions(ids: np.ndarray, limit: int, rng: np.random.Generator) 
     if len(rare) > limit:
         rare = np.sort(rng.choice(rare, limit, replace=False))
     return rare.astype(np.int32)
+
+
+def retrieval_source(ids: np.ndarray, query: int) -> int:
+    """Where the answer to a retrieval question (`TaskGenerator.retrieval`) sits in its list: the
+    value after the asked key's line start ("K", ":", " ", "V"); `query` is the position whose next
+    token is the answer, the asked key three positions before it ("K", "?", Assistant, </think>)."""
+    key, answer = ids[query - 3], ids[query + 1]
+    # the key's token may also be an earlier line's value; three positions after that sits a ":"
+    starts = [p for p in np.nonzero(ids[: query - 6] == key)[0] if ids[p + 3] == answer]
+    if len(starts) != 1:
+        raise ValueError(f"{len(starts)} lines start with the asked key (token {key}) and hold the answer "
+                         f"(token {answer}) three positions on; expected one")
+    return int(starts[0]) + 3
+
+
+def entry_guide_loss(q, entries, keys, iq, iw, query: int, held, scale: float) -> mx.array:
+    """-log of the mass that the first attention head and the lightning indexer put on the compressed
+    entries `held` (those holding the answer) at `query`, each as a softmax over the entries the query
+    sees (dense: the top-k selection has no gradient); arrays as `index_kl` takes them."""
+    T = entries.shape[1]
+    visible = mx.arange(T) < (query + 1) // 4
+    on = mx.array(np.isin(np.arange(T), held))
+    s = (q[0, query, 0] @ entries[0].T) * scale
+    attention = mx.where(visible, s, -mx.inf)
+    scores = (nn.relu(iq[0, query] @ keys[0].astype(mx.float32).T) * iw[0, query][:, None]).sum(axis=0)
+    index = mx.where(visible, scores, -mx.inf)
+    return sum(-(mx.logsumexp(mx.where(on, x, -mx.inf)) - mx.logsumexp(x)) for x in (attention, index))
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -425,7 +453,8 @@ class Trainer:
             self.optimizer = optim.MultiOptimizer([embed, self.optimizer],
                                                   [lambda path, _: path == "model.embed.weight"])
         self.step = 0
-        if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight):
+        if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight
+                          or options.entry_guide_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -445,7 +474,7 @@ class Trainer:
         return self._joint_module
 
     def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-              copy_masks=None, value_pos=None):
+              copy_masks=None, value_pos=None, entry_query=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
@@ -456,10 +485,10 @@ class Trainer:
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        return total, (main, mtp_loss, index_loss, mx.array(0.0), mx.array(0.0), mx.array(0.0))
+        return total, (main, mtp_loss, index_loss, mx.array(0.0), mx.array(0.0), mx.array(0.0), mx.array(0.0))
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-                   copy_masks=None, value_pos=None):
+                   copy_masks=None, value_pos=None, entry_query=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         o = self.options
         records = {}
@@ -489,7 +518,14 @@ class Trainer:
         if o.copy_value_weight and value_pos is not None and len(value_pos):
             copy_value = copy_value_loss(model, o.copy_layer, records[o.copy_layer]["kv"], tokens, value_pos, head)
             total = total + o.copy_value_weight * copy_value
-        return total, (main, mtp_loss, index_loss, guide, copy_output, copy_value)
+        entry_guide = mx.array(0.0)
+        if o.entry_guide_weight and entry_query is not None:
+            query, held = entry_query
+            guides = [entry_guide_loss(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], query, held,
+                                       model.layers[i].attn.scale) for i, r in records.items() if "iq" in r]
+            entry_guide = sum(guides) / len(guides)
+            total = total + o.entry_guide_weight * entry_guide
+        return total, (main, mtp_loss, index_loss, guide, copy_output, copy_value, entry_guide)
 
     def _head(self, model: Model) -> mx.array:
         """The vocabulary head's weight: the model's, or with `tie_head` the scaled embedding."""
@@ -519,17 +555,28 @@ class Trainer:
         value_pos = np.zeros(0, np.int32)
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
+        entry_query = None
+        if self.options.entry_guide_weight and kinds == ["retrieval"]:
+            query = int(main_pos[0])
+            try:
+                source = retrieval_source(ids, query)
+            except ValueError:  # keys of two tokens (lists of over 900 lines): no guidance (none logged)
+                source = None
+            if source is not None:
+                held = [t for t in (source // 4, source // 4 + 1) if t < (query + 1) // 4]  # overlapping blocks
+                entry_query = (query, held)
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
-                    copy_masks=copy_masks, value_pos=value_pos), kinds
+                    copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query), kinds
 
     def train_step(self):
         batch, kinds = self.batch()
         t0 = time.perf_counter()
-        (loss, (main, mtp_loss, index_loss, guide, copy_output, copy_value)), grads = self._grad(
+        (loss, (main, mtp_loss, index_loss, guide, copy_output, copy_value, entry_guide)), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
-            batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"])
+            batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
+            batch["entry_query"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5), "main": round(float(main), 5),
@@ -537,6 +584,7 @@ class Trainer:
                   **({"guide": round(float(guide), 5)} if self.options.guide_weight else {}),
                   **({"copy_output": round(float(copy_output), 5)} if self.options.copy_output_weight else {}),
                   **({"copy_value": round(float(copy_value), 5)} if self.options.copy_value_weight else {}),
+                  **({"entry_guide": round(float(entry_guide), 5)} if batch["entry_query"] else {}),
                   "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
                   "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
                   "seconds": round(time.perf_counter() - t0, 3)}

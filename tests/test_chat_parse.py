@@ -164,6 +164,25 @@ def test_lenient_never_returns_calls_of_a_truncated_block():
         assert any("truncated" in r and "discarded" in r for r in parsed["repairs"])
 
 
+@pytest.mark.parametrize("old, new", [('invoke name="get_weather"', 'invoke name="get｜DSML｜weather"'),
+                                      ('parameter name="city"', 'parameter name="ci｜DSML｜ty"')])
+def test_names_no_prompt_can_hold_discard_the_call(old, new):
+    """A call named with a protocol string could not be sent back in the conversation (the encoder
+    refuses it), so the parser does not return it: lenient mode discards it, strict mode raises."""
+    text = "Sure." + BLOCK.replace(old, new)
+    parsed = lenient(text)
+    assert parsed["tool_calls"] == [] and parsed["content"] == "Sure."
+    assert any("a prompt cannot hold in a name; call discarded" in r for r in parsed["repairs"])
+    with pytest.raises(ChatFormatError, match="cannot hold in a name") as err:
+        parse_completion(text, "chat", strict=True)
+    assert err.value.offset == len(text[: text.index(new) - len("<｜DSML｜")].encode())  # the tag's first byte
+    two = BLOCK.replace("</｜DSML｜invoke>\n</｜DSML｜tool_calls>", "</｜DSML｜invoke>\n"
+                        + BLOCK.split("\n", 3)[3].replace(old, new))
+    assert [c["function"]["name"] for c in lenient(two)["tool_calls"]] == ["get_weather"]  # the good call stays
+    encode_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                                                         "tool_calls": lenient(two)["tool_calls"]}])
+
+
 def test_lenient_missing_think_close_and_stray_markers():
     parsed = lenient("thinking" + BLOCK, "thinking")
     assert parsed["reasoning_content"] == "thinking"

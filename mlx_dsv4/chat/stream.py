@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .errors import ChatFormatError
 from .lexer import Lexer
-from .special import INVOKE_TAG, PARAMETER_TAG, TOOL_CALLS_TAG
+from .special import INVOKE_TAG, PARAMETER_TAG, RESERVED_STRINGS, TOOL_CALLS_TAG
 from .wiretext import strict_json_loads, to_json
 
 
@@ -384,18 +384,34 @@ class DSMLStreamParser:
         name = attributes["name"] or ""
         self._call = _Call(self._calls_started, name, token.offset, {})
         self._calls_started += 1
-        if name:
-            self._events.append(ToolCallStarted(self._call.index, name))
-        else:
+        if not name:
             self._problem("invoke without a name", token.offset, "call discarded")
             self._call.broken = True
+        elif self._unwritable(name, "invoke name", token.offset):
+            self._call.broken = True
+        else:
+            self._events.append(ToolCallStarted(self._call.index, name))
         self._block_state = "invoke"
+
+    def _unwritable(self, name, what, offset):
+        """Whether a name holds a protocol string, a '"' or a newline, which no prompt can hold as a
+        name again (a conversation continued with the call would be refused); strict mode raises."""
+        bad = next((r for r in RESERVED_STRINGS + ('"', "\n") if r in name), None)
+        if bad is None:
+            return False
+        problem = f"{what} {name[:40]!r} contains {bad!r}, which a prompt cannot hold in a name"
+        if self.strict:
+            raise ChatFormatError(problem, offset=offset)
+        self._problem(problem, offset, "call discarded")
+        return True
 
     def _start_parameter(self, token):
         attributes = self._attributes(token, _STRICT_PARAMETER_ATTRIBUTES, ("name", "string"))
         name, string = attributes["name"], attributes["string"]
         if not name:
             self._problem("parameter without a name", token.offset, "call discarded")
+            self._call.broken = True
+        elif self._unwritable(name, "parameter name", token.offset):
             self._call.broken = True
         if string not in ("true", "false", None):
             self._problem(f"string attribute {string!r} is neither true nor false", token.offset, "typed from its text")

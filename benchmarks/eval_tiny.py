@@ -98,13 +98,17 @@ def main(argv=None):
     if args.tool_n:
         tool = evaluate.tool_use(model, tokenizer, n=args.tool_n, seed=args.seed)
         results["tool_use"] = tool
-        rows.append(("tool use: correct final answer after a well-formed call", f"{tool['correct']:.1%}",
-                     f"n={tool['n']}"))
-        rows.append(("tool use: expected call with expected arguments", f"{tool['well_formed_call']:.1%}",
-                     f"n={tool['n']}"))
-        rows.append(("tool use: call names the expected tool", f"{tool['right_tool']:.1%}", f"n={tool['n']}"))
-        rows.append(("tool use: final answer right, given the expected call and its result",
-                     f"{tool['answer_after_result']:.1%}", f"n={tool['n']}"))
+        calls = evaluate.call_token_accuracy(model, tokenizer, n=args.tool_n, seed=args.seed)
+        results["call_tokens"] = calls
+        n, arguments, rest = f"n={tool['n']}", f"{calls['arguments_tokens']} tokens", f"{calls['rest_tokens']} tokens"
+        for label, value, sample in (
+                ("correct final answer after a well-formed call", tool["correct"], n),
+                ("expected call with expected arguments", tool["well_formed_call"], n),
+                ("call names the expected tool", tool["right_tool"], n),
+                ("final answer right, given the expected call and its result", tool["answer_after_result"], n),
+                ("call's argument tokens right, teacher-forced", calls["arguments"], arguments),
+                ("call's other tokens right, teacher-forced", calls["rest"], rest)):
+            rows.append((f"tool use: {label}", f"{value:.1%}", sample))
     for length in args.lengths:
         r = evaluate.retrieval(model, tokenizer, length, n=args.retrieval_n, seed=args.seed)
         results[f"retrieval_{length}"] = r

@@ -59,7 +59,8 @@ def breakdown(trainer: Trainer, batch: dict) -> None:
     both("head cross-entropy", lambda f: fast.head_cross_entropy(f[0, main_pos], model.head.weight, targets), feats)
     for name, (layer, r) in records.items():
         both(f"{name} indexer objective", lambda iq: index_kl(r["q"], r["entries"], r["keys"], iq, r["iw"],
-                                                              batch["index_pos"], layer.attn.scale), r["iq"])
+                                                              batch["index_pos"], layer.attn.scale,
+                                                              layer.attn.ratio), r["iq"])
     print(f"{'component':44s} {'forward s':>10s} {'fwd+bwd s':>10s}")
     for name, f, fb in rows:
         print(f"{name:44s} {f:10.4f} {fb:10.4f}")

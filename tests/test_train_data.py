@@ -141,3 +141,55 @@ def test_bad_model_config_is_named(text, message):
     overrides = parse_config("o_lora_rank=64,moe_intermediate_size=48")
     cfg = trained_config(**overrides)
     assert (cfg["o_lora_rank"], cfg["moe_intermediate_size"], cfg["hidden_size"]) == (64, 48, 64)
+
+
+def test_argument_positions_are_the_call_arguments_and_their_ends(tokenizer):
+    from mlx_dsv4.chat.wiretext import to_json
+    from mlx_dsv4.train.trainer import argument_positions
+
+    gen = TaskGenerator(tokenizer, seed=2, mix={"tool": 1.0})
+    toolsets = set()
+    for _ in range(12):
+        ex = gen.example("tool")
+        toolsets.add(ex.meta["toolset"])
+        pieces = [tokenizer.decode([t]) for t in ex.ids]
+        picked = argument_positions(pieces)
+        values = [v if isinstance(v, str) else to_json(v) for v in ex.meta["arguments"].values()]
+        assert "".join(pieces[p] for p in picked) == "".join(value + "</" for value in values)  # and the close
+        assert all(ex.mask[p] for p in picked)  # the system prompt's format description holds none
+    assert toolsets == {"weather", "add"}
+    assert len(argument_positions([tokenizer.decode([t]) for t in gen.example("chat").ids])) == 0
+
+
+def test_argument_weight_repeats_the_argument_targets(tokenizer):
+    from mlx_dsv4.train.trainer import Trainer, TrainOptions, argument_positions
+
+    options = dict(mix={"tool": 1.0}, max_tokens=1500)
+    plain, weighted = (Trainer(tokenizer, TrainOptions(argument_weight=w, **options)) for w in (1, 3))
+    (a, kinds), (b, _) = plain.batch(), weighted.batch()
+    assert set(kinds) == {"tool"} and len(kinds) > 1
+    ids = np.array(a["tokens"][0])
+    np.testing.assert_array_equal(ids, np.array(b["tokens"][0]))
+    targets = set(argument_positions([tokenizer.decode([int(t)]) for t in ids]) - 1)
+    positions, counts = np.unique(np.array(b["main_pos"]), return_counts=True)
+    np.testing.assert_array_equal(positions, np.array(a["main_pos"]))
+    assert {int(p) for p, c in zip(positions, counts) if c == 3} == targets and set(counts) == {1, 3}
+    np.testing.assert_array_equal(np.array(b["main_targets"]), ids[np.array(b["main_pos"]) + 1])
+
+
+def test_name_examples_spell_every_city_as_a_call_argument_starts_it(tokenizer):
+    from mlx_dsv4.train.data import EVAL_CITIES, TRAIN_CITIES, WEATHER_TEMPLATES
+
+    gen = TaskGenerator(tokenizer, seed=0, mix={"name": 1.0})
+    seen = set()
+    for _ in range(200):
+        ex = next(gen)
+        city = ex.meta["answer"]
+        seen.add(city)
+        answer = [t for t, keep in zip(ex.ids, ex.mask) if keep]
+        argument = tokenizer.encode(f'string="true">{city}</')
+        assert answer[:-1] == [t for t in argument if tokenizer.decode([t]) not in ('string', '="', 'true', '">',
+                                                                                   '</')]
+        asked = ex.text.split("Which city does this ask about? ")[1].split("<｜Assistant｜>")[0]
+        assert any(asked == t.format(city=city) for t in WEATHER_TEMPLATES["train"])
+    assert seen & set(EVAL_CITIES) and seen & set(TRAIN_CITIES)

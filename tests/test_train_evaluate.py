@@ -7,7 +7,8 @@ import pytest
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train.data import TaskGenerator
-from mlx_dsv4.train.evaluate import answer_after_result
+from mlx_dsv4.train.evaluate import answer_after_result, call_token_accuracy
+from mlx_dsv4.train.trainer import argument_positions
 
 
 class Oracle:
@@ -47,3 +48,40 @@ def test_answer_after_result_reads_the_final_answer(tokenizer, n):
     wrong = list(ex.ids)
     wrong[-3] = tokenizer.encode(" 7")[0] if tokenizer.decode([wrong[-3]]) != " 7" else tokenizer.encode(" 8")[0]
     assert answer_after_result(Oracle(wrong), tokenizer, ex) != ex.meta["answer"]
+
+
+class TeacherOracle:
+    """Full-sequence logits whose argmax is the next token of `ids`, except at `wrong` positions."""
+
+    def __init__(self, ids, wrong=()):
+        self.ids, self.wrong = list(ids), set(wrong)
+
+    def make_cache(self, *args):
+        return None
+
+    def __call__(self, tokens, cache=None):
+        fed = np.array(tokens)[0].tolist()
+        assert fed == self.ids[: len(fed)]
+        logits = np.zeros((1, len(fed), max(self.ids) + 10), np.float32)
+        for j in range(len(fed)):
+            logits[0, j, self.ids[j + 1] + (1 if j + 1 in self.wrong else 0)] = 1
+        return mx.array(logits)
+
+
+def test_call_token_accuracy_splits_arguments_from_the_rest(tokenizer):
+    ex = TaskGenerator(tokenizer, seed=0, split="eval").example("tool")  # the example n=1 evaluates
+    pieces = [tokenizer.decode([t]) for t in ex.ids]
+    arguments = argument_positions(pieces)
+    assert 1 < len(arguments) < 12
+    template = ex.mask.index(True) + 2  # a template token of the call turn
+
+    perfect = call_token_accuracy(TeacherOracle(ex.ids), tokenizer, n=1)
+    assert (perfect["arguments"], perfect["rest"]) == (1.0, 1.0)
+    assert perfect["arguments_tokens"] == len(arguments)
+    assert perfect["arguments_by_tool"] == {ex.meta["call"]: {"right": len(arguments), "tokens": len(arguments)}}
+    one_off = call_token_accuracy(TeacherOracle(ex.ids, {int(arguments[0]), template}), tokenizer, n=1)
+    assert one_off["arguments"] == pytest.approx(1 - 1 / len(arguments))
+    assert one_off["arguments_by_tool"][ex.meta["call"]]["right"] == len(arguments) - 1
+    assert one_off["rest"] == pytest.approx(1 - 1 / one_off["rest_tokens"])
+    after_the_call = len(ex.ids) - 2  # in the final answer, not the call turn
+    assert call_token_accuracy(TeacherOracle(ex.ids, {after_the_call}), tokenizer, n=1)["rest"] == 1.0

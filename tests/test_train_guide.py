@@ -17,7 +17,7 @@ from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, copy_value_loss,
                                     copy_value_positions, entry_guide_loss, guide_loss, init_model, load_run,
-                                    retrieval_source, trained_config)
+                                    offset_loss, retrieval_source, trained_config)
 
 
 def _dense_attention(attn, x: mx.array) -> np.ndarray:
@@ -86,6 +86,44 @@ def test_guidance_reads_the_layers_attention(layer0_state):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_key_guidance_reads_the_attention_offset_back(layer0_state):
+    ids, record, dense, _, _, _ = layer0_state
+    L = len(ids)
+    for head, offset in ((1, 3), (0, 1), (2, 7)):
+        got = float(offset_loss(record["probs"], record["block"], head=head, offset=offset))
+        expected = -np.log(np.array([dense[j, head, j - offset] for j in range(offset, L)]) + 1e-6).mean()
+        assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_key_guide_steps_teach_a_head_to_look_three_back():
+    options = TrainOptions(steps=6, mix={"pattern": 1.0}, key_guide_weight=1.0, lr=1e-2, warmup=1, max_tokens=256)
+    trainer = Trainer(load_tokenizer(None), options)
+    records = [trainer.train_step() for _ in range(6)]
+    losses = [r["key_guide"] for r in records]
+    assert losses[0] > 2.0 and np.mean(losses[-2:]) < losses[0] - 1.0, losses
+    with pytest.raises(ValueError, match="fast path"):
+        Trainer(load_tokenizer(None), options, reference=True)
+
+
+def test_each_of_several_retrieval_questions_is_guided_to_its_own_line():
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(seed=1, mix={"retrieval": 1.0}, retrieval_tokens=(600, 700), entry_guide_weight=1.0,
+                           retrieval_questions=4)
+    batch, kinds = Trainer(tokenizer, options).batch()
+    assert kinds == ["retrieval"]
+    ids = np.array(batch["tokens"][0])
+    text = tokenizer.decode(ids.tolist())
+    assert text.count("What is the value of key") == 4 and text.count("Here is a list") == 1
+    queries = [q for q, _ in batch["entry_query"]]
+    assert len(queries) == 4 and len({int(ids[q - 3]) for q in queries}) == 4  # four distinct keys
+    for query, held in batch["entry_query"]:
+        source = retrieval_source(ids, query)
+        line = tokenizer.decode(ids[source - 3: source + 1].tolist())
+        assert line == f"{tokenizer.decode([int(ids[query - 3])])}: {tokenizer.decode([int(ids[query + 1])])}"
+        assert held == [source // 4, source // 4 + 1]
+    assert set(queries) < set(np.array(batch["main_pos"]).tolist())
+
+
 def test_copy_output_is_the_first_heads_own_prediction(layer0_state):
     ids, record, dense, window, model, xin = layer0_state
     attn = model.layers[0].attn
@@ -151,7 +189,8 @@ def test_copy_steps_lower_their_objectives(tmp_path):
         "tokens", "main_pos", "main_targets", "mtp_pos", "mtp_targets", "index_pos", "copy_queries", "copy_masks",
         "value_pos")))
     # the first batch's rare tokens, named from their own values far better than before its step
-    assert float(parts[5]) < records[0]["copy_value"] - 2.0, (float(parts[5]), records[0]["copy_value"])
+    assert float(parts["copy_value"]) < records[0]["copy_value"] - 2.0, (float(parts["copy_value"]),
+                                                                        records[0]["copy_value"])
     trainer.save_official(tmp_path)
     saved = json.loads((tmp_path / "train_options.json").read_text())
     assert (saved["guide_weight"], saved["copy_output_weight"], saved["copy_value_weight"], saved["copy_layer"],
@@ -251,13 +290,15 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
 
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
                  "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
-                 "--embed-scale", "2", "--entry-guide-weight", "0.75"]) == 0
+                 "--embed-scale", "2", "--entry-guide-weight", "0.75", "--key-guide-weight", "0.5",
+                 "--argument-weight", "2", "--retrieval-questions", "3"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
-            options["head_from_embed"], options["tie_head"], options["entry_guide_weight"]) == (
-                0.5, 0.25, 0.5, True, True, 0.75)
+            options["head_from_embed"], options["tie_head"], options["entry_guide_weight"],
+            options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"]) == (
+                0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
-    assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0
+    assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
 
     # benchmarks/copy_probe.py reads such a run directory
     probe_path = Path(__file__).parent.parent / "benchmarks" / "copy_probe.py"
@@ -296,7 +337,7 @@ def test_entry_guidance_reads_the_answers_compressed_entries():
     batch, kinds = trainer.batch()
     assert kinds == ["retrieval"]
     ids = np.array(batch["tokens"][0])
-    query, held = batch["entry_query"]
+    (query, held), = batch["entry_query"]
     assert tokenizer.decode(ids[query - 3: query + 2].tolist()).startswith(tokenizer.decode([int(ids[query - 3])]))
     source = retrieval_source(ids, query)
     line = tokenizer.decode(ids[source - 3: source + 1].tolist())
@@ -313,8 +354,9 @@ def test_entry_guidance_reads_the_answers_compressed_entries():
     records = {}
     fast.trunk(trainer.model, batch["tokens"], records)
     (csa, r), = [(i, r) for i, r in records.items() if "iq" in r]
-    scale = trainer.model.layers[csa].attn.scale
-    got = float(entry_guide_loss(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], query, held, scale))
+    scale, ratio = trainer.model.layers[csa].attn.scale, trainer.model.layers[csa].attn.ratio
+    assert ratio == 4
+    got = float(entry_guide_loss(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], query, held, scale, ratio))
     visible = np.arange(r["entries"].shape[1]) < (query + 1) // 4
     q, entries = np.array(r["q"][0, query, 0], np.float64), np.array(r["entries"][0], np.float64)
     iq, iw = np.array(r["iq"][0, query], np.float64), np.array(r["iw"][0, query], np.float64)
@@ -334,6 +376,6 @@ def test_entry_guidance_reads_the_answers_compressed_entries():
         (_, parts), grads = trainer._grad(trainer._joint, *args)
         trainer.optimizer.update(trainer._joint, grads)
         mx.eval(trainer._joint.parameters(), trainer.optimizer.state)
-        seen.append(float(parts[6]))
+        seen.append(float(parts["entry_guide"]))
     assert seen[0] == pytest.approx(got, rel=1e-4)
     assert seen[-1] < got - 1.0, seen

@@ -9,7 +9,7 @@ function tools as the tools section of a system or developer message.
 from .errors import ChatFormatError
 from .parse import parse_completion
 from .special import DSML, INVOKE_TAG, PARAMETER_TAG, TOOL_CALLS_TAG, TOOLS_BLOCK_TEMPLATE
-from .wiretext import check_reserved, literal, strict_json_loads, to_json
+from .wiretext import check_reserved, literal, name_fault, strict_json_loads, to_json
 
 
 def tool_functions(tools, *, index=None, field="tools"):
@@ -56,9 +56,11 @@ def arguments_object(arguments, *, index=None, field="arguments"):
 
 
 def _check_attribute(value, *, index, field):
-    if '"' in value or "\n" in value:
+    bad = name_fault(value)
+    if bad in ('"', "\n"):
         raise ChatFormatError("may not contain '\"' or a newline", index=index, field=field)
-    check_reserved(value, index=index, field=field)
+    if bad is not None:
+        raise ChatFormatError(f"contains the reserved protocol string {bad!r}", index=index, field=field)
 
 
 def render_invoke(name, arguments, *, index=None, field="tool_calls[0]", marked=False):

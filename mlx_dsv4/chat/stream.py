@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from .errors import ChatFormatError
 from .lexer import Lexer
-from .special import INVOKE_TAG, PARAMETER_TAG, RESERVED_STRINGS, TOOL_CALLS_TAG
-from .wiretext import strict_json_loads, to_json
+from .special import INVOKE_TAG, PARAMETER_TAG, TOOL_CALLS_TAG
+from .wiretext import name_fault, strict_json_loads, to_json
 
 
 @dataclass(frozen=True)
@@ -396,7 +396,7 @@ class DSMLStreamParser:
     def _unwritable(self, name, what, offset):
         """Whether a name holds a protocol string, a '"' or a newline, which no prompt can hold as a
         name again (a conversation continued with the call would be refused); strict mode raises."""
-        bad = next((r for r in RESERVED_STRINGS + ('"', "\n") if r in name), None)
+        bad = name_fault(name)
         if bad is None:
             return False
         problem = f"{what} {name[:40]!r} contains {bad!r}, which a prompt cannot hold in a name"

@@ -37,6 +37,12 @@ def strict_json_loads(text):
     return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
+def name_fault(name):
+    """What a tool or parameter name holds that its ``name="..."`` attribute cannot (a protocol
+    string, a '"' or a newline), or None."""
+    return next((bad for bad in ('"', "\n") + RESERVED_STRINGS if bad in name), None)
+
+
 def check_reserved(text, *, index=None, field=None):
     """Raise if ``text`` contains a string that would tokenise to a protocol token."""
     for reserved in RESERVED_STRINGS:

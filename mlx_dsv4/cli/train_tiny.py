@@ -27,6 +27,14 @@ def add_arguments(p):
     p.add_argument("--entry-guide-weight", type=float, default=None,
                    help="weight of the retrieval guidance: at a retrieval answer, the CSA layers' first head and "
                         "lightning indexer should pick the compressed entries that hold it (default 0: off)")
+    p.add_argument("--key-guide-weight", type=float, default=None,
+                   help="weight of the key-mover guidance: head 1 of the previous-token layer attends to the "
+                        "token three before each position, where a retrieval line's key sits before its value "
+                        "(default 0: off)")
+    p.add_argument("--retrieval-questions", type=positive_int, default=None, metavar="N",
+                   help="ask N keys in turn after each retrieval list (default 1)")
+    p.add_argument("--argument-weight", type=positive_int, default=None, metavar="N",
+                   help="count each token of a tool call's arguments N times in the next-token loss (default 1)")
     p.add_argument("--copy-head-scale", type=float, default=None,
                    help="start the copy head's columns of its layer's output projection at this multiple of the "
                         "draw (default 1)")
@@ -45,6 +53,18 @@ def add_arguments(p):
                    help="the embedding's learning rate as a multiple of the others' (default 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
+
+
+def positive_int(text: str) -> int:
+    from argparse import ArgumentTypeError
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def parse_mix(text: str) -> dict:
@@ -99,7 +119,8 @@ def run(args):
     options = TrainOptions(seed=args.seed)
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
                  "copy_value_weight", "copy_head_scale", "init_from", "head_from_embed", "tie_head",
-                 "embed_scale", "embed_lr_scale", "entry_guide_weight"):
+                 "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight", "key_guide_weight",
+                 "retrieval_questions"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -24,7 +24,7 @@ from ..agent.substrates import make_substrate
 from ..agent.tools import as_tool
 from ..chat import encode_messages
 
-KINDS = ("tool", "retrieval", "chat", "pattern", "copy")
+KINDS = ("tool", "retrieval", "chat", "pattern", "copy", "name")
 DEFAULT_MIX = {"tool": 0.6, "retrieval": 0.08, "chat": 0.16, "pattern": 0.16}
 WEATHER_SYSTEM = "You answer questions about the weather. Use the tools for data and arithmetic."
 
@@ -169,13 +169,15 @@ def _call(name: str, arguments: dict) -> dict:
 class TaskGenerator:
     """Examples of one split, drawn from `random.Random(seed)`: the same seed gives the same examples."""
 
-    def __init__(self, tokenizer, seed: int = 0, split: str = "train", retrieval_tokens=(1024, 2048), mix=None):
+    def __init__(self, tokenizer, seed: int = 0, split: str = "train", retrieval_tokens=(1024, 2048), mix=None,
+                 retrieval_questions: int = 1):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.tokenizer = tokenizer
         self.rng = random.Random(f"{split}:{seed}")
         self.split = split
         self.retrieval_tokens = retrieval_tokens
+        self.retrieval_questions = retrieval_questions
         self.mix = dict(mix or DEFAULT_MIX)
         unknown = set(self.mix) - set(KINDS)
         if unknown:
@@ -253,8 +255,9 @@ class TaskGenerator:
 
     # -- long-context retrieval ----------------------------------------------------
 
-    def retrieval(self, n_tokens: int) -> Example:
-        """One retrieval example of about `n_tokens` tokens."""
+    def retrieval(self, n_tokens: int, questions: int = 1) -> Example:
+        """One retrieval example of about `n_tokens` tokens of list; with `questions` > 1, as many
+        distinct keys asked in turn (each question a user turn, each answer an assistant turn)."""
         r = self.rng
         n_lines = max(4, int((n_tokens - 40) / 5.45))  # a line is about 5.45 tokens
         keys = r.sample(range(100, 1000), min(n_lines, 900))
@@ -263,16 +266,21 @@ class TaskGenerator:
             if k not in keys:
                 keys.append(k)
         values = [r.randint(100, 999) for _ in keys]
-        target = r.randrange(len(keys))
+        targets = [r.randrange(len(keys))] if questions == 1 else r.sample(range(len(keys)), min(questions, len(keys)))
         lines = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
-        question = f"Here is a list of keys and values.\n{lines}\nWhat is the value of key {keys[target]}?"
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": str(values[target])}]
+        messages = []
+        for i, target in enumerate(targets):
+            question = f"What is the value of key {keys[target]}?"
+            if i == 0:
+                question = f"Here is a list of keys and values.\n{lines}\n{question}"
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": str(values[target])}]
         ids, mask, text = render(messages, self.tokenizer)
+        target = targets[0]
         meta = {"key": keys[target], "answer": str(values[target]), "depth": target / len(keys)}
         return Example("retrieval", ids, mask, text, meta)
 
     def _retrieval(self) -> Example:
-        return self.retrieval(self.rng.randint(*self.retrieval_tokens))
+        return self.retrieval(self.rng.randint(*self.retrieval_tokens), self.retrieval_questions)
 
     # -- chat and thinking ------------------------------------------------------------
 
@@ -329,6 +337,19 @@ class TaskGenerator:
         return Example("pattern", ids, mask, text, {"answer": reply})
 
     # -- copying ------------------------------------------------------------------------------
+
+    def _name(self) -> Example:
+        """The city a weather question (a training phrasing) asks about, written alone: inside a
+        question a name follows a space and tokenises apart from the same name at the start of a
+        tool argument ("Krakow": " Krak", "ow" there, "K", "rak", "ow" here). Names come from every
+        city list, so an evaluation city's spelling is learned while its weather questions stay
+        unseen."""
+        r = self.rng
+        city = r.choice(TRAIN_CITIES + EVAL_CITIES)
+        question = f"Which city does this ask about? {r.choice(WEATHER_TEMPLATES['train']).format(city=city)}"
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": city}]
+        ids, mask, text = render(messages, self.tokenizer)
+        return Example("name", ids, mask, text, {"answer": city})
 
     def _copy(self) -> Example:
         """Items of the question written back. Names come from every city list: a weather question about

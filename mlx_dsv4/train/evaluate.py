@@ -5,7 +5,8 @@
   cities and phrasings; correct = the expected call with the expected arguments, then the
   expected final answer built from the tool's actual result. Its parts apart: how often the call
   names the expected tool, and how often the final answer is right when the expected call and its
-  result are given (`answer_after_result`);
+  result are given (`answer_after_result`), and how often the call's tokens are right teacher-forced,
+  its arguments apart from the rest (`call_token_accuracy`);
 - retrieval: greedy answer to "value of key K" after a key: value list of a given length;
 - MTP acceptance: how often the MTP layer's argmax equals the main model's next-but-one greedy token;
 - cache precision: mean KL and argmax agreement of each kv / indexer storage against float32.
@@ -73,9 +74,10 @@ def tool_use(model, tokenizer, n: int = 40, seed: int = 0, max_tokens: int = 96)
         with agent:
             result = agent.run(m["question"])
         calls = result.tool_calls
-        ok_call = bool(calls) and calls[0].name == m["call"] and _arguments(calls[0].arguments) == m["arguments"]
+        ok_tool = bool(calls) and calls[0].name == m["call"]
+        ok_call = ok_tool and _arguments(calls[0].arguments) == m["arguments"]
+        right_tool += ok_tool
         well_formed += ok_call
-        right_tool += bool(calls) and calls[0].name == m["call"]
         answered += answer_after_result(model, tokenizer, ex, max_tokens) == m["answer"]
         answer = (result.content or "").strip()
         if ok_call and answer == m["answer"]:
@@ -95,6 +97,36 @@ def answer_after_result(model, tokenizer, ex, max_tokens: int = 96) -> str:
     start = end - mask[:end][::-1].index(False)
     out = greedy(model, ex.ids[:start], max_tokens, tokenizer.eos_token_id)
     return tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
+
+
+def call_token_accuracy(model, tokenizer, n: int = 16, seed: int = 0) -> dict:
+    """Teacher-forced greedy accuracy on the call turn of held-out tool examples: on its argument
+    tokens (the values inside the DSML parameters) and on the rest of the turn (the template, tool
+    and parameter names), so that a failing call can be traced to its part."""
+    from .trainer import argument_positions
+
+    right, total = {"arguments": 0, "rest": 0}, {"arguments": 0, "rest": 0}
+    by_tool = {}  # tool -> [right, total] over its argument tokens
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    for _ in range(n):
+        ex = gen.example("tool")
+        ids, mask = np.array(ex.ids), list(ex.mask)
+        start = mask.index(True)
+        end = start + mask[start:].index(False)  # the call turn: [start, end)
+        logits = model(mx.array(ids[None, :-1]), cache=model.make_cache("float", "float"))[0]
+        guess = np.array(mx.argmax(logits[start - 1: end - 1], axis=-1))
+        arguments = set(argument_positions([tokenizer.decode([int(t)]) for t in ids]).tolist())
+        tool = by_tool.setdefault(ex.meta["call"], [0, 0])
+        for k, g in zip(range(start, end), guess):
+            part = "arguments" if k in arguments else "rest"
+            right[part] += int(g == ids[k])
+            total[part] += 1
+            if part == "arguments":
+                tool[0] += int(g == ids[k])
+                tool[1] += 1
+    return {"n": n, **{part: right[part] / max(1, total[part]) for part in right},
+            **{f"{part}_tokens": total[part] for part in total},
+            "arguments_by_tool": {name: {"right": r, "tokens": t} for name, (r, t) in sorted(by_tool.items())}}
 
 
 def _arguments(text):

@@ -21,7 +21,13 @@ Objectives:
   up to `copy_value_positions` positions whose token occurs at most twice in the sequence). The
   copy targets alone (a few numbers per sequence, their value mixed with others by the
   attention) do not teach it: the value of a late layer is mostly one direction shared by every
-  position, and the part that tells the numbers apart is learned only from many examples.
+  position, and the part that tells the numbers apart is learned only from many examples;
+- optionally (`entry_guide_weight`), at a retrieval answer, the CSA layers' first head and
+  indexer should put their mass on the compressed entries that hold the asked key's value;
+- optionally (`key_guide_weight`), head 1 of `previous_layer` should attend `key_offset` tokens
+  back, where a retrieval line's key sits before its value and the asked key before the answer;
+- optionally (`argument_weight`), a tool call's argument tokens count that many times in the
+  next-token cross-entropy (the call's template is learned long before its arguments).
 
 The vocabulary head (129280 x hidden) dominates a step's arithmetic while only the assistant
 positions need it: the head and its cross-entropy run in numpy at those positions only (MLX's
@@ -34,6 +40,7 @@ the training path must agree with.
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +51,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..chat.special import DSML, PARAMETER_TAG
 from ..config import ModelArgs
 from ..hc import collapse, expand
 from ..loader import _MTPLayers, to_mlx_layout
@@ -79,6 +87,7 @@ class TrainOptions:
     index_queries: int = 64  # strided query positions per sequence for the indexer objective
     max_tokens: int = 1024  # a packed sequence's length bound
     retrieval_tokens: tuple = (1024, 1536)
+    retrieval_questions: int = 1  # keys asked in turn after each retrieval list
     preset: str = "flash"
     log_every: int = 1
     mix: dict | None = None  # task kind -> weight; None is data.DEFAULT_MIX
@@ -94,6 +103,9 @@ class TrainOptions:
     copy_head_scale: float = 1.0  # the copy head's columns of the output projection start this many times the draw
     init_from: str | None = None  # a run directory whose weights replace the draw (see Trainer)
     entry_guide_weight: float = 0.0  # the retrieval answer's compressed-entry objective's weight; 0: off
+    key_guide_weight: float = 0.0  # the key-mover objective's weight (see `offset_loss`); 0: off
+    key_offset: int = 3  # a retrieval line's value sits this many tokens after its key
+    argument_weight: int = 1  # a tool call's argument tokens count this many times in the main loss
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -188,26 +200,35 @@ def indexer_kl(model: Model, recorder: Recorder, cache, positions: np.ndarray) -
         if not layer_cache.compressor.n_entries or "iq" not in rec:
             continue
         losses.append(index_kl(rec["q"], layer_cache.compressor.entries(), layer_cache.indexer.entries(),
-                               rec["iq"], rec["iw"], positions, model.layers[i].attn.scale))
+                               rec["iq"], rec["iw"], positions, model.layers[i].attn.scale,
+                               model.layers[i].attn.ratio))
     recorder.records.clear()
     return sum(losses) / len(losses) if losses else mx.array(0.0)
 
 
-def index_kl(q, entries, keys, iq, iw, positions: np.ndarray, scale: float) -> mx.array:
+def visible_entries(n_entries: int, positions, ratio: int) -> mx.array:
+    """[P, T]: the compressed entries each query position sees (an entry once its last token is in)."""
+    return mx.arange(n_entries)[None, :] < ((mx.array(positions) + 1) // ratio)[:, None]
+
+
+def indexer_scores(iq: mx.array, iw: mx.array, keys: mx.array) -> mx.array:
+    """The lightning indexer's scores [B, P, T], differentiable: iq [B, P, H, d], iw [B, P, H],
+    keys [B, T, d] (as `fast.index_scores` computes them without gradient)."""
+    s = nn.relu(iq @ keys.astype(mx.float32)[:, None].swapaxes(-1, -2))  # [B, P, H, T]
+    return (s * iw[..., None]).sum(axis=2)
+
+
+def index_kl(q, entries, keys, iq, iw, positions: np.ndarray, scale: float, ratio: int) -> mx.array:
     """One CSA layer's KL at query `positions`: attention queries q [B, L, H, hd], entries [B, T, hd],
-    indexer keys [B, T, d], indexer queries iq [B, L, H, d] and head weights iw [B, L, H]."""
+    indexer keys [B, T, d], indexer queries iq [B, L, H, d] and head weights iw [B, L, H]; `ratio`
+    tokens per compressed entry."""
     pos = mx.array(positions)
-    keys = keys.astype(mx.float32)
-    T = entries.shape[1]
-    visible = mx.arange(T)[None, :] < ((pos + 1) // 4)[:, None]  # [P, T]
+    visible = visible_entries(entries.shape[1], positions, ratio)  # [P, T]
     q = q[:, pos].transpose(0, 2, 1, 3)  # [B, H, P, hd]
     s = (q @ entries[:, None].swapaxes(-1, -2)) * scale
     s = mx.where(visible, s, -mx.inf)
     target = mx.stop_gradient(mx.softmax(s, axis=-1, precise=True).mean(axis=1))  # [B, P, T]
-    iq = iq[:, pos]  # [B, P, H, d]
-    iw = iw[:, pos]  # [B, P, H]
-    scores = (nn.relu(iq @ keys[:, None].swapaxes(-1, -2)) * iw[..., None]).sum(axis=2)  # [B, P, T]
-    masked = mx.where(visible, scores, -mx.inf)
+    masked = mx.where(visible, indexer_scores(iq[:, pos], iw[:, pos], keys), -mx.inf)
     log_q = masked - mx.logsumexp(masked, axis=-1, keepdims=True)
     kl = mx.where(visible & (target > 0), target * (mx.log(mx.maximum(target, 1e-30)) - log_q), 0.0)
     return kl.sum(axis=-1).mean()
@@ -239,10 +260,16 @@ def guide_loss(copy_probs: mx.array, previous_probs: mx.array, block: int, copy_
     if copy_queries is not None and len(copy_queries):
         p = copy_probs[0, mx.array(copy_queries), 0, : 2 * block]
         loss = loss - mx.log((p * mx.array(copy_masks)).sum(-1) + 1e-6).mean()
-    j = np.arange(1, previous_probs.shape[1])
-    slot = (j - 1) - (j // block) * block + block
-    on_previous = mx.take_along_axis(previous_probs[0, mx.array(j), 0], mx.array(slot[:, None]), axis=-1)[:, 0]
-    return loss + -mx.log(on_previous + 1e-6).mean()
+    return loss + offset_loss(previous_probs, block, head=0, offset=1)
+
+
+def offset_loss(probs: mx.array, block: int, head: int, offset: int) -> mx.array:
+    """-log of `head`'s attention on the position `offset` before each query (mean over positions
+    offset..L-1); probs: `fast._banded`'s probabilities [1, L, H, ...], `offset` at most `block`."""
+    j = np.arange(offset, probs.shape[1])
+    slot = (j - offset) - (j // block) * block + block
+    on = mx.take_along_axis(probs[0, mx.array(j), head], mx.array(slot[:, None]), axis=-1)[:, 0]
+    return -mx.log(on + 1e-6).mean()
 
 
 def copy_head_features(model: Model, layer: int, heads: mx.array, queries: np.ndarray) -> mx.array:
@@ -286,6 +313,22 @@ def copy_value_positions(ids: np.ndarray, limit: int, rng: np.random.Generator) 
     return rare.astype(np.int32)
 
 
+_ARGUMENT_VALUE = re.compile(
+    f'<{DSML}{PARAMETER_TAG} name="[^"]*" string="(?:true|false)">(.*?)</{DSML}{PARAMETER_TAG}>', re.DOTALL)
+
+
+def argument_positions(pieces: list) -> np.ndarray:
+    """Positions of the tokens (given as their texts, `pieces`) that hold part of a DSML parameter's
+    value, the arguments of a tool call, and of the token that closes each value (where the value
+    ends is part of writing it)."""
+    ends = np.cumsum([len(p) for p in pieces])
+    starts = ends - np.array([len(p) for p in pieces], dtype=ends.dtype)
+    held = np.zeros(len(pieces), bool)
+    for m in _ARGUMENT_VALUE.finditer("".join(pieces)):
+        held |= (starts <= m.end(1)) & (ends > m.start(1))
+    return np.nonzero(held)[0]
+
+
 def retrieval_source(ids: np.ndarray, query: int) -> int:
     """Where the answer to a retrieval question (`TaskGenerator.retrieval`) sits in its list: the
     value after the asked key's line start ("K", ":", " ", "V"); `query` is the position whose next
@@ -299,17 +342,14 @@ def retrieval_source(ids: np.ndarray, query: int) -> int:
     return int(starts[0]) + 3
 
 
-def entry_guide_loss(q, entries, keys, iq, iw, query: int, held, scale: float) -> mx.array:
+def entry_guide_loss(q, entries, keys, iq, iw, query: int, held, scale: float, ratio: int) -> mx.array:
     """-log of the mass that the first attention head and the lightning indexer put on the compressed
     entries `held` (those holding the answer) at `query`, each as a softmax over the entries the query
     sees (dense: the top-k selection has no gradient); arrays as `index_kl` takes them."""
-    T = entries.shape[1]
-    visible = mx.arange(T) < (query + 1) // 4
-    on = mx.array(np.isin(np.arange(T), held))
-    s = (q[0, query, 0] @ entries[0].T) * scale
-    attention = mx.where(visible, s, -mx.inf)
-    scores = (nn.relu(iq[0, query] @ keys[0].astype(mx.float32).T) * iw[0, query][:, None]).sum(axis=0)
-    index = mx.where(visible, scores, -mx.inf)
+    visible = visible_entries(entries.shape[1], [query], ratio)[0]
+    on = mx.array(np.isin(np.arange(entries.shape[1]), held))
+    attention = mx.where(visible, (q[0, query, 0] @ entries[0].T) * scale, -mx.inf)
+    index = mx.where(visible, indexer_scores(iq[:, [query]], iw[:, [query]], keys)[0, 0], -mx.inf)
     return sum(-(mx.logsumexp(mx.where(on, x, -mx.inf)) - mx.logsumexp(x)) for x in (attention, index))
 
 
@@ -441,8 +481,10 @@ class Trainer:
             # attended number can no longer be told from the others at the output.
             self.model.head.freeze()
         self.recorder = Recorder(self.model)
+        self.tokenizer = tokenizer
+        self._piece_of = {}  # token id -> its text
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
-                                                 mix=options.mix))
+                                          mix=options.mix, retrieval_questions=options.retrieval_questions))
         self.rng = np.random.default_rng(options.seed)
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         if options.embed_lr_scale != 1.0:
@@ -454,7 +496,7 @@ class Trainer:
                                                   [lambda path, _: path == "model.embed.weight"])
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight
-                          or options.entry_guide_weight):
+                          or options.entry_guide_weight or options.key_guide_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -485,7 +527,7 @@ class Trainer:
         index_loss = indexer_kl(model, self.recorder, cache, index_pos)
         o = self.options
         total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        return total, (main, mtp_loss, index_loss, mx.array(0.0), mx.array(0.0), mx.array(0.0), mx.array(0.0))
+        return total, {"main": main, "mtp": mtp_loss, "indexer_kl": index_loss}
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
                    copy_masks=None, value_pos=None, entry_query=None):
@@ -494,38 +536,44 @@ class Trainer:
         records = {}
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
         probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight or o.copy_value_weight else set())
+        probs_of |= {o.previous_layer} if o.key_guide_weight else set()
         feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
         head = self._head(model)
         main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
         mtp_loss = fast.head_cross_entropy(mtp_feats[0, mtp_pos], head, mtp_targets)
-        kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale)
-               for i, r in records.items() if "iq" in r]
+        kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale,
+                        model.layers[i].attn.ratio) for i, r in records.items() if "iq" in r]
         index_loss = sum(kls) / len(kls) if kls else mx.array(0.0)
-        total = main + o.mtp_weight * mtp_loss + o.index_weight * index_loss
-        guide = mx.array(0.0)
+        parts = {"main": main, "mtp": mtp_loss, "indexer_kl": index_loss}
+        weights = {"main": 1.0, "mtp": o.mtp_weight, "indexer_kl": o.index_weight}
         if guided:
             copy, previous = records[o.copy_layer], records[o.previous_layer]
-            guide = guide_loss(copy["probs"], previous["probs"], copy["block"], copy_queries, copy_masks)
-            total = total + o.guide_weight * guide
-        copy_output = mx.array(0.0)
+            parts["guide"] = guide_loss(copy["probs"], previous["probs"], copy["block"], copy_queries, copy_masks)
+            weights["guide"] = o.guide_weight
+        if o.key_guide_weight:
+            # Head 1 of the previous-token layer brings each token the one `key_offset` before it: in a
+            # retrieval list a value's position then holds its key, and so does the question's answer
+            # position (the asked key sits as far back), so the CSA layer can match the two.
+            previous = records[o.previous_layer]
+            parts["key_guide"] = offset_loss(previous["probs"], previous["block"], head=1, offset=o.key_offset)
+            weights["key_guide"] = o.key_guide_weight
         if o.copy_output_weight and copy_queries is not None and len(copy_queries):
-            copy_output = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens, copy_queries,
-                                           head)
-            total = total + o.copy_output_weight * copy_output
-        copy_value = mx.array(0.0)
+            parts["copy_output"] = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens,
+                                                    copy_queries, head)
+            weights["copy_output"] = o.copy_output_weight
         if o.copy_value_weight and value_pos is not None and len(value_pos):
-            copy_value = copy_value_loss(model, o.copy_layer, records[o.copy_layer]["kv"], tokens, value_pos, head)
-            total = total + o.copy_value_weight * copy_value
-        entry_guide = mx.array(0.0)
-        if o.entry_guide_weight and entry_query is not None:
-            query, held = entry_query
+            parts["copy_value"] = copy_value_loss(model, o.copy_layer, records[o.copy_layer]["kv"], tokens, value_pos,
+                                                  head)
+            weights["copy_value"] = o.copy_value_weight
+        if o.entry_guide_weight and entry_query:
             guides = [entry_guide_loss(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], query, held,
-                                       model.layers[i].attn.scale) for i, r in records.items() if "iq" in r]
-            entry_guide = sum(guides) / len(guides)
-            total = total + o.entry_guide_weight * entry_guide
-        return total, (main, mtp_loss, index_loss, guide, copy_output, copy_value, entry_guide)
+                                       model.layers[i].attn.scale, model.layers[i].attn.ratio)
+                      for query, held in entry_query for i, r in records.items() if "iq" in r]
+            parts["entry_guide"] = sum(guides) / len(guides)
+            weights["entry_guide"] = o.entry_guide_weight
+        return sum(weights[k] * v for k, v in parts.items()), parts
 
     def _head(self, model: Model) -> mx.array:
         """The vocabulary head's weight: the model's, or with `tie_head` the scaled embedding."""
@@ -543,6 +591,9 @@ class Trainer:
         L = len(ids)
         main_pos = np.nonzero(mask[1:])[0]
         mtp_pos = np.nonzero(mask[2:])[0]
+        if self.options.argument_weight > 1:
+            arguments = np.intersect1d(argument_positions(self._pieces(ids)) - 1, main_pos)
+            main_pos = np.sort(np.concatenate([main_pos] + [arguments] * (self.options.argument_weight - 1)))
         n = self.options.index_queries
         stride = max(1, (L - 4) // n)
         offset = int(self.rng.integers(0, stride))
@@ -555,36 +606,36 @@ class Trainer:
         value_pos = np.zeros(0, np.int32)
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
-        entry_query = None
+        entry_query = []
         if self.options.entry_guide_weight and kinds == ["retrieval"]:
-            query = int(main_pos[0])
-            try:
-                source = retrieval_source(ids, query)
-            except ValueError:  # keys of two tokens (lists of over 900 lines): no guidance (none logged)
-                source = None
-            if source is not None:
+            for query in main_pos[~np.isin(main_pos - 1, main_pos)]:  # each answer's first target
+                try:
+                    source = retrieval_source(ids, int(query))
+                except ValueError:  # keys of two tokens (lists of over 900 lines): no guidance (none logged)
+                    continue
                 held = [t for t in (source // 4, source // 4 + 1) if t < (query + 1) // 4]  # overlapping blocks
-                entry_query = (query, held)
+                entry_query.append((int(query), held))
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
                     copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query), kinds
 
+    def _pieces(self, ids: np.ndarray) -> list:
+        for t in set(ids.tolist()) - self._piece_of.keys():
+            self._piece_of[t] = self.tokenizer.decode([t])
+        return [self._piece_of[t] for t in ids.tolist()]
+
     def train_step(self):
         batch, kinds = self.batch()
         t0 = time.perf_counter()
-        (loss, (main, mtp_loss, index_loss, guide, copy_output, copy_value, entry_guide)), grads = self._grad(
+        (loss, parts), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
             batch["entry_query"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
-        record = {"step": self.step, "loss": round(float(loss), 5), "main": round(float(main), 5),
-                  "mtp": round(float(mtp_loss), 5), "indexer_kl": round(float(index_loss), 5),
-                  **({"guide": round(float(guide), 5)} if self.options.guide_weight else {}),
-                  **({"copy_output": round(float(copy_output), 5)} if self.options.copy_output_weight else {}),
-                  **({"copy_value": round(float(copy_value), 5)} if self.options.copy_value_weight else {}),
-                  **({"entry_guide": round(float(entry_guide), 5)} if batch["entry_query"] else {}),
+        record = {"step": self.step, "loss": round(float(loss), 5),
+                  **{name: round(float(value), 5) for name, value in parts.items()},
                   "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
                   "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
                   "seconds": round(time.perf_counter() - t0, 3)}

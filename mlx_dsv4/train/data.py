@@ -6,11 +6,13 @@ and including its end-of-sentence token). Kinds:
 
 - "tool": a question answered with one DSML tool call (weather, calculator, adder), the tool's
   result as the agent loop would feed it back, then a final answer that uses that result;
-- "retrieval": many "key: value" lines, then a question about one key;
+- "retrieval": many "key: value" lines, then a question about one key (or several, in turn);
 - "chat": single and multi-turn chat, and thinking-mode traces (reasoning, then the answer);
 - "pattern": counting and spelling, where the next-but-one token is predictable (for MTP);
 - "copy": numbers, names and expressions from the question written back, the skill that filling a
-  tool call's arguments from the question needs (off in the default mix; `mix=` turns it on).
+  tool call's arguments from the question needs (off in the default mix; `mix=` turns it on);
+- "name": the city a weather question asks about, written alone, spelled as it starts a tool
+  call's argument (off in the default mix).
 
 `split="eval"` draws numbers, cities and phrasings the "train" split never uses.
 """

@@ -153,12 +153,12 @@ def test_argument_positions_are_the_call_arguments_and_their_ends(tokenizer):
         ex = gen.example("tool")
         toolsets.add(ex.meta["toolset"])
         pieces = [tokenizer.decode([t]) for t in ex.ids]
-        picked = argument_positions(pieces)
+        picked = argument_positions(ex.ids, tokenizer)
         values = [v if isinstance(v, str) else to_json(v) for v in ex.meta["arguments"].values()]
         assert "".join(pieces[p] for p in picked) == "".join(value + "</" for value in values)  # and the close
         assert all(ex.mask[p] for p in picked)  # the system prompt's format description holds none
     assert toolsets == {"weather", "add"}
-    assert len(argument_positions([tokenizer.decode([t]) for t in gen.example("chat").ids])) == 0
+    assert len(argument_positions(gen.example("chat").ids, tokenizer)) == 0
 
 
 def test_argument_weight_repeats_the_argument_targets(tokenizer):
@@ -170,7 +170,7 @@ def test_argument_weight_repeats_the_argument_targets(tokenizer):
     assert set(kinds) == {"tool"} and len(kinds) > 1
     ids = np.array(a["tokens"][0])
     np.testing.assert_array_equal(ids, np.array(b["tokens"][0]))
-    targets = set(argument_positions([tokenizer.decode([int(t)]) for t in ids]) - 1)
+    targets = set(argument_positions(ids, tokenizer) - 1)
     positions, counts = np.unique(np.array(b["main_pos"]), return_counts=True)
     np.testing.assert_array_equal(positions, np.array(a["main_pos"]))
     assert {int(p) for p, c in zip(positions, counts) if c == 3} == targets and set(counts) == {1, 3}

@@ -70,8 +70,7 @@ class TeacherOracle:
 
 def test_call_token_accuracy_splits_arguments_from_the_rest(tokenizer):
     ex = TaskGenerator(tokenizer, seed=0, split="eval").example("tool")  # the example n=1 evaluates
-    pieces = [tokenizer.decode([t]) for t in ex.ids]
-    arguments = argument_positions(pieces)
+    arguments = argument_positions(ex.ids, tokenizer)
     assert 1 < len(arguments) < 12
     template = ex.mask.index(True) + 2  # a template token of the call turn
 

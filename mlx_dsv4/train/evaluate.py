@@ -115,7 +115,7 @@ def call_token_accuracy(model, tokenizer, n: int = 16, seed: int = 0) -> dict:
         end = start + mask[start:].index(False)  # the call turn: [start, end)
         logits = model(mx.array(ids[None, :-1]), cache=model.make_cache("float", "float"))[0]
         guess = np.array(mx.argmax(logits[start - 1: end - 1], axis=-1))
-        arguments = set(argument_positions([tokenizer.decode([int(t)]) for t in ids]).tolist())
+        arguments = set(argument_positions(ids, tokenizer).tolist())
         tool = by_tool.setdefault(ex.meta["call"], [0, 0])
         for k, g in zip(range(start, end), guess):
             part = "arguments" if k in arguments else "rest"

@@ -317,10 +317,11 @@ _ARGUMENT_VALUE = re.compile(
     f'<{DSML}{PARAMETER_TAG} name="[^"]*" string="(?:true|false)">(.*?)</{DSML}{PARAMETER_TAG}>', re.DOTALL)
 
 
-def argument_positions(pieces: list) -> np.ndarray:
-    """Positions of the tokens (given as their texts, `pieces`) that hold part of a DSML parameter's
-    value, the arguments of a tool call, and of the token that closes each value (where the value
-    ends is part of writing it)."""
+def argument_positions(ids, tokenizer) -> np.ndarray:
+    """Positions of the tokens in `ids` that hold part of a DSML parameter's value, the arguments of
+    a tool call, and of the token that closes each value (where the value ends is part of writing it)."""
+    text_of = {t: tokenizer.decode([t]) for t in set(np.asarray(ids).tolist())}
+    pieces = [text_of[t] for t in np.asarray(ids).tolist()]
     ends = np.cumsum([len(p) for p in pieces])
     starts = ends - np.array([len(p) for p in pieces], dtype=ends.dtype)
     held = np.zeros(len(pieces), bool)
@@ -482,7 +483,6 @@ class Trainer:
             self.model.head.freeze()
         self.recorder = Recorder(self.model)
         self.tokenizer = tokenizer
-        self._piece_of = {}  # token id -> its text
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
                                           mix=options.mix, retrieval_questions=options.retrieval_questions))
         self.rng = np.random.default_rng(options.seed)
@@ -592,7 +592,7 @@ class Trainer:
         main_pos = np.nonzero(mask[1:])[0]
         mtp_pos = np.nonzero(mask[2:])[0]
         if self.options.argument_weight > 1:
-            arguments = np.intersect1d(argument_positions(self._pieces(ids)) - 1, main_pos)
+            arguments = np.intersect1d(argument_positions(ids, self.tokenizer) - 1, main_pos)
             main_pos = np.sort(np.concatenate([main_pos] + [arguments] * (self.options.argument_weight - 1)))
         n = self.options.index_queries
         stride = max(1, (L - 4) // n)
@@ -619,11 +619,6 @@ class Trainer:
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
                     copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query), kinds
-
-    def _pieces(self, ids: np.ndarray) -> list:
-        for t in set(ids.tolist()) - self._piece_of.keys():
-            self._piece_of[t] = self.tokenizer.decode([t])
-        return [self._piece_of[t] for t in ids.tolist()]
 
     def train_step(self):
         batch, kinds = self.batch()

@@ -268,6 +268,7 @@ class TaskGenerator:
             if k not in keys:
                 keys.append(k)
         values = [r.randint(100, 999) for _ in keys]
+        # one question draws as before, so that earlier runs' data and the evaluation sets stay the same
         targets = [r.randrange(len(keys))] if questions == 1 else r.sample(range(len(keys)), min(questions, len(keys)))
         lines = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
         messages = []

@@ -193,3 +193,63 @@ def test_name_examples_spell_every_city_as_a_call_argument_starts_it(tokenizer):
         asked = ex.text.split("Which city does this ask about? ")[1].split("<｜Assistant｜>")[0]
         assert any(asked == t.format(city=city) for t in WEATHER_TEMPLATES["train"])
     assert seen & set(EVAL_CITIES) and seen & set(TRAIN_CITIES)
+
+
+def _tokens_over(ex, tokenizer, start: int, end: int) -> list:
+    """The ids of `ex` whose text overlaps characters [start, end) of `ex.text`."""
+    out, at = [], 0
+    for t in ex.ids:
+        size = len(tokenizer.decode([t]))
+        if at < end and at + size > start:
+            out.append(t)
+        at += size
+    return out
+
+
+def test_final_answers_write_the_result_values_with_the_results_tokens(tokenizer):
+    # a copied value has to be the same tokens in the answer as in the tool result: " snow" in a
+    # sentence is one token, "snow" in the result's JSON two, and " -" in "= -5" is not the result's "-"
+    seen = set()
+    for split in ("train", "eval"):
+        gen = TaskGenerator(tokenizer, seed=5, split=split, mix={"tool": 1.0})
+        for _ in range(60):
+            ex = next(gen)
+            m = ex.meta
+            if m["call"] == "get_weather":
+                data = json.loads(m["result"])
+                values = [json.dumps(data["temperature"]), data["conditions"]]
+            else:
+                values = [m["result"]]
+                assert not m["result"].startswith("-")  # differences keep the larger operand first
+            result_at = ex.text.index(f"<tool_result>{m['result']}</tool_result>") + len("<tool_result>")
+            answer_at = ex.text.rindex(m["answer"])
+            for value in values:
+                in_result = result_at + m["result"].index(value)
+                in_answer = answer_at + m["answer"].rindex(value)
+                assert _tokens_over(ex, tokenizer, in_answer, in_answer + len(value)) == \
+                    _tokens_over(ex, tokenizer, in_result, in_result + len(value)), (value, m["answer"])
+            seen.add((m["call"], m["arguments"].get("expression", " ? ").split(" ")[1]))
+    assert {("get_weather", "?"), ("calculate", "-"), ("add", "?")} <= seen
+
+
+def test_training_phrasings_vary_and_never_are_an_evaluation_phrasing(tokenizer):
+    import re
+
+    from mlx_dsv4.train.data import ADD_TEMPLATES, CALC_TEMPLATES, CLOSERS, OPENERS, WEATHER_TEMPLATES
+
+    def pattern(template):  # a template as a regex over questions: each field one token-free run
+        return re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(
+            a=r"\d+", b=r"\d+", op=r"\S", word=r"[a-z ]+", city=r"[A-Za-z]+")
+
+    evaluation = [pattern(t) for t in ADD_TEMPLATES["eval"] + CALC_TEMPLATES["eval"] + WEATHER_TEMPLATES["eval"]]
+    asked = {split: [] for split in ("train", "eval")}
+    for split in asked:
+        gen = TaskGenerator(tokenizer, seed=4, split=split, mix={"tool": 1.0})
+        for _ in range(150):
+            asked[split].append(next(gen).meta["question"].split(" In fahrenheit")[0])
+    for question in asked["train"]:
+        assert not any(re.fullmatch(p, question) for p in evaluation), question
+    for question in asked["eval"]:
+        assert any(re.fullmatch(p, question) for p in evaluation), question
+    assert any(q.startswith(OPENERS) for q in asked["train"]) and any(q.endswith(CLOSERS) for q in asked["train"])
+    assert not any(q.startswith(OPENERS) or q.endswith(CLOSERS) for q in asked["eval"])

@@ -86,21 +86,34 @@ OPS = {"+": ("plus", "added to"), "-": ("minus", "less"), "*": ("times", "multip
 CALC_TEMPLATES = {
     "train": ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Please calculate {a} {op} {b}.",
               "How much is {a} {word} {b}?", "What do you get for {a} {word} {b}?", "{a} {op} {b} = ?",
-              "Can you work out {a} {op} {b} for me?", "Calculate {a} {word} {b}."),
+              "Can you work out {a} {op} {b} for me?", "Calculate {a} {word} {b}.", "{a} {word} {b}?",
+              "Work out {a} {word} {b}.", "Evaluate {a} {op} {b}.", "What's {a} {word} {b}?",
+              "Find {a} {op} {b}.", "I want to know {a} {op} {b}.", "My homework asks for {a} {word} {b}.",
+              "Result of {a} {op} {b}?", "Could you compute {a} {word} {b}?", "Solve {a} {op} {b} for me."),
     "eval": ("Tell me the result of {a} {op} {b}.", "I need {a} {word} {b}, please.", "Quick: {a} {op} {b}?"),
 }
 WEATHER_TEMPLATES = {
     "train": ("What is the weather in {city}?", "How warm is it in {city}?", "What's the weather like in {city}?",
               "Is it cold in {city} right now?", "Tell me the current weather in {city}.",
-              "What are the conditions in {city}?", "Weather report for {city}, please."),
+              "What are the conditions in {city}?", "Weather report for {city}, please.", "Weather in {city}?",
+              "{city} weather?", "Is it raining in {city}?", "What is the temperature in {city}?",
+              "Do I need a coat in {city} today?", "Look up the weather in {city}.", "Forecast for {city}?",
+              "I am flying to {city}. What is the weather there?", "How hot is it in {city}?",
+              "Check the weather in {city} for me.", "What's it like outside in {city}?"),
     "eval": ("Could you check the weather in {city}?", "How is the weather today in {city}?",
              "Give me the weather for {city}."),
 }
 COPY_PROMPTS = ("Repeat these {what}: {items}", "Copy exactly: {items}", "Write back the {what}: {items}",
                 "Echo these {what}: {items}")
 FAHRENHEIT_SUFFIX = {"train": (" Answer in fahrenheit.", " Use fahrenheit."), "eval": (" In fahrenheit, please.",)}
+# Training questions sometimes open or close with one of these, so that where a question's numbers
+# or city sit varies beyond the templates; evaluation phrasings never do.
+OPENERS = ("Hi! ", "Hello. ", "Quick question: ", "Hey, ", "Excuse me. ", "One more thing. ", "Sorry to bother you. ")
+CLOSERS = (" Thanks!", " Thank you.", " I need it soon.", " Cheers.")
 ADD_TEMPLATES = {
-    "train": ("What is {a} + {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?", "{a} plus {b}?"),
+    "train": ("What is {a} + {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?", "{a} plus {b}?",
+              "{a} + {b}?", "Please add {a} to {b}.", "What do {a} and {b} add up to?", "Total of {a} and {b}?",
+              "Can you add {a} and {b}?", "I have {a} and {b}. What is their sum?"),
     "eval": ("Sum {a} and {b} for me.", "How much is {a} + {b}?"),
 }
 SYSTEMS = {
@@ -207,28 +220,39 @@ class TaskGenerator:
             if _train_pair(a, b) == (self.split == "train"):
                 return a, b
 
+    def _phrase(self, templates: dict, **fields) -> str:
+        """A question of this split's phrasings; a training one opens or closes with small talk a
+        third of the time each."""
+        question = self.rng.choice(templates[self.split]).format(**fields)
+        if self.split == "train":
+            if self.rng.random() < 1 / 3:
+                question = self.rng.choice(OPENERS) + question
+            if self.rng.random() < 1 / 3:
+                question += self.rng.choice(CLOSERS)
+        return question
+
     def _tool(self) -> Example:
         r, s = self.rng, self.split
         toolset = r.choices(("weather", "add"), (4, 1))[0]
         system = r.choice(SYSTEMS[toolset][s])
         if toolset == "add":
             a, b = self._operands()
-            question = r.choice(ADD_TEMPLATES[s]).format(a=a, b=b)
+            question = self._phrase(ADD_TEMPLATES, a=a, b=b)
             name, arguments = "add", {"a": a, "b": b}
             answer = lambda result: f"{a} + {b} = {result}."
         elif r.random() < 0.5:
             op = r.choice(tuple(OPS))
             a, b = self._operands()
-            while op == "/" and a % b:  # whole quotients keep the answer short
+            while (op == "/" and a % b) or (op == "-" and a < b):  # short answers: whole, not negative
                 a, b = self._operands()
-            question = r.choice(CALC_TEMPLATES[s]).format(a=a, b=b, op=op, word=r.choice(OPS[op]))
+            question = self._phrase(CALC_TEMPLATES, a=a, b=b, op=op, word=r.choice(OPS[op]))
             name, arguments = "calculate", {"expression": f"{a} {op} {b}"}
             answer = lambda result: f"{a} {op} {b} = {result}."
         else:
             city = r.choice(TRAIN_CITIES if s == "train" else EVAL_CITIES + TRAIN_CITIES[:4])
             _weather_table[city.lower()] = {"temperature_c": round(r.uniform(-15, 40) * 2) / 2,
                                             "conditions": r.choice(CONDITIONS)}
-            question = r.choice(WEATHER_TEMPLATES[s]).format(city=city)
+            question = self._phrase(WEATHER_TEMPLATES, city=city)
             arguments = {"city": city}
             if r.random() < 0.25:
                 question += r.choice(FAHRENHEIT_SUFFIX[s])
@@ -238,7 +262,7 @@ class TaskGenerator:
             def answer(result):
                 data = json.loads(result)
                 unit = "°F" if data["units"] == "fahrenheit" else "°C"
-                return f"In {city} it is {json.dumps(data['temperature'])} {unit} with {data['conditions']}."
+                return f"In {city} it is {json.dumps(data['temperature'])} {unit} with {json.dumps(data['conditions'])}."
         tools = self.tools[toolset]
         tool = next(t for t in tools if t.name == name)
         result = self.substrate.run(tool, tool.validate(json.dumps(arguments)))

@@ -208,7 +208,8 @@ def _tokens_over(ex, tokenizer, start: int, end: int) -> list:
 
 def test_final_answers_write_the_result_values_with_the_results_tokens(tokenizer):
     # a copied value has to be the same tokens in the answer as in the tool result: " snow" in a
-    # sentence is one token, "snow" in the result's JSON two, and " -" in "= -5" is not the result's "-"
+    # sentence is one token, "snow" in the result's JSON two, " Krakow" two others than "Krakow",
+    # and " -" in "= -5" is not the result's "-"
     seen = set()
     for split in ("train", "eval"):
         gen = TaskGenerator(tokenizer, seed=5, split=split, mix={"tool": 1.0})
@@ -217,7 +218,7 @@ def test_final_answers_write_the_result_values_with_the_results_tokens(tokenizer
             m = ex.meta
             if m["call"] == "get_weather":
                 data = json.loads(m["result"])
-                values = [json.dumps(data["temperature"]), data["conditions"]]
+                values = [data["city"], json.dumps(data["temperature"]), data["conditions"]]
             else:
                 values = [m["result"]]
                 assert not m["result"].startswith("-")  # differences keep the larger operand first

@@ -262,7 +262,7 @@ class TaskGenerator:
             def answer(result):
                 data = json.loads(result)
                 unit = "°F" if data["units"] == "fahrenheit" else "°C"
-                return f"In {city} it is {json.dumps(data['temperature'])} {unit} with {json.dumps(data['conditions'])}."
+                return f"{city} is at {json.dumps(data['temperature'])} {unit} with {json.dumps(data['conditions'])}."
         tools = self.tools[toolset]
         tool = next(t for t in tools if t.name == name)
         result = self.substrate.run(tool, tool.validate(json.dumps(arguments)))

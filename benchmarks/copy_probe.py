@@ -17,7 +17,9 @@ where the model's output is made (`output_norms`): at the number targets, the me
 copy head's output through the output projection, of the layer's whole attention output, of what
 the layer's feed-forward adds to the residual streams, and of the final features before the norm.
 And where retrieval fails (`retrieval_probe`): whether the CSA layer's indexer picks the compressed
-entry that holds the asked key's value, and how much attention that entry gets.
+entry that holds the asked key's value, and how much attention that entry gets; and whether a list
+line's key can be read back (the same least-squares map) where retrieval needs it (`key_readback`):
+at the line's value in each layer's attention input, and in the CSA layer's compressed entry there.
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -155,17 +157,60 @@ def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, s
             inputs[i].append(np.array(layer._attn_input(h, opts)[0][0])[at])
             h = fast.block(layer, h, tokens_mx)
     targets = np.concatenate(targets)
+    return [read_back(model, numbers, np.concatenate(per_layer), targets) for per_layer in inputs]
+
+
+def read_back(model, numbers: list, x: np.ndarray, targets: np.ndarray) -> float:
+    """The share of held-out targets (token ids among `numbers`) that a least-squares map from the
+    vectors x [N, d] to the targets' embeddings names (the closest of the numbers' embeddings), fitted
+    on the rows of three quarters of the distinct targets and scored on the rest."""
     embed = np.array(model.embed.weight)
     held_out = np.random.default_rng(0).permutation(np.unique(targets))
     held_out = np.isin(targets, held_out[: len(held_out) // 4])
-    shares = []
-    for per_layer in inputs:
-        x = np.concatenate(per_layer).astype(np.float64)
-        fit = x[~held_out]
-        w = np.linalg.solve(fit.T @ fit + 1e-2 * np.eye(x.shape[1]), fit.T @ embed[targets[~held_out]])
-        picked = np.array(numbers)[((x[held_out] @ w) @ embed[numbers].T).argmax(1)]
-        shares.append(float((picked == targets[held_out]).mean()))
-    return shares
+    x = x.astype(np.float64)
+    fit = x[~held_out]
+    w = np.linalg.solve(fit.T @ fit + 1e-2 * np.eye(x.shape[1]), fit.T @ embed[targets[~held_out]])
+    picked = np.array(numbers)[((x[held_out] @ w) @ embed[numbers].T).argmax(1)]
+    return float((picked == targets[held_out]).mean())
+
+
+def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: int = 77, offset: int = 3) -> dict:
+    """Whether a list line's key reaches the places retrieval reads it from: the share of held-out
+    keys read back (`read_back`) from each layer's attention input `offset` tokens after the key (at
+    3, the line's value, where `--key-guide-weight` moves it), and from the CSA layer's compressed
+    entry of that position's block: the attention entry and the lightning indexer's key."""
+    numbers = _numbers(tokenizer)
+    is_number = np.zeros(model.args.vocab_size, bool)
+    is_number[numbers] = True
+    a = model.args
+    opts = split_options(a)
+    csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
+    ratio = model.layers[csa].attn.ratio
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    colon = tokenizer.encode(":")[0]
+    rows = {**{f"layer {i} input": [] for i in range(len(model.layers))}, "CSA entry": [], "indexer key": []}
+    keys = []
+    for _ in range(examples):
+        ids = np.array(gen.retrieval(tokens).ids, np.int32)
+        k = np.arange(len(ids) - 3)
+        k = k[is_number[ids[k]] & (ids[k + 1] == colon) & is_number[ids[k + 3]]]  # "123", ":", " ", "456"
+        at = k + offset
+        keep = (at + 1) // ratio < len(ids) // ratio  # the block is complete
+        k, at = k[keep], at[keep]
+        keys.append(ids[k])
+        tokens_mx = mx.array(ids[None])
+        h = expand(model.embed(tokens_mx), a.hc_mult)
+        for i, layer in enumerate(model.layers):
+            x = layer._attn_input(h, opts)[0]
+            rows[f"layer {i} input"].append(np.array(x[0])[at])
+            if i == csa:
+                record = {}
+                fast.attention(layer.attn, x, record)
+                rows["CSA entry"].append(np.array(record["entries"][0])[at // ratio])
+                rows["indexer key"].append(np.array(record["keys"][0].astype(mx.float32))[at // ratio])
+            h = fast.block(layer, h, tokens_mx)
+    keys = np.concatenate(keys)
+    return {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
 
 
 def retrieval_probe(model, tokenizer, n_tokens: int = 1024, examples: int = 8, seed: int = 77) -> dict:
@@ -236,6 +281,9 @@ def main(argv=None):
     shares = identity_by_layer(model, tokenizer)
     print("held-out numbers read back from each layer's attention input: "
           + ", ".join(f"layer {i} {share:.1%}" for i, share in enumerate(shares)))
+    keys = key_readback(model, tokenizer)
+    print("held-out list keys read back at their line's value: "
+          + ", ".join(f"{place} {share:.1%}" for place, share in keys.items()))
     return 0
 
 

@@ -95,12 +95,20 @@ def test_key_guidance_reads_the_attention_offset_back(layer0_state):
         assert got == pytest.approx(expected, rel=1e-4)
 
 
-def test_key_guide_steps_teach_a_head_to_look_three_back():
-    options = TrainOptions(steps=6, mix={"pattern": 1.0}, key_guide_weight=1.0, lr=1e-2, warmup=1, max_tokens=256)
+def test_key_guide_steps_teach_a_head_to_look_three_back_and_name_what_it_sees():
+    options = TrainOptions(steps=6, mix={"pattern": 1.0}, key_guide_weight=1.0, key_output_weight=1.0, lr=1e-2,
+                           warmup=1, max_tokens=256)
     trainer = Trainer(load_tokenizer(None), options)
+    batch, _ = trainer.batch()
+    ids, key_pos = np.array(batch["tokens"][0]), batch["key_pos"]
+    _, counts = np.unique(ids, return_counts=True)
+    rare = set(np.unique(ids)[counts <= 2].tolist())
+    assert len(key_pos) and all(ids[p - 3] in rare for p in key_pos) and key_pos.max() < len(ids)
     records = [trainer.train_step() for _ in range(6)]
     losses = [r["key_guide"] for r in records]
     assert losses[0] > 2.0 and np.mean(losses[-2:]) < losses[0] - 1.0, losses
+    named = [r["key_output"] for r in records]
+    assert named[0] > 8.0 and np.mean(named[-2:]) < named[0] - 1.0, named
     with pytest.raises(ValueError, match="fast path"):
         Trainer(load_tokenizer(None), options, reference=True)
 
@@ -291,14 +299,15 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
                  "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
                  "--embed-scale", "2", "--entry-guide-weight", "0.75", "--key-guide-weight", "0.5",
-                 "--argument-weight", "2", "--retrieval-questions", "3"]) == 0
+                 "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
             options["head_from_embed"], options["tie_head"], options["entry_guide_weight"],
-            options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"]) == (
-                0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3)
+            options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"],
+            options["key_output_weight"]) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
+    assert record["key_output"] > 0
 
     # benchmarks/copy_probe.py reads such a run directory
     probe_path = Path(__file__).parent.parent / "benchmarks" / "copy_probe.py"
@@ -324,6 +333,11 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert ret["picked"] or ret["attention_mass"] == 0.0  # attention reaches only the picked entries
     shares = copy_probe.identity_by_layer(model, load_tokenizer(None), examples=1, tokens=800)
     assert len(shares) == 4 and shares[0] > 0.9  # layer 0 reads the embedding itself
+    at_key = copy_probe.key_readback(model, load_tokenizer(None), examples=1, tokens=800, offset=0)
+    at_value = copy_probe.key_readback(model, load_tokenizer(None), examples=1, tokens=800)
+    assert at_key["layer 0 input"] > 0.9 and at_value["layer 0 input"] < 0.1  # the key's own embedding, not the value's
+    assert set(at_value) == {"layer 0 input", "layer 1 input", "layer 2 input", "layer 3 input", "CSA entry",
+                             "indexer key"}
 
 
 def test_entry_guidance_reads_the_answers_compressed_entries():

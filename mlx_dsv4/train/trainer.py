@@ -26,6 +26,10 @@ Objectives:
   indexer should put their mass on the compressed entries that hold the asked key's value;
 - optionally (`key_guide_weight`), head 1 of `previous_layer` should attend `key_offset` tokens
   back, where a retrieval line's key sits before its value and the asked key before the answer;
+- optionally (`key_output_weight`), that head's own output (through its layer's output projection, the
+  final norm and the vocabulary head) should name the token `key_offset` back, at positions that
+  far after a token that occurs at most twice: attending to the key moves nothing unless the head's
+  value and output projection carry which key it is;
 - optionally (`argument_weight`), a tool call's argument tokens count that many times in the
   next-token cross-entropy (the call's template is learned long before its arguments).
 
@@ -106,6 +110,7 @@ class TrainOptions:
     key_guide_weight: float = 0.0  # the key-mover objective's weight (see `offset_loss`); 0: off
     key_offset: int = 3  # a retrieval line's value sits this many tokens after its key
     argument_weight: int = 1  # a tool call's argument tokens count this many times in the main loss
+    key_output_weight: float = 0.0  # the key-mover head's own prediction of the key; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -272,13 +277,13 @@ def offset_loss(probs: mx.array, block: int, head: int, offset: int) -> mx.array
     return -mx.log(on + 1e-6).mean()
 
 
-def copy_head_features(model: Model, layer: int, heads: mx.array, queries: np.ndarray) -> mx.array:
-    """The normed features [P, D] at `queries` of the first head of `layer` alone: its output (heads
+def copy_head_features(model: Model, layer: int, heads: mx.array, queries: np.ndarray, index: int = 0) -> mx.array:
+    """The normed features [P, D] at `queries` of head `index` of `layer` alone: its output (heads
     [1, L, H, hd]: the layer's head outputs before the output projection, as `fast.attention`
     records them) through the layer's output projection and the final norm."""
     attn = model.layers[layer].attn
-    first_only = mx.array(np.arange(heads.shape[2]) == 0, heads.dtype)[:, None]
-    return model.norm(attn._output(heads * first_only, 0)[0, mx.array(queries)])
+    only = mx.array(np.arange(heads.shape[2]) == index, heads.dtype)[:, None]
+    return model.norm(attn._output(heads * only, 0)[0, mx.array(queries)])
 
 
 def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, queries: np.ndarray,
@@ -297,9 +302,17 @@ def copy_value_loss(model: Model, layer: int, kv: mx.array, tokens: mx.array, po
     return _copy_head_cross_entropy(model, layer, heads, positions, tokens[0, mx.array(positions)], head)
 
 
+def key_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, positions: np.ndarray, offset: int,
+                    head: mx.array = None) -> mx.array:
+    """Mean cross-entropy, at `positions`, of the token `offset` before each under the vocabulary head
+    of `copy_head_features` of head 1 of `layer`: the key-mover head's own naming of the key."""
+    return _copy_head_cross_entropy(model, layer, heads, positions, tokens[0, mx.array(positions - offset)], head,
+                                    index=1)
+
+
 def _copy_head_cross_entropy(model: Model, layer: int, heads: mx.array, queries: np.ndarray, targets: mx.array,
-                             head: mx.array = None) -> mx.array:
-    feats = copy_head_features(model, layer, heads, queries)
+                             head: mx.array = None, index: int = 0) -> mx.array:
+    feats = copy_head_features(model, layer, heads, queries, index)
     return fast.head_cross_entropy(feats, model.head.weight if head is None else head, targets)
 
 
@@ -496,7 +509,7 @@ class Trainer:
                                                   [lambda path, _: path == "model.embed.weight"])
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight
-                          or options.entry_guide_weight or options.key_guide_weight):
+                          or options.entry_guide_weight or options.key_guide_weight or options.key_output_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -516,7 +529,7 @@ class Trainer:
         return self._joint_module
 
     def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-              copy_masks=None, value_pos=None, entry_query=None):
+              copy_masks=None, value_pos=None, entry_query=None, key_pos=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
@@ -530,13 +543,13 @@ class Trainer:
         return total, {"main": main, "mtp": mtp_loss, "indexer_kl": index_loss}
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-                   copy_masks=None, value_pos=None, entry_query=None):
+                   copy_masks=None, value_pos=None, entry_query=None, key_pos=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         o = self.options
         records = {}
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
         probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight or o.copy_value_weight else set())
-        probs_of |= {o.previous_layer} if o.key_guide_weight else set()
+        probs_of |= {o.previous_layer} if o.key_guide_weight or o.key_output_weight else set()
         feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
         head = self._head(model)
         main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
@@ -559,6 +572,10 @@ class Trainer:
             previous = records[o.previous_layer]
             parts["key_guide"] = offset_loss(previous["probs"], previous["block"], head=1, offset=o.key_offset)
             weights["key_guide"] = o.key_guide_weight
+        if o.key_output_weight and key_pos is not None and len(key_pos):
+            parts["key_output"] = key_output_loss(model, o.previous_layer, records[o.previous_layer]["heads"], tokens,
+                                                  key_pos, o.key_offset, head)
+            weights["key_output"] = o.key_output_weight
         if o.copy_output_weight and copy_queries is not None and len(copy_queries):
             parts["copy_output"] = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens,
                                                     copy_queries, head)
@@ -606,6 +623,10 @@ class Trainer:
         value_pos = np.zeros(0, np.int32)
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
+        key_pos = np.zeros(0, np.int32)
+        if self.options.key_output_weight:
+            offset = self.options.key_offset
+            key_pos = copy_value_positions(ids[:-offset], self.options.copy_value_positions, self.rng) + offset
         entry_query = []
         if self.options.entry_guide_weight and kinds == ["retrieval"]:
             for query in main_pos[~np.isin(main_pos - 1, main_pos)]:  # each answer's first target
@@ -618,7 +639,7 @@ class Trainer:
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
-                    copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query), kinds
+                    copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query, key_pos=key_pos), kinds
 
     def train_step(self):
         batch, kinds = self.batch()
@@ -626,7 +647,7 @@ class Trainer:
         (loss, parts), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
-            batch["entry_query"])
+            batch["entry_query"], batch["key_pos"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5),

@@ -137,25 +137,37 @@ def _numbers(tokenizer) -> list:
     return sorted({t for n in range(100, 1000) for t in tokenizer.encode(str(n)) if tokenizer.decode([t]) == str(n)})
 
 
-def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: int = 77) -> list:
-    """Per layer, the share of held-out numbers read back from its attention input (see above)."""
+def _number_mask(model, tokenizer):
+    """(the ids of the numbers 100-999, a boolean mask over the vocabulary marking them)."""
     numbers = _numbers(tokenizer)
     is_number = np.zeros(model.args.vocab_size, bool)
     is_number[numbers] = True
-    a = model.args
-    opts = split_options(a)
+    return numbers, is_number
+
+
+def _attention_inputs(model, ids: np.ndarray) -> list:
+    """Each layer's attention input [1, L, D] for the sequence `ids` (fast.trunk's forward)."""
+    opts = split_options(model.args)
+    tokens = mx.array(ids[None])
+    h = expand(model.embed(tokens), model.args.hc_mult)
+    inputs = []
+    for layer in model.layers:
+        inputs.append(layer._attn_input(h, opts)[0])
+        h = fast.block(layer, h, tokens)
+    return inputs
+
+
+def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: int = 77) -> list:
+    """Per layer, the share of held-out numbers read back from its attention input (see above)."""
+    numbers, is_number = _number_mask(model, tokenizer)
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
     inputs, targets = [[] for _ in model.layers], []
     for _ in range(examples):
         ids = np.array(gen.retrieval(tokens).ids, np.int32)
         at = np.nonzero(is_number[ids])[0]
         targets.append(ids[at])
-        tokens_mx = mx.array(ids[None])
-        x = model.embed(tokens_mx)
-        h = expand(x, a.hc_mult)
-        for i, layer in enumerate(model.layers):
-            inputs[i].append(np.array(layer._attn_input(h, opts)[0][0])[at])
-            h = fast.block(layer, h, tokens_mx)
+        for per_layer, x in zip(inputs, _attention_inputs(model, ids)):
+            per_layer.append(np.array(x[0])[at])
     targets = np.concatenate(targets)
     return [read_back(model, numbers, np.concatenate(per_layer), targets) for per_layer in inputs]
 
@@ -179,11 +191,7 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
     keys read back (`read_back`) from each layer's attention input `offset` tokens after the key (at
     3, the line's value, where `--key-guide-weight` moves it), and from the CSA layer's compressed
     entry of that position's block: the attention entry and the lightning indexer's key."""
-    numbers = _numbers(tokenizer)
-    is_number = np.zeros(model.args.vocab_size, bool)
-    is_number[numbers] = True
-    a = model.args
-    opts = split_options(a)
+    numbers, is_number = _number_mask(model, tokenizer)
     csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
     ratio = model.layers[csa].attn.ratio
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
@@ -198,17 +206,13 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
         keep = (at + 1) // ratio < len(ids) // ratio  # the block is complete
         k, at = k[keep], at[keep]
         keys.append(ids[k])
-        tokens_mx = mx.array(ids[None])
-        h = expand(model.embed(tokens_mx), a.hc_mult)
-        for i, layer in enumerate(model.layers):
-            x = layer._attn_input(h, opts)[0]
+        inputs = _attention_inputs(model, ids)
+        for i, x in enumerate(inputs):
             rows[f"layer {i} input"].append(np.array(x[0])[at])
-            if i == csa:
-                record = {}
-                fast.attention(layer.attn, x, record)
-                rows["CSA entry"].append(np.array(record["entries"][0])[at // ratio])
-                rows["indexer key"].append(np.array(record["keys"][0].astype(mx.float32))[at // ratio])
-            h = fast.block(layer, h, tokens_mx)
+        record = {}
+        fast.attention(model.layers[csa].attn, inputs[csa], record)
+        rows["CSA entry"].append(np.array(record["entries"][0])[at // ratio])
+        rows["indexer key"].append(np.array(record["keys"][0].astype(mx.float32))[at // ratio])
     keys = np.concatenate(keys)
     return {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
 

@@ -164,7 +164,7 @@ def test_argument_positions_are_the_call_arguments_and_their_ends(tokenizer):
 def test_argument_weight_repeats_the_argument_targets(tokenizer):
     from mlx_dsv4.train.trainer import Trainer, TrainOptions, argument_positions
 
-    options = dict(mix={"tool": 1.0}, max_tokens=1500)
+    options = dict(mix={"tool": 1.0}, max_tokens=1500, guide_weight=1.0)
     plain, weighted = (Trainer(tokenizer, TrainOptions(argument_weight=w, **options)) for w in (1, 3))
     (a, kinds), (b, _) = plain.batch(), weighted.batch()
     assert set(kinds) == {"tool"} and len(kinds) > 1
@@ -175,6 +175,10 @@ def test_argument_weight_repeats_the_argument_targets(tokenizer):
     np.testing.assert_array_equal(positions, np.array(a["main_pos"]))
     assert {int(p) for p, c in zip(positions, counts) if c == 3} == targets and set(counts) == {1, 3}
     np.testing.assert_array_equal(np.array(b["main_targets"]), ids[np.array(b["main_pos"]) + 1])
+    # Only the next-token loss counts them again: the copy guidance and the indexer's queries do not.
+    for key in ("copy_queries", "index_pos"):
+        np.testing.assert_array_equal(np.array(b[key]), np.array(a[key]))
+    assert len(np.unique(np.array(b["copy_queries"]))) == len(b["copy_queries"]) > 0
 
 
 def test_name_examples_spell_every_city_as_a_call_argument_starts_it(tokenizer):

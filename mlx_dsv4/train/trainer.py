@@ -606,20 +606,21 @@ class Trainer:
     def batch(self):
         ids, mask, kinds = pack(self.data, self.options.max_tokens)
         L = len(ids)
-        main_pos = np.nonzero(mask[1:])[0]
+        targets = np.nonzero(mask[1:])[0]  # each target once: the guidance and the indexer's queries
         mtp_pos = np.nonzero(mask[2:])[0]
+        main_pos = targets
         if self.options.argument_weight > 1:
-            arguments = np.intersect1d(argument_positions(ids, self.tokenizer) - 1, main_pos)
-            main_pos = np.sort(np.concatenate([main_pos] + [arguments] * (self.options.argument_weight - 1)))
+            arguments = np.intersect1d(argument_positions(ids, self.tokenizer) - 1, targets)
+            main_pos = np.sort(np.concatenate([targets] + [arguments] * (self.options.argument_weight - 1)))
         n = self.options.index_queries
         stride = max(1, (L - 4) // n)
         offset = int(self.rng.integers(0, stride))
-        index_pos = np.unique(np.concatenate([np.arange(4 + offset, L, stride), main_pos[-16:]]))
+        index_pos = np.unique(np.concatenate([np.arange(4 + offset, L, stride), targets[-16:]]))
         index_pos = index_pos[index_pos >= 4].astype(np.int32)
         copy_queries, copy_masks = np.zeros(0, np.int32), np.zeros((0, 1), np.float32)
         if self.options.guide_weight or self.options.copy_output_weight:
             window = self.cfg["sliding_window"]
-            copy_queries, copy_masks = copy_sources(ids, main_pos, window, fast.block_size(window))
+            copy_queries, copy_masks = copy_sources(ids, targets, window, fast.block_size(window))
         value_pos = np.zeros(0, np.int32)
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
@@ -629,7 +630,7 @@ class Trainer:
             key_pos = copy_value_positions(ids[:-offset], self.options.copy_value_positions, self.rng) + offset
         entry_query = []
         if self.options.entry_guide_weight and kinds == ["retrieval"]:
-            for query in main_pos[~np.isin(main_pos - 1, main_pos)]:  # each answer's first target
+            for query in targets[~np.isin(targets - 1, targets)]:  # each answer's first target
                 try:
                     source = retrieval_source(ids, int(query))
                 except ValueError:  # keys of two tokens (lists of over 900 lines): no guidance (none logged)

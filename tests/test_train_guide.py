@@ -113,6 +113,26 @@ def test_key_guide_steps_teach_a_head_to_look_three_back_and_name_what_it_sees()
         Trainer(load_tokenizer(None), options, reference=True)
 
 
+def test_key_readback_steps_bring_the_key_to_the_csa_layer_through_a_map_that_is_not_saved(tmp_path):
+    options = TrainOptions(steps=6, mix={"pattern": 1.0}, key_guide_weight=1.0, key_readback_weight=1.0, lr=1e-2,
+                           warmup=1, max_tokens=256)
+    trainer = Trainer(load_tokenizer(None), options)
+    rotation = np.array(trainer._joint.readback.weight)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(len(rotation)), atol=1e-5)
+    records = [trainer.train_step() for _ in range(6)]
+    read = [r["key_readback"] for r in records]
+    assert read[0] > 8.0 and np.mean(read[-2:]) < read[0] - 1.0, read
+    assert "key_output" not in records[0]
+    trained = np.array(trainer._joint.readback.weight)
+    assert np.abs(trained - rotation).max() > 1e-3
+    trainer.save_official(tmp_path)
+    saved = mx.load(str(tmp_path / "model.safetensors"))
+    assert set(saved) == set(trainer.official_weights()) and not any("readback" in k for k in saved)
+    resumed = Trainer(load_tokenizer(None), options)
+    assert resumed.resume(tmp_path) == 6
+    np.testing.assert_array_equal(np.array(resumed._joint.readback.weight), trained)
+
+
 def test_each_of_several_retrieval_questions_is_guided_to_its_own_line():
     tokenizer = load_tokenizer(None)
     options = TrainOptions(seed=1, mix={"retrieval": 1.0}, retrieval_tokens=(600, 700), entry_guide_weight=1.0,
@@ -299,15 +319,17 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert main(["train-tiny", str(tmp_path), "--steps", "1", "--mix", "copy=1", "--guide-weight", "0.5",
                  "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
                  "--embed-scale", "2", "--entry-guide-weight", "0.75", "--key-guide-weight", "0.5",
-                 "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5"]) == 0
+                 "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5",
+                 "--key-readback-weight", "0.25"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
             options["head_from_embed"], options["tie_head"], options["entry_guide_weight"],
             options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"],
-            options["key_output_weight"]) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5)
+            options["key_output_weight"], options["key_readback_weight"]) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5,
+                                                                            2, 3, 0.5, 0.25)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
-    assert record["key_output"] > 0
+    assert record["key_output"] > 0 and record["key_readback"] > 0
 
     # benchmarks/copy_probe.py reads such a run directory
     probe_path = Path(__file__).parent.parent / "benchmarks" / "copy_probe.py"

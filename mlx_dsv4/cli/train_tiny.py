@@ -34,6 +34,9 @@ def add_arguments(p):
     p.add_argument("--key-output-weight", type=float, default=None,
                    help="weight of the key-mover head's own naming of the token three before each position (its "
                         "output through its layer's output projection and the vocabulary head; default 0: off)")
+    p.add_argument("--key-readback-weight", type=float, default=None,
+                   help="weight of reading the token three before each position back from the first CSA layer's "
+                        "input, through a map trained alongside and not saved (default 0: off)")
     p.add_argument("--retrieval-questions", type=positive_int, default=None, metavar="N",
                    help="ask N keys in turn after each retrieval list (default 1)")
     p.add_argument("--argument-weight", type=positive_int, default=None, metavar="N",
@@ -123,7 +126,7 @@ def run(args):
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
                  "copy_value_weight", "copy_head_scale", "init_from", "head_from_embed", "tie_head",
                  "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight", "key_guide_weight",
-                 "retrieval_questions", "key_output_weight"):
+                 "retrieval_questions", "key_output_weight", "key_readback_weight"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -166,14 +166,16 @@ def block(layer: Block, h: mx.array, tokens: mx.array, record: Optional[dict] = 
     a = layer.args
     opts = split_options(a)
     x, post, comb = layer._attn_input(h, opts)
+    if record is not None:
+        record["x"] = x
     out = attention(layer.attn, x, record, probs)
     return layer._ffn(out, h, post, comb, tokens, opts)
 
 
 def trunk(model: Model, tokens: mx.array, records: Dict[int, dict], probs_of=()):
     """(normed final features [B, L, D], last hc streams); `records` gets each CSA layer's
-    record (see `attention`) under its index, and the attention probabilities of the layers
-    in `probs_of`."""
+    record (see `attention`, and the layer's attention input "x") under its index, and the
+    attention probabilities of the layers in `probs_of`."""
     a = model.args
     x = model.embed(tokens)
     h = expand(x, a.hc_mult)

@@ -30,6 +30,10 @@ Objectives:
   final norm and the vocabulary head) should name the token `key_offset` back, at positions that
   far after a token that occurs at most twice: attending to the key moves nothing unless the head's
   value and output projection carry which key it is;
+- optionally (`key_readback_weight`), a map trained alongside and never saved should read, from the
+  first CSA layer's attention input at the same positions, the token `key_offset` back: the key then
+  reaches the layer that matches it in directions of its own, apart from the embedding directions
+  that already name the position's own token (which a tied vocabulary head reads);
 - optionally (`argument_weight`), a tool call's argument tokens count that many times in the
   next-token cross-entropy (the call's template is learned long before its arguments).
 
@@ -111,6 +115,7 @@ class TrainOptions:
     key_offset: int = 3  # a retrieval line's value sits this many tokens after its key
     argument_weight: int = 1  # a tool call's argument tokens count this many times in the main loss
     key_output_weight: float = 0.0  # the key-mover head's own prediction of the key; 0: off
+    key_readback_weight: float = 0.0  # the CSA layer input's readback of the key (see `key_readback_loss`); 0: off
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -310,6 +315,13 @@ def key_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array,
                                     index=1)
 
 
+def key_readback_loss(readback: nn.Linear, x: mx.array, tokens: mx.array, positions: np.ndarray, offset: int,
+                      head: mx.array) -> mx.array:
+    """Mean cross-entropy, at `positions`, of the token `offset` before each under the vocabulary head
+    of `readback` applied to x [1, L, D] (a layer's attention input there)."""
+    return fast.head_cross_entropy(readback(x[0, mx.array(positions)]), head, tokens[0, mx.array(positions - offset)])
+
+
 def _copy_head_cross_entropy(model: Model, layer: int, heads: mx.array, queries: np.ndarray, targets: mx.array,
                              head: mx.array = None, index: int = 0) -> mx.array:
     feats = copy_head_features(model, layer, heads, queries, index)
@@ -507,9 +519,17 @@ class Trainer:
                                 weight_decay=options.weight_decay)
             self.optimizer = optim.MultiOptimizer([embed, self.optimizer],
                                                   [lambda path, _: path == "model.embed.weight"])
+        if options.key_readback_weight:
+            # A random rotation: what it reads is not the embedding's own directions, where the
+            # position's token already sits, so the key has to arrive in others.
+            size = self.cfg["hidden_size"]
+            rotation = np.linalg.qr(np.random.default_rng(options.seed + 1).standard_normal((size, size)))[0]
+            self._joint.readback = nn.Linear(size, size, bias=False)
+            self._joint.readback.weight = mx.array(rotation.astype(np.float32))
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight
-                          or options.entry_guide_weight or options.key_guide_weight or options.key_output_weight):
+                          or options.entry_guide_weight or options.key_guide_weight or options.key_output_weight
+                          or options.key_readback_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -576,6 +596,11 @@ class Trainer:
             parts["key_output"] = key_output_loss(model, o.previous_layer, records[o.previous_layer]["heads"], tokens,
                                                   key_pos, o.key_offset, head)
             weights["key_output"] = o.key_output_weight
+        if o.key_readback_weight and key_pos is not None and len(key_pos):
+            first_csa = min(i for i, r in records.items() if "iq" in r)
+            parts["key_readback"] = key_readback_loss(joint.readback, records[first_csa]["x"], tokens, key_pos,
+                                                      o.key_offset, head)
+            weights["key_readback"] = o.key_readback_weight
         if o.copy_output_weight and copy_queries is not None and len(copy_queries):
             parts["copy_output"] = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens,
                                                     copy_queries, head)
@@ -625,7 +650,7 @@ class Trainer:
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
         key_pos = np.zeros(0, np.int32)
-        if self.options.key_output_weight:
+        if self.options.key_output_weight or self.options.key_readback_weight:
             offset = self.options.key_offset
             key_pos = copy_value_positions(ids[:-offset], self.options.copy_value_positions, self.rng) + offset
         entry_query = []
@@ -688,6 +713,8 @@ class Trainer:
         (out / "train_options.json").write_text(json.dumps(asdict(self.options), indent=2) + "\n")
         mx.save_safetensors(str(out / STATE_DIR / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         (out / STATE_DIR / "step.json").write_text(json.dumps({"step": self.step}) + "\n")
+        if hasattr(self._joint, "readback"):
+            mx.save_safetensors(str(out / STATE_DIR / "readback.safetensors"), {"weight": self._joint.readback.weight})
         return out
 
     def load_weights(self, out_dir) -> None:
@@ -700,6 +727,8 @@ class Trainer:
         out = Path(out_dir)
         step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
         self.load_weights(out)
+        if hasattr(self._joint, "readback"):
+            self._joint.readback.weight = mx.load(str(out / STATE_DIR / "readback.safetensors"))["weight"]
         moments = out / STATE_DIR / "optimizer.safetensors"
         if moments.is_file():
             self.optimizer.state = tree_unflatten(list(mx.load(str(moments)).items()))

@@ -118,6 +118,12 @@ def test_key_readback_steps_bring_the_key_to_the_csa_layer_through_a_map_that_is
                            warmup=1, max_tokens=256)
     trainer = Trainer(load_tokenizer(None), options)
     rotation = np.array(trainer._joint.readback.weight)
+    batch, _ = trainer.batch()
+    ids, key_pos = np.array(batch["tokens"][0]), batch["key_pos"]
+    values, counts = np.unique(ids, return_counts=True)
+    count = dict(zip(values.tolist(), counts.tolist()))
+    assert len(key_pos) and all(count[ids[p - 3]] <= 2 < count[ids[p]] for p in key_pos)
+    trainer = Trainer(load_tokenizer(None), options)
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(len(rotation)), atol=1e-5)
     records = [trainer.train_step() for _ in range(6)]
     read = [r["key_readback"] for r in records]

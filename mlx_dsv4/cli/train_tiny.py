@@ -35,8 +35,9 @@ def add_arguments(p):
                    help="weight of the key-mover head's own naming of the token three before each position (its "
                         "output through its layer's output projection and the vocabulary head; default 0: off)")
     p.add_argument("--key-readback-weight", type=float, default=None,
-                   help="weight of reading the token three before each position back from the first CSA layer's "
-                        "input, through a map trained alongside and not saved (default 0: off)")
+                   help="weight of reading the token three before each position whose own token is common back "
+                        "from the first CSA layer's input, through a map trained alongside and not saved "
+                        "(default 0: off)")
     p.add_argument("--retrieval-questions", type=positive_int, default=None, metavar="N",
                    help="ask N keys in turn after each retrieval list (default 1)")
     p.add_argument("--argument-weight", type=positive_int, default=None, metavar="N",

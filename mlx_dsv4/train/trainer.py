@@ -31,7 +31,8 @@ Objectives:
   far after a token that occurs at most twice: attending to the key moves nothing unless the head's
   value and output projection carry which key it is;
 - optionally (`key_readback_weight`), a map trained alongside and never saved should read, from the
-  first CSA layer's attention input at the same positions, the token `key_offset` back: the key then
+  first CSA layer's attention input at those of the same positions whose own token is common, the
+  token `key_offset` back: the key then
   reaches the layer that matches it in directions of its own, apart from the embedding directions
   that already name the position's own token (which a tied vocabulary head reads);
 - optionally (`argument_weight`), a tool call's argument tokens count that many times in the
@@ -653,6 +654,12 @@ class Trainer:
         if self.options.key_output_weight or self.options.key_readback_weight:
             offset = self.options.key_offset
             key_pos = copy_value_positions(ids[:-offset], self.options.copy_value_positions, self.rng) + offset
+            if self.options.key_readback_weight:
+                # Where the position's own token is rare too (a list line's value), its embedding fills
+                # the same few directions as the key's, and a 64-wide stream cannot hold both apart:
+                # read the key back where the position's own token is common (the answer's "</think>").
+                _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+                key_pos = key_pos[counts[inverse][key_pos] > 2]
         entry_query = []
         if self.options.entry_guide_weight and kinds == ["retrieval"]:
             for query in targets[~np.isin(targets - 1, targets)]:  # each answer's first target

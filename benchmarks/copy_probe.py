@@ -19,7 +19,10 @@ the layer's feed-forward adds to the residual streams, and of the final features
 And where retrieval fails (`retrieval_probe`): whether the CSA layer's indexer picks the compressed
 entry that holds the asked key's value, and how much attention that entry gets; and whether a list
 line's key can be read back (the same least-squares map) where retrieval needs it (`key_readback`):
-at the line's value in each layer's attention input, and in the CSA layer's compressed entry there.
+at the line's value in each layer's attention input, in the key-mover head's own output there (head 1
+of layer 0 before its output projection, with its attention on the key), and in the CSA layer's
+compressed entry there; and whether the asked key reaches the answer position (`answer_key_readback`),
+on lists asked 48 questions each (enough answers to fit the read-back).
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -196,8 +199,9 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
     ratio = model.layers[csa].attn.ratio
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
     colon = tokenizer.encode(":")[0]
-    rows = {**{f"layer {i} input": [] for i in range(len(model.layers))}, "CSA entry": [], "indexer key": []}
-    keys = []
+    rows = {**{f"layer {i} input": [] for i in range(len(model.layers))}, "CSA entry": [], "indexer key": [],
+            "key-mover head output": []}
+    keys, attention = [], []
     for _ in range(examples):
         ids = np.array(gen.retrieval(tokens).ids, np.int32)
         k = np.arange(len(ids) - 3)
@@ -213,6 +217,32 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
         fast.attention(model.layers[csa].attn, inputs[csa], record)
         rows["CSA entry"].append(np.array(record["entries"][0])[at // ratio])
         rows["indexer key"].append(np.array(record["keys"][0].astype(mx.float32))[at // ratio])
+        mover = {}
+        fast.attention(model.layers[0].attn, inputs[0], mover, probs=True)
+        rows["key-mover head output"].append(np.array(mover["heads"][0])[at, 1])
+        b = mover["block"]
+        attention.append(np.array(mover["probs"][0])[at, 1, k - (at // b) * b + b])  # the key's window slot
+    keys = np.concatenate(keys)
+    shares = {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
+    return {**shares, "key-mover attention on the key": float(np.concatenate(attention).mean())}
+
+
+def answer_key_readback(model, tokenizer, lists: int = 4, tokens: int = 1000, questions: int = 48, seed: int = 77,
+                        offset: int = 3) -> dict:
+    """Whether the asked key reaches the answer position ("</think>", three tokens after the key in
+    the question), where the CSA layer's query and the indexer's are made: the share of held-out keys
+    read back (`read_back`) from each layer's attention input `offset` tokens after the asked key."""
+    numbers, is_number = _number_mask(model, tokenizer)
+    think = tokenizer.token_to_id("</think>")
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    rows, keys = {f"layer {i} input": [] for i in range(len(model.layers))}, []
+    for _ in range(lists):
+        ids = np.array(gen.retrieval(tokens, questions=questions).ids, np.int32)
+        answer = np.nonzero(ids[3:-1] == think)[0] + 3
+        answer = answer[is_number[ids[answer - 3]] & is_number[ids[answer + 1]]]
+        keys.append(ids[answer - 3])
+        for i, x in enumerate(_attention_inputs(model, ids)):
+            rows[f"layer {i} input"].append(np.array(x[0])[answer - 3 + offset])
     keys = np.concatenate(keys)
     return {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
 
@@ -288,6 +318,9 @@ def main(argv=None):
     keys = key_readback(model, tokenizer)
     print("held-out list keys read back at their line's value: "
           + ", ".join(f"{place} {share:.1%}" for place, share in keys.items()))
+    asked = answer_key_readback(model, tokenizer)
+    print("held-out asked keys read back at the answer position: "
+          + ", ".join(f"{place} {share:.1%}" for place, share in asked.items()))
     return 0
 
 

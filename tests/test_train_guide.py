@@ -365,7 +365,12 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     at_value = copy_probe.key_readback(model, load_tokenizer(None), examples=1, tokens=800)
     assert at_key["layer 0 input"] > 0.9 and at_value["layer 0 input"] < 0.1  # the key's own embedding, not the value's
     assert set(at_value) == {"layer 0 input", "layer 1 input", "layer 2 input", "layer 3 input", "CSA entry",
-                             "indexer key"}
+                             "indexer key", "key-mover head output", "key-mover attention on the key"}
+    assert 0 < at_value["key-mover attention on the key"] < 1
+    asked_at_key = copy_probe.answer_key_readback(model, load_tokenizer(None), lists=2, tokens=800, questions=64,
+                                                  offset=0)
+    asked = copy_probe.answer_key_readback(model, load_tokenizer(None), lists=2, tokens=800, questions=64)
+    assert asked_at_key["layer 0 input"] > 0.9 and asked["layer 0 input"] < 0.1  # "</think>" itself holds no key
 
 
 def test_entry_guidance_reads_the_answers_compressed_entries():

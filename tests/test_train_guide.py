@@ -139,6 +139,30 @@ def test_key_readback_steps_bring_the_key_to_the_csa_layer_through_a_map_that_is
     np.testing.assert_array_equal(np.array(resumed._joint.readback.weight), trained)
 
 
+def test_entry_key_steps_teach_a_map_to_read_each_lines_key_from_its_values_csa_entry(tmp_path):
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(steps=12, mix={"retrieval": 1.0}, retrieval_tokens=(300, 400), entry_key_weight=1.0,
+                           lr=1e-2, warmup=1)
+    trainer = Trainer(tokenizer, options)
+    batch, kinds = trainer.batch()
+    ids, pairs = np.array(batch["tokens"][0]), batch["entry_keys"]
+    lines = tokenizer.decode(ids.tolist()).count(": ")
+    assert kinds == ["retrieval"] and lines - 2 <= len(pairs) <= lines  # the last lines' blocks may be incomplete
+    for key, value in pairs:
+        assert value == key + 3 and tokenizer.decode(ids[key: value + 1].tolist()).count(": ") == 1
+        assert (value + 1) // 4 <= len(ids) // 4
+    trainer = Trainer(tokenizer, options)
+    records = [trainer.train_step() for _ in range(12)]
+    read = [r["entry_key"] for r in records]
+    assert read[0] > 6.0 and np.mean(read[-2:]) < read[0] - 1.0, read
+    trainer.save_official(tmp_path)
+    assert not any("readback" in k for k in mx.load(str(tmp_path / "model.safetensors")))
+    resumed = Trainer(tokenizer, options)
+    resumed.resume(tmp_path)
+    np.testing.assert_array_equal(np.array(resumed._joint.entry_readback.weight),
+                                  np.array(trainer._joint.entry_readback.weight))
+
+
 def test_each_of_several_retrieval_questions_is_guided_to_its_own_line():
     tokenizer = load_tokenizer(None)
     options = TrainOptions(seed=1, mix={"retrieval": 1.0}, retrieval_tokens=(600, 700), entry_guide_weight=1.0,
@@ -326,13 +350,13 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
                  "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
                  "--embed-scale", "2", "--entry-guide-weight", "0.75", "--key-guide-weight", "0.5",
                  "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5",
-                 "--key-readback-weight", "0.25"]) == 0
+                 "--key-readback-weight", "0.25", "--entry-key-weight", "0.5"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
             options["head_from_embed"], options["tie_head"], options["entry_guide_weight"],
             options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"],
-            options["key_output_weight"], options["key_readback_weight"]) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5,
-                                                                            2, 3, 0.5, 0.25)
+            options["key_output_weight"], options["key_readback_weight"], options["entry_key_weight"]) == (
+                0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
     assert record["key_output"] > 0 and record["key_readback"] > 0

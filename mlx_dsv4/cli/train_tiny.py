@@ -38,6 +38,9 @@ def add_arguments(p):
                    help="weight of reading the token three before each position whose own token is common back "
                         "from the first CSA layer's input, through a map trained alongside and not saved "
                         "(default 0: off)")
+    p.add_argument("--entry-key-weight", type=float, default=None,
+                   help="weight of reading each retrieval list line's key back from the first CSA layer's "
+                        "compressed entry of its value, through a map trained alongside and not saved (default 0: off)")
     p.add_argument("--retrieval-questions", type=positive_int, default=None, metavar="N",
                    help="ask N keys in turn after each retrieval list (default 1)")
     p.add_argument("--argument-weight", type=positive_int, default=None, metavar="N",
@@ -127,7 +130,7 @@ def run(args):
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
                  "copy_value_weight", "copy_head_scale", "init_from", "head_from_embed", "tie_head",
                  "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight", "key_guide_weight",
-                 "retrieval_questions", "key_output_weight", "key_readback_weight"):
+                 "retrieval_questions", "key_output_weight", "key_readback_weight", "entry_key_weight"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -35,6 +35,9 @@ Objectives:
   token `key_offset` back: the key then
   reaches the layer that matches it in directions of its own, apart from the embedding directions
   that already name the position's own token (which a tied vocabulary head reads);
+- optionally (`entry_key_weight`), in a retrieval list, another such map should read each line's key
+  from the first CSA layer's compressed entry of the line's value: the entry that retrieval has to
+  find by its key must carry it;
 - optionally (`argument_weight`), a tool call's argument tokens count that many times in the
   next-token cross-entropy (the call's template is learned long before its arguments).
 
@@ -117,6 +120,7 @@ class TrainOptions:
     argument_weight: int = 1  # a tool call's argument tokens count this many times in the main loss
     key_output_weight: float = 0.0  # the key-mover head's own prediction of the key; 0: off
     key_readback_weight: float = 0.0  # the CSA layer input's readback of the key (see `key_readback_loss`); 0: off
+    entry_key_weight: float = 0.0  # a list line's key read back from its value's CSA entry; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -323,6 +327,12 @@ def key_readback_loss(readback: nn.Linear, x: mx.array, tokens: mx.array, positi
     return fast.head_cross_entropy(readback(x[0, mx.array(positions)]), head, tokens[0, mx.array(positions - offset)])
 
 
+def list_lines(ids: np.ndarray, colon: int, space: int) -> np.ndarray:
+    """Positions of the keys of a retrieval list's lines ("K", ":", " ", "V"), the value three on."""
+    k = np.arange(max(0, len(ids) - 3))
+    return k[(ids[k + 1] == colon) & (ids[k + 2] == space)].astype(np.int32)
+
+
 def _copy_head_cross_entropy(model: Model, layer: int, heads: mx.array, queries: np.ndarray, targets: mx.array,
                              head: mx.array = None, index: int = 0) -> mx.array:
     feats = copy_head_features(model, layer, heads, queries, index)
@@ -509,6 +519,7 @@ class Trainer:
             self.model.head.freeze()
         self.recorder = Recorder(self.model)
         self.tokenizer = tokenizer
+        self._colon, self._space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
                                           mix=options.mix, retrieval_questions=options.retrieval_questions))
         self.rng = np.random.default_rng(options.seed)
@@ -527,10 +538,12 @@ class Trainer:
             rotation = np.linalg.qr(np.random.default_rng(options.seed + 1).standard_normal((size, size)))[0]
             self._joint.readback = nn.Linear(size, size, bias=False)
             self._joint.readback.weight = mx.array(rotation.astype(np.float32))
+        if options.entry_key_weight:
+            self._joint.entry_readback = nn.Linear(self.cfg["head_dim"], self.cfg["hidden_size"], bias=False)
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight
                           or options.entry_guide_weight or options.key_guide_weight or options.key_output_weight
-                          or options.key_readback_weight):
+                          or options.key_readback_weight or options.entry_key_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -550,7 +563,7 @@ class Trainer:
         return self._joint_module
 
     def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-              copy_masks=None, value_pos=None, entry_query=None, key_pos=None):
+              copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
@@ -564,7 +577,7 @@ class Trainer:
         return total, {"main": main, "mtp": mtp_loss, "indexer_kl": index_loss}
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-                   copy_masks=None, value_pos=None, entry_query=None, key_pos=None):
+                   copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         o = self.options
         records = {}
@@ -602,6 +615,12 @@ class Trainer:
             parts["key_readback"] = key_readback_loss(joint.readback, records[first_csa]["x"], tokens, key_pos,
                                                       o.key_offset, head)
             weights["key_readback"] = o.key_readback_weight
+        if o.entry_key_weight and entry_keys is not None and len(entry_keys):
+            first_csa = min(i for i, r in records.items() if "iq" in r)
+            entries = records[first_csa]["entries"][0, mx.array(entry_keys[:, 1] // model.layers[first_csa].attn.ratio)]
+            parts["entry_key"] = fast.head_cross_entropy(joint.entry_readback(entries), head,
+                                                         tokens[0, mx.array(entry_keys[:, 0])])
+            weights["entry_key"] = o.entry_key_weight
         if o.copy_output_weight and copy_queries is not None and len(copy_queries):
             parts["copy_output"] = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens,
                                                     copy_queries, head)
@@ -660,6 +679,11 @@ class Trainer:
                 # read the key back where the position's own token is common (the answer's "</think>").
                 _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
                 key_pos = key_pos[counts[inverse][key_pos] > 2]
+        entry_keys = np.zeros((0, 2), np.int32)  # (key position, value position) of complete blocks
+        if self.options.entry_key_weight and kinds == ["retrieval"]:
+            keys = list_lines(ids, self._colon, self._space)
+            keys = keys[(keys + 3) // 4 < L // 4]
+            entry_keys = np.stack([keys, keys + 3], axis=1).astype(np.int32)
         entry_query = []
         if self.options.entry_guide_weight and kinds == ["retrieval"]:
             for query in targets[~np.isin(targets - 1, targets)]:  # each answer's first target
@@ -672,7 +696,8 @@ class Trainer:
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
-                    copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query, key_pos=key_pos), kinds
+                    copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query, key_pos=key_pos,
+                    entry_keys=entry_keys), kinds
 
     def train_step(self):
         batch, kinds = self.batch()
@@ -680,7 +705,7 @@ class Trainer:
         (loss, parts), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
-            batch["entry_query"], batch["key_pos"])
+            batch["entry_query"], batch["key_pos"], batch["entry_keys"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5),
@@ -720,8 +745,9 @@ class Trainer:
         (out / "train_options.json").write_text(json.dumps(asdict(self.options), indent=2) + "\n")
         mx.save_safetensors(str(out / STATE_DIR / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         (out / STATE_DIR / "step.json").write_text(json.dumps({"step": self.step}) + "\n")
-        if hasattr(self._joint, "readback"):
-            mx.save_safetensors(str(out / STATE_DIR / "readback.safetensors"), {"weight": self._joint.readback.weight})
+        for name in ("readback", "entry_readback"):
+            if hasattr(self._joint, name):
+                mx.save_safetensors(str(out / STATE_DIR / f"{name}.safetensors"), {"weight": getattr(self._joint, name).weight})
         return out
 
     def load_weights(self, out_dir) -> None:
@@ -734,8 +760,9 @@ class Trainer:
         out = Path(out_dir)
         step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
         self.load_weights(out)
-        if hasattr(self._joint, "readback"):
-            self._joint.readback.weight = mx.load(str(out / STATE_DIR / "readback.safetensors"))["weight"]
+        for name in ("readback", "entry_readback"):
+            if hasattr(self._joint, name):
+                getattr(self._joint, name).weight = mx.load(str(out / STATE_DIR / f"{name}.safetensors"))["weight"]
         moments = out / STATE_DIR / "optimizer.safetensors"
         if moments.is_file():
             self.optimizer.state = tree_unflatten(list(mx.load(str(moments)).items()))

@@ -361,6 +361,16 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
     assert record["key_output"] > 0 and record["key_readback"] > 0
 
+    # benchmarks/tool_progress.py reads such a run directory
+    progress_path = Path(__file__).parent.parent / "benchmarks" / "tool_progress.py"
+    spec = importlib.util.spec_from_file_location("tool_progress", progress_path)
+    tool_progress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool_progress)
+    result = tool_progress.row(tmp_path, load_tokenizer(None), calls_n=2, tool_n=1)
+    assert result["calls"]["arguments_tokens"] > 0 and 0 <= result["calls"]["arguments"] <= 1
+    cells = tool_progress.markdown("run", result).strip("| ").split(" | ")
+    assert len(cells) == 10 and cells[0] == "run" and all(c.endswith("%") or "/" in c or c == "-" for c in cells[1:])
+
     # benchmarks/copy_probe.py reads such a run directory
     probe_path = Path(__file__).parent.parent / "benchmarks" / "copy_probe.py"
     spec = importlib.util.spec_from_file_location("copy_probe", probe_path)

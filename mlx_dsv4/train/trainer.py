@@ -32,9 +32,9 @@ Objectives:
   value and output projection carry which key it is;
 - optionally (`key_readback_weight`), a map trained alongside and never saved should read, from the
   first CSA layer's attention input at those of the same positions whose own token is common, the
-  token `key_offset` back: the key then
-  reaches the layer that matches it in directions of its own, apart from the embedding directions
-  that already name the position's own token (which a tied vocabulary head reads);
+  token `key_offset` back: the key then reaches the layer that matches it in directions of its own,
+  apart from the embedding directions that already name the position's own token (which a tied
+  vocabulary head reads);
 - optionally (`entry_key_weight`), in a retrieval list, another such map should read each line's key
   from the first CSA layer's compressed entry of the line's value: the entry that retrieval has to
   find by its key must carry it;

@@ -475,6 +475,9 @@ class Trainer:
     """reference=True computes the objectives through the inference modules and their caches
     (`trunk`), the slow path the fast one (`fast.trunk`, the default) is checked against."""
 
+    # the read-back maps trained alongside the model; kept in train_state/, never in the checkpoint
+    TRAINING_MAPS = ("readback", "entry_readback")
+
     def __init__(self, tokenizer, options: TrainOptions, reference: bool = False):
         self.options = options
         self.cfg = trained_config(options.preset, **(options.config or {}))
@@ -610,13 +613,12 @@ class Trainer:
             parts["key_output"] = key_output_loss(model, o.previous_layer, records[o.previous_layer]["heads"], tokens,
                                                   key_pos, o.key_offset, head)
             weights["key_output"] = o.key_output_weight
+        first_csa = min((i for i, r in records.items() if "iq" in r), default=None)
         if o.key_readback_weight and key_pos is not None and len(key_pos):
-            first_csa = min(i for i, r in records.items() if "iq" in r)
             parts["key_readback"] = key_readback_loss(joint.readback, records[first_csa]["x"], tokens, key_pos,
                                                       o.key_offset, head)
             weights["key_readback"] = o.key_readback_weight
         if o.entry_key_weight and entry_keys is not None and len(entry_keys):
-            first_csa = min(i for i, r in records.items() if "iq" in r)
             entries = records[first_csa]["entries"][0, mx.array(entry_keys[:, 1] // model.layers[first_csa].attn.ratio)]
             parts["entry_key"] = fast.head_cross_entropy(joint.entry_readback(entries), head,
                                                          tokens[0, mx.array(entry_keys[:, 0])])
@@ -745,7 +747,7 @@ class Trainer:
         (out / "train_options.json").write_text(json.dumps(asdict(self.options), indent=2) + "\n")
         mx.save_safetensors(str(out / STATE_DIR / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         (out / STATE_DIR / "step.json").write_text(json.dumps({"step": self.step}) + "\n")
-        for name in ("readback", "entry_readback"):
+        for name in self.TRAINING_MAPS:
             if hasattr(self._joint, name):
                 mx.save_safetensors(str(out / STATE_DIR / f"{name}.safetensors"), {"weight": getattr(self._joint, name).weight})
         return out
@@ -760,7 +762,7 @@ class Trainer:
         out = Path(out_dir)
         step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
         self.load_weights(out)
-        for name in ("readback", "entry_readback"):
+        for name in self.TRAINING_MAPS:
             if hasattr(self._joint, name):
                 getattr(self._joint, name).weight = mx.load(str(out / STATE_DIR / f"{name}.safetensors"))["weight"]
         moments = out / STATE_DIR / "optimizer.safetensors"

@@ -40,7 +40,7 @@ from mlx_dsv4.hc import collapse, expand, hc_merge, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.data import TaskGenerator
-from mlx_dsv4.train.trainer import copy_head_features, copy_sources, load_run, retrieval_source
+from mlx_dsv4.train.trainer import copy_head_features, copy_sources, list_lines, load_run, retrieval_source
 
 
 # numbers' later tokens ("071" of "126071"), also counted under "number": the copy head must find
@@ -148,16 +148,12 @@ def _number_mask(model, tokenizer):
     return numbers, is_number
 
 
-def _attention_inputs(model, ids: np.ndarray) -> list:
-    """Each layer's attention input [1, L, D] for the sequence `ids` (fast.trunk's forward)."""
-    opts = split_options(model.args)
-    tokens = mx.array(ids[None])
-    h = expand(model.embed(tokens), model.args.hc_mult)
-    inputs = []
-    for layer in model.layers:
-        inputs.append(layer._attn_input(h, opts)[0])
-        h = fast.block(layer, h, tokens)
-    return inputs
+def _layer_records(model, ids: np.ndarray) -> list:
+    """Each layer's record of `fast.trunk`'s forward of the sequence `ids`: its attention input "x"
+    [1, L, D], its probabilities and heads' outputs, and a CSA layer's entries and indexer keys."""
+    records = {}
+    fast.trunk(model, mx.array(ids[None]), records, probs_of=range(len(model.layers)))
+    return [records[i] for i in range(len(model.layers))]
 
 
 def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: int = 77) -> list:
@@ -169,8 +165,8 @@ def identity_by_layer(model, tokenizer, examples: int = 3, tokens: int = 1500, s
         ids = np.array(gen.retrieval(tokens).ids, np.int32)
         at = np.nonzero(is_number[ids])[0]
         targets.append(ids[at])
-        for per_layer, x in zip(inputs, _attention_inputs(model, ids)):
-            per_layer.append(np.array(x[0])[at])
+        for per_layer, record in zip(inputs, _layer_records(model, ids)):
+            per_layer.append(np.array(record["x"][0])[at])
     targets = np.concatenate(targets)
     return [read_back(model, numbers, np.concatenate(per_layer), targets) for per_layer in inputs]
 
@@ -198,27 +194,24 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
     csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
     ratio = model.layers[csa].attn.ratio
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
-    colon = tokenizer.encode(":")[0]
+    colon, space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
     rows = {**{f"layer {i} input": [] for i in range(len(model.layers))}, "CSA entry": [], "indexer key": [],
             "key-mover head output": []}
     keys, attention = [], []
     for _ in range(examples):
         ids = np.array(gen.retrieval(tokens).ids, np.int32)
-        k = np.arange(len(ids) - 3)
-        k = k[is_number[ids[k]] & (ids[k + 1] == colon) & is_number[ids[k + 3]]]  # "123", ":", " ", "456"
+        k = list_lines(ids, colon, space)
+        k = k[is_number[ids[k]] & is_number[ids[k + 3]]]  # "123", ":", " ", "456"
         at = k + offset
         keep = (at + 1) // ratio < len(ids) // ratio  # the block is complete
         k, at = k[keep], at[keep]
         keys.append(ids[k])
-        inputs = _attention_inputs(model, ids)
-        for i, x in enumerate(inputs):
-            rows[f"layer {i} input"].append(np.array(x[0])[at])
-        record = {}
-        fast.attention(model.layers[csa].attn, inputs[csa], record)
-        rows["CSA entry"].append(np.array(record["entries"][0])[at // ratio])
-        rows["indexer key"].append(np.array(record["keys"][0].astype(mx.float32))[at // ratio])
-        mover = {}
-        fast.attention(model.layers[0].attn, inputs[0], mover, probs=True)
+        records = _layer_records(model, ids)
+        for i, record in enumerate(records):
+            rows[f"layer {i} input"].append(np.array(record["x"][0])[at])
+        rows["CSA entry"].append(np.array(records[csa]["entries"][0])[at // ratio])
+        rows["indexer key"].append(np.array(records[csa]["keys"][0].astype(mx.float32))[at // ratio])
+        mover = records[0]
         rows["key-mover head output"].append(np.array(mover["heads"][0])[at, 1])
         b = mover["block"]
         attention.append(np.array(mover["probs"][0])[at, 1, k - (at // b) * b + b])  # the key's window slot
@@ -241,8 +234,8 @@ def answer_key_readback(model, tokenizer, lists: int = 4, tokens: int = 1000, qu
         answer = np.nonzero(ids[3:-1] == think)[0] + 3
         answer = answer[is_number[ids[answer - 3]] & is_number[ids[answer + 1]]]
         keys.append(ids[answer - 3])
-        for i, x in enumerate(_attention_inputs(model, ids)):
-            rows[f"layer {i} input"].append(np.array(x[0])[answer - 3 + offset])
+        for i, record in enumerate(_layer_records(model, ids)):
+            rows[f"layer {i} input"].append(np.array(record["x"][0])[answer - 3 + offset])
     keys = np.concatenate(keys)
     return {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
 

@@ -21,8 +21,9 @@ entry that holds the asked key's value, and how much attention that entry gets; 
 line's key can be read back (the same least-squares map) where retrieval needs it (`key_readback`):
 at the line's value in each layer's attention input, in the key-mover head's own output there (head 1
 of layer 0 before its output projection, with its attention on the key), and in the CSA layer's
-compressed entry there; and whether the asked key reaches the answer position (`answer_key_readback`),
-on lists asked 48 questions each (enough answers to fit the read-back).
+compressed entry there (and the line's value from that entry); and whether the asked key reaches the
+answer position (`answer_key_readback`), on lists asked 48 questions each (enough answers to fit the
+read-back).
 
     python benchmarks/copy_probe.py RUN_DIR [--layer N] [--examples 24] [--seed 77]
 
@@ -189,7 +190,9 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
     """Whether a list line's key reaches the places retrieval reads it from: the share of held-out
     keys read back (`read_back`) from each layer's attention input `offset` tokens after the key (at
     3, the line's value, where `--key-guide-weight` moves it), and from the CSA layer's compressed
-    entry of that position's block: the attention entry and the lightning indexer's key."""
+    entry of that position's block: the attention entry and the lightning indexer's key; and the
+    share of held-out values read back from that attention entry ("CSA entry, the line's value"), with
+    `offset` 3 the value's own block."""
     numbers, is_number = _number_mask(model, tokenizer)
     csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
     ratio = model.layers[csa].attn.ratio
@@ -197,7 +200,7 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
     colon, space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
     rows = {**{f"layer {i} input": [] for i in range(len(model.layers))}, "CSA entry": [], "indexer key": [],
             "key-mover head output": []}
-    keys, attention = [], []
+    keys, values, attention = [], [], []
     for _ in range(examples):
         ids = np.array(gen.retrieval(tokens).ids, np.int32)
         k = list_lines(ids, colon, space)
@@ -206,6 +209,7 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
         keep = (at + 1) // ratio < len(ids) // ratio  # the block is complete
         k, at = k[keep], at[keep]
         keys.append(ids[k])
+        values.append(ids[k + 3])
         records = _layer_records(model, ids)
         for i, record in enumerate(records):
             rows[f"layer {i} input"].append(np.array(record["x"][0])[at])
@@ -217,7 +221,9 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
         attention.append(np.array(mover["probs"][0])[at, 1, k - (at // b) * b + b])  # the key's window slot
     keys = np.concatenate(keys)
     shares = {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
-    return {**shares, "key-mover attention on the key": float(np.concatenate(attention).mean())}
+    value = read_back(model, numbers, np.concatenate(rows["CSA entry"]), np.concatenate(values))
+    return {**shares, "key-mover attention on the key": float(np.concatenate(attention).mean()),
+            "CSA entry, the line's value": value}
 
 
 def answer_key_readback(model, tokenizer, lists: int = 4, tokens: int = 1000, questions: int = 48, seed: int = 77,
@@ -242,10 +248,12 @@ def answer_key_readback(model, tokenizer, lists: int = 4, tokens: int = 1000, qu
 
 def retrieval_probe(model, tokenizer, n_tokens: int = 1024, examples: int = 8, seed: int = 77) -> dict:
     """Where retrieval fails, on held-out key-value lists of about `n_tokens` tokens: at the answer
-    position, whether the CSA layer's lightning indexer picks a compressed entry holding the asked
-    key's value (the value's block of `ratio` tokens or the next, which overlaps it) among its top-k,
-    the best such entry's rank among the visible ones, the attention mass the layer's heads put on
-    those entries (the largest over heads), and whether the greedy answer is right."""
+    position, whether the CSA layer's lightning indexer picks the compressed entry of the block of
+    `ratio` tokens that holds the asked key's value among its top-k ("picked"; "picked_next": the next
+    entry, which overlaps that block), that entry's rank among the visible ones, the attention mass the
+    layer's heads put on it (the largest over heads), whether the layer's first head alone names the answer
+    (its output through the output projection, the final norm and the vocabulary head:
+    `trainer.copy_head_features`), and whether the greedy answer is right."""
     csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
     attn = model.layers[csa].attn
     ratio, k = attn.ratio, attn.indexer.topk
@@ -261,18 +269,21 @@ def retrieval_probe(model, tokenizer, n_tokens: int = 1024, examples: int = 8, s
         r = records[csa]
         scores = fast.index_scores(r["iq"], r["iw"], r["keys"])[0, j]
         visible = np.arange(len(scores)) < (j + 1) // ratio
-        held = [t for t in (source // ratio, source // ratio + 1) if t < len(scores) and visible[t]]
+        held = source // ratio
         chosen = fast.top_k_mask(scores[None, None], visible[None, None], k)[0, 0]
         order = np.argsort(-np.where(visible, scores, -np.inf))
-        rank = int(min(np.nonzero(np.isin(order, held))[0]))
+        rank = int(np.nonzero(order == held)[0][0])
         probs = np.array(r["probs"][0, j])  # [H, 2b + T + 1]
-        mass = probs[:, 2 * r["block"] + np.array(held)].sum(-1).max()
+        mass = probs[:, 2 * r["block"] + held].max()
         greedy = int(mx.argmax(feats[0, j] @ model.head.weight.T))
-        rows.append((float(chosen[held].any()), rank, float(mass), float(greedy == ids[j + 1])))
+        own = int(mx.argmax(copy_head_features(model, csa, r["heads"], np.array([j]))[0] @ model.head.weight.T))
+        rows.append((float(chosen[held]), rank, float(mass), float(greedy == ids[j + 1]), float(own == ids[j + 1]),
+                     float(held + 1 < len(chosen) and chosen[held + 1])))
     rows = np.array(rows)
     return {"examples": examples, "tokens": int(len(ids)), "entries": int(visible.sum()), "top_k": k,
             "picked": float(rows[:, 0].mean()), "median_rank": float(np.median(rows[:, 1])),
-            "attention_mass": float(rows[:, 2].mean()), "greedy_right": float(rows[:, 3].mean())}
+            "attention_mass": float(rows[:, 2].mean()), "greedy_right": float(rows[:, 3].mean()),
+            "head_right": float(rows[:, 4].mean()), "picked_next": float(rows[:, 5].mean())}
 
 
 def main(argv=None):
@@ -302,9 +313,11 @@ def main(argv=None):
           f"{norms['final_features']:.1f}")
     ret = retrieval_probe(model, tokenizer, examples=args.examples // 2)
     print(f"retrieval at ~{ret['tokens']} tokens ({ret['examples']} lists, {ret['entries']} visible compressed "
-          f"entries): the indexer's top-{ret['top_k']} holds the answer's entry {ret['picked']:.1%}, its median rank "
+          f"entries): the indexer's top-{ret['top_k']} holds the entry of the answer's block {ret['picked']:.1%} (the "
+          f"next, overlapping entry {ret['picked_next']:.1%}), its median rank "
           f"{ret['median_rank']:.0f}; the layer's heads put at most {ret['attention_mass']:.3f} of their attention "
-          f"on it; greedy answer right {ret['greedy_right']:.1%}")
+          f"on it; the first head alone names the answer {ret['head_right']:.1%}; greedy answer right "
+          f"{ret['greedy_right']:.1%}")
     shares = identity_by_layer(model, tokenizer)
     print("held-out numbers read back from each layer's attention input: "
           + ", ".join(f"layer {i} {share:.1%}" for i, share in enumerate(shares)))

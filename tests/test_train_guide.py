@@ -15,9 +15,9 @@ from mlx.utils import tree_flatten
 from mlx_dsv4.hc import expand, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
-from mlx_dsv4.train.trainer import (Trainer, TrainOptions, copy_output_loss, copy_sources, copy_value_loss,
-                                    copy_value_positions, entry_guide_loss, guide_loss, init_model, load_run,
-                                    offset_loss, retrieval_source, trained_config)
+from mlx_dsv4.train.trainer import (Trainer, TrainOptions, answer_attention_loss, copy_output_loss, copy_sources,
+                                    copy_value_loss, copy_value_positions, entry_guide_loss, entry_value_loss,
+                                    guide_loss, init_model, load_run, offset_loss, retrieval_source, trained_config)
 
 
 def _dense_attention(attn, x: mx.array) -> np.ndarray:
@@ -161,6 +161,55 @@ def test_entry_key_steps_teach_a_map_to_read_each_lines_key_from_its_values_csa_
     resumed.resume(tmp_path)
     np.testing.assert_array_equal(np.array(resumed._joint.entry_readback.weight),
                                   np.array(trainer._joint.entry_readback.weight))
+    # a run started from this one's weights goes on with its map too (a fresh one would read noise)
+    follow = Trainer(tokenizer, TrainOptions(init_from=str(tmp_path), entry_key_weight=1.0, seed=7))
+    np.testing.assert_array_equal(np.array(follow._joint.entry_readback.weight),
+                                  np.array(trainer._joint.entry_readback.weight))
+
+
+def test_entry_value_and_answer_output_steps_teach_the_csa_head_to_name_values_from_entries():
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(steps=12, mix={"retrieval": 1.0}, retrieval_tokens=(300, 400), retrieval_questions=4,
+                           entry_value_weight=1.0, answer_output_weight=1.0, lr=1e-2, warmup=1)
+    trainer = Trainer(tokenizer, options)
+    batch, _ = trainer.batch()
+    ids, model = np.array(batch["tokens"][0]), trainer.model
+    # the entry value loss is the value's entry, alone, through head 0 of the CSA layer
+    records = {}
+    fast.trunk(model, batch["tokens"], records)
+    entries, values = records[2]["entries"], batch["entry_keys"][:, 1]
+    heads = mx.zeros((1, len(ids), 4, entries.shape[-1]))
+    heads[0, mx.array(values), 0] = entries[0, mx.array(values // 4)]
+    feats = model.norm(model.layers[2].attn._output(heads, 0)[0, mx.array(values)])
+    logits = np.array(feats @ trainer._head(model).T)
+    expected = np.mean(np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+                       - logits[np.arange(len(values)), ids[values]])
+    got = entry_value_loss(model, 2, entries, batch["tokens"], values, trainer._head(model))
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+    assert len(batch["entry_query"]) == 4 and all(ids[q - 3] != ids[q + 1] for q, _ in batch["entry_query"])
+    # the answer attention is head 0's softmax over its window, the indexer's picks and the sink, computed here
+    records = {}
+    fast.trunk(model, batch["tokens"], records, probs_of=(2,))
+    r, attn = records[2], model.layers[2].attn
+    kv, q, entries = np.array(r["kv"][0]), np.array(r["q"][0, :, 0]), np.array(r["entries"][0])
+    index = fast.index_scores(r["iq"], r["iw"], r["keys"])[0]
+    expected = []
+    for query, held in batch["entry_query"]:
+        window = np.arange(max(0, query - attn.window + 1), query + 1)
+        visible = np.arange(len(entries)) < (query + 1) // 4
+        picked = fast.top_k_mask(index[query][None, None], visible[None, None], attn.indexer.topk)[0, 0]
+        scores = np.concatenate([kv[window] @ q[query] * attn.scale, entries @ q[query] * attn.scale,
+                                 [float(attn.attn_sink[0])]])
+        scores[len(window):-1][~picked] = -np.inf
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        expected.append(-np.log(p[len(window) + np.array(held)].sum() + 1e-6))
+    got = answer_attention_loss(r["probs"], r["block"], batch["entry_query"])
+    assert float(got) == pytest.approx(np.mean(expected), rel=1e-4)
+    steps = [trainer.train_step() for _ in range(12)]
+    for name in ("entry_value", "answer_output"):
+        curve = [r[name] for r in steps]
+        assert curve[0] > 8.0 and np.mean(curve[-2:]) < curve[0] - 1.0, (name, curve)
 
 
 def test_each_of_several_retrieval_questions_is_guided_to_its_own_line():
@@ -178,7 +227,7 @@ def test_each_of_several_retrieval_questions_is_guided_to_its_own_line():
         source = retrieval_source(ids, query)
         line = tokenizer.decode(ids[source - 3: source + 1].tolist())
         assert line == f"{tokenizer.decode([int(ids[query - 3])])}: {tokenizer.decode([int(ids[query + 1])])}"
-        assert held == [source // 4, source // 4 + 1]
+        assert held == [source // 4]
     assert set(queries) < set(np.array(batch["main_pos"]).tolist())
 
 
@@ -290,10 +339,14 @@ def test_tied_head_stays_the_scaled_embedding(tmp_path):
     assert resumed.train_step()["loss"] == trainer.train_step()["loss"]
 
 
-def test_copy_head_scale_scales_only_the_copy_heads_output():
+@pytest.mark.parametrize("option, layer", [("copy_head_scale", 3), ("answer_head_scale", 2)])
+def test_a_head_scale_scales_only_its_heads_output(option, layer):
     plain = Trainer(load_tokenizer(None), TrainOptions())
-    loud = Trainer(load_tokenizer(None), TrainOptions(copy_head_scale=8.0))
-    layer = loud.options.copy_layer
+    loud = Trainer(load_tokenizer(None), TrainOptions(**{option: 8.0}))
+    others = [i for i in range(len(plain.model.layers)) if i != layer]
+    for i in others:
+        np.testing.assert_array_equal(np.array(loud.model.layers[i].attn.wo_a.weight),
+                                      np.array(plain.model.layers[i].attn.wo_a.weight))
     before, after = (np.array(t.model.layers[layer].attn.wo_a.weight) for t in (plain, loud))
     hd = loud.cfg["head_dim"]
     np.testing.assert_allclose(after[0, :, :hd], 8 * before[0, :, :hd], rtol=1e-6)
@@ -350,13 +403,16 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
                  "--copy-output-weight", "0.25", "--copy-value-weight", "0.5", "--head-from-embed", "--tie-head",
                  "--embed-scale", "2", "--entry-guide-weight", "0.75", "--key-guide-weight", "0.5",
                  "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5",
-                 "--key-readback-weight", "0.25", "--entry-key-weight", "0.5"]) == 0
+                 "--key-readback-weight", "0.25", "--entry-key-weight", "0.5", "--entry-value-weight", "0.25",
+                 "--answer-output-weight", "0.75", "--answer-attention-weight", "0.5", "--answer-head-scale", "2"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
             options["head_from_embed"], options["tie_head"], options["entry_guide_weight"],
             options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"],
-            options["key_output_weight"], options["key_readback_weight"], options["entry_key_weight"]) == (
-                0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5)
+            options["key_output_weight"], options["key_readback_weight"], options["entry_key_weight"],
+            options["entry_value_weight"], options["answer_output_weight"], options["answer_attention_weight"],
+            options["answer_head_scale"]) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5, 0.25, 0.75,
+                                              0.5, 2.0)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
     assert record["key_output"] > 0 and record["key_readback"] > 0
@@ -391,7 +447,9 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     assert all(0 < norms[k] < np.inf for k in ("copy_head", "attention", "feed_forward_write", "final_features"))
     ret = copy_probe.retrieval_probe(model, load_tokenizer(None), n_tokens=600, examples=1)
     assert ret["top_k"] == 16 and 16 < ret["entries"] < 600 // 4 and ret["greedy_right"] in (0.0, 1.0)
-    assert (ret["median_rank"] < ret["top_k"]) == (ret["picked"] == 1.0)  # the top-k holds the best-ranked entry
+    assert ret["head_right"] in (0.0, 1.0)
+    assert (ret["median_rank"] < ret["top_k"]) == (ret["picked"] == 1.0)  # in the top-k when ranked there
+    assert ret["picked_next"] in (0.0, 1.0)
     assert ret["picked"] or ret["attention_mass"] == 0.0  # attention reaches only the picked entries
     shares = copy_probe.identity_by_layer(model, load_tokenizer(None), examples=1, tokens=800)
     assert len(shares) == 4 and shares[0] > 0.9  # layer 0 reads the embedding itself
@@ -399,7 +457,8 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     at_value = copy_probe.key_readback(model, load_tokenizer(None), examples=1, tokens=800)
     assert at_key["layer 0 input"] > 0.9 and at_value["layer 0 input"] < 0.1  # the key's own embedding, not the value's
     assert set(at_value) == {"layer 0 input", "layer 1 input", "layer 2 input", "layer 3 input", "CSA entry",
-                             "indexer key", "key-mover head output", "key-mover attention on the key"}
+                             "indexer key", "key-mover head output", "key-mover attention on the key",
+                             "CSA entry, the line's value"}
     assert 0 < at_value["key-mover attention on the key"] < 1
     asked_at_key = copy_probe.answer_key_readback(model, load_tokenizer(None), lists=2, tokens=800, questions=64,
                                                   offset=0)
@@ -423,7 +482,7 @@ def test_entry_guidance_reads_the_answers_compressed_entries():
     source = retrieval_source(ids, query)
     line = tokenizer.decode(ids[source - 3: source + 1].tolist())
     assert line == f"{tokenizer.decode([int(ids[query - 3])])}: {tokenizer.decode([int(ids[query + 1])])}"
-    assert held == [source // 4, source // 4 + 1]
+    assert held == [source // 4]
     with pytest.raises(ValueError, match="0 lines start with the asked key"):
         retrieval_source(np.where(np.arange(len(ids)) == source, ids[source] + 1, ids), query)
     # the asked key's token also written as an earlier line's value ("K" after ": ") does not mislead it

@@ -26,7 +26,7 @@ def add_arguments(p):
                         "value (its tokens that occur at most twice in the sequence; default 0: off)")
     p.add_argument("--entry-guide-weight", type=float, default=None,
                    help="weight of the retrieval guidance: at a retrieval answer, the CSA layers' first head and "
-                        "lightning indexer should pick the compressed entries that hold it (default 0: off)")
+                        "lightning indexer should pick the compressed entry of its value's block (default 0: off)")
     p.add_argument("--key-guide-weight", type=float, default=None,
                    help="weight of the key-mover guidance: head 1 of the previous-token layer attends to the "
                         "token three before each position, where a retrieval line's key sits before its value "
@@ -41,6 +41,16 @@ def add_arguments(p):
     p.add_argument("--entry-key-weight", type=float, default=None,
                    help="weight of reading each retrieval list line's key back from the first CSA layer's "
                         "compressed entry of its value, through a map trained alongside and not saved (default 0: off)")
+    p.add_argument("--entry-value-weight", type=float, default=None,
+                   help="weight of the first CSA layer's first head naming each retrieval list line's value from "
+                        "the compressed entry of its value alone, through its output projection (default 0: off)")
+    p.add_argument("--answer-output-weight", type=float, default=None,
+                   help="weight of the first CSA layer's first head naming a retrieval answer from its own output, "
+                        "through its layer's output projection (default 0: off)")
+    p.add_argument("--answer-attention-weight", type=float, default=None,
+                   help="weight of the first CSA layer's first head attending, at a retrieval answer, to the "
+                        "compressed entry of its value's block, among its window, picked entries and sink "
+                        "(default 0: off)")
     p.add_argument("--retrieval-questions", type=positive_int, default=None, metavar="N",
                    help="ask N keys in turn after each retrieval list (default 1)")
     p.add_argument("--argument-weight", type=positive_int, default=None, metavar="N",
@@ -48,9 +58,13 @@ def add_arguments(p):
     p.add_argument("--copy-head-scale", type=float, default=None,
                    help="start the copy head's columns of its layer's output projection at this multiple of the "
                         "draw (default 1)")
+    p.add_argument("--answer-head-scale", type=float, default=None,
+                   help="start the first CSA layer's first head's columns of its output projection at this "
+                        "multiple (default 1)")
     p.add_argument("--init-from", type=str, default=None, metavar="RUN_DIR",
-                   help="start from the weights of a run train-tiny wrote (same --config; a fresh optimizer and "
-                        "schedule; --copy-head-scale applies on top)")
+                   help="start from the weights of a run train-tiny wrote and the training-only maps it saved (same "
+                        "--config; a fresh optimizer and schedule; --copy-head-scale and --answer-head-scale apply "
+                        "on top)")
     p.add_argument("--head-from-embed", action="store_true", default=None,
                    help="start the vocabulary head as the embedding scaled by hidden_size**-0.5")
     p.add_argument("--tie-head", action="store_true", default=None,
@@ -128,9 +142,10 @@ def run(args):
 
     options = TrainOptions(seed=args.seed)
     for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
-                 "copy_value_weight", "copy_head_scale", "init_from", "head_from_embed", "tie_head",
-                 "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight", "key_guide_weight",
-                 "retrieval_questions", "key_output_weight", "key_readback_weight", "entry_key_weight"):
+                 "copy_value_weight", "copy_head_scale", "answer_head_scale", "init_from", "head_from_embed",
+                 "tie_head", "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight",
+                 "key_guide_weight", "retrieval_questions", "key_output_weight", "key_readback_weight",
+                 "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

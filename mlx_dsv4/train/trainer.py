@@ -23,7 +23,7 @@ Objectives:
   attention) do not teach it: the value of a late layer is mostly one direction shared by every
   position, and the part that tells the numbers apart is learned only from many examples;
 - optionally (`entry_guide_weight`), at a retrieval answer, the CSA layers' first head and
-  indexer should put their mass on the compressed entries that hold the asked key's value;
+  indexer should put their mass on the compressed entry of the asked key's value's block;
 - optionally (`key_guide_weight`), head 1 of `previous_layer` should attend `key_offset` tokens
   back, where a retrieval line's key sits before its value and the asked key before the answer;
 - optionally (`key_output_weight`), that head's own output (through its layer's output projection, the
@@ -38,6 +38,14 @@ Objectives:
 - optionally (`entry_key_weight`), in a retrieval list, another such map should read each line's key
   from the first CSA layer's compressed entry of the line's value: the entry that retrieval has to
   find by its key must carry it;
+- optionally (`entry_value_weight`), the first CSA layer's first head's output projection, applied to
+  the compressed entry of a list line's value (as if the head attended to it alone), should name the
+  value: the entry that retrieval picks must carry what the answer copies;
+- optionally (`answer_output_weight`), at a retrieval answer, that head's own output (through the
+  layer's output projection, the final norm and the vocabulary head) should name the answer;
+- optionally (`answer_attention_weight`), at a retrieval answer, that head's attention as the layer
+  computes it (the window, the entries the indexer picked and the sink) should be on the answer's
+  entries: the entry guide's dense softmax over the entries alone leaves the window free to outweigh them;
 - optionally (`argument_weight`), a tool call's argument tokens count that many times in the
   next-token cross-entropy (the call's template is learned long before its arguments).
 
@@ -113,6 +121,7 @@ class TrainOptions:
     copy_value_weight: float = 0.0  # the copy head's value-to-token objective's weight; 0: off
     copy_value_positions: int = 256
     copy_head_scale: float = 1.0  # the copy head's columns of the output projection start this many times the draw
+    answer_head_scale: float = 1.0  # the same for the first CSA layer's first head (retrieval answers)
     init_from: str | None = None  # a run directory whose weights replace the draw (see Trainer)
     entry_guide_weight: float = 0.0  # the retrieval answer's compressed-entry objective's weight; 0: off
     key_guide_weight: float = 0.0  # the key-mover objective's weight (see `offset_loss`); 0: off
@@ -121,6 +130,9 @@ class TrainOptions:
     key_output_weight: float = 0.0  # the key-mover head's own prediction of the key; 0: off
     key_readback_weight: float = 0.0  # the CSA layer input's readback of the key (see `key_readback_loss`); 0: off
     entry_key_weight: float = 0.0  # a list line's key read back from its value's CSA entry; 0: off
+    entry_value_weight: float = 0.0  # a list line's value named from its CSA entry by the first head; 0: off
+    answer_output_weight: float = 0.0  # the first CSA head's own naming of a retrieval answer; 0: off
+    answer_attention_weight: float = 0.0  # the first CSA head's attention on a retrieval answer's entries; 0: off
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -312,6 +324,16 @@ def copy_value_loss(model: Model, layer: int, kv: mx.array, tokens: mx.array, po
     return _copy_head_cross_entropy(model, layer, heads, positions, tokens[0, mx.array(positions)], head)
 
 
+def entry_value_loss(model: Model, layer: int, entries: mx.array, tokens: mx.array, positions: np.ndarray,
+                     head: mx.array = None) -> mx.array:
+    """Mean cross-entropy, at `positions`, of the token there under the vocabulary head of
+    `copy_head_features` of the compressed entry [1, T, hd] of each position's block (as if head 0 of
+    `layer`, at that position, attended to that entry alone)."""
+    ratio = model.layers[layer].attn.ratio
+    blocks = np.minimum(np.arange(tokens.shape[1]) // ratio, entries.shape[1] - 1)
+    return copy_value_loss(model, layer, entries[:, mx.array(blocks)], tokens, positions, head)
+
+
 def key_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, positions: np.ndarray, offset: int,
                     head: mx.array = None) -> mx.array:
     """Mean cross-entropy, at `positions`, of the token `offset` before each under the vocabulary head
@@ -388,6 +410,14 @@ def entry_guide_loss(q, entries, keys, iq, iw, query: int, held, scale: float, r
     attention = mx.where(visible, (q[0, query, 0] @ entries[0].T) * scale, -mx.inf)
     index = mx.where(visible, indexer_scores(iq[:, [query]], iw[:, [query]], keys)[0, 0], -mx.inf)
     return sum(-(mx.logsumexp(mx.where(on, x, -mx.inf)) - mx.logsumexp(x)) for x in (attention, index))
+
+
+def answer_attention_loss(probs: mx.array, block: int, entry_query: list) -> mx.array:
+    """Mean over `entry_query` ((query, held entries) pairs) of -log of the first head's attention at
+    the query on the entries `held`; probs: `fast._banded`'s [1, L, H, 2 * block + T + 1]."""
+    terms = [-mx.log(probs[0, query, 0, mx.array([2 * block + t for t in held])].sum() + 1e-6)
+             for query, held in entry_query]
+    return sum(terms) / len(terms)
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -497,8 +527,8 @@ class Trainer:
             mx.eval(self.model.parameters())
         if options.init_from:
             # Another run's weights (with its embedding scale: give the same embed_scale so that a
-            # tied head keeps its scale); the optimizer and the schedule start afresh, and the
-            # copy head's scale below applies on top.
+            # tied head keeps its scale) and the training-only maps it saved; the optimizer and the
+            # schedule start afresh, and the head scales below apply on top.
             source = json.loads((Path(options.init_from) / "config.json").read_text())
             differ = sorted(k for k in set(source) | set(self.cfg)
                             if k != "torch_dtype" and source.get(k) != self.cfg.get(k))
@@ -506,13 +536,18 @@ class Trainer:
                 raise ValueError(f"{options.init_from}/config.json differs from this run's config in "
                                  f"{', '.join(differ)} (give train-tiny the run's --config)")
             _load_saved(self.model, self.mtp_holder, self.cfg, options.init_from)
-        if options.copy_head_scale != 1.0:
+        self.first_csa = next((i for i, ratio in enumerate(self.cfg["compress_ratios"]) if ratio == 4), None)
+        for layer, scale in ((options.copy_layer, options.copy_head_scale),
+                             (self.first_csa, options.answer_head_scale)):
+            if scale == 1.0:
+                continue
             # The last layer's feed-forward writes vectors a hundred times the copy head's output into
-            # the residual streams, and the output hardly hears what the head copied; the copy
-            # objectives do not see this scale (they read the head's output through the final norm).
-            attn = self.model.layers[options.copy_layer].attn
+            # the residual streams, and the output hardly hears what the head copied (nor what the CSA
+            # layer's first head read from an entry); the copy and answer objectives do not see this
+            # scale (they read the head's output through the final norm).
+            attn = self.model.layers[layer].attn
             factor = np.ones(attn.wo_a.weight.shape, np.float32)  # [groups, rank, heads per group * head_dim]
-            factor[0, :, : self.cfg["head_dim"]] = options.copy_head_scale  # head 0's columns in group 0
+            factor[0, :, : self.cfg["head_dim"]] = scale  # head 0's columns in group 0
             attn.wo_a.weight = attn.wo_a.weight * mx.array(factor)
             mx.eval(self.model.parameters())
         if options.tie_head:
@@ -543,10 +578,14 @@ class Trainer:
             self._joint.readback.weight = mx.array(rotation.astype(np.float32))
         if options.entry_key_weight:
             self._joint.entry_readback = nn.Linear(self.cfg["head_dim"], self.cfg["hidden_size"], bias=False)
+        if options.init_from:
+            self._load_training_maps(Path(options.init_from), required=False)
         self.step = 0
         if reference and (options.guide_weight or options.copy_output_weight or options.copy_value_weight
                           or options.entry_guide_weight or options.key_guide_weight or options.key_output_weight
-                          or options.key_readback_weight or options.entry_key_weight):
+                          or options.key_readback_weight or options.entry_key_weight
+                          or options.entry_value_weight or options.answer_output_weight
+                          or options.answer_attention_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -587,6 +626,9 @@ class Trainer:
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
         probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight or o.copy_value_weight else set())
         probs_of |= {o.previous_layer} if o.key_guide_weight or o.key_output_weight else set()
+        first_csa = self.first_csa
+        answers = o.answer_output_weight or o.answer_attention_weight
+        probs_of |= {first_csa} if answers and first_csa is not None else set()
         feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
         head = self._head(model)
         main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
@@ -613,7 +655,6 @@ class Trainer:
             parts["key_output"] = key_output_loss(model, o.previous_layer, records[o.previous_layer]["heads"], tokens,
                                                   key_pos, o.key_offset, head)
             weights["key_output"] = o.key_output_weight
-        first_csa = min((i for i, r in records.items() if "iq" in r), default=None)
         if o.key_readback_weight and key_pos is not None and len(key_pos):
             parts["key_readback"] = key_readback_loss(joint.readback, records[first_csa]["x"], tokens, key_pos,
                                                       o.key_offset, head)
@@ -623,6 +664,19 @@ class Trainer:
             parts["entry_key"] = fast.head_cross_entropy(joint.entry_readback(entries), head,
                                                          tokens[0, mx.array(entry_keys[:, 0])])
             weights["entry_key"] = o.entry_key_weight
+        if o.entry_value_weight and entry_keys is not None and len(entry_keys):
+            parts["entry_value"] = entry_value_loss(model, first_csa, records[first_csa]["entries"], tokens,
+                                                    entry_keys[:, 1], head)
+            weights["entry_value"] = o.entry_value_weight
+        if o.answer_output_weight and entry_query:
+            queries = np.array([query for query, _ in entry_query], np.int32)
+            parts["answer_output"] = copy_output_loss(model, first_csa, records[first_csa]["heads"], tokens, queries,
+                                                      head)
+            weights["answer_output"] = o.answer_output_weight
+        if o.answer_attention_weight and entry_query:
+            csa = records[first_csa]
+            parts["answer_attention"] = answer_attention_loss(csa["probs"], csa["block"], entry_query)
+            weights["answer_attention"] = o.answer_attention_weight
         if o.copy_output_weight and copy_queries is not None and len(copy_queries):
             parts["copy_output"] = copy_output_loss(model, o.copy_layer, records[o.copy_layer]["heads"], tokens,
                                                     copy_queries, head)
@@ -682,19 +736,22 @@ class Trainer:
                 _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
                 key_pos = key_pos[counts[inverse][key_pos] > 2]
         entry_keys = np.zeros((0, 2), np.int32)  # (key position, value position) of complete blocks
-        if self.options.entry_key_weight and kinds == ["retrieval"]:
+        if (self.options.entry_key_weight or self.options.entry_value_weight) and kinds == ["retrieval"]:
             keys = list_lines(ids, self._colon, self._space)
             keys = keys[(keys + 3) // 4 < L // 4]
             entry_keys = np.stack([keys, keys + 3], axis=1).astype(np.int32)
         entry_query = []
-        if self.options.entry_guide_weight and kinds == ["retrieval"]:
+        answers = self.options.answer_output_weight or self.options.answer_attention_weight
+        if (self.options.entry_guide_weight or answers) and kinds == ["retrieval"]:
             for query in targets[~np.isin(targets - 1, targets)]:  # each answer's first target
                 try:
                     source = retrieval_source(ids, int(query))
                 except ValueError:  # keys of two tokens (lists of over 900 lines): no guidance (none logged)
                     continue
-                held = [t for t in (source // 4, source // 4 + 1) if t < (query + 1) // 4]  # overlapping blocks
-                entry_query.append((int(query), held))
+                # The value's own block, whose entry the value and key objectives train: guided to either
+                # of the two overlapping entries, the indexer and the first head settled on different ones.
+                if source // 4 < (query + 1) // 4:
+                    entry_query.append((int(query), [source // 4]))
         return dict(tokens=mx.array(ids[None]), main_pos=mx.array(main_pos.astype(np.int32)),
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
@@ -749,8 +806,17 @@ class Trainer:
         (out / STATE_DIR / "step.json").write_text(json.dumps({"step": self.step}) + "\n")
         for name in self.TRAINING_MAPS:
             if hasattr(self._joint, name):
-                mx.save_safetensors(str(out / STATE_DIR / f"{name}.safetensors"), {"weight": getattr(self._joint, name).weight})
+                weight = getattr(self._joint, name).weight
+                mx.save_safetensors(str(out / STATE_DIR / f"{name}.safetensors"), {"weight": weight})
         return out
+
+    def _load_training_maps(self, out: Path, required: bool) -> None:
+        """This run's training-only maps as `save_official` wrote them in `out` (without `required`:
+        those there; the others keep their draw)."""
+        for name in self.TRAINING_MAPS:
+            path = out / STATE_DIR / f"{name}.safetensors"
+            if hasattr(self._joint, name) and (required or path.is_file()):
+                getattr(self._joint, name).weight = mx.load(str(path))["weight"]
 
     def load_weights(self, out_dir) -> None:
         """The model and MTP weights `save_official` wrote in `out_dir`."""
@@ -762,9 +828,7 @@ class Trainer:
         out = Path(out_dir)
         step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
         self.load_weights(out)
-        for name in self.TRAINING_MAPS:
-            if hasattr(self._joint, name):
-                getattr(self._joint, name).weight = mx.load(str(out / STATE_DIR / f"{name}.safetensors"))["weight"]
+        self._load_training_maps(out, required=True)
         moments = out / STATE_DIR / "optimizer.safetensors"
         if moments.is_file():
             self.optimizer.state = tree_unflatten(list(mx.load(str(moments)).items()))

@@ -41,7 +41,8 @@ from mlx_dsv4.hc import collapse, expand, hc_merge, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
 from mlx_dsv4.train.data import TaskGenerator
-from mlx_dsv4.train.trainer import copy_head_features, copy_sources, list_lines, load_run, retrieval_source
+from mlx_dsv4.train.trainer import (copy_head_features, copy_sources, first_csa_layer, list_lines, load_run,
+                                    retrieval_source)
 
 
 # numbers' later tokens ("071" of "126071"), also counted under "number": the copy head must find
@@ -194,7 +195,7 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
     share of held-out values read back from that attention entry ("CSA entry, the line's value"), with
     `offset` 3 the value's own block."""
     numbers, is_number = _number_mask(model, tokenizer)
-    csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
+    csa = first_csa_layer(model.args.compress_ratios)
     ratio = model.layers[csa].attn.ratio
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
     colon, space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
@@ -254,7 +255,7 @@ def retrieval_probe(model, tokenizer, n_tokens: int = 1024, examples: int = 8, s
     layer's heads put on it (the largest over heads), whether the layer's first head alone names the answer
     (its output through the output projection, the final norm and the vocabulary head:
     `trainer.copy_head_features`), and whether the greedy answer is right."""
-    csa = next(i for i, layer in enumerate(model.layers) if layer.attn.ratio == 4)
+    csa = first_csa_layer(model.args.compress_ratios)
     attn = model.layers[csa].attn
     ratio, k = attn.ratio, attn.indexer.topk
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")

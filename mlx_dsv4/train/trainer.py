@@ -349,6 +349,11 @@ def key_readback_loss(readback: nn.Linear, x: mx.array, tokens: mx.array, positi
     return fast.head_cross_entropy(readback(x[0, mx.array(positions)]), head, tokens[0, mx.array(positions - offset)])
 
 
+def first_csa_layer(compress_ratios) -> int | None:
+    """Index of the first CSA layer (compress ratio 4) of a layer schedule; None without one."""
+    return next((i for i, ratio in enumerate(compress_ratios) if ratio == 4), None)
+
+
 def list_lines(ids: np.ndarray, colon: int, space: int) -> np.ndarray:
     """Positions of the keys of a retrieval list's lines ("K", ":", " ", "V"), the value three on."""
     k = np.arange(max(0, len(ids) - 3))
@@ -536,7 +541,7 @@ class Trainer:
                 raise ValueError(f"{options.init_from}/config.json differs from this run's config in "
                                  f"{', '.join(differ)} (give train-tiny the run's --config)")
             _load_saved(self.model, self.mtp_holder, self.cfg, options.init_from)
-        self.first_csa = next((i for i, ratio in enumerate(self.cfg["compress_ratios"]) if ratio == 4), None)
+        self.first_csa = first_csa_layer(self.cfg["compress_ratios"])
         for layer, scale in ((options.copy_layer, options.copy_head_scale),
                              (self.first_csa, options.answer_head_scale)):
             if scale == 1.0:

@@ -8,7 +8,7 @@ import pytest
 
 from mlx_dsv4.chat import parse_completion
 from mlx_dsv4.tokenizer import load_tokenizer
-from mlx_dsv4.train.data import KINDS, TaskGenerator, _train_pair
+from mlx_dsv4.train.data import KINDS, OPS, TaskGenerator, _train_pair
 from mlx_dsv4.train.trainer import _Stream, pack
 
 
@@ -258,3 +258,84 @@ def test_training_phrasings_vary_and_never_are_an_evaluation_phrasing(tokenizer)
         assert any(re.fullmatch(p, question) for p in evaluation), question
     assert any(q.startswith(OPENERS) for q in asked["train"]) and any(q.endswith(CLOSERS) for q in asked["train"])
     assert not any(q.startswith(OPENERS) or q.endswith(CLOSERS) for q in asked["eval"])
+
+
+def test_argument_sources_find_each_argument_where_the_question_holds_it(tokenizer):
+    from mlx_dsv4.chat.special import TOKEN_IDS, USER
+    from mlx_dsv4.train.trainer import argument_guidance, argument_positions, argument_sources
+
+    gen = TaskGenerator(tokenizer, seed=5, mix={"tool": 1.0})
+    cases = set()
+    for _ in range(40):
+        ex = gen.example("tool")
+        ids, m = np.array(ex.ids), ex.meta
+        pieces = [tokenizer.decode([t]) for t in ids]
+        sources = argument_sources(ids, tokenizer, 128)
+        call = ex.mask.index(True)
+        user = int(np.nonzero(ids[:call] == TOKEN_IDS[USER])[0][-1])
+        assert all(user < s < call for found, _ in sources.values() for s in found)  # the question's tokens
+        # each value's tokens, up to the token that closes it
+        values, current = [], []
+        for k in argument_positions(ids, tokenizer):
+            if pieces[k].startswith("</"):
+                values.append(current)
+                current = []
+            else:
+                current.append(int(k))
+        assert len(values) == len(m["arguments"])
+        # only a space between an operator word and a number may be found nowhere
+        assert all(k - 1 in sources or pieces[k] == " " for value in values for k in value)
+        text = {k: "".join(pieces[s] for s in sources[k - 1][0]) for value in values for k in value if k - 1 in sources}
+        if m["call"] == "get_weather":
+            city = values[0]
+            held = sorted({int(s) for k in city for s in sources[k - 1][0]})
+            assert "".join(pieces[s] for s in held).strip() == m["arguments"]["city"]
+            # " Krakow" in a question is no "K": spelled; "Delhi weather?" starts with the call's "Del"
+            assert sources[city[0] - 1][1] == (" " + m["arguments"]["city"] in m["question"])
+            expected = [city[0] - 1] if sources[city[0] - 1][1] else []
+            if "units" in m["arguments"]:
+                held = sorted({int(s) for k in values[1] for s in sources[k - 1][0]})
+                assert "".join(pieces[s] for s in held) == " fahrenheit"
+                expected += [values[1][0] - 1] if sources[values[1][0] - 1][1] else []
+            *_, spelled = argument_guidance(ids, tokenizer, 128, 128)
+            assert spelled.tolist() == expected  # the first token each source spells, once
+            cases.add("weather")
+            continue
+        numbers = [k for value in values for k in value if pieces[k].isdigit()]
+        assert all(text[k] == pieces[k] and not sources[k - 1][1] for k in numbers)
+        operands = ([str(m["arguments"][key]) for key in ("a", "b")] if m["call"] == "add"
+                    else m["arguments"]["expression"].split()[::2])
+        assert [pieces[k] for k in numbers] == operands
+        if m["call"] == "calculate":
+            op = next(k for k in values[0] if pieces[k].strip() in "+-*/" and pieces[k].strip())
+            word = text[op].strip()
+            assert (word == pieces[op].strip()) == (not sources[op - 1][1])
+            assert word in set(OPS) | {w for words in OPS.values() for w in words}
+            if sources[op - 1][1]:
+                assert pieces[op].strip() == next(symbol for symbol, words in OPS.items() if word in words)
+                cases.add("operator word")
+            else:
+                cases.add("operator symbol")
+        cases.add(m["call"])
+        *_, spelled = argument_guidance(ids, tokenizer, 128, 128)
+        assert spelled.tolist() == ([op - 1] if m["call"] == "calculate" and sources[op - 1][1] else [])
+    assert cases == {"weather", "add", "calculate", "operator word", "operator symbol"}
+
+
+def test_replies_that_repeat_the_question_are_found_there_and_others_are_not(tokenizer):
+    from mlx_dsv4.train.trainer import argument_guidance, argument_sources
+
+    gen = TaskGenerator(tokenizer, seed=6)
+    for _ in range(12):
+        ex = gen.example("name")
+        ids, city = np.array(ex.ids), ex.meta["answer"]
+        pieces = [tokenizer.decode([t]) for t in ids]
+        sources = argument_sources(ids, tokenizer, 128)
+        reply = [k for k in np.nonzero(ex.mask)[0] if pieces[k] != "<｜end▁of▁sentence｜>"]
+        assert sorted(j + 1 for j in sources) == reply
+        held = sorted({int(s) for k in reply for s in sources[k - 1][0]})
+        assert "".join(pieces[s] for s in held) == " " + city and held[0] < reply[0]
+        assert argument_guidance(ids, tokenizer, 128, 128)[3].tolist() == [reply[0] - 1]  # " Krakow" spells "K"
+    # a reply the question does not hold whole (an answer from a list, a count) has no sources
+    for ex in (gen.retrieval(600), gen.example("pattern")):
+        assert argument_sources(np.array(ex.ids), tokenizer, 128) == {}

@@ -404,15 +404,15 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
                  "--embed-scale", "2", "--entry-guide-weight", "0.75", "--key-guide-weight", "0.5",
                  "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5",
                  "--key-readback-weight", "0.25", "--entry-key-weight", "0.5", "--entry-value-weight", "0.25",
-                 "--answer-output-weight", "0.75", "--answer-attention-weight", "0.5", "--answer-head-scale", "2"]) == 0
+                 "--answer-output-weight", "0.75", "--answer-attention-weight", "0.5", "--answer-head-scale", "2",
+                 "--argument-guide-weight", "0.25", "--spell-head", "2"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
-    assert (options["guide_weight"], options["copy_output_weight"], options["copy_value_weight"],
-            options["head_from_embed"], options["tie_head"], options["entry_guide_weight"],
-            options["key_guide_weight"], options["argument_weight"], options["retrieval_questions"],
-            options["key_output_weight"], options["key_readback_weight"], options["entry_key_weight"],
-            options["entry_value_weight"], options["answer_output_weight"], options["answer_attention_weight"],
-            options["answer_head_scale"]) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5, 0.25, 0.75,
-                                              0.5, 2.0)
+    names = ("guide_weight", "copy_output_weight", "copy_value_weight", "head_from_embed", "tie_head",
+             "entry_guide_weight", "key_guide_weight", "argument_weight", "retrieval_questions", "key_output_weight",
+             "key_readback_weight", "entry_key_weight", "entry_value_weight", "answer_output_weight",
+             "answer_attention_weight", "answer_head_scale", "argument_guide_weight", "spell_head")
+    assert tuple(options[name] for name in names) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5, 0.25,
+                                                      0.75, 0.5, 2.0, 0.25, 2)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
     assert record["key_output"] > 0 and record["key_readback"] > 0
@@ -519,3 +519,44 @@ def test_entry_guidance_reads_the_answers_compressed_entries():
         seen.append(float(parts["entry_guide"]))
     assert seen[0] == pytest.approx(got, rel=1e-4)
     assert seen[-1] < got - 1.0, seen
+
+
+@pytest.mark.parametrize("spell_head", [0, 1])
+def test_argument_guide_reads_the_copy_heads_attention_on_the_questions_tokens(spell_head):
+    """The argument guidance: -log of the copy head's attention (the spell head's where the token is
+    spelled from others) on each argument token's sources in the question, checked against a direct
+    softmax, plus the spell head's own naming of the spelled ones; the rare tokens it spells from are
+    not also named as themselves, and steps lower it."""
+    tokenizer = load_tokenizer(None)
+    options = TrainOptions(steps=8, mix={"tool": 1.0}, argument_guide_weight=1.0, copy_value_weight=1.0, copy_layer=0,
+                           spell_head=spell_head, lr=1e-2, warmup=1, max_tokens=1024)
+    trainer = Trainer(tokenizer, options)
+    batch, kinds = trainer.batch()
+    arguments, tokens = batch["arguments"], batch["tokens"]
+    assert set(kinds) == {"tool"} and len(arguments["queries"]) > arguments["changed"].sum() > 0
+    spelled_queries = set(arguments["queries"][arguments["changed"]])
+    assert len(arguments["spelled"]) > 0 and set(arguments["spelled"]) <= spelled_queries
+    names = ("tokens", "main_pos", "main_targets", "mtp_pos", "mtp_targets", "index_pos", "copy_queries", "copy_masks",
+             "value_pos", "entry_query", "key_pos", "entry_keys", "arguments")
+    (_, parts), _ = trainer._grad(trainer._joint, *(batch[k] for k in names))
+    model, a = trainer.model, trainer.model.args
+    layer = model.layers[0]
+    xin, _, _ = layer._attn_input(expand(model.embed(tokens), a.hc_mult), split_options(a))
+    dense = _dense_attention(layer.attn, xin)
+    block = fast.block_size(a.sliding_window)
+    on = [dense[j, spell_head if changed else 0, np.nonzero(row)[0] + (j // block - 1) * block].sum()
+          for j, row, changed in zip(arguments["queries"], arguments["masks"], arguments["changed"])]
+    records = {}
+    fast.trunk(model, tokens, records, probs_of=(0,))
+    naming = copy_output_loss(model, 0, records[0]["heads"], tokens, arguments["spelled"], trainer._head(model),
+                              index=spell_head)
+    assert float(parts["argument_guide"]) == pytest.approx(-np.mean(np.log(np.array(on) + 1e-6)) + float(naming),
+                                                           rel=1e-4)
+    ids = np.array(tokens[0])
+    spelled_from = [np.nonzero(arguments["masks"][list(arguments["queries"]).index(j)])[0] + (j // block - 1) * block
+                    for j in arguments["spelled"]]
+    assert not np.isin(ids[batch["value_pos"]], ids[np.concatenate(spelled_from)]).any()
+    held = ids[np.concatenate(spelled_from)]
+    assert np.isin(held, ids[copy_value_positions(ids, len(ids), trainer.rng)]).any()  # rare: named without it
+    guides = [trainer.train_step()["argument_guide"] for _ in range(8)]
+    assert np.mean(guides[-3:]) < guides[0] - 1.0, guides

@@ -51,6 +51,13 @@ def add_arguments(p):
                    help="weight of the first CSA layer's first head attending, at a retrieval answer, to the "
                         "compressed entry of its value's block, among its window, picked entries and sink "
                         "(default 0: off)")
+    p.add_argument("--argument-guide-weight", type=float, default=None,
+                   help="weight of the copy head attending, at each tool-call argument token, to where the question "
+                        "holds it (its words between the numbers for an operator), and naming the token that a "
+                        "question's differently tokenised name starts with (default 0: off)")
+    p.add_argument("--spell-head", type=int, default=None, metavar="H",
+                   help="the copy layer's head that --argument-guide-weight guides and has name the token where an "
+                        "argument is spelled from other tokens (default 0: the copy head)")
     p.add_argument("--retrieval-questions", type=positive_int, default=None, metavar="N",
                    help="ask N keys in turn after each retrieval list (default 1)")
     p.add_argument("--argument-weight", type=positive_int, default=None, metavar="N",
@@ -145,7 +152,8 @@ def run(args):
                  "copy_value_weight", "copy_head_scale", "answer_head_scale", "init_from", "head_from_embed",
                  "tie_head", "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight",
                  "key_guide_weight", "retrieval_questions", "key_output_weight", "key_readback_weight",
-                 "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight"):
+                 "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight",
+                 "argument_guide_weight", "spell_head"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

@@ -71,7 +71,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..chat.special import DSML, PARAMETER_TAG
+from ..chat.special import DSML, EOS, PARAMETER_TAG, THINK_CLOSE, USER as USER_TOKEN
 from ..config import ModelArgs
 from ..hc import collapse, expand
 from ..loader import _MTPLayers, to_mlx_layout
@@ -133,6 +133,8 @@ class TrainOptions:
     entry_value_weight: float = 0.0  # a list line's value named from its CSA entry by the first head; 0: off
     answer_output_weight: float = 0.0  # the first CSA head's own naming of a retrieval answer; 0: off
     answer_attention_weight: float = 0.0  # the first CSA head's attention on a retrieval answer's entries; 0: off
+    argument_guide_weight: float = 0.0  # the copy head on a tool call's argument sources (see `argument_guidance`)
+    spell_head: int = 0  # the copy layer's head guided where an argument is spelled from other tokens
     copy_layer: int = 3
     previous_layer: int = 0
 
@@ -309,10 +311,10 @@ def copy_head_features(model: Model, layer: int, heads: mx.array, queries: np.nd
 
 
 def copy_output_loss(model: Model, layer: int, heads: mx.array, tokens: mx.array, queries: np.ndarray,
-                     head: mx.array = None) -> mx.array:
+                     head: mx.array = None, index: int = 0) -> mx.array:
     """Mean cross-entropy, at `queries`, of the next token under the vocabulary head (`head`, or the
-    model's) of `copy_head_features`: the copy head's own prediction."""
-    return _copy_head_cross_entropy(model, layer, heads, queries, tokens[0, mx.array(queries + 1)], head)
+    model's) of `copy_head_features`: the copy head's (or head `index`'s) own prediction."""
+    return _copy_head_cross_entropy(model, layer, heads, queries, tokens[0, mx.array(queries + 1)], head, index)
 
 
 def copy_value_loss(model: Model, layer: int, kv: mx.array, tokens: mx.array, positions: np.ndarray,
@@ -378,19 +380,115 @@ def copy_value_positions(ids: np.ndarray, limit: int, rng: np.random.Generator) 
 
 _ARGUMENT_VALUE = re.compile(
     f'<{DSML}{PARAMETER_TAG} name="[^"]*" string="(?:true|false)">(.*?)</{DSML}{PARAMETER_TAG}>', re.DOTALL)
+_REPLY = re.compile(f"{THINK_CLOSE}([^<]*?){EOS}")  # an assistant reply without markup
+
+
+def _token_text(ids, tokenizer):
+    """(the decoded text of `ids`, each token's start and end offset in it)."""
+    text_of = {t: tokenizer.decode([t]) for t in set(np.asarray(ids).tolist())}
+    pieces = [text_of[t] for t in np.asarray(ids).tolist()]
+    ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
+    return "".join(pieces), ends - np.array([len(p) for p in pieces], np.int64), ends
 
 
 def argument_positions(ids, tokenizer) -> np.ndarray:
     """Positions of the tokens in `ids` that hold part of a DSML parameter's value, the arguments of
     a tool call, and of the token that closes each value (where the value ends is part of writing it)."""
-    text_of = {t: tokenizer.decode([t]) for t in set(np.asarray(ids).tolist())}
-    pieces = [text_of[t] for t in np.asarray(ids).tolist()]
-    ends = np.cumsum([len(p) for p in pieces])
-    starts = ends - np.array([len(p) for p in pieces], dtype=ends.dtype)
-    held = np.zeros(len(pieces), bool)
-    for m in _ARGUMENT_VALUE.finditer("".join(pieces)):
+    text, starts, ends = _token_text(ids, tokenizer)
+    held = np.zeros(len(starts), bool)
+    for m in _ARGUMENT_VALUE.finditer(text):
         held |= (starts <= m.end(1)) & (ends > m.start(1))
     return np.nonzero(held)[0]
+
+
+def _last_occurrence(text: str, part: str, lo: int, hi: int, starts: np.ndarray, ends: np.ndarray):
+    """The start of the last occurrence of `part` in text[lo:hi] that begins a token (or follows a
+    token's leading space) and ends one, or None."""
+    at = text.rfind(part, lo, hi)
+    while at >= 0:
+        begins = at in starts or (at - 1 in starts and text[at - 1] == " ")
+        if begins and at + len(part) in ends:
+            return at
+        at = text.rfind(part, lo, at + len(part) - 1)
+    return None
+
+
+def argument_sources(ids, tokenizer, window: int) -> dict:
+    """Where each tool-call argument token, and each token of a reply that repeats the question (a
+    city's name, words to copy), comes from in the question: {j: (source positions, spelled)} for the
+    position j before the token, over the sources in j's window. An argument's value, or else each of
+    its space-separated parts, is found where it last occurs in the asking turn's last `window` tokens,
+    however it was tokenised there (" Krakow" in a question is " Krak", "ow"; as a value "K", "rak",
+    "ow"), and each token's sources are the tokens holding its characters there. A part found nowhere
+    (the "*" of "3 times 4") comes from the tokens between its neighbours' sources; a reply counts only
+    when found whole. `spelled` is true where no source is the token's own: copying it there takes a
+    change of tokens, not an identity."""
+    ids = np.asarray(ids)
+    text, starts, ends = _token_text(ids, tokenizer)
+    start_set, end_set = set(starts.tolist()), set(ends.tolist())
+    out = {}
+    values = [(m.span(1), True) for m in _ARGUMENT_VALUE.finditer(text)]
+    values += [(m.span(1), False) for m in _REPLY.finditer(text)]
+    for (v0, v1), argument in values:
+        if v0 == v1:
+            continue
+        first = int(np.searchsorted(ends, v0, side="right"))  # the token holding the value's first character
+        hi = int(starts[max(0, first - 1)])
+        lo = max(int(starts[max(0, first - window)]), text.rfind(USER_TOKEN, 0, hi))  # the asking turn
+        value = text[v0:v1]
+        found = _last_occurrence(text, value, lo, hi, start_set, end_set)
+        parts = [(0, len(value), found)]
+        if found is None and not argument:
+            continue
+        if found is None:  # each part where it last occurs before the next part's occurrence
+            parts, bound = [], hi
+            for p in reversed(list(re.finditer(r"\S+", value))):
+                at = _last_occurrence(text, p.group(), lo, bound, start_set, end_set)
+                parts.insert(0, (p.start(), p.end(), at))
+                bound = at if at is not None else bound
+        # a part's span in the text before the call: where it occurs, or between its found neighbours
+        spans = [(at, at + p1 - p0) if at is not None else None for p0, p1, at in parts]
+        for i, (p0, p1, at) in enumerate(parts):
+            if at is None:
+                before = [span for span in spans[:i] if span is not None]
+                after = [span for span in spans[i + 1:] if span is not None]
+                if not before or not after:
+                    continue
+                gap = (before[-1][1], after[0][0])
+            for k in range(first, len(ids)):
+                if starts[k] >= v0 + p1:
+                    break
+                c0, c1 = max(int(starts[k]), v0 + p0) - v0, min(int(ends[k]), v0 + p1) - v0
+                if c1 <= c0:
+                    continue
+                span = (at + c0 - p0, at + c1 - p0) if at is not None else gap
+                sources = np.nonzero((starts < span[1]) & (ends > span[0]))[0]
+                sources = sources[(sources > k - 1 - window) & (sources < first)]
+                if at is None:  # the words between: not the spaces
+                    sources = sources[[bool(text[starts[s]:ends[s]].strip()) for s in sources]]
+                if len(sources):
+                    out[k - 1] = (sources, not bool(np.any(ids[sources] == ids[k])))
+    return out
+
+
+def argument_guidance(ids, tokenizer, window: int, block: int):
+    """(queries [P], slot masks [P, 2 * block] as `copy_sources` marks them, whether each query's
+    token is spelled [P], spelled queries to name [S]) of `argument_sources`: where a head should
+    attend, and where its own output should name a token that its sources write otherwise, the first
+    time the value reads them (" Krakow" names "K", the " times" between two numbers "*"; the "rak"
+    after the "K" has the same sources and is the next layers' to write)."""
+    queries, masks, changed, spelled, used = [], [], [], [], set()
+    for j, (sources, spelt) in sorted(argument_sources(ids, tokenizer, window).items()):
+        row = np.zeros(2 * block, np.float32)
+        row[sources - (j // block) * block + block] = 1
+        queries.append(j)
+        masks.append(row)
+        changed.append(spelt)
+        if spelt and not used & set(sources.tolist()):
+            spelled.append(j)
+        used |= set(sources.tolist())
+    return (np.array(queries, np.int32), np.array(masks, np.float32).reshape(-1, 2 * block),
+            np.array(changed, bool), np.array(spelled, np.int32))
 
 
 def retrieval_source(ids: np.ndarray, query: int) -> int:
@@ -590,7 +688,7 @@ class Trainer:
                           or options.entry_guide_weight or options.key_guide_weight or options.key_output_weight
                           or options.key_readback_weight or options.entry_key_weight
                           or options.entry_value_weight or options.answer_output_weight
-                          or options.answer_attention_weight):
+                          or options.answer_attention_weight or options.argument_guide_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
@@ -610,7 +708,7 @@ class Trainer:
         return self._joint_module
 
     def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-              copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None):
+              copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None, arguments=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
@@ -624,13 +722,15 @@ class Trainer:
         return total, {"main": main, "mtp": mtp_loss, "indexer_kl": index_loss}
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-                   copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None):
+                   copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None,
+                   arguments=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         o = self.options
         records = {}
         guided = (o.copy_layer, o.previous_layer) if o.guide_weight else ()
         probs_of = set(guided) | ({o.copy_layer} if o.copy_output_weight or o.copy_value_weight else set())
         probs_of |= {o.previous_layer} if o.key_guide_weight or o.key_output_weight else set()
+        probs_of |= {o.copy_layer} if o.argument_guide_weight else set()
         first_csa = self.first_csa
         answers = o.answer_output_weight or o.answer_attention_weight
         probs_of |= {first_csa} if answers and first_csa is not None else set()
@@ -690,6 +790,16 @@ class Trainer:
             parts["copy_value"] = copy_value_loss(model, o.copy_layer, records[o.copy_layer]["kv"], tokens, value_pos,
                                                   head)
             weights["copy_value"] = o.copy_value_weight
+        if o.argument_guide_weight and arguments is not None and len(arguments["queries"]):
+            copy = records[o.copy_layer]
+            by_head = mx.array(np.where(arguments["changed"], o.spell_head, 0)[:, None, None])
+            p = mx.take_along_axis(copy["probs"][0, mx.array(arguments["queries"])], by_head, axis=1)[:, 0]
+            p = p[:, : 2 * copy["block"]]
+            parts["argument_guide"] = -mx.log((p * mx.array(arguments["masks"])).sum(-1) + 1e-6).mean()
+            if len(arguments["spelled"]):
+                parts["argument_guide"] = parts["argument_guide"] + copy_output_loss(
+                    model, o.copy_layer, copy["heads"], tokens, arguments["spelled"], head, o.spell_head)
+            weights["argument_guide"] = o.argument_guide_weight
         if o.entry_guide_weight and entry_query:
             guides = [entry_guide_loss(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], query, held,
                                        model.layers[i].attn.scale, model.layers[i].attn.ratio)
@@ -727,9 +837,20 @@ class Trainer:
         if self.options.guide_weight or self.options.copy_output_weight:
             window = self.cfg["sliding_window"]
             copy_queries, copy_masks = copy_sources(ids, targets, window, fast.block_size(window))
+        arguments = None
+        if self.options.argument_guide_weight:
+            window = self.cfg["sliding_window"]
+            block = fast.block_size(window)
+            queries, masks, changed, spelled = argument_guidance(ids, self.tokenizer, window, block)
+            arguments = dict(queries=queries, masks=masks, changed=changed, spelled=spelled)
         value_pos = np.zeros(0, np.int32)
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
+            if arguments is not None and len(arguments["spelled"]):
+                # the tokens whose copy names another token (a question's " Krakow") are not named as themselves
+                rows = [np.nonzero(masks[i])[0] + (j // block - 1) * block for i, j in enumerate(queries)
+                        if j in spelled]
+                value_pos = value_pos[~np.isin(ids[value_pos], ids[np.concatenate(rows)])]
         key_pos = np.zeros(0, np.int32)
         if self.options.key_output_weight or self.options.key_readback_weight:
             offset = self.options.key_offset
@@ -761,7 +882,7 @@ class Trainer:
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
                     copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query, key_pos=key_pos,
-                    entry_keys=entry_keys), kinds
+                    entry_keys=entry_keys, arguments=arguments), kinds
 
     def train_step(self):
         batch, kinds = self.batch()
@@ -769,7 +890,7 @@ class Trainer:
         (loss, parts), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
-            batch["entry_query"], batch["key_pos"], batch["entry_keys"])
+            batch["entry_query"], batch["key_pos"], batch["entry_keys"], batch["arguments"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5),

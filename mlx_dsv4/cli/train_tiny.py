@@ -52,9 +52,10 @@ def add_arguments(p):
                         "compressed entry of its value's block, among its window, picked entries and sink "
                         "(default 0: off)")
     p.add_argument("--argument-guide-weight", type=float, default=None,
-                   help="weight of the copy head attending, at each tool-call argument token, to where the question "
-                        "holds it (its words between the numbers for an operator), and naming the token that a "
-                        "question's differently tokenised name starts with (default 0: off)")
+                   help="weight of the copy head attending, at each tool-call argument token and each token of a "
+                        "reply that repeats the question, to where the question holds it (its words between the "
+                        "numbers for an operator), and naming the token that a question's differently tokenised "
+                        "name starts with (default 0: off)")
     p.add_argument("--spell-head", type=int, default=None, metavar="H",
                    help="the copy layer's head that --argument-guide-weight guides and has name the token where an "
                         "argument is spelled from other tokens (default 0: the copy head)")

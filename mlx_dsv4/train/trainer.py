@@ -133,7 +133,7 @@ class TrainOptions:
     entry_value_weight: float = 0.0  # a list line's value named from its CSA entry by the first head; 0: off
     answer_output_weight: float = 0.0  # the first CSA head's own naming of a retrieval answer; 0: off
     answer_attention_weight: float = 0.0  # the first CSA head's attention on a retrieval answer's entries; 0: off
-    argument_guide_weight: float = 0.0  # the copy head on a tool call's argument sources (see `argument_guidance`)
+    argument_guide_weight: float = 0.0  # heads on where call arguments and repeated replies come from; 0: off
     spell_head: int = 0  # the copy layer's head guided where an argument is spelled from other tokens
     copy_layer: int = 3
     previous_layer: int = 0

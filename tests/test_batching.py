@@ -190,3 +190,56 @@ def test_prefix_cache_hits_with_batching():
             assert prompt_2 > cached_2
     finally:
         server.stop()
+
+
+def test_health_never_shows_a_finished_generation_still_decoding():
+    """Each outcome is counted only after its generation left the batch's decoding count, so that
+    /health never reads a completed or cancelled generation as still decoding."""
+    import threading
+    from types import SimpleNamespace
+
+    from mlx_dsv4.server.engine import Engine
+
+    class Batch:
+        def __init__(self, runs):
+            self.runs = list(runs)
+
+        def __len__(self):
+            return len(self.runs)
+
+        def remove(self, run, keep=True):
+            self.runs.remove(run)
+
+        def step(self):  # "done" finishes; the others take a token
+            self.runs.remove(done)
+            return [(run, SimpleNamespace(finish_reason="stop" if run is done else None))
+                    for run in (done, cancelled_in_step)]
+
+    def job():
+        return SimpleNamespace(cancelled=threading.Event(), put=lambda *item: None)
+
+    done, cancelled_before, cancelled_in_step, going_on = (object() for _ in range(4))
+    jobs = {run: job() for run in (done, cancelled_before, cancelled_in_step, going_on)}
+    jobs[cancelled_before].cancelled.set()
+    engine = Engine.__new__(Engine)
+    engine._lock, engine.pending = threading.Lock(), 4
+    engine.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+    engine._running = {id(run): j for run, j in jobs.items()}
+    engine._last_steps, engine.decoding = {}, 4
+    engine.metrics = SimpleNamespace(note_step=lambda *a, **k: None, note_end=lambda *a: None)
+    batch = Batch(jobs)
+    seen = []
+    finish = engine._finish
+
+    def recording_finish(j, outcome):
+        seen.append((outcome, engine.decoding, len(batch)))
+        if j is jobs[done]:
+            jobs[cancelled_in_step].cancelled.set()  # its client leaves while the step is handed out
+        finish(j, outcome)
+
+    engine._finish = recording_finish
+    engine._decode_step(batch)
+    assert [outcome for outcome, _, _ in seen] == ["cancelled", "completed", "cancelled"]
+    assert all(decoding == size for _, decoding, size in seen), seen
+    assert engine.decoding == len(batch) == 1 and batch.runs == [going_on]
+    assert engine.counts == {"completed": 1, "cancelled": 2, "failed": 0} and engine.pending == 1

@@ -455,6 +455,7 @@ class Engine:
                     self._finish(job, self._failure(job, err))
                     self.metrics.note_end(self._last_steps.pop(id(run), None))
                 steps = []
+            self.decoding = len(batch)  # the finished generations have left it
             for run, step in steps:
                 job = self._running[id(run)]
                 job.put("step", step)
@@ -471,6 +472,7 @@ class Engine:
 
     def _leave(self, batch, run, outcome):
         batch.remove(run)
+        self.decoding = len(batch)  # before the outcome counts: /health never shows a finished job decoding
         self._finish(self._running.pop(id(run)), outcome)
         self.metrics.note_end(self._last_steps.pop(id(run), None))
 

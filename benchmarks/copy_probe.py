@@ -219,7 +219,7 @@ def key_readback(model, tokenizer, examples: int = 3, tokens: int = 1500, seed: 
         mover = records[0]
         rows["key-mover head output"].append(np.array(mover["heads"][0])[at, 1])
         b = mover["block"]
-        attention.append(np.array(mover["probs"][0])[at, 1, k - (at // b) * b + b])  # the key's window slot
+        attention.append(np.array(mover["probs"][0])[at, 1, fast.window_slot(k, at, b)])  # the key's window slot
     keys = np.concatenate(keys)
     shares = {name: read_back(model, numbers, np.concatenate(x), keys) for name, x in rows.items()}
     value = read_back(model, numbers, np.concatenate(rows["CSA entry"]), np.concatenate(values))

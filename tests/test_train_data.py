@@ -297,7 +297,7 @@ def test_argument_sources_find_each_argument_where_the_question_holds_it(tokeniz
                 held = sorted({int(s) for k in values[1] for s in sources[k - 1][0]})
                 assert "".join(pieces[s] for s in held) == " fahrenheit"
                 expected += [values[1][0] - 1] if sources[values[1][0] - 1][1] else []
-            *_, spelled = argument_guidance(ids, tokenizer, 128, 128)
+            spelled = argument_guidance(ids, tokenizer, 128, 128)["spelled"]
             assert spelled.tolist() == expected  # the first token each source spells, once
             cases.add("weather")
             continue
@@ -317,7 +317,7 @@ def test_argument_sources_find_each_argument_where_the_question_holds_it(tokeniz
             else:
                 cases.add("operator symbol")
         cases.add(m["call"])
-        *_, spelled = argument_guidance(ids, tokenizer, 128, 128)
+        spelled = argument_guidance(ids, tokenizer, 128, 128)["spelled"]
         assert spelled.tolist() == ([op - 1] if m["call"] == "calculate" and sources[op - 1][1] else [])
     assert cases == {"weather", "add", "calculate", "operator word", "operator symbol"}
 
@@ -335,7 +335,7 @@ def test_replies_that_repeat_the_question_are_found_there_and_others_are_not(tok
         assert sorted(j + 1 for j in sources) == reply
         held = sorted({int(s) for k in reply for s in sources[k - 1][0]})
         assert "".join(pieces[s] for s in held) == " " + city and held[0] < reply[0]
-        assert argument_guidance(ids, tokenizer, 128, 128)[3].tolist() == [reply[0] - 1]  # " Krakow" spells "K"
+        assert argument_guidance(ids, tokenizer, 128, 128)["spelled"].tolist() == [reply[0] - 1]  # " Krakow" spells "K"
     # a reply the question does not hold whole (an answer from a list, a count) has no sources
     for ex in (gen.retrieval(600), gen.example("pattern")):
         assert argument_sources(np.array(ex.ids), tokenizer, 128) == {}

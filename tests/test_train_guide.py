@@ -555,6 +555,7 @@ def test_argument_guide_reads_the_copy_heads_attention_on_the_questions_tokens(s
     ids = np.array(tokens[0])
     spelled_from = [np.nonzero(arguments["masks"][list(arguments["queries"]).index(j)])[0] + (j // block - 1) * block
                     for j in arguments["spelled"]]
+    np.testing.assert_array_equal(arguments["spelled_from"], np.unique(np.concatenate(spelled_from)))
     assert not np.isin(ids[batch["value_pos"]], ids[np.concatenate(spelled_from)]).any()
     held = ids[np.concatenate(spelled_from)]
     assert np.isin(held, ids[copy_value_positions(ids, len(ids), trainer.rng)]).any()  # rare: named without it

@@ -37,6 +37,12 @@ def block_size(window: int) -> int:
     return max(QUERY_BLOCK, window - 1)
 
 
+def window_slot(positions, query, block: int):
+    """Where `_banded`'s probabilities of `query` (blocks of `block` queries) hold the key at
+    `positions`: the index among the first 2 * block, its window slots."""
+    return positions - (query // block) * block + block
+
+
 # MLX's CPU backend runs these float32 products several times slower than numpy's BLAS on one
 # thread: the attention's score and value products go through numpy, joined by a custom VJP.
 @mx.custom_function

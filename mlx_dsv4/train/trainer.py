@@ -274,7 +274,7 @@ def copy_sources(ids: np.ndarray, positions: np.ndarray, window: int, block: int
         if not 1 <= len(sources) <= 4:
             continue
         row = np.zeros(2 * block, np.float32)
-        row[sources - (j // block) * block + block] = 1
+        row[fast.window_slot(sources, j, block)] = 1
         queries.append(j)
         masks.append(row)
     return np.array(queries, np.int32), np.array(masks, np.float32).reshape(-1, 2 * block)
@@ -296,7 +296,7 @@ def offset_loss(probs: mx.array, block: int, head: int, offset: int) -> mx.array
     """-log of `head`'s attention on the position `offset` before each query (mean over positions
     offset..L-1); probs: `fast._banded`'s probabilities [1, L, H, ...], `offset` at most `block`."""
     j = np.arange(offset, probs.shape[1])
-    slot = (j - offset) - (j // block) * block + block
+    slot = fast.window_slot(j - offset, j, block)
     on = mx.take_along_axis(probs[0, mx.array(j), head], mx.array(slot[:, None]), axis=-1)[:, 0]
     return -mx.log(on + 1e-6).mean()
 
@@ -401,7 +401,7 @@ def argument_positions(ids, tokenizer) -> np.ndarray:
     return np.nonzero(held)[0]
 
 
-def _last_occurrence(text: str, part: str, lo: int, hi: int, starts: np.ndarray, ends: np.ndarray):
+def _last_occurrence(text: str, part: str, lo: int, hi: int, starts: set, ends: set):
     """The start of the last occurrence of `part` in text[lo:hi] that begins a token (or follows a
     token's leading space) and ends one, or None."""
     at = text.rfind(part, lo, hi)
@@ -471,24 +471,27 @@ def argument_sources(ids, tokenizer, window: int) -> dict:
     return out
 
 
-def argument_guidance(ids, tokenizer, window: int, block: int):
-    """(queries [P], slot masks [P, 2 * block] as `copy_sources` marks them, whether each query's
-    token is spelled [P], spelled queries to name [S]) of `argument_sources`: where a head should
-    attend, and where its own output should name a token that its sources write otherwise, the first
-    time the value reads them (" Krakow" names "K", the " times" between two numbers "*"; the "rak"
-    after the "K" has the same sources and is the next layers' to write)."""
-    queries, masks, changed, spelled, used = [], [], [], [], set()
+def argument_guidance(ids, tokenizer, window: int, block: int) -> dict:
+    """`argument_sources` as the objective reads them: "queries" [P], their slot masks [P, 2 * block]
+    as `copy_sources` marks them ("masks"), whether each query's token is spelled [P] ("changed"),
+    the spelled queries whose head should name their token [S] ("spelled") and those queries' source
+    positions ("spelled_from"). A head should attend to the sources, and name a token that its sources
+    write otherwise the first time the value reads them (" Krakow" names "K", the " times" between
+    two numbers "*"; the "rak" after the "K" has the same sources and is the next layers' to write)."""
+    queries, masks, changed, spelled, spelled_from, used = [], [], [], [], set(), set()
     for j, (sources, spelt) in sorted(argument_sources(ids, tokenizer, window).items()):
         row = np.zeros(2 * block, np.float32)
-        row[sources - (j // block) * block + block] = 1
+        row[fast.window_slot(sources, j, block)] = 1
         queries.append(j)
         masks.append(row)
         changed.append(spelt)
         if spelt and not used & set(sources.tolist()):
             spelled.append(j)
+            spelled_from |= set(sources.tolist())
         used |= set(sources.tolist())
-    return (np.array(queries, np.int32), np.array(masks, np.float32).reshape(-1, 2 * block),
-            np.array(changed, bool), np.array(spelled, np.int32))
+    return dict(queries=np.array(queries, np.int32), masks=np.array(masks, np.float32).reshape(-1, 2 * block),
+                changed=np.array(changed, bool), spelled=np.array(spelled, np.int32),
+                spelled_from=np.array(sorted(spelled_from), np.int64))
 
 
 def retrieval_source(ids: np.ndarray, query: int) -> int:
@@ -840,17 +843,13 @@ class Trainer:
         arguments = None
         if self.options.argument_guide_weight:
             window = self.cfg["sliding_window"]
-            block = fast.block_size(window)
-            queries, masks, changed, spelled = argument_guidance(ids, self.tokenizer, window, block)
-            arguments = dict(queries=queries, masks=masks, changed=changed, spelled=spelled)
+            arguments = argument_guidance(ids, self.tokenizer, window, fast.block_size(window))
         value_pos = np.zeros(0, np.int32)
         if self.options.copy_value_weight:
             value_pos = copy_value_positions(ids, self.options.copy_value_positions, self.rng)
-            if arguments is not None and len(arguments["spelled"]):
+            if arguments is not None:
                 # the tokens whose copy names another token (a question's " Krakow") are not named as themselves
-                rows = [np.nonzero(masks[i])[0] + (j // block - 1) * block for i, j in enumerate(queries)
-                        if j in spelled]
-                value_pos = value_pos[~np.isin(ids[value_pos], ids[np.concatenate(rows)])]
+                value_pos = value_pos[~np.isin(ids[value_pos], ids[arguments["spelled_from"]])]
         key_pos = np.zeros(0, np.int32)
         if self.options.key_output_weight or self.options.key_readback_weight:
             offset = self.options.key_offset

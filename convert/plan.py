@@ -181,6 +181,12 @@ def _module_outputs(module: str, q: Quant | None, shape: tuple, float_dtype: str
     return outs
 
 
+def _int_dtype(name: str, dtype: str, args: ModelArgs) -> str:
+    """Expert ids (a hash layer's table, vocabulary x top-k) fit one byte when there are at most 256
+    experts: the loader widens them back to int32."""
+    return "U8" if name.endswith("tid2eid") and args.n_routed_experts <= 256 else dtype
+
+
 def plan_units(srcs: dict[str, Source], args: ModelArgs, decide, float_dtype: str,
                include_mtp: bool = True) -> list[Unit]:
     """`decide(module, family, kind, k)` -> Quant or None picks each module's quantisation."""
@@ -198,7 +204,7 @@ def plan_units(srcs: dict[str, Source], args: ModelArgs, decide, float_dtype: st
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         family = spec.module_family(module) if module else None
         if s.kind == "int":
-            units.append(Unit(name, [s], group, None, [(name, s.dtype, s.shape)]))
+            units.append(Unit(name, [s], group, None, [(name, _int_dtype(name, s.dtype, args), s.shape)]))
         elif family is None:
             if s.kind != "float":
                 raise ConvertError(f"{s.file}: tensor {name!r}: quantised ({s.kind}) but not a linear "

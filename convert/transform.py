@@ -71,7 +71,11 @@ def _affine(w: np.ndarray, q, float_dtype: str):
 def _one(ckpt: Checkpoint, unit: Unit, src, float_dtype: str) -> list:
     q = unit.quant
     if src.kind == "int":
-        return [ckpt.read(src.name)]
+        a, out = ckpt.read(src.name), NP_OUT[unit.outputs[0][1]]
+        if a.dtype != out and a.size and (a.min() < np.iinfo(out).min or a.max() > np.iinfo(out).max):
+            raise ConvertError(f"{src.file}: tensor {src.name!r}: values {a.min()}..{a.max()} do not fit "
+                               f"{unit.outputs[0][1]}")
+        return [a.astype(out, copy=False)]
     if q is None:
         return [cast_float(dequantize(ckpt, src), float_dtype)]
     if q.mode == "mxfp8":

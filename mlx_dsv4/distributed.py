@@ -293,11 +293,12 @@ class PipelineModel(Model):
         self._activation_dtype = dtype  # Model.dtype: the caches' dtype
         self.stream_dtype = stream_dtype  # the embedding's output: the hc streams and the logits
         self.layers = [None] * first + self.layers[first:end]
-        if ranks.rank != 0:
+        last = ranks.rank == ranks.size - 1
+        if ranks.rank != 0 and not (last and args.tie_word_embeddings):  # a tied head reads the embedding
             del self["embed"]
-        if ranks.rank != ranks.size - 1:
+        if not last:
             for name in ("norm", "head", "hc_head_fn", "hc_head_base", "hc_head_scale"):
-                del self[name]
+                self.pop(name, None)
 
     @property
     def dtype(self):

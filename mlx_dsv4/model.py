@@ -59,6 +59,31 @@ class Block(nn.Module):
         return hc_merge(self.ffn(self.ffn_norm(x), tokens), h, post, comb)
 
 
+class TiedHead:
+    """The vocabulary head of a tie_word_embeddings checkpoint: the model's embedding (float or
+    quantised) read as a linear layer. It holds no tensor, so the checkpoint has no head.weight."""
+
+    def __init__(self, model: "Model"):
+        self._model = model  # not the embedding itself: quantisation replaces that module
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self._model.embed.as_linear(x)
+
+    def __getitem__(self, key):
+        return self._model.embed[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._model.embed
+
+    def get(self, key, default=None):
+        return self._model.embed.get(key, default)
+
+    def __getattr__(self, name):  # group_size, bits, mode of a quantised embedding
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._model.embed, name)
+
+
 class Model(nn.Module):
     # The checkpoint's MTP layers (mlx_dsv4.mtp.MTP), set by the loader outside the parameter
     # tree: they share `embed` and `head` and do not change what the main model is.
@@ -76,7 +101,10 @@ class Model(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, D)
         self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(D, eps=args.rms_norm_eps)
-        self.head = nn.Linear(D, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            object.__setattr__(self, "head", TiedHead(self))  # outside the parameter tree
+        else:
+            self.head = nn.Linear(D, args.vocab_size, bias=False)
         self.hc_head_fn = mx.zeros((hc, hc * D))
         self.hc_head_base = mx.zeros((hc,))
         self.hc_head_scale = mx.ones((1,))

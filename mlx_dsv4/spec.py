@@ -135,7 +135,9 @@ def official_tensors(args: ModelArgs, *, mtp: bool = True) -> Dict[str, Shape]:
     """Official name -> logical shape, in a fixed order: top level, decoder layers, then MTP layers
     (or the DSpark drafter's stages, which the checkpoint keeps under the same mtp.* names)."""
     D = args.hidden_size
-    s = {"embed.weight": (args.vocab_size, D), "head.weight": (args.vocab_size, D)}
+    s = {"embed.weight": (args.vocab_size, D)}
+    if not args.tie_word_embeddings:  # tied: the head reads embed.weight
+        s["head.weight"] = (args.vocab_size, D)
     s.update(_head(args))
     for i, ratio in enumerate(args.compress_ratios):
         s.update(_block(args, f"layers.{i}", ratio, hashed=is_hash_layer(args, i)))

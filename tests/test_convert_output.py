@@ -10,9 +10,11 @@ import pathlib
 import shutil
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from convert_fixtures import read_dir, same_tensors, write_release_checkpoint
+import mlx_dsv4
 from mlx_dsv4.cli import main as cli
 from mlx_dsv4.convert import transform, writer
 from mlx_dsv4.convert.convert import convert
@@ -358,3 +360,32 @@ def test_resume_rewrites_a_finished_shard_whose_bytes_changed(source, reference,
     assert same_tensors(got, reference)
     floats = [v.astype(mx.float32) for v in got.values() if v.dtype in (mx.float32, mx.bfloat16)]
     assert floats and all(bool(mx.isfinite(v).all()) for v in floats)
+
+
+def test_hash_tables_are_stored_in_one_byte_and_read_back_as_the_source(tmp_path):
+    src, decoded, cfg = write_release_checkpoint(tmp_path / "src", n_shards=1)
+    out = tmp_path / "out"
+    run(src, out)
+    converted = read_dir(out)
+    names = [n for n in decoded if n.endswith("gate.tid2eid")]
+    assert names and cfg["n_routed_experts"] <= 256
+    for name in names:
+        assert converted[name].dtype == mx.uint8
+        assert mx.array_equal(converted[name].astype(mx.int32), mx.array(decoded[name]).astype(mx.int32))
+    model = mlx_dsv4.load_model(out)
+    assert model.layers[0].ffn.gate.tid2eid.dtype == mx.int32
+    assert mx.array_equal(model.layers[0].ffn.gate.tid2eid, mx.array(decoded[names[0]]).astype(mx.int32))
+
+
+def test_an_expert_id_that_does_not_fit_a_byte_is_named(tmp_path):
+    from mlx_dsv4.tiny import tiny_weights
+
+    _, _, cfg = write_release_checkpoint(tmp_path / "probe", n_shards=1)
+    weights = tiny_weights(cfg, seed=0)
+    table = np.array(weights["layers.0.ffn.gate.tid2eid"])
+    table[7, 1] = 300
+    weights["layers.0.ffn.gate.tid2eid"] = table
+    src, _, _ = write_release_checkpoint(tmp_path / "src", n_shards=1, weights=weights, cfg=cfg)
+    with pytest.raises(ConvertError, match=r"layers\.0\.ffn\.gate\.tid2eid'?: values 0\.\.300 do not fit U8"):
+        run(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

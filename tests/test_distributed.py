@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import PARITY_VOCAB
 from distributed_worker import forward_logits
 from generate_support import tiny_chat_dir
 
@@ -85,20 +86,25 @@ def check_logits(results, run_specs):
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_dirs, tmp_path_factory):
-    """The tiny float checkpoints (official layout), and Flash converted to the MLX layout with
-    4-bit experts (stacked per projection: each rank reads its rows of them)."""
+    """The tiny float checkpoints (official layout), Flash converted to the MLX layout with 4-bit
+    experts (stacked per projection: each rank reads its rows of them), and a Flash whose head is
+    tied to its embedding."""
     from mlx_dsv4.convert.convert import convert
     from mlx_dsv4.convert.recipes import Recipe
+    from mlx_dsv4.tiny import write_tiny_checkpoint
 
     q4 = tmp_path_factory.mktemp("q4") / "flash-q4"
     convert(tiny_dirs["flash"], q4, Recipe("q4", group_size=32, dtype="float32"), progress=False,
             log=lambda s: None)
-    return dict(tiny_dirs, **{"flash-q4": q4})
+    tied = write_tiny_checkpoint(tmp_path_factory.mktemp("tied") / "flash-tied", seed=6, vocab_size=PARITY_VOCAB,
+                                 tie_word_embeddings=True)
+    return dict(tiny_dirs, **{"flash-q4": q4, "flash-tied": tied})
 
 
 @pytest.fixture(scope="module")
 def two_ranks(checkpoints, tmp_path_factory):
-    specs = runs(checkpoints, [(p, m, None) for p in ("flash", "pro", "flash-q4") for m in ("pipeline", "experts")])
+    specs = runs(checkpoints, [(p, m, None) for p in ("flash", "pro", "flash-q4", "flash-tied")
+                                 for m in ("pipeline", "experts")])
     chat = str(tiny_chat_dir())
     spec = {"runs": specs, "prompt": PROMPT, "chunk": CHUNK, "decode": DECODE,
             "generate": [{"checkpoint": chat, "mode": m, "max_tokens": 8, "temperature": t, "seed": 3}
@@ -126,6 +132,9 @@ def test_each_rank_holds_only_its_part(two_ranks):
             held = result["runs"][f"{preset}-experts-None"]["held"]
             assert held["layers.3.ffn.experts.w1.weight"][0] == 4  # 8 experts over 2 ranks
             assert held["layers.3.ffn.gate.weight"][0] == 8
+    # a tied head reads the embedding: the last rank holds it too, and no rank holds a head
+    tied = [r["runs"]["flash-tied-pipeline-None"]["held"] for r in (first, last)]
+    assert all("embed.weight" in held and not any(k.startswith("head.") for k in held) for held in tied)
 
 
 def test_two_ranks_generate_the_single_process_tokens(two_ranks):

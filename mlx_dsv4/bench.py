@@ -438,6 +438,8 @@ def decode_weight_bytes(model) -> dict:
         total += nbytes
         if ".ffn.experts." in name:
             active += nbytes * a.num_experts_per_tok / a.n_routed_experts
+        elif name.startswith("embed.") and a.tie_word_embeddings:
+            active += nbytes * (1 + 1 / a.vocab_size)  # a row, and the whole as the head
         elif name.startswith("embed.") or name.endswith("tid2eid"):
             active += nbytes / a.vocab_size
         else:

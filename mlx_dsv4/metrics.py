@@ -46,14 +46,14 @@ def kv_cache_by_type(args: ModelArgs, tokens: int, kv_dtype: str = "fp8", index_
 def active_parameters(args: ModelArgs) -> int:
     """Weights one token goes through in the decoder: every tensor but the routed experts not
     picked (num_experts_per_tok of n_routed_experts per layer); the embedding and the hash
-    layers' token-to-expert tables count one row."""
+    layers' token-to-expert tables count one row (a tied head reads the embedding whole)."""
     total = 0
     for name, shape in official_tensors(args, mtp=False).items():
         parts = expert_parts(name)
         if parts is not None and parts[1] >= args.num_experts_per_tok:
             continue
         if name == "embed.weight" or name.endswith(".ffn.gate.tid2eid"):
-            total += shape[1]
+            total += shape[1] + (int(np.prod(shape)) if name == "embed.weight" and args.tie_word_embeddings else 0)
             continue
         total += int(np.prod(shape))
     return total

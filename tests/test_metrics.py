@@ -158,6 +158,20 @@ def test_active_parameters_count_the_chosen_experts(fresh_model):
     assert active_parameters(args) == expected
 
 
+def test_a_tied_head_reads_the_whole_embedding():
+    untied = ModelArgs.from_dict(tiny_config("flash"))
+    tied = ModelArgs.from_dict(tiny_config("flash", tie_word_embeddings=True))
+    assert active_parameters(tied) == active_parameters(untied)  # head.weight stored or not, it is read
+    assert flops_per_token(tied, 300) == flops_per_token(untied, 300)
+    from mlx_dsv4.bench import decode_weight_bytes
+    from mlx_dsv4.model import Model
+
+    read = [decode_weight_bytes(Model(args)) for args in (untied, tied)]
+    head = untied.vocab_size * untied.hidden_size * 4
+    assert read[1]["decode_weight_bytes"] == read[0]["decode_weight_bytes"]
+    assert read[1]["total_weight_bytes"] == read[0]["total_weight_bytes"] - head
+
+
 @pytest.mark.parametrize("n_tokens", [3, 130, 700])
 def test_kv_cache_by_layer_type_equals_the_cache(fresh_model, n_tokens):
     model, _ = fresh_model

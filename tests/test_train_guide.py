@@ -425,7 +425,13 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     result = tool_progress.row(tmp_path, load_tokenizer(None), calls_n=2, tool_n=1)
     assert result["calls"]["arguments_tokens"] > 0 and 0 <= result["calls"]["arguments"] <= 1
     cells = tool_progress.markdown("run", result).strip("| ").split(" | ")
-    assert len(cells) == 10 and cells[0] == "run" and all(c.endswith("%") or "/" in c or c == "-" for c in cells[1:])
+    assert len(cells) == 11 and cells[0] == "run" and all(c.endswith("%") or "/" in c or c == "-" for c in cells[2:])
+    assert float(cells[1]) == pytest.approx(record["main"], abs=5e-4)  # the one step it ran
+    log = tmp_path / "loss.jsonl"
+    log.write_text("".join(json.dumps({"main": m, "kinds": k}) + "\n" for m, k in
+                           [(9.0, ["tool"]), (5.0, ["retrieval"]), (3.0, ["chat", "tool"]), (1.0, ["name"])]))
+    assert tool_progress.training_loss(tmp_path, 2) == pytest.approx(2.0)  # the retrieval step is left out
+    assert tool_progress.training_loss(tmp_path, 10) == pytest.approx(13.0 / 3)
 
     # benchmarks/copy_probe.py reads such a run directory
     probe_path = Path(__file__).parent.parent / "benchmarks" / "copy_probe.py"

@@ -113,3 +113,14 @@ def test_a_run_with_a_head_of_its_own_ships_untied(tied, tmp_path):
     mx.save_safetensors(str(run / "model.safetensors"), weights)
     assert not tied_checkpoint(run, tmp_path / "tied")
     assert not (tmp_path / "tied").exists()
+
+
+def test_mlx_lm_loads_a_tied_checkpoint_with_the_same_logits(tmp_path):
+    from mlx_lm import load as mlx_lm_load
+
+    path = write_tiny_checkpoint(tmp_path / "tiny", dtype="bfloat16", mlx_lm=True, tie_word_embeddings=True)
+    assert "head.weight" not in stored_names(path)
+    theirs, _ = mlx_lm_load(str(path), trust_remote_code=True)
+    ours = mlx_dsv4.load_model(path)
+    ids = mx.array([[0, 128803, 19923, 1031, 128804, 128822]])
+    assert mx.array_equal(theirs(ids, cache=theirs.make_cache()), ours(ids))

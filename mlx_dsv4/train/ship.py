@@ -16,9 +16,9 @@ SHIP_EMBED_BITS = 4
 def tied_checkpoint(official_dir, out_dir) -> bool:
     """When the head of the float32 official-layout checkpoint in `official_dir` is its embedding
     times a scale s, write it to `out_dir` with tie_word_embeddings: no head.weight, and s moved
-    into the norms before the head (the model's and each MTP layer's), which give the same logits
-    (RMSNorm(x) * w * s read by the embedding = RMSNorm(x) * w read by s times it). False, writing
-    nothing, when the head is not such a copy."""
+    into the weights of the norms before the head (the model's and each MTP layer's), since
+    (RMSNorm(x) * w) . (s E) = (RMSNorm(x) * s w) . E. False, writing nothing, when the head is not
+    such a copy."""
     src, out = Path(official_dir), Path(out_dir)
     config = json.loads((src / "config.json").read_text())
     weights = mx.load(str(src / "model.safetensors"))

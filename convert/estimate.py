@@ -113,7 +113,7 @@ def rank_shares(cfg: dict, recipe: Recipe, context: int, ranks: int) -> dict:
     import re
     from dataclasses import replace
 
-    from ..sharding import expert_range, split_layers
+    from ..sharding import expert_range, pipeline_extras, split_layers
 
     args, units = _model_units(cfg, recipe)
     chunk = min(PREFILL_CHUNK, context)
@@ -130,6 +130,7 @@ def rank_shares(cfg: dict, recipe: Recipe, context: int, ranks: int) -> dict:
             embed += u.nbytes
         else:
             head += u.nbytes
+    embed, head = pipeline_extras(embed, head, args.tie_word_embeddings)
     pipeline, first = [], 0
     for r, count in enumerate(split_layers(per_layer, ranks, embed, head)):
         ratios = args.compress_ratios[first:first + count]

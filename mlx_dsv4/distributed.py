@@ -46,7 +46,7 @@ from .config import ModelArgs
 from .hc import collapse, expand
 from .model import Model, layer_caches
 from .moe import MoE, RoutedExperts
-from .sharding import DistributedError, expert_range, parse_split, split_layers
+from .sharding import DistributedError, expert_range, parse_split, pipeline_extras, split_layers
 from .streams import split_outputs
 
 MODES = ("pipeline", "experts")
@@ -480,7 +480,8 @@ def load_distributed(path, ranks: Ranks, mode: str, split: Optional[str] = None)
         if len(layer_bytes) != args.num_hidden_layers:
             layer_bytes = (layer_bytes + [0] * args.num_hidden_layers)[: args.num_hidden_layers]
         counts = (parse_split(split, args.num_hidden_layers, ranks.size) if split else
-                  split_layers(layer_bytes, ranks.size, embed_bytes, head_bytes))
+                  split_layers(layer_bytes, ranks.size,
+                               *pipeline_extras(embed_bytes, head_bytes, args.tie_word_embeddings)))
         first = sum(counts[: ranks.rank])
         model = PipelineModel(args, ranks, first, first + counts[ranks.rank], *_embedding_dtypes(weights))
         model.layer_counts = counts

@@ -8,6 +8,13 @@ class DistributedError(RuntimeError):
     """A rank was lost, did not answer, or the ranks cannot run the model as asked."""
 
 
+def pipeline_extras(embed_bytes: int, head_bytes: int, tied: bool) -> tuple:
+    """(bytes the first pipeline rank holds beside its layers, bytes the last one does): the
+    embedding, and the head with its norms; a tied head (tie_word_embeddings) is the embedding,
+    held on the last rank too."""
+    return embed_bytes, head_bytes + (embed_bytes if tied else 0)
+
+
 def split_layers(layer_bytes: Sequence[int], n: int, first_extra: int = 0, last_extra: int = 0) -> List[int]:
     """Layers per rank for a contiguous split of ``layer_bytes`` over ``n`` ranks that makes the
     largest rank smallest, rank 0 also holding ``first_extra`` bytes and the last ``last_extra``."""

@@ -239,6 +239,15 @@ def test_layers_split_by_bytes_with_the_embedding_on_the_first_rank_and_the_head
     assert split_layers([1, 1, 1], 3) == [1, 1, 1]
 
 
+def test_a_tied_head_puts_the_embedding_on_the_last_rank_too():
+    from mlx_dsv4.sharding import pipeline_extras, split_layers
+
+    assert pipeline_extras(40, 3, tied=False) == (40, 3)
+    assert pipeline_extras(40, 3, tied=True) == (40, 43)
+    assert split_layers([10] * 8, 2, *pipeline_extras(40, 3, tied=True)) == [4, 4]
+    assert split_layers([10] * 8, 2, *pipeline_extras(40, 3, tied=False)) == [2, 6]
+
+
 def test_a_split_that_does_not_fit_is_refused():
     from mlx_dsv4.sharding import DistributedError, parse_split, split_layers
 

@@ -124,3 +124,15 @@ def test_mlx_lm_loads_a_tied_checkpoint_with_the_same_logits(tmp_path):
     ours = mlx_dsv4.load_model(path)
     ids = mx.array([[0, 128803, 19923, 1031, 128804, 128822]])
     assert mx.array_equal(theirs(ids, cache=theirs.make_cache()), ours(ids))
+
+
+def test_the_pipeline_estimate_puts_the_embedding_on_the_last_rank_too():
+    from mlx_dsv4.convert.estimate import rank_shares
+    from mlx_dsv4.tiny import tiny_config
+
+    recipe = Recipe("q8", dense_bits=None, embed_bits=4, dtype="bfloat16")
+    untied, tied = (rank_shares(tiny_config("flash", tie_word_embeddings=t), recipe, 4096, 2)["pipeline"]
+                    for t in (False, True))
+    assert [r.part for r in tied] == [r.part for r in untied]
+    assert tied[0].weights == untied[0].weights  # the embedding, and the first layers
+    assert tied[-1].weights == untied[-1].weights  # the head's bytes are the embedding's, held again

@@ -3,8 +3,10 @@
     python benchmarks/eval_tiny.py [--model DIR] [--tool-n 40] [--retrieval-n 10] [--lengths 1024 2048 4096 8192]
                                    [--json OUT.json] [--plot LOSS.jsonl PNG]
 
-DIR defaults to the checkpoint shipped in the package. Tool use runs the agent loop; retrieval,
-MTP acceptance and cache precision are greedy (see mlx_dsv4.train.evaluate).
+DIR defaults to the checkpoint shipped in the package. Tool use runs the agent loop on held-out
+numbers and phrasings, twice: with weather questions about training cities, then about cities
+training never asks about. Retrieval, MTP acceptance and cache precision are greedy (see
+mlx_dsv4.train.evaluate).
 """
 
 import argparse
@@ -95,11 +97,11 @@ def main(argv=None):
         results["heldout_loss"] = h
         rows.append(("held-out loss on assistant tokens (nats/token; uniform = 11.77)", f"{h['loss']:.3f}",
                      f"{h['tokens']} tokens"))
-    if args.tool_n:
-        tool = evaluate.tool_use(model, tokenizer, n=args.tool_n, seed=args.seed)
-        results["tool_use"] = tool
-        calls = evaluate.call_token_accuracy(model, tokenizer, n=args.tool_n, seed=args.seed)
-        results["call_tokens"] = calls
+    for unseen, cities in ((False, "training cities"), (True, "unseen cities")) if args.tool_n else ():
+        tool = evaluate.tool_use(model, tokenizer, n=args.tool_n, seed=args.seed, unseen_cities=unseen)
+        results["tool_use" + ("_unseen_cities" if unseen else "")] = tool
+        calls = evaluate.call_token_accuracy(model, tokenizer, n=args.tool_n, seed=args.seed, unseen_cities=unseen)
+        results["call_tokens" + ("_unseen_cities" if unseen else "")] = calls
         n, arguments, rest = f"n={tool['n']}", f"{calls['arguments_tokens']} tokens", f"{calls['rest_tokens']} tokens"
         for label, value, sample in (
                 ("correct final answer after a well-formed call", tool["correct"], n),
@@ -108,7 +110,7 @@ def main(argv=None):
                 ("final answer right, given the expected call and its result", tool["answer_after_result"], n),
                 ("call's argument tokens right, teacher-forced", calls["arguments"], arguments),
                 ("call's other tokens right, teacher-forced", calls["rest"], rest)):
-            rows.append((f"tool use: {label}", f"{value:.1%}", sample))
+            rows.append((f"tool use ({cities}): {label}", f"{value:.1%}", sample))
     for length in args.lengths:
         r = evaluate.retrieval(model, tokenizer, length, n=args.retrieval_n, seed=args.seed)
         results[f"retrieval_{length}"] = r
@@ -125,7 +127,7 @@ def main(argv=None):
             rows.append((f"cache {c['storage']} vs float32 dense forward: mean KL / argmax agreement",
                          f"{c['mean_kl']:.2e} / {c['argmax_agreement']:.1%}", f"n={args.cache_n} x 32 steps"))
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    if "tool_use" in results and results["tool_use"]["failures"]:
+    if results.get("tool_use", {}).get("failures"):
         print("\nfirst tool-use failures:", json.dumps(results["tool_use"]["failures"][:3], ensure_ascii=False))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

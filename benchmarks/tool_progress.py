@@ -2,7 +2,9 @@
 its last non-retrieval steps in loss.jsonl), teacher-forced accuracy on the call turn's
 argument tokens (all, and per tool) and on its other tokens (`evaluate.call_token_accuracy`), then
 the agent round trips on held-out questions (`evaluate.tool_use`): correct final answer after the
-expected call, expected call, expected tool, and the answer given the expected call and its result.
+expected call, expected call, expected tool, and the answer given the expected call and its result;
+last, the correct final answers when the weather questions ask about training cities (the numbers
+and phrasings still held out).
 
     python benchmarks/tool_progress.py RUN_DIR... [--calls-n 40] [--tool-n 16] [--seed 0] [--loss-steps 200]
 
@@ -34,7 +36,8 @@ def row(run, tokenizer, calls_n: int, tool_n: int, seed: int = 0, loss_steps: in
     model, _, _ = load_run(run)
     calls = evaluate.call_token_accuracy(model, tokenizer, n=calls_n, seed=seed)
     tool = evaluate.tool_use(model, tokenizer, n=tool_n, seed=seed)
-    return {"loss": training_loss(run, loss_steps), "calls": calls, "tool": tool}
+    seen = evaluate.tool_use(model, tokenizer, n=tool_n, seed=seed, unseen_cities=False)
+    return {"loss": training_loss(run, loss_steps), "calls": calls, "tool": tool, "training_cities": seen}
 
 
 def markdown(run, result) -> str:
@@ -43,7 +46,7 @@ def markdown(run, result) -> str:
     per_tool = [f"{by_tool[t]['right']}/{by_tool[t]['tokens']}" if t in by_tool else "-" for t in TOOLS]
     cells = [str(run), f"{result['loss']:.3f}", f"{calls['arguments']:.1%}", *per_tool, f"{calls['rest']:.1%}",
              f"{tool['correct']:.1%}", f"{tool['well_formed_call']:.1%}", f"{tool['right_tool']:.1%}",
-             f"{tool['answer_after_result']:.1%}"]
+             f"{tool['answer_after_result']:.1%}", f"{result['training_cities']['correct']:.1%}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -59,8 +62,8 @@ def main(argv=None):
     print(f"| run | training loss (last {args.loss_steps} steps) | argument tokens right ({args.calls_n} examples) "
           f"| {' | '.join(TOOLS)} | other call tokens right "
           f"| correct final answer after the expected call ({args.tool_n} questions) | expected call | expected tool "
-          "| answer right given the call and its result |")
-    print("| --- " * 11 + "|")
+          "| answer right given the call and its result | correct final answer, training cities |")
+    print("| --- " * 12 + "|")
     for run in args.runs:
         print(markdown(run, row(run, tokenizer, args.calls_n, args.tool_n, args.seed, args.loss_steps)), flush=True)
     return 0

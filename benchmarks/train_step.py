@@ -2,10 +2,15 @@
 (`Trainer(reference=True)`) and the training path side by side on the same batches in one process.
 
     python benchmarks/train_step.py [--steps 3] [--breakdown]
+    python benchmarks/train_step.py --head-sample 4096 [--steps 3]
 
 --breakdown also times, on the first batch, each component's forward and forward + backward
 (gradient of the sum of its output) in the training path: per layer the mHC split, attention
 and MoE, then the vocabulary head and the indexer objective.
+
+--head-sample N instead times the training path with the vocabulary head's softmax over the whole
+vocabulary and over the sequence's tokens and N drawn others (`TrainOptions.head_sample`), side by
+side on the same data, with the objectives and tool-session mix of docs/tiny-model.md's m1s.
 """
 
 import argparse
@@ -66,12 +71,33 @@ def breakdown(trainer: Trainer, batch: dict) -> None:
         print(f"{name:44s} {f:10.4f} {fb:10.4f}")
 
 
+def compare_head_sample(tokenizer, n: int, steps: int) -> None:
+    recipe = dict(mix={"session": 0.45, "name": 0.25, "copy": 0.15, "chat": 0.06, "pattern": 0.06},
+                  config={"o_lora_rank": 64, "head_dim": 128}, tie_head=True, copy_output_weight=1,
+                  copy_value_weight=1, copy_head_scale=16, embed_scale=32, embed_lr_scale=32, guide_weight=1,
+                  argument_weight=4)
+    whole = Trainer(tokenizer, TrainOptions(**recipe))
+    sampled = Trainer(tokenizer, TrainOptions(head_sample=n, **recipe))
+    ratios = []
+    for _ in range(steps + 1):
+        old, new = whole.train_step(), sampled.train_step()
+        if new["step"] == 0:  # the first step builds and warms
+            continue
+        ratios.append(old["seconds"] / new["seconds"])
+        print(f"step {new['step']}: {new['tokens']} tokens, {new['targets']} targets; whole vocabulary "
+              f"{old['seconds']:.3f} s; sampled {new['seconds']:.3f} s; ratio {ratios[-1]:.2f}")
+    print(f"speed-up (whole vocabulary / sampled seconds per step): {sum(ratios) / len(ratios):.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--head-sample", type=int, default=0, metavar="N")
     args = parser.parse_args()
     tokenizer = load_tokenizer(None)
+    if args.head_sample:
+        return compare_head_sample(tokenizer, args.head_sample, args.steps)
     options = TrainOptions(seed=0)
     reference, trainer = Trainer(tokenizer, options, reference=True), Trainer(tokenizer, options)
     if args.breakdown:

@@ -18,7 +18,10 @@ def test_eval_tiny_prints_its_tool_rows_and_writes_its_figures(tmp_path, capsys)
                     "--cache-n", "0", "--json", str(out)])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     measures = [row.split(" | ")[0][2:] for row in rows[1:]]
-    assert len(measures) == 6 and all(m.startswith("tool use: ") for m in measures)
+    assert len(measures) == 12
+    assert all(m.startswith("tool use (training cities): ") for m in measures[:6])
+    assert all(m.startswith("tool use (unseen cities): ") for m in measures[6:])
     figures = json.loads(out.read_text())
-    calls = figures["call_tokens"]
-    assert calls["n"] == 1 and calls["arguments_tokens"] > 0 and 0 <= calls["arguments"] <= 1
+    for key in ("call_tokens", "call_tokens_unseen_cities"):
+        calls = figures[key]
+        assert calls["n"] == 1 and calls["arguments_tokens"] > 0 and 0 <= calls["arguments"] <= 1

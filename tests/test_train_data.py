@@ -54,6 +54,76 @@ def test_tool_example_targets_are_the_call_then_the_answer_from_the_result(token
     assert f"<tool_result>{m['result']}</tool_result>" in ex.text  # between the targets, not one
 
 
+def test_session_asks_questions_in_turn_each_answered_by_its_own_call(tokenizer):
+    gen = TaskGenerator(tokenizer, seed=4, mix={"session": 1.0}, session_tokens=900)
+    counts = set()
+    for _ in range(12):
+        ex = next(gen)
+        m = ex.meta
+        assert ex.kind == "session" and 2 <= m["rounds"] <= 6 and len(ex.ids) <= 900
+        counts.add(m["rounds"])
+        targets = tokenizer.decode([t for t, keep in zip(ex.ids, ex.mask) if keep]).split(tokenizer.eos_token)
+        assert targets[-1] == "" and len(targets) == 2 * m["rounds"] + 1
+        for question, call_text, answer in zip(m["questions"], targets[0::2], targets[1::2]):
+            call = parse_completion(call_text + tokenizer.eos_token, "chat")["tool_calls"][0]["function"]
+            for value in json.loads(call["arguments"]).values():
+                if value != "fahrenheit":
+                    assert all(str(part) in question for part in str(value).split(" ") if part not in OPS)
+            assert answer in m["answers"]
+        assert ex.text.count("## Tools") == 1 and ex.text.count("<tool_result>") == m["rounds"]
+    assert len(counts) > 2
+
+
+def test_eval_split_asks_about_unseen_cities_unless_told_training_ones(tokenizer):
+    from mlx_dsv4.train.data import EVAL_CITIES, TRAIN_CITIES
+
+    def questions(**options):
+        gen = TaskGenerator(tokenizer, seed=3, split="eval", **options)
+        return [ex.meta for ex in (gen.example("tool") for _ in range(40))]
+
+    unseen, seen = questions(), questions(unseen_cities=False)
+    cities = [m["arguments"]["city"] for m in unseen if m["call"] == "get_weather"]
+    assert len(cities) > 5 and set(cities) - set(TRAIN_CITIES) and set(cities) <= set(EVAL_CITIES + TRAIN_CITIES[:4])
+    for a, b in zip(unseen, seen):  # the same draws but the city
+        assert a["call"] == b["call"] and a["system"] == b["system"]
+        if a["call"] == "get_weather":
+            assert b["arguments"]["city"] in TRAIN_CITIES
+            assert a["question"].replace(a["arguments"]["city"], b["arguments"]["city"]) == b["question"]
+        else:
+            assert a == b
+
+
+def test_composed_questions_vary_the_phrasing_and_never_write_an_evaluation_one(tokenizer):
+    import re
+
+    from mlx_dsv4.train.data import ADD_TEMPLATES, CALC_TEMPLATES, CLOSERS, OPENERS, WEATHER_TEMPLATES
+
+    def patterns(split):
+        return [re.escape(t).replace(r"\{a\}", "[0-9]+").replace(r"\{b\}", "[0-9]+").replace(r"\{op\}", ".")
+                .replace(r"\{word\}", "[a-z ]+").replace(r"\{city\}", "[A-Za-z]+")
+                for templates in (ADD_TEMPLATES, CALC_TEMPLATES, WEATHER_TEMPLATES) for t in templates[split]]
+
+    held_out = re.compile("|".join(patterns("eval")))
+    openers, closers = "|".join(map(re.escape, OPENERS)), "|".join(map(re.escape, CLOSERS))
+    templated = re.compile(f"(?:{openers})?(?:{'|'.join(patterns('train'))})(?:{closers})?"
+                           "(?: Answer in fahrenheit\\.| Use fahrenheit\\.)?")
+    assert held_out.search("Sum 417 and 141 for me.") and templated.fullmatch("Hi! Weather in Oslo? Thanks!")
+    for share, low, high in ((0.0, 0, 0), (0.5, 0.3, 0.6)):
+        gen = TaskGenerator(tokenizer, seed=6, mix={"tool": 1.0}, composed_questions=share)
+        other = 0
+        for _ in range(300):
+            m = next(gen).meta
+            assert not held_out.search(m["question"]), m["question"]
+            args = m["arguments"]
+            for value in ([args["city"]] if "city" in args else [args["a"], args["b"]] if "a" in args
+                          else args["expression"].split(" ")[::2]):
+                assert str(value) in m["question"]
+            other += not templated.fullmatch(m["question"])
+        assert low * 300 <= other <= high * 300, (share, other)
+    assert TaskGenerator(tokenizer, seed=6, split="eval", composed_questions=0.5).example("tool").meta == \
+        TaskGenerator(tokenizer, seed=6, split="eval").example("tool").meta  # evaluation questions stay as they are
+
+
 def test_eval_split_holds_out_operands(tokenizer):
     for split in ("train", "eval"):
         gen = TaskGenerator(tokenizer, seed=0, split=split, mix={"tool": 1.0})

@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
-from mlx_dsv4.train.trainer import Trainer, TrainOptions, trunk
+from mlx_dsv4.train.trainer import Trainer, TrainOptions, task_vocabulary, trunk
 
 TOLERANCE = 1e-5
 # The mHC parameters' gradients (and the sinks') are each one sum, over every position, of terms of
@@ -134,3 +134,42 @@ def test_train_step_losses_match_cache_path(tokenizer):
         assert got["tokens"] == expected["tokens"]
         for key in ("loss", "main", "mtp", "indexer_kl"):
             assert got[key] == pytest.approx(expected[key], rel=TOLERANCE, abs=2e-5), (got["step"], key)
+
+
+def _parts_and_grads(trainer: Trainer, batch: dict, vocab):
+    keys = ("tokens", "main_pos", "main_targets", "mtp_pos", "mtp_targets", "index_pos", "copy_queries", "copy_masks",
+            "value_pos", "entry_query", "key_pos", "entry_keys", "arguments")
+    (_, parts), grads = trainer._grad(trainer._joint, *[batch[k] for k in keys], vocab)
+    mx.eval(parts, grads)
+    return {k: float(v) for k, v in parts.items()}, dict(tree_flatten(grads))
+
+
+def test_sampled_head_is_the_softmax_over_the_sequence_and_the_drawn_rows(tokenizer):
+    options = TrainOptions(seed=5, head_sample=300, tie_head=True, guide_weight=1, copy_output_weight=1,
+                           copy_value_weight=1, argument_weight=2, mix={"session": 1.0, "copy": 1.0})
+    trainer = Trainer(tokenizer, options)
+    batch, kinds = trainer.batch()
+    vocab, ids = batch["vocab"], np.array(batch["tokens"][0])
+    tasks = task_vocabulary(tokenizer, options)
+    assert "session" in kinds and (np.diff(vocab) > 0).all()
+    assert np.isin(ids, vocab).all() and np.isin(tasks, vocab).all()
+    assert len(np.setdiff1d(tasks, ids)) > 100  # tokens of other questions: the targets' likely rivals
+    assert 250 < len(np.setdiff1d(vocab, np.union1d(ids, tasks))) <= 300  # the drawn ones, mostly beyond the tasks'
+    assert not np.array_equal(trainer.batch()[0]["vocab"], vocab)  # drawn anew each step
+
+    sampled, grads = _parts_and_grads(trainer, batch, vocab)
+    full, _ = _parts_and_grads(trainer, batch, None)
+    assert sampled.keys() == full.keys() >= {"main", "mtp", "copy_output", "copy_value"}
+    for name in ("main", "mtp", "copy_output", "copy_value"):
+        assert 0 < sampled[name] < full[name], name  # the same targets against fewer rivals
+
+    feats, _ = fast.trunk(trainer.model, batch["tokens"], {})
+    logits = np.array(feats[0, batch["main_pos"]]) @ np.array(trainer._head(trainer.model)).T
+    kept = logits[:, vocab]
+    kept = kept - kept.max(axis=1, keepdims=True)
+    log_p = kept - np.log(np.exp(kept).sum(axis=1, keepdims=True))
+    rows = np.searchsorted(vocab, np.array(batch["main_targets"]))
+    assert sampled["main"] == pytest.approx(-log_p[np.arange(len(rows)), rows].mean(), rel=1e-5)
+
+    moved = np.abs(np.array(grads["model.embed.weight"])).sum(axis=1) > 0
+    assert moved[vocab].mean() > 0.9 and not moved[np.setdiff1d(np.arange(len(moved)), vocab)].any()

@@ -405,14 +405,16 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
                  "--argument-weight", "2", "--retrieval-questions", "3", "--key-output-weight", "0.5",
                  "--key-readback-weight", "0.25", "--entry-key-weight", "0.5", "--entry-value-weight", "0.25",
                  "--answer-output-weight", "0.75", "--answer-attention-weight", "0.5", "--answer-head-scale", "2",
-                 "--argument-guide-weight", "0.25", "--spell-head", "2"]) == 0
+                 "--argument-guide-weight", "0.25", "--spell-head", "2", "--head-sample", "64",
+                 "--composed-questions", "0.5"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     names = ("guide_weight", "copy_output_weight", "copy_value_weight", "head_from_embed", "tie_head",
              "entry_guide_weight", "key_guide_weight", "argument_weight", "retrieval_questions", "key_output_weight",
              "key_readback_weight", "entry_key_weight", "entry_value_weight", "answer_output_weight",
-             "answer_attention_weight", "answer_head_scale", "argument_guide_weight", "spell_head")
+             "answer_attention_weight", "answer_head_scale", "argument_guide_weight", "spell_head", "head_sample",
+             "composed_questions")
     assert tuple(options[name] for name in names) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5, 0.25,
-                                                      0.75, 0.5, 2.0, 0.25, 2)
+                                                      0.75, 0.5, 2.0, 0.25, 2, 64, 0.5)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
     assert record["key_output"] > 0 and record["key_readback"] > 0
@@ -425,7 +427,7 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
     result = tool_progress.row(tmp_path, load_tokenizer(None), calls_n=2, tool_n=1)
     assert result["calls"]["arguments_tokens"] > 0 and 0 <= result["calls"]["arguments"] <= 1
     cells = tool_progress.markdown("run", result).strip("| ").split(" | ")
-    assert len(cells) == 11 and cells[0] == "run" and all(c.endswith("%") or "/" in c or c == "-" for c in cells[2:])
+    assert len(cells) == 12 and cells[0] == "run" and all(c.endswith("%") or "/" in c or c == "-" for c in cells[2:])
     assert float(cells[1]) == pytest.approx(record["main"], abs=5e-4)  # the one step it ran
     log = tmp_path / "loss.jsonl"
     log.write_text("".join(json.dumps({"main": m, "kinds": k}) + "\n" for m, k in

@@ -83,6 +83,12 @@ def add_arguments(p):
                         "embedding-started head is scaled down by as much")
     p.add_argument("--embed-lr-scale", type=float, default=None,
                    help="the embedding's learning rate as a multiple of the others' (default 1)")
+    p.add_argument("--head-sample", type=positive_int, default=None, metavar="N",
+                   help="run the vocabulary head's softmax over the tokens the tasks write, the sequence's own and N "
+                        "others drawn at random each step instead of the whole vocabulary (faster per step)")
+    p.add_argument("--composed-questions", type=float, default=None, metavar="F",
+                   help="compose this share of the training tool questions from parts (a lead, one of several "
+                        "bodies, an ending) instead of the templates (default 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -154,7 +160,7 @@ def run(args):
                  "tie_head", "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight",
                  "key_guide_weight", "retrieval_questions", "key_output_weight", "key_readback_weight",
                  "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight",
-                 "argument_guide_weight", "spell_head"):
+                 "argument_guide_weight", "spell_head", "head_sample", "composed_questions"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

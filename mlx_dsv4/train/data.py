@@ -12,9 +12,13 @@ and including its end-of-sentence token). Kinds:
 - "copy": numbers, names and expressions from the question written back, the skill that filling a
   tool call's arguments from the question needs (off in the default mix; `mix=` turns it on);
 - "name": the city a weather question asks about, written alone, spelled as it starts a tool
-  call's argument (off in the default mix).
+  call's argument (off in the default mix);
+- "session": up to six tool questions in turn under one system prompt and tool list, each answered
+  as in "tool" (off in the default mix).
 
-`split="eval"` draws numbers, cities and phrasings the "train" split never uses.
+`split="eval"` draws numbers, cities and phrasings the "train" split never uses; with
+`unseen_cities=False`, its weather questions ask about training cities instead (the numbers and
+phrasings stay held out).
 """
 
 import json
@@ -26,7 +30,7 @@ from ..agent.substrates import make_substrate
 from ..agent.tools import as_tool
 from ..chat import encode_messages
 
-KINDS = ("tool", "retrieval", "chat", "pattern", "copy", "name")
+KINDS = ("tool", "retrieval", "chat", "pattern", "copy", "name", "session")
 DEFAULT_MIX = {"tool": 0.6, "retrieval": 0.08, "chat": 0.16, "pattern": 0.16}
 WEATHER_SYSTEM = "You answer questions about the weather. Use the tools for data and arithmetic."
 
@@ -136,6 +140,30 @@ WORDS = ("apple", "river", "garden", "planet", "window", "silver", "rocket", "fo
          "tiger", "yellow", "winter", "pencil", "orange", "castle", "summer", "guitar", "marble", "sunset")
 
 
+# Training questions composed from parts (`composed_questions`): a lead, a body that puts the numbers
+# or the city in one of several places, an ending. None of them writes an evaluation phrasing.
+COMPOSED_LEADS = ("", "", "Hey, ", "OK so ", "Math time. ", "Homework help: ", "Urgent: ", "Hello again. ",
+                  "Right, ", "Next one. ", "A question for you: ", "So, ")
+COMPOSED_ENDS = ("?", ".", "!", " please.", " for me?", " now.", " if you can.", ", thanks.", " right now?")
+OP_VERBS = {"+": ("add", "plus"), "-": ("take away", "minus"), "*": ("multiply it by", "times"),
+            "/": ("divide it by", "divided by")}
+COMPOSED_BODIES = {
+    "calculate": ("compute {a} {op} {b}", "figure out {a} {word} {b}", "what does {a} {op} {b} come to",
+                  "{a} {word} {b} makes what", "if I take {a} and {verb} {b}, what do I get",
+                  "do the math: {a} {op} {b}", "get me {a} {op} {b}", "the answer to {a} {word} {b}",
+                  "determine {a} {op} {b}", "any idea what {a} {word} {b} is", "run {a} {op} {b}",
+                  "starting from {a}, {verb} {b}"),
+    "add": ("add up {a} and {b}", "{a} and {b} together make what", "combine {a} with {b}",
+            "the sum of {a} and {b}", "put {a} and {b} together", "add {a} plus {b}",
+            "what are {a} and {b} added", "total up {a} and {b}"),
+    "weather": ("weather for {city}", "current conditions in {city}", "how's it looking in {city}",
+                "temperature in {city}", "is it sunny in {city}", "{city}: what is the weather",
+                "in {city}, what's the weather", "the weather over in {city}",
+                "what's happening weather-wise in {city}",
+                "{city} conditions", "tell me how warm {city} is", "check {city}'s weather"),
+}
+
+
 def _train_pair(a: int, b: int) -> bool:
     """Operand pairs of the train split; the others are held out for evaluation."""
     return (a + 3 * b) % 7 != 0
@@ -185,7 +213,8 @@ class TaskGenerator:
     """Examples of one split, drawn from `random.Random(seed)`: the same seed gives the same examples."""
 
     def __init__(self, tokenizer, seed: int = 0, split: str = "train", retrieval_tokens=(1024, 2048), mix=None,
-                 retrieval_questions: int = 1):
+                 retrieval_questions: int = 1, session_tokens: int = 1024, unseen_cities: bool = True,
+                 composed_questions: float = 0.0):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.tokenizer = tokenizer
@@ -193,6 +222,9 @@ class TaskGenerator:
         self.split = split
         self.retrieval_tokens = retrieval_tokens
         self.retrieval_questions = retrieval_questions
+        self.session_tokens = session_tokens
+        self.unseen_cities = unseen_cities
+        self.composed_questions = composed_questions
         self.mix = dict(mix or DEFAULT_MIX)
         unknown = set(self.mix) - set(KINDS)
         if unknown:
@@ -220,9 +252,13 @@ class TaskGenerator:
             if _train_pair(a, b) == (self.split == "train"):
                 return a, b
 
-    def _phrase(self, templates: dict, **fields) -> str:
+    def _phrase(self, templates: dict, bodies: tuple, **fields) -> str:
         """A question of this split's phrasings; a training one opens or closes with small talk a
-        third of the time each."""
+        third of the time each, or with `composed_questions` is composed from parts that often."""
+        if self.split == "train" and self.composed_questions and self.rng.random() < self.composed_questions:
+            body = self.rng.choice(bodies).format(verb=OP_VERBS[fields["op"]][0] if "op" in fields else "", **fields)
+            lead = self.rng.choice(COMPOSED_LEADS)
+            return lead + (body if lead.endswith(", ") else body[0].upper() + body[1:]) + self.rng.choice(COMPOSED_ENDS)
         question = self.rng.choice(templates[self.split]).format(**fields)
         if self.split == "train":
             if self.rng.random() < 1 / 3:
@@ -231,13 +267,12 @@ class TaskGenerator:
                 question += self.rng.choice(CLOSERS)
         return question
 
-    def _tool(self) -> Example:
+    def _tool_round(self, toolset: str):
+        """(question, call name, arguments, tool result as fed back, final answer) of one question."""
         r, s = self.rng, self.split
-        toolset = r.choices(("weather", "add"), (4, 1))[0]
-        system = r.choice(SYSTEMS[toolset][s])
         if toolset == "add":
             a, b = self._operands()
-            question = self._phrase(ADD_TEMPLATES, a=a, b=b)
+            question = self._phrase(ADD_TEMPLATES, COMPOSED_BODIES["add"], a=a, b=b)
             name, arguments = "add", {"a": a, "b": b}
             answer = lambda result: f"{a} + {b} = {result}."
         elif r.random() < 0.5:
@@ -245,14 +280,16 @@ class TaskGenerator:
             a, b = self._operands()
             while (op == "/" and a % b) or (op == "-" and a < b):  # short answers: whole, not negative
                 a, b = self._operands()
-            question = self._phrase(CALC_TEMPLATES, a=a, b=b, op=op, word=r.choice(OPS[op]))
+            question = self._phrase(CALC_TEMPLATES, COMPOSED_BODIES["calculate"], a=a, b=b, op=op,
+                                    word=r.choice(OPS[op]))
             name, arguments = "calculate", {"expression": f"{a} {op} {b}"}
             answer = lambda result: f"{a} {op} {b} = {result}."
         else:
-            city = r.choice(TRAIN_CITIES if s == "train" else EVAL_CITIES + TRAIN_CITIES[:4])
+            held_out = s == "eval" and self.unseen_cities
+            city = r.choice(EVAL_CITIES + TRAIN_CITIES[:4] if held_out else TRAIN_CITIES)
             _weather_table[city.lower()] = {"temperature_c": round(r.uniform(-15, 40) * 2) / 2,
                                             "conditions": r.choice(CONDITIONS)}
-            question = self._phrase(WEATHER_TEMPLATES, city=city)
+            question = self._phrase(WEATHER_TEMPLATES, COMPOSED_BODIES["weather"], city=city)
             arguments = {"city": city}
             if r.random() < 0.25:
                 question += r.choice(FAHRENHEIT_SUFFIX[s])
@@ -263,21 +300,51 @@ class TaskGenerator:
                 data = json.loads(result)
                 unit = "°F" if data["units"] == "fahrenheit" else "°C"
                 return f"{city} is at {json.dumps(data['temperature'])} {unit} with {json.dumps(data['conditions'])}."
-        tools = self.tools[toolset]
-        tool = next(t for t in tools if t.name == name)
+        tool = next(t for t in self.tools[toolset] if t.name == name)
         result = self.substrate.run(tool, tool.validate(json.dumps(arguments)))
         content = result.to_content(16000)  # as the agent loop feeds tool output back
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": "", "tool_calls": [_call(name, arguments)]},
-            {"role": "tool", "tool_call_id": "call_0", "content": content},
-            {"role": "assistant", "content": answer(content)},
-        ]
-        schemas = [t.schema() for t in tools]
-        ids, mask, text = render(messages, self.tokenizer, tools=schemas)
+        return question, name, arguments, content, answer(content)
+
+    @staticmethod
+    def _round_messages(question, name, arguments, content, answer) -> list:
+        return [{"role": "user", "content": question},
+                {"role": "assistant", "content": "", "tool_calls": [_call(name, arguments)]},
+                {"role": "tool", "tool_call_id": "call_0", "content": content},
+                {"role": "assistant", "content": answer}]
+
+    def _tool(self) -> Example:
+        toolset = self.rng.choices(("weather", "add"), (4, 1))[0]
+        system = self.rng.choice(SYSTEMS[toolset][self.split])
+        question, name, arguments, content, answer = self._tool_round(toolset)
+        messages = ([{"role": "system", "content": system}] if system else []) + self._round_messages(
+            question, name, arguments, content, answer)
+        ids, mask, text = render(messages, self.tokenizer, tools=[t.schema() for t in self.tools[toolset]])
         meta = {"toolset": toolset, "system": system, "question": question, "call": name, "arguments": arguments,
-                "result": content, "answer": messages[-1]["content"]}
+                "result": content, "answer": answer}
         return Example("tool", ids, mask, text, meta)
+
+    def _session(self) -> Example:
+        """Tool questions asked in turn under one system prompt and tool list, each answered by a call
+        and a final answer, two to six as fit `session_tokens`: the long tool list is read once for up to
+        six questions, and each call has to take its arguments from its own question, not an earlier one."""
+        r = self.rng
+        toolset = r.choices(("weather", "add"), (4, 1))[0]
+        system = r.choice(SYSTEMS[toolset][self.split])
+        schemas = [t.schema() for t in self.tools[toolset]]
+        messages = [{"role": "system", "content": system}] if system else []
+        rendered, rounds = None, []
+        for _ in range(r.randint(2, 6)):
+            round_ = self._tool_round(toolset)
+            candidate = render(messages + self._round_messages(*round_), self.tokenizer, tools=schemas)
+            if rendered is not None and len(candidate[0]) > self.session_tokens:
+                break
+            messages += self._round_messages(*round_)
+            rendered = candidate
+            rounds.append(round_)
+        ids, mask, text = rendered
+        meta = {"toolset": toolset, "system": system, "rounds": len(rounds),
+                "questions": [q for q, *_ in rounds], "answers": [a for *_, a in rounds]}
+        return Example("session", ids, mask, text, meta)
 
     # -- long-context retrieval ----------------------------------------------------
 

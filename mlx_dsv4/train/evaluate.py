@@ -57,15 +57,17 @@ def heldout_loss(model, tokenizer, n: int = 6, seed: int = 0, kinds=("tool", "ch
     return {"n": n, "tokens": int(count), "loss": total / max(1, count)}
 
 
-def tool_use(model, tokenizer, n: int = 40, seed: int = 0, max_tokens: int = 96) -> dict:
-    """Agent round trips on held-out tool questions; `failures` lists what went wrong first."""
+def tool_use(model, tokenizer, n: int = 40, seed: int = 0, max_tokens: int = 96, unseen_cities: bool = True) -> dict:
+    """Agent round trips on held-out tool questions; `failures` lists what went wrong first.
+    `unseen_cities`: weather questions ask about cities training never asks about (else training
+    cities, with held-out numbers and phrasings as before)."""
     from ..agent import Agent
 
     functions = {"get_weather": data.get_weather, "calculate": data.calculate, "add": data.add}
     correct = well_formed = right_tool = answered = 0
     failures = []
     toolsets = {"weather": ("get_weather", "calculate"), "add": ("add",)}
-    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval", unseen_cities=unseen_cities)
     for _ in range(n):
         ex = gen.example("tool")  # before the round trip: it sets the weather the tool reports
         m = ex.meta
@@ -99,7 +101,7 @@ def answer_after_result(model, tokenizer, ex, max_tokens: int = 96) -> str:
     return tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
 
 
-def call_token_accuracy(model, tokenizer, n: int = 16, seed: int = 0) -> dict:
+def call_token_accuracy(model, tokenizer, n: int = 16, seed: int = 0, unseen_cities: bool = True) -> dict:
     """Teacher-forced greedy accuracy on the call turn of held-out tool examples: on its argument
     tokens (the values inside the DSML parameters) and on the rest of the turn (the template, tool
     and parameter names), so that a failing call can be traced to its part."""
@@ -107,7 +109,7 @@ def call_token_accuracy(model, tokenizer, n: int = 16, seed: int = 0) -> dict:
 
     right, total = {"arguments": 0, "rest": 0}, {"arguments": 0, "rest": 0}
     by_tool = {}  # tool -> [right, total] over its argument tokens
-    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval", unseen_cities=unseen_cities)
     for _ in range(n):
         ex = gen.example("tool")
         ids, mask = np.array(ex.ids), list(ex.mask)

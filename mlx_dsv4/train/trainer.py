@@ -137,6 +137,8 @@ class TrainOptions:
     spell_head: int = 0  # the copy layer's head guided where an argument is spelled from other tokens
     copy_layer: int = 3
     previous_layer: int = 0
+    head_sample: int = 0  # the head's softmax: the tasks' tokens and this many drawn others; 0: all
+    composed_questions: float = 0.0  # the share of training tool questions composed from parts (see data)
 
 
 # -- the numpy head --------------------------------------------------------------------------------
@@ -548,6 +550,15 @@ def pack(stream, max_tokens: int):
     return np.array(ids, np.int32), np.array(mask, bool), kinds
 
 
+def task_vocabulary(tokenizer, options: TrainOptions, examples: int = 1000) -> np.ndarray:
+    """The tokens of `examples` examples of the run's mix (from a generator of their own, seeded apart
+    from the run's data, with short retrieval lists): nearly every token the tasks ever write."""
+    gen = TaskGenerator(tokenizer, seed=f"vocabulary:{options.seed}", mix=options.mix, retrieval_tokens=(200, 300),
+                        retrieval_questions=options.retrieval_questions, session_tokens=options.max_tokens,
+                        composed_questions=options.composed_questions)
+    return np.unique(np.concatenate([np.array(next(gen).ids, np.int32) for _ in range(examples)]))
+
+
 class _Stream:
     """Examples from a generator, sorted as they come into retrieval examples (each its own
     sequence) and short ones (packed), with the short one that did not fit the last pack held."""
@@ -665,8 +676,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self._colon, self._space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
-                                          mix=options.mix, retrieval_questions=options.retrieval_questions))
+                                          mix=options.mix, retrieval_questions=options.retrieval_questions,
+                                          session_tokens=options.max_tokens,
+                                          composed_questions=options.composed_questions))
         self.rng = np.random.default_rng(options.seed)
+        self._task_vocabulary = None
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         if options.embed_lr_scale != 1.0:
             # Adam's steps do not grow with the weights: a scaled-up embedding learns as fast,
@@ -711,7 +725,8 @@ class Trainer:
         return self._joint_module
 
     def _loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
-              copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None, arguments=None):
+              copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None, arguments=None,
+              vocab=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         feats, hidden, cache = trunk(model, tokens)
         main = head_cross_entropy(feats[0, main_pos], self._head(model), main_targets)
@@ -726,7 +741,7 @@ class Trainer:
 
     def _fast_loss(self, joint, tokens, main_pos, main_targets, mtp_pos, mtp_targets, index_pos, copy_queries=None,
                    copy_masks=None, value_pos=None, entry_query=None, key_pos=None, entry_keys=None,
-                   arguments=None):
+                   arguments=None, vocab=None):
         model, mtp = joint.model, joint.mtp.mtp[0]
         o = self.options
         records = {}
@@ -739,8 +754,14 @@ class Trainer:
         probs_of |= {first_csa} if answers and first_csa is not None else set()
         feats, hidden = fast.trunk(model, tokens, records, probs_of=probs_of)
         head = self._head(model)
-        main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
         next_tokens = mx.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        if vocab is not None:  # the softmax over the sampled vocabulary: targets become its rows
+            head = head[mx.array(vocab)]
+            rows = np.zeros(self.cfg["vocab_size"], np.int32)
+            rows[vocab] = np.arange(len(vocab))
+            rows = mx.array(rows)
+            tokens, main_targets, mtp_targets = rows[tokens], rows[main_targets], rows[mtp_targets]
+        main = fast.head_cross_entropy(feats[0, main_pos], head, main_targets)
         mtp_feats = fast.mtp_features(mtp, hidden, next_tokens, model.embed)
         mtp_loss = fast.head_cross_entropy(mtp_feats[0, mtp_pos], head, mtp_targets)
         kls = [index_kl(r["q"], r["entries"], r["keys"], r["iq"], r["iw"], index_pos, model.layers[i].attn.scale,
@@ -881,7 +902,18 @@ class Trainer:
                     main_targets=mx.array(ids[main_pos + 1]), mtp_pos=mx.array(mtp_pos.astype(np.int32)),
                     mtp_targets=mx.array(ids[mtp_pos + 2]), index_pos=index_pos, copy_queries=copy_queries,
                     copy_masks=copy_masks, value_pos=value_pos, entry_query=entry_query, key_pos=key_pos,
-                    entry_keys=entry_keys, arguments=arguments), kinds
+                    entry_keys=entry_keys, arguments=arguments, vocab=self._sample_vocabulary(ids)), kinds
+
+    def _sample_vocabulary(self, ids: np.ndarray):
+        """The rows of the vocabulary head a step's softmax runs over with `head_sample`: the tokens the
+        tasks write (`task_vocabulary`: every token the model could confuse a target with), the
+        sequence's own (every target is one) and `head_sample` others drawn uniformly; None: all."""
+        if not self.options.head_sample:
+            return None
+        if self._task_vocabulary is None:
+            self._task_vocabulary = task_vocabulary(self.tokenizer, self.options)
+        drawn = self.rng.choice(self.cfg["vocab_size"], self.options.head_sample, replace=False)
+        return np.union1d(np.union1d(ids, self._task_vocabulary), drawn).astype(np.int32)
 
     def train_step(self):
         batch, kinds = self.batch()
@@ -889,7 +921,7 @@ class Trainer:
         (loss, parts), grads = self._grad(
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
-            batch["entry_query"], batch["key_pos"], batch["entry_keys"], batch["arguments"])
+            batch["entry_query"], batch["key_pos"], batch["entry_keys"], batch["arguments"], batch["vocab"])
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5),

@@ -9,8 +9,9 @@
 and MoE, then the vocabulary head and the indexer objective.
 
 --head-sample N instead times the training path with the vocabulary head's softmax over the whole
-vocabulary and over the sequence's tokens and N drawn others (`TrainOptions.head_sample`), side by
-side on the same data, with the objectives and tool-session mix of docs/tiny-model.md's m1s.
+vocabulary and over its sample (the tasks' tokens, the sequence's and N drawn others:
+`TrainOptions.head_sample`), side by side on the same data, with the objectives and tool-session
+mix of docs/tiny-model.md's m1s.
 """
 
 import argparse

@@ -173,3 +173,8 @@ def test_sampled_head_is_the_softmax_over_the_sequence_and_the_drawn_rows(tokeni
 
     moved = np.abs(np.array(grads["model.embed.weight"])).sum(axis=1) > 0
     assert moved[vocab].mean() > 0.9 and not moved[np.setdiff1d(np.arange(len(moved)), vocab)].any()
+
+
+def test_cache_path_refuses_a_sampled_head(tokenizer):
+    with pytest.raises(ValueError, match="head_sample"):
+        Trainer(tokenizer, TrainOptions(head_sample=8), reference=True)

@@ -145,8 +145,7 @@ WORDS = ("apple", "river", "garden", "planet", "window", "silver", "rocket", "fo
 COMPOSED_LEADS = ("", "", "Hey, ", "OK so ", "Math time. ", "Homework help: ", "Urgent: ", "Hello again. ",
                   "Right, ", "Next one. ", "A question for you: ", "So, ")
 COMPOSED_ENDS = ("?", ".", "!", " please.", " for me?", " now.", " if you can.", ", thanks.", " right now?")
-OP_VERBS = {"+": ("add", "plus"), "-": ("take away", "minus"), "*": ("multiply it by", "times"),
-            "/": ("divide it by", "divided by")}
+OP_VERBS = {"+": "add", "-": "take away", "*": "multiply it by", "/": "divide it by"}
 COMPOSED_BODIES = {
     "calculate": ("compute {a} {op} {b}", "figure out {a} {word} {b}", "what does {a} {op} {b} come to",
                   "{a} {word} {b} makes what", "if I take {a} and {verb} {b}, what do I get",
@@ -256,7 +255,7 @@ class TaskGenerator:
         """A question of this split's phrasings; a training one opens or closes with small talk a
         third of the time each, or with `composed_questions` is composed from parts that often."""
         if self.split == "train" and self.composed_questions and self.rng.random() < self.composed_questions:
-            body = self.rng.choice(bodies).format(verb=OP_VERBS[fields["op"]][0] if "op" in fields else "", **fields)
+            body = self.rng.choice(bodies).format(verb=OP_VERBS.get(fields.get("op"), ""), **fields)
             lead = self.rng.choice(COMPOSED_LEADS)
             return lead + (body if lead.endswith(", ") else body[0].upper() + body[1:]) + self.rng.choice(COMPOSED_ENDS)
         question = self.rng.choice(templates[self.split]).format(**fields)
@@ -335,11 +334,11 @@ class TaskGenerator:
         rendered, rounds = None, []
         for _ in range(r.randint(2, 6)):
             round_ = self._tool_round(toolset)
-            candidate = render(messages + self._round_messages(*round_), self.tokenizer, tools=schemas)
+            extended = messages + self._round_messages(*round_)
+            candidate = render(extended, self.tokenizer, tools=schemas)
             if rendered is not None and len(candidate[0]) > self.session_tokens:
                 break
-            messages += self._round_messages(*round_)
-            rendered = candidate
+            messages, rendered = extended, candidate
             rounds.append(round_)
         ids, mask, text = rendered
         meta = {"toolset": toolset, "system": system, "rounds": len(rounds),

@@ -626,6 +626,8 @@ class Trainer:
     TRAINING_MAPS = ("readback", "entry_readback")
 
     def __init__(self, tokenizer, options: TrainOptions, reference: bool = False):
+        if reference and options.head_sample:
+            raise ValueError("head_sample: the cache path (reference=True) runs the whole vocabulary head")
         self.options = options
         self.cfg = trained_config(options.preset, **(options.config or {}))
         mx.random.seed(options.seed)

@@ -3,14 +3,13 @@ substrate: no network, the repository read-only, only a scratch directory writab
 
     python examples/agent_todo_finder.py [--model DIR] [--repo PATH]
 
-Without --model a tiny random checkpoint is built in a temporary directory; its text
-is random. The sandbox needs bubblewrap (Linux) or sandbox-exec (macOS) and refuses
-to start without it.
+Without --model it runs the tiny V4 shipped in the package, which was trained on weather and
+arithmetic questions only: it cannot plan this task, so point --model at a converted checkpoint.
+The sandbox needs bubblewrap (Linux) or sandbox-exec (macOS) and refuses to start without it.
 """
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from mlx_dsv4.cli.common import add_draft_arguments, load_options
@@ -34,7 +33,7 @@ def build_agent(model, tokenizer, repo, **options):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path.cwd())
-    parser.add_argument("--model", type=Path, help="converted checkpoint (default: a tiny random one)")
+    parser.add_argument("--model", type=Path, help="converted checkpoint (default: the tiny trained one)")
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--log", type=Path, help="JSONL step log")
@@ -42,14 +41,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from agent_weather_calculator import load_model_or_tiny, print_events
+    from agent_weather_calculator import load_model_or_trained, print_events
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model_or_tiny(args.model, Path(tmp), **load_options(args))
-        with build_agent(model, tokenizer, args.repo, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                         log_path=args.log, on_event=print_events, draft=args.draft,
-                         num_draft=args.num_draft) as agent:
-            result = agent.run(f"Find the TODO comments in {args.repo.resolve()}.")
+    model, tokenizer = load_model_or_trained(args.model, **load_options(args))
+    with build_agent(model, tokenizer, args.repo, max_steps=args.max_steps, max_tokens=args.max_tokens,
+                     log_path=args.log, on_event=print_events, draft=args.draft,
+                     num_draft=args.num_draft) as agent:
+        result = agent.run(f"Find the TODO comments in {args.repo.resolve()}.")
     print(f"\n[{result.stop_reason} after {result.steps} step(s), {len(result.tool_calls)} tool call(s)]")
     return 0
 

@@ -1,17 +1,17 @@
 """A two-tool agent: current weather (a local table) and a safe calculator.
 
-    python examples/agent_weather_calculator.py [--model DIR] "Is it warmer in Paris or Oslo, by how much?"
+    python examples/agent_weather_calculator.py [--model DIR] ["Is it warmer in Paris or Oslo, by how much?"]
 
-Without --model a tiny random checkpoint is built in a temporary directory; its text
-is random, so it will rarely call a tool correctly. Point --model at a converted
-DeepSeek-V4 checkpoint for real answers.
+Without --model it runs the tiny V4 shipped in the package, trained on synthetic weather and
+arithmetic questions: it answers one question with one call ("What is the weather in Oslo?", the
+default question without --model), not comparisons. Point --model at a converted DeepSeek-V4
+checkpoint for real answers.
 """
 
 import argparse
 import ast
 import operator
 import sys
-import tempfile
 from pathlib import Path
 
 from mlx_dsv4.cli.common import add_draft_arguments, load_options
@@ -90,23 +90,23 @@ def print_events(event):
               f"{record.result.to_content(200)}]", flush=True)
 
 
-def load_model_or_tiny(path, scratch: Path, **load_options):
-    """Load the checkpoint at `path`, or build a tiny random one in `scratch` when none is given
-    (``load_options``: of ``mlx_dsv4.load``, e.g. mtp=True to draft with its MTP layer)."""
+def load_model_or_trained(path, **load_options):
+    """Load the checkpoint at `path`, or the tiny trained one shipped in the package when none is
+    given (``load_options``: of ``mlx_dsv4.load``, e.g. mtp=True to draft with its MTP layer)."""
     from mlx_dsv4 import load
-    from mlx_dsv4.tiny import write_tiny_checkpoint
+    from mlx_dsv4.train import trained_checkpoint
 
     if path is None:
-        path = scratch / "tiny-v4"
-        write_tiny_checkpoint(path, seed=0)
-        print("Using a tiny random model: its text is random, not an answer.", file=sys.stderr)
+        path = trained_checkpoint()
+        print("Using the tiny trained model: it knows only its synthetic tasks.", file=sys.stderr)
     return load(path, **load_options)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("question", nargs="?", default="Is it warmer in Paris or Oslo, and by how many degrees?")
-    parser.add_argument("--model", type=Path, help="converted checkpoint (default: a tiny random one)")
+    parser.add_argument("question", nargs="?",
+                        help="default: a comparison of Paris and Oslo; with the tiny trained model, Oslo's weather")
+    parser.add_argument("--model", type=Path, help="converted checkpoint (default: the tiny trained one)")
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--thinking", choices=["chat", "thinking"], default="chat")
@@ -114,12 +114,14 @@ def main(argv=None):
     add_draft_arguments(parser, what="each step")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model_or_tiny(args.model, Path(tmp), **load_options(args))
-        with build_agent(model, tokenizer, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                         thinking_mode=args.thinking, log_path=args.log, on_event=print_events,
-                         draft=args.draft, num_draft=args.num_draft) as agent:
-            result = agent.run(args.question)
+    model, tokenizer = load_model_or_trained(args.model, **load_options(args))
+    if args.question is None:
+        args.question = ("What is the weather in Oslo?" if args.model is None
+                         else "Is it warmer in Paris or Oslo, and by how many degrees?")
+    with build_agent(model, tokenizer, max_steps=args.max_steps, max_tokens=args.max_tokens,
+                     thinking_mode=args.thinking, log_path=args.log, on_event=print_events,
+                     draft=args.draft, num_draft=args.num_draft) as agent:
+        result = agent.run(args.question)
     print(f"\n[{result.stop_reason} after {result.steps} step(s), {len(result.tool_calls)} tool call(s)]")
     return 0
 

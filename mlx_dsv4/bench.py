@@ -107,6 +107,20 @@ def checkpoint_overrides(args) -> dict:
     return ov
 
 
+def shape_flags_given(args) -> List[str]:
+    """The flags describing a built checkpoint's shape (those ``checkpoint_overrides`` reads) whose
+    values differ from their defaults, as "--name"."""
+    import argparse
+
+    from .cli.bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    keys = list(FLASH_DIMS) + ["layers", "experts", "experts_per_token", "vocab_size"]
+    return ["--" + key.replace("_", "-") for key in keys if getattr(args, key) != getattr(defaults, key)]
+
+
 def ensure_checkpoint(args, log: Callable[[str], None], mtp: bool = False) -> Path:
     """The checkpoint to benchmark: --checkpoint, or one built from the flags (reused when present;
     ``mtp``: with an MTP layer)."""

@@ -2,14 +2,21 @@
 checkpoint's MTP layer (or its DSpark drafter, when it has one), side by side in one process,
 on one prompt per context length.
 
-Random weights make the MTP head's own proposals nearly always wrong, so the acceptance is
-also forced: the drafter's proposals are replaced by the target's known greedy continuation
-(accepted) or by other tokens (rejected), in the proportion asked for. The verification then
-costs exactly what it costs with a drafter of that acceptance; only the drafter's own compute
-is that of the real head. Every speculative run is checked to emit the plain greedy tokens.
-The weights are float32 by default: in bfloat16 the rounding of a (k+1)-token verification pass
-differs from that of single-token steps, and on random weights, whose logits are nearly flat,
-that flips near-tied argmaxes (the run notes where).
+The checkpoint is ``--checkpoint``; without it, a random one of the shape the flags give when any
+shape flag differs from its default, otherwise the trained checkpoint shipped with the package.
+On trained weights each prompt is real text of the kind the model learned: a held-out key-value
+lookup of about the context's length, so the drafter's own acceptance is a real figure. A lookup's
+reply is the value and the end-of-sentence token; the timed decode does not stop there, so that
+figure also covers what the model emits after its reply (the run logs the reply and its length). On
+random weights the prompt is random token ids and the drafter's own proposals are nearly always wrong.
+
+Next to the drafter's own runs, the acceptance is forced: the drafter's proposals are replaced by
+the target's known greedy continuation (accepted) or by other tokens (rejected), in the proportion
+asked for. The verification then costs exactly what it costs with a drafter of that acceptance;
+only the drafter's own compute is that of the real head. Every speculative run is checked to emit
+the plain greedy tokens. Random weights are built in float32 by default: in bfloat16 the rounding
+of a (k+1)-token verification pass differs from that of single-token steps, and on random weights,
+whose logits are nearly flat, that flips near-tied argmaxes (the run notes where).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +39,7 @@ TARGET_VS_PLAIN = 1.6
 TARGET_VS_VLM = 1.5
 TARGET_AT_ZERO = 0.9
 DRAFTER_NAMES = {"mtp": "1 MTP layer", "dspark": "the DSpark drafter"}
+PROMPT_KINDS = {"retrieval": "held-out key-value lookup (real text)", "random": "random token ids"}
 
 
 def parse_acceptances(text: str) -> List[float]:
@@ -150,21 +159,55 @@ def _vlm_plain(path, prompt: np.ndarray, chunk: int, steps: int, log) -> Optiona
     return float(np.mean(seconds))
 
 
+def speculative_checkpoint(args, log: Callable[[str], None]) -> Path:
+    """--checkpoint; without it, a random checkpoint of the flags' shape when a shape flag differs
+    from its default, otherwise the shipped trained checkpoint."""
+    from .bench import ensure_checkpoint, shape_flags_given
+
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    given = shape_flags_given(args)
+    if given:
+        log(f"{' '.join(given)} given: random weights of that shape")
+        return ensure_checkpoint(args, log, mtp=True)
+    from .train import trained_checkpoint
+
+    path = trained_checkpoint()
+    log(f"no --checkpoint or shape flags: the trained checkpoint {path}")
+    return path
+
+
+def make_prompts(path, config: dict, contexts: Sequence[int], vocab: int, seed: int) -> Tuple[str, Dict, object]:
+    """(prompt kind, {context: (ids, meta)}, tokenizer): random ids for random weights (prefixes of
+    one draw, meta None), otherwise a held-out key-value lookup of about each context's length
+    (meta: its key and answer; tokenizer: the checkpoint's, else None)."""
+    from .tiny import has_random_weights
+
+    if has_random_weights(config):
+        ids = np.random.default_rng(seed + 1).integers(0, vocab, size=max(contexts)).astype(np.int32)
+        return "random", {c: (ids[:c].tolist(), None) for c in contexts}, None
+    from .tokenizer import load_tokenizer
+    from .train.data import TaskGenerator
+    from .train.evaluate import retrieval_prompt
+
+    tokenizer = load_tokenizer(path)
+    generator = TaskGenerator(tokenizer, seed=seed, split="eval")
+    return "retrieval", {c: retrieval_prompt(generator, c) for c in contexts}, tokenizer
+
+
 def run_speculative(args, log: Callable[[str], None] = print) -> dict:
     """Measure and report plain vs speculative decode; returns the summary (JSON-able)."""
     import mlx.core as mx
 
-    from .bench import ensure_checkpoint
-    from .config import ModelArgs
-    from .loader import load_model
+    from .loader import load_model, read_checkpoint_config
     from .speculative import DraftSwitch
 
     contexts = [int(c) for c in args.spec_contexts]
     acceptances = parse_acceptances(args.acceptance)
     drafts = parse_drafts(args.spec_drafts)
     steps = args.decode_steps or DEFAULT_SPEC_STEPS
-    path = ensure_checkpoint(args, log, mtp=True)
-    model_args = ModelArgs.from_path(path)
+    path = speculative_checkpoint(args, log)
+    _, config, model_args = read_checkpoint_config(path)
     model = load_model(path, mtp=True)
     if not model.mtp_layers and model.dspark is None:
         raise ValueError(f"{path} has no MTP layer or DSpark drafter (mtp.* tensors): speculative decoding needs one")
@@ -177,15 +220,18 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
             drafts = [k for k in drafts if k <= block]
         if not drafts:
             raise ValueError(f"--num-draft: the DSpark drafter of {path} proposes 1..{block} tokens per pass")
+    dtype = str(model.dtype).replace("mlx.core.", "")
     log(f"checkpoint {path}: {model_args.num_hidden_layers} layers + {DRAFTER_NAMES[drafter]}, ratios "
-        f"{model_args.compress_ratios}, hidden {model_args.hidden_size}, vocab {model_args.vocab_size}")
-    rng = np.random.default_rng(args.seed + 1)
-    prompt_all = rng.integers(0, model_args.vocab_size, size=max(contexts)).astype(np.int32)
+        f"{model_args.compress_ratios}, hidden {model_args.hidden_size}, vocab {model_args.vocab_size}, "
+        f"{dtype} activations")
+    kind, prompts, tokenizer = make_prompts(path, config, contexts, model_args.vocab_size, args.seed)
+    log(f"prompts: {PROMPT_KINDS[kind]}")
     summary: Dict = {"command": "mlx-dsv4 bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
-                     else " ".join(sys.argv), "checkpoint": str(path), "dtype": args.dtype, "decode_steps": steps, "contexts": {}}
+                     else " ".join(sys.argv), "checkpoint": str(path), "dtype": dtype, "decode_steps": steps,
+                     "prompt": kind, "contexts": {}}
     for context in contexts:
-        prompt = prompt_all[:context].tolist()
-        log(f"context {context}: prefill (main model and {DRAFTER_NAMES[drafter]}) ...")
+        prompt, meta = prompts[context]
+        log(f"context {context}: {len(prompt)}-token prompt, prefill (main model and {DRAFTER_NAMES[drafter]}) ...")
         drafting = _drafting(model, model.make_cache())
         logits = drafting.prefill(prompt, args.chunk)
         first = int(mx.argmax(logits).item())
@@ -194,7 +240,14 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
         plain_decode(model, prefilled, first, 2)  # one-off compilations, untimed
         reference, plain_s = plain_decode(model, prefilled, first, max(steps, SWITCH_STEPS) + max(drafts) + 1)
         continuation = [first] + reference
-        row: Dict = {"plain_tok_s": 1 / plain_s, "runs": []}
+        row: Dict = {"prompt_tokens": len(prompt), "plain_tok_s": 1 / plain_s, "runs": []}
+        if meta is not None:
+            eos = tokenizer.eos_token_id
+            reply_tokens = continuation.index(eos) + 1 if eos in continuation else len(continuation)
+            reply = tokenizer.decode(continuation[:reply_tokens])
+            row.update(key=meta["key"], answer=meta["answer"], reply=reply, reply_tokens=reply_tokens)
+            log(f"  lookup of key {meta['key']} (value {meta['answer']}): greedy reply {reply!r}, {reply_tokens} "
+                f"token(s); the decode runs on past it")
         vlm_s = None if args.no_vlm else _vlm_plain(path, np.array(prompt), args.chunk, steps, log)
         row["vlm_tok_s"] = None if vlm_s is None else 1 / vlm_s
         log(f"  plain decode {1 / plain_s:.1f} tok/s" + ("" if vlm_s is None else f"; mlx-vlm {1 / vlm_s:.1f} tok/s"))
@@ -211,7 +264,7 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
             same = next((i for i, (a, b) in enumerate(zip(result["tokens"], reference)) if a != b), None)
             if same is not None:
                 log(f"  note: k={k}, forced acceptance {forced}: token {same} differs from plain greedy decoding "
-                    f"({summary['dtype']} rounding of a {k + 1}-token pass against a 1-token pass decides a near tie)")
+                    f"({dtype} rounding of a {k + 1}-token pass against a 1-token pass decides a near tie)")
             entry = {"drafter": drafter, "forced": forced, "k": k, "switch": switched,
                      "acceptance": result["acceptance"],
                      "first_difference": same,
@@ -228,8 +281,8 @@ def run_speculative(args, log: Callable[[str], None] = print) -> dict:
 
 
 def _label(run: dict) -> str:
-    own = "DSpark drafter" if run.get("drafter") == "dspark" else "MTP head"
-    label = own if run["forced"] is None else f"forced {run['forced']:g}"
+    own = "own DSpark drafter" if run.get("drafter") == "dspark" else "own MTP drafter"
+    label = f"{own}, real acceptance" if run["forced"] is None else f"forced {run['forced']:g}"
     return f"{label}, k={run['k']}" + (", switch" if run["switch"] else "")
 
 
@@ -239,8 +292,12 @@ def _best(row: dict, forced, switch: Optional[bool] = None) -> Optional[dict]:
 
 
 def report_speculative(summary: dict, out=print) -> None:
+    kind = summary.get("prompt")
     for context, row in summary["contexts"].items():
-        out(f"\ncontext {context}: plain decode {row['plain_tok_s']:.1f} tok/s"
+        prompt = "" if kind is None else f", {row['prompt_tokens']}-token prompt: {PROMPT_KINDS[kind]}"
+        if "reply" in row:
+            prompt += f" (greedy reply {row['reply']!r}: {row['reply_tokens']} of the decoded tokens)"
+        out(f"\ncontext {context}{prompt}: plain decode {row['plain_tok_s']:.1f} tok/s"
             + ("" if row["vlm_tok_s"] is None else f", mlx-vlm plain {row['vlm_tok_s']:.1f} tok/s"))
         out("| drafts | acceptance | tok/s | vs plain | vs mlx-vlm |")
         out("|---|---:|---:|---:|---:|")

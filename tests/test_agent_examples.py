@@ -52,6 +52,15 @@ def test_weather_calculator_uses_both_tools(tmp_path):
     assert sum(r["event"] == "tool" for r in read_log(tmp_path / "w.jsonl")) == 4
 
 
+def test_weather_calculator_without_a_model_runs_the_trained_one(capsys):
+    assert agent_weather_calculator.main([]) == 0
+    out = capsys.readouterr()
+    assert "tiny trained model" in out.err
+    assert '[tool get_weather({"city": "Oslo"}) -> ok: {"city": "Oslo", "temperature": 9.0' in out.out
+    assert 'Oslo is at 9.0 °C with "overcast".' in out.out
+    assert "[final after 2 step(s), 1 tool call(s)]" in out.out
+
+
 def test_calculator_refuses_code():
     with pytest.raises(ValueError, match="unsupported"):
         agent_weather_calculator.calculate("__import__('os').system('id')")

@@ -299,6 +299,7 @@ def test_speculative_bench_forces_acceptance_and_keeps_the_greedy_output(tmp_pat
     text = capsys.readouterr().out
     summary = json.loads(out.read_text())
     assert summary["dtype"] == "float32"
+    assert summary["prompt"] == "random" and "random token ids" in text  # random weights: random ids
     row = summary["contexts"]["80"]
     runs = {(r["forced"], r["k"], r["switch"]): r for r in row["runs"]}
     assert set(runs) == ({(f, k, False) for f in (None, 0.0, 0.5, 1.0) for k in (1, 3)}
@@ -312,6 +313,36 @@ def test_speculative_bench_forces_acceptance_and_keeps_the_greedy_output(tmp_pat
     assert "forced 0.8" not in text and "| forced 1, k=3 |" in text
     assert any(line.startswith(("PASS", "FAIL")) and "forced 0, k=3, switch on" in line for line in text.splitlines())
     assert "| forced 0, k=3, switch |" in text
+
+
+def test_speculative_bench_picks_its_checkpoint_from_the_flags():
+    assert bench.shape_flags_given(build_parser().parse_args(["bench", "--speculative"])) == []
+    args = build_parser().parse_args(["bench", "--speculative", "--hidden-size", "64", "--layers", "4"])
+    assert bench.shape_flags_given(args) == ["--hidden-size", "--layers"]
+
+
+def test_speculative_bench_measures_the_trained_drafters_own_acceptance(tmp_path, capsys, monkeypatch):
+    from mlx_dsv4 import bench_speculative
+    from mlx_dsv4.train import trained_checkpoint
+
+    monkeypatch.setattr(bench_speculative, "SWITCH_STEPS", 12)
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "--speculative", "--contexts", "256", "--decode-steps", "12", "--num-draft", "2",
+               "--acceptance", "1", "--no-vlm", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["checkpoint"] == str(trained_checkpoint())
+    assert summary["prompt"] == "retrieval" and "held-out key-value lookup (real text)" in text
+    row = summary["contexts"]["256"]
+    assert 128 < row["prompt_tokens"] <= 256 and row["reply"].startswith(row["answer"])
+    own = [r for r in row["runs"] if r["forced"] is None]
+    assert [r["k"] for r in own] == [2] and "| own MTP drafter, real acceptance, k=2 |" in text
+    # random weights' own drafts score 0 here; the reply is two tokens, so the rest of the 12 is what
+    # the model emits after it and the figure is low
+    assert 0 < own[0]["acceptance"] <= 1
+    for r in row["runs"]:
+        assert r["first_difference"] is None  # every run emitted the plain greedy tokens
 
 
 def test_forced_acceptance_follows_the_asked_share():

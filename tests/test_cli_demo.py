@@ -1,5 +1,6 @@
 """The CLI as a user runs it, and the README/CI contract."""
 
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,28 @@ def cli(*args, timeout=120):
     )
 
 
+def test_demo_on_the_trained_model_answers_through_a_real_tool_call():
+    start = time.perf_counter()
+    out = cli("demo")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert elapsed < 90
+    assert "random" not in out.stdout
+    lookup = re.search(r"long prompt: (\d+) tokens of key: value lines, .* -> '(\d+)' \(the list says (\d+)\)",
+                       out.stdout)
+    assert lookup and int(lookup.group(1)) > 512 and lookup.group(2) == lookup.group(3), out.stdout
+    assert re.search(r"decode: 63 cached steps in [\d.]+ s = [\d.]+ tok/s", out.stdout)
+    chat = r"chat turn: 'Who are you\?' -> 'I am a small assistant model\..*' \[\d+ prompt tokens, finish: stop\]"
+    assert re.search(chat, out.stdout), out.stdout
+    agent = re.search(r"agent: '(.+)' -> called (\w+)\((.+)\) -> (.+); final answer '(.+)'; steps logged", out.stdout)
+    assert agent, out.stdout
+    question, tool, arguments, result, answer = agent.groups()
+    assert "scripted" not in out.stdout
+    assert (tool, json.loads(arguments)) == ("add", {"a": 20, "b": 22}) and result == "42", out.stdout
+    assert question == "How much is 20 + 22?" and answer == "20 + 22 = 42."
+    assert re.search(r"restored run reused \d+ tokens and matches the uninterrupted generation \('939'\)", out.stdout)
+
+
 def test_demo_runs_under_a_minute_and_reports_speed_and_cache(tmp_path):
     start = time.perf_counter()
     out = cli("demo", "--dir", str(tmp_path / "tiny"))
@@ -30,6 +53,7 @@ def test_demo_runs_under_a_minute_and_reports_speed_and_cache(tmp_path):
     assert "random weights: the text is random" in out.stdout
     assert re.search(r"chat turn .*\[\d+ prompt tokens, finish: (length|stop)\]", out.stdout)
     assert 'called add({"a": 20, "b": 22}) -> 42; final answer \'20 + 22 = 42.\'' in out.stdout
+    assert "scripted model output" in out.stdout
     assert re.search(r"restored run reused \d+ tokens and matches the uninterrupted generation", out.stdout)
     mlx_dsv4.load_model(tmp_path / "tiny")  # the checkpoint it wrote is a real one
 

@@ -185,6 +185,18 @@ def test_suite_runs_end_to_end_on_the_tiny_model(bench, tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_without_a_model_the_trained_one_looks_up_keys(bench, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    rc = bench.main(["--sizes", "1K", "--depths", "0,50,100", "--max-new-tokens", "4", "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    results = json.loads(out_json.read_text())
+    assert results["random_weights"] is False and "meaningless" not in captured.out
+    assert results["tasks"] == ["keyvalue"]
+    assert results["accuracy"]["keyvalue"]["1K"]["ran"] == 3
+    assert results["accuracy"]["keyvalue"]["1K"]["right"] >= 2, results["cases"]
+
+
 def test_random_tiny_model_scores_are_called_meaningless(bench, tmp_path, capsys):
     args = ["--sizes", "1K", "--tasks", "needle", "--depths", "50", "--max-new-tokens", "1"]
     assert bench.main(["--model", str(tiny_chat_dir()), *args]) == 0

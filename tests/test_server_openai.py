@@ -236,3 +236,31 @@ def test_errors(server, client):
     assert r.status_code == 404 and "error" in r.json()
     # still serving
     assert client.chat.completions.create(model=MODEL, messages=user("hello-probe"), max_tokens=9).choices[0].message.content
+
+
+def test_the_trained_model_calls_a_tool_and_answers_from_its_result_through_the_client(tmp_path):
+    """No script: the tiny trained model writes the DSML call the client receives, then reads the
+    tool's result the client sends back."""
+    from mlx_dsv4.agent.tools import as_tool
+    from mlx_dsv4.train import data, trained_checkpoint
+    from test_server_support import ServerProcess
+
+    server = ServerProcess(["--temperature", "0", "--max-tokens", "96"], model=trained_checkpoint(), root=tmp_path)
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        tools = [as_tool(data.get_weather).schema(), as_tool(data.calculate).schema()]
+        messages = [{"role": "system", "content": data.WEATHER_SYSTEM},
+                    {"role": "user", "content": "What is the weather in Paris?"}]
+        first = client.chat.completions.create(model=model, messages=messages, tools=tools).choices[0]
+        assert first.finish_reason == "tool_calls"
+        (call,) = first.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        result = {"city": "Paris", "temperature": 18.5, "units": "celsius", "conditions": "light rain"}
+        messages += [first.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
+        final = client.chat.completions.create(model=model, messages=messages, tools=tools).choices[0]
+        assert final.finish_reason == "stop"
+        assert final.message.content == 'Paris is at 18.5 °C with "light rain".'
+    finally:
+        server.stop()

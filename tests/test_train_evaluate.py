@@ -84,3 +84,46 @@ def test_call_token_accuracy_splits_arguments_from_the_rest(tokenizer):
     assert one_off["rest"] == pytest.approx(1 - 1 / one_off["rest_tokens"])
     after_the_call = len(ex.ids) - 2  # in the final answer, not the call turn
     assert call_token_accuracy(TeacherOracle(ex.ids, {after_the_call}), tokenizer, n=1)["rest"] == 1.0
+
+
+class ChatOracle:
+    """Answers the chat task's single-turn questions as the task does (capitals from COUNTRIES, the
+    words after "Repeat after me: ", GREETINGS' replies), one token per call; `wrong_capitals` names
+    the next country's capital instead."""
+
+    def __init__(self, tokenizer, wrong_capitals=False):
+        from mlx_dsv4.train.data import COUNTRIES, GREETINGS
+
+        self.tokenizer, self.greetings = tokenizer, dict(GREETINGS)
+        capitals = list(COUNTRIES.values())
+        self.capitals = dict(zip(COUNTRIES, capitals[1:] + capitals[:1] if wrong_capitals else capitals))
+        self.vocab_size = tokenizer.vocab_size
+
+    def make_cache(self, *args):
+        return []
+
+    def reply(self, question):
+        if question.startswith("What is the capital of "):
+            country = question[len("What is the capital of "):-1]
+            return f"The capital of {country} is {self.capitals[country]}."
+        if question.startswith("Repeat after me: "):
+            return question[len("Repeat after me: "):]
+        return self.greetings[question]
+
+    def __call__(self, tokens, cache=None, last_only=False):
+        if not cache:
+            prompt = self.tokenizer.decode(np.array(tokens)[0].tolist())
+            question = prompt.split("<｜User｜>")[1].split("<｜Assistant｜>")[0]
+            cache.extend(self.tokenizer.encode(self.reply(question)) + [self.tokenizer.eos_token_id])
+        logits = np.zeros((1, 1, self.vocab_size), np.float32)
+        logits[0, 0, cache.pop(0)] = 1
+        return mx.array(logits)
+
+
+def test_chat_accuracy_counts_exact_replies_per_kind(tokenizer):
+    from mlx_dsv4.train.evaluate import chat_accuracy
+
+    right = chat_accuracy(ChatOracle(tokenizer), tokenizer, n=9)
+    assert right == {"n": 9, "accuracy": 1.0, "capital": 1.0, "repeat": 1.0, "greeting": 1.0}
+    wrong = chat_accuracy(ChatOracle(tokenizer, wrong_capitals=True), tokenizer, n=9)
+    assert wrong["capital"] == 0 and wrong["repeat"] == wrong["greeting"] == 1 and wrong["accuracy"] == 6 / 9

@@ -12,7 +12,7 @@ from pathlib import Path
 
 # subcommand -> (module in this package, help)
 SUBCOMMANDS = {
-    "demo": ("demo", "Run the built-in walk-through on a tiny random model"),
+    "demo": ("demo", "Run the built-in walk-through on the tiny trained model"),
     "make-tiny": ("make_tiny", "Write a small random checkpoint in the official layout"),
     "train-tiny": ("train_tiny", "Train the small V4 on synthetic tasks (CPU)"),
     "convert": ("convert", "Convert a Hub DeepSeek-V4 checkpoint to MLX"),

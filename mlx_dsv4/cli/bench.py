@@ -3,7 +3,7 @@
 import sys
 
 from ..bench import DEFAULT_CONTEXTS, DEFAULT_RATIOS, FLASH_DIMS, IMPLS
-from ..bench_speculative import DEFAULT_ACCEPTANCES, DEFAULT_DRAFTS, DEFAULT_SPEC_CONTEXTS
+from ..bench_speculative import DEFAULT_ACCEPTANCES, DEFAULT_DRAFTS, DEFAULT_SPEC_CONTEXTS, DEFAULT_SPEC_STEPS
 
 
 def add_arguments(p) -> None:
@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
                    help="CPU backend: run our model's independent work on up to N streams, one per core "
                         "(experimental; default: $MLX_DSV4_CPU_STREAMS or 1)")
     r.add_argument("--decode-steps", type=int, default=None,
-                   help="timed decode steps per context (default 16; with --speculative 96)")
+                   help=f"timed decode steps per context (default 16; with --speculative {DEFAULT_SPEC_STEPS})")
     r.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
     r.add_argument("--impls", default=",".join(IMPLS), help=f"implementations to run (default {','.join(IMPLS)})")
     r.add_argument("--kv-dtype", default="fp8", help="our cache's kv storage (default fp8)")
@@ -53,9 +53,10 @@ def add_arguments(p) -> None:
                    help="also draw tok/s and memory against context into this PNG (needs matplotlib)")
     s = p.add_argument_group("speculative decoding (--speculative)")
     s.add_argument("--speculative", action="store_true",
-                   help="measure plain greedy decode against speculative decode with the MTP layer instead")
+                   help="measure plain greedy decode against speculative decode with the MTP layer instead "
+                        "(default checkpoint: the tiny trained one, prompted with key-value lookups)")
     s.add_argument("--acceptance", default=DEFAULT_ACCEPTANCES,
-                   help=f"forced acceptance rates to measure (default {DEFAULT_ACCEPTANCES}); the MTP head's own "
+                   help=f"forced acceptance rates to measure (default {DEFAULT_ACCEPTANCES}); the drafter's own "
                         "proposals are measured too")
     s.add_argument("--num-draft", dest="spec_drafts", default=DEFAULT_DRAFTS,
                    help=f"tokens drafted per round to measure, comma-separated (default {DEFAULT_DRAFTS})")

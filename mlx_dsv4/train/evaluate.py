@@ -8,6 +8,7 @@
   result are given (`answer_after_result`), and how often the call's tokens are right teacher-forced,
   its arguments apart from the rest (`call_token_accuracy`);
 - retrieval: greedy answer to "value of key K" after a key: value list of a given length;
+- chat: exact greedy replies to single-turn chat questions (capitals, repeating words, greetings);
 - MTP acceptance: how often the MTP layer's argmax equals the main model's next-but-one greedy token;
 - cache precision: mean KL and argmax agreement of each kv / indexer storage against float32.
 """
@@ -15,13 +16,33 @@
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
-from ..chat import encode_messages
+from ..chat import encode_messages, parse_completion
 from . import data
 from .data import TaskGenerator
 
 STORAGES = ("fp8/fp4", "bf16/bf16", "float/float")
+
+
+def float32_copy(model):
+    """The model with its quantised embedding and head dequantised and every weight float32, so that
+    the activations (and the "float" cache) are float32."""
+    for name in ("embed", "head"):
+        layer = getattr(model, name)
+        if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode)
+            if name == "embed":
+                new = nn.Embedding(*w.shape)
+            else:
+                new = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            new.weight = w.astype(mx.float32)
+            setattr(model, name, new)
+    model.update(nn.utils.tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                                   model.parameters()))
+    mx.eval(model.parameters())
+    return model
 
 
 def greedy(model, ids, max_new: int, eos_id: int, kv_dtype="fp8", index_dtype="fp4"):
@@ -144,13 +165,41 @@ def retrieval(model, tokenizer, n_tokens: int, n: int = 20, seed: int = 0) -> di
     hits = 0
     lengths = []
     for _ in range(n):
-        ex = gen.retrieval(n_tokens)
-        messages = [{"role": "user", "content": ex.text.split("<｜User｜>", 1)[1].split("<｜Assistant｜>", 1)[0]}]
-        ids = _prompt_ids(tokenizer, messages)
+        ids, meta = retrieval_prompt(gen, n_tokens)
         lengths.append(len(ids))
         out = greedy(model, ids, 4, tokenizer.eos_token_id)
-        hits += tokenizer.decode(out).replace(tokenizer.eos_token, "").strip() == ex.meta["answer"]
+        hits += tokenizer.decode(out).replace(tokenizer.eos_token, "").strip() == meta["answer"]
     return {"n": n, "tokens": int(np.mean(lengths)), "accuracy": hits / n}
+
+
+def retrieval_prompt(gen: TaskGenerator, n_tokens: int):
+    """(prompt ids, meta) of `gen`'s next retrieval question of about `n_tokens` tokens: the list
+    and the question as one user turn, up to the assistant's opener; meta has key, answer, depth."""
+    ex = gen.retrieval(n_tokens)
+    messages = [{"role": "user", "content": ex.text.split("<｜User｜>", 1)[1].split("<｜Assistant｜>", 1)[0]}]
+    return _prompt_ids(gen.tokenizer, messages), ex.meta
+
+
+def chat_accuracy(model, tokenizer, n: int = 24, seed: int = 0) -> dict:
+    """Exact greedy replies to single-turn chat questions of the chat task, in chat mode, taking turns:
+    a country's capital, a few words to repeat, a greeting; the share right per kind and overall."""
+    gen = TaskGenerator(tokenizer, seed=seed, split="eval")
+    right = {"capital": [0, 0], "repeat": [0, 0], "greeting": [0, 0]}
+    for i in range(n):
+        kind = tuple(right)[i % 3]
+        if kind == "capital":
+            question, reply, _ = gen._capital_turn()
+        elif kind == "repeat":
+            question, reply, _ = gen._echo_turn()
+        else:
+            question, reply = gen.rng.choice(data.GREETINGS)
+        out = greedy(model, _prompt_ids(tokenizer, [{"role": "user", "content": question}]), 48,
+                     tokenizer.eos_token_id)
+        got = parse_completion(tokenizer.decode(out), "chat", strict=False)["content"].strip()
+        right[kind][0] += got == reply
+        right[kind][1] += 1
+    return {"n": n, "accuracy": sum(r for r, _ in right.values()) / n,
+            **{kind: r / max(t, 1) for kind, (r, t) in right.items()}}
 
 
 def _eval_sequences(tokenizer, n: int, seed: int, kinds=("tool", "chat", "pattern")):

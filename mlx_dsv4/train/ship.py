@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-SHIP_EMBED_BITS = 4
+SHIP_EMBED_BITS = 8
 
 
 def tied_checkpoint(official_dir, out_dir) -> bool:
@@ -37,13 +37,33 @@ def tied_checkpoint(official_dir, out_dir) -> bool:
     return True
 
 
+def training_stages(run_dir) -> list:
+    """The `train-tiny` runs that made `run_dir`, first to last: each one's train_options.json
+    (its init_from reduced to the directory's name) with `stopped_at_step`, where the next run
+    took its weights (a run's last step unless a snapshot was taken earlier)."""
+    stages, run = [], Path(run_dir)
+    while run is not None:
+        options = json.loads((run / "train_options.json").read_text())
+        state = run / "train_state" / "step.json"
+        step = json.loads(state.read_text())["step"] if state.is_file() else options["steps"]
+        parent = Path(options["init_from"]) if options.get("init_from") else None
+        stages.append({"run": run.name, **options, "init_from": parent.name if parent else None,
+                       "stopped_at_step": step})
+        run = parent
+    return stages[::-1]
+
+
 def ship(official_dir, out_dir, embed_bits: int = SHIP_EMBED_BITS, log=lambda s: None) -> dict:
-    """Convert the float32 official-layout checkpoint in `official_dir` to `out_dir` (replaced),
-    tied when `tied_checkpoint` finds the head a scaled copy of the embedding."""
+    """Convert the float32 official-layout checkpoint `train-tiny` wrote in `official_dir` to
+    `out_dir` (replaced), tied when `tied_checkpoint` finds the head a scaled copy of the embedding,
+    with the runs that made it in training.json (`training_stages`)."""
     from ..convert.convert import convert
     from ..convert.recipes import Recipe
 
     recipe = Recipe("q8", dense_bits=None, embed_bits=embed_bits, dtype="bfloat16")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) if tied_checkpoint(official_dir, tmp) else Path(official_dir)
-        return convert(src, Path(out_dir), recipe, include_mtp=True, overwrite=True, progress=False, log=log)
+        report = convert(src, Path(out_dir), recipe, include_mtp=True, overwrite=True, progress=False, log=log)
+    stages = training_stages(official_dir)
+    (Path(out_dir) / "training.json").write_text(json.dumps(stages, indent=1) + "\n")
+    return report

@@ -30,10 +30,8 @@ def loss_records(source: Path) -> tuple:
     if source.is_file():
         return [json.loads(line) for line in source.read_text().splitlines()], []
     records, boundaries, offset = [], [], 0
-    runs = {s["run"]: s for s in training_stages(source)}
-    root = source.parent
-    for name, stage in runs.items():
-        log = [json.loads(line) for line in (root / name / "loss.jsonl").read_text().splitlines()]
+    for stage in training_stages(source):
+        log = [json.loads(line) for line in (source.parent / stage["run"] / "loss.jsonl").read_text().splitlines()]
         log = [r for r in log if r["step"] < stage["stopped_at_step"]]
         if records:
             boundaries.append(offset)

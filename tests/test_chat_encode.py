@@ -35,6 +35,7 @@ from mlx_dsv4.chat import (
     INITIAL_RELEASE_REASONING_EFFORT_PROMPTS,
     REASONING_EFFORT_PROMPTS,
     ChatFormatError,
+    caller_chars,
     encode_messages,
     encode_messages_to_ids,
 )
@@ -63,6 +64,29 @@ def test_golden_prompt(name):
 
 def test_golden_set_is_complete():
     assert len(GOLDEN) == 21
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+@pytest.mark.parametrize("mode", ["as given", "thinking"])
+def test_caller_chars_never_exceed_the_rendered_prompt(name, mode):
+    case, _ = load_case(name)
+    options = dict(case["options"]) if mode == "as given" else {**case["options"], "thinking_mode": "thinking"}
+    assert 0 < caller_chars(case["messages"]) <= len(encode_messages(case["messages"], **options))
+
+
+def test_caller_chars_count_only_text_every_rendering_keeps():
+    messages = [
+        {"role": "system", "content": "sys"},
+        {"role": "developer", "content": "D" * 500},
+        {"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "text", "text": "cde"}]},
+        {"role": "assistant", "content": "ok", "reasoning_content": "R" * 500},
+        {"role": "user", "content": "again"},
+    ]
+    prompt = encode_messages(messages, thinking_mode="thinking")
+    assert "D" * 500 not in prompt and "R" * 500 not in prompt  # dropped by this rendering
+    assert caller_chars(messages) == len("sys" + "ab" + "cde" + "ok" + "again")
+    assert caller_chars("not a list") == 0
+    assert caller_chars([None, {"role": "user", "content": 5}, {"role": "user", "content": [{"text": "x"}]}]) == 0
 
 
 def test_tools_argument_lands_on_the_system_message():

@@ -199,9 +199,25 @@ def test_oversized_prompts_are_refused_quickly_with_bounded_memory(server):
         assert isinstance(reply, httpx.Response), reply
         assert_too_long(reply)
     assert max(seconds) < 30
-    # tokenising all of each prompt took 2.5 GB apiece
+    # tokenising all of each prompt took 2.5 GB apiece; rendering it before refusing, about 150 MB
     assert peak - before < 768
     assert server.health()["request_body_bytes"] == 0
+
+
+def test_a_prompt_sure_to_be_too_long_is_refused_before_it_is_rendered(server):
+    text = "word " * 4_800_000  # 24M characters: at least 187500 tokens by the character bound alone
+    parts = [{"type": "text", "text": text[:12_000_000]}, {"type": "text", "text": text[12_000_000:]}]
+    with httpx.Client(base_url=server.base, headers=JSON, timeout=60) as http:
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+        assert_too_long(r)
+        # the rendered prompt is longer, so its own bound would say 187501
+        assert "resulted in at least 187500 tokens" in r.json()["error"]["message"]
+        anthropic = {"model": MODEL, "max_tokens": 4, "system": text[:12_000_000],
+                     "messages": [{"role": "user", "content": [{"type": "text", "text": text[12_000_000:]}]}]}
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            r = http.post(path, json=anthropic)
+            assert r.status_code == 400, r.text[:300]
+            assert r.json()["error"]["message"].startswith("prompt is too long: at least 187500 tokens > 4096")
 
 
 def test_a_prompt_within_the_character_bound_is_counted_only_to_the_limit(server):

@@ -25,6 +25,9 @@ class Ctx:
     defaults = SamplingParams(max_tokens=64)
     vocab_size = 129280
 
+    def check_prompt_chars(self, chars, param):
+        pass
+
     def check_model(self, name):
         if name != "m":
             raise APIError(404, "no such model", param="model")

@@ -13,7 +13,7 @@ Adapters between OpenAI function calling and DSML: ``tool_calls_to_dsml``,
 """
 
 from .adapters import dsml_to_tool_calls, render_tools_block, tool_calls_to_dsml
-from .encode import encode_messages, encode_messages_to_ids
+from .encode import caller_chars, encode_messages, encode_messages_to_ids
 from .errors import ChatFormatError
 from .parse import parse_completion
 from .special import INITIAL_RELEASE_REASONING_EFFORT_PROMPTS, REASONING_EFFORT_PROMPTS
@@ -36,6 +36,7 @@ __all__ = [
     "ReasoningDelta",
     "ToolCallComplete",
     "ToolCallStarted",
+    "caller_chars",
     "dsml_to_tool_calls",
     "encode_messages",
     "encode_messages_to_ids",

@@ -39,6 +39,7 @@ _ALLOWED_FIELDS = {
 }
 # OpenAI responses echoed back by clients carry these; they are accepted only when empty.
 _EMPTY_ECHO_FIELDS = {"refusal", "audio", "function_call", "annotations"}
+_KEPT_ROLES = ("system", "user", "tool", "assistant", "latest_reminder")
 
 
 @dataclass
@@ -182,6 +183,23 @@ def _normalise(messages, tools):
         else:
             turns.insert(0, _Turn("system", tools=tools))
     return turns
+
+
+def caller_chars(messages):
+    """A lower bound on the length of ``encode_messages(messages)``: the content of the messages
+    every rendering keeps whole (all but developer messages; reasoning is not counted). Entries
+    that are not well formed count nothing; rendering reports them."""
+    total = 0
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict) or message.get("role") not in _KEPT_ROLES:
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part["text"]) for part in content
+                         if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+    return total
 
 
 def _answered_call(message, index, pending_calls, answered):

@@ -226,7 +226,7 @@ def parse_messages_request(body, ctx, *, count_only=False):
     tools, names = _tools(body)
     choice, named = _tool_choice(body, names)
     tools, names = tools_for_choice(tools, names, choice, named)
-    prompt = render_chat_prompt(messages, tools=tools, thinking_mode=thinking_mode,
+    prompt = render_chat_prompt(messages, ctx, tools=tools, thinking_mode=thinking_mode,
                                 reasoning_effort=effort if thinking_mode == "thinking" else None,
                                 response_format=response_format, keep_reasoning=keep_reasoning, param="messages")
     prefix = ""

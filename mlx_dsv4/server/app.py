@@ -65,6 +65,27 @@ class Context:
                                             (self.engine.kv_tokens, "the KV cache memory limit")) if n is not None]
         return min(limits) if limits else (None, None)
 
+    def count_prompt_tokens(self, text, param):
+        """Token ids of ``text``; 400 as soon as it is known to reach the tightest limit."""
+        limit, what = self.token_limit()
+        try:
+            return self.prompt_tokenizer.encode(text, limit)
+        except PromptTooLong as err:
+            raise ContextOverflow(err.at_least, limit, what=what, param=param, at_least=True)
+        except UnbrokenRun as err:
+            raise APIError(400, str(err), param=param, code="invalid_value")
+
+    def check_prompt_chars(self, chars, param):
+        """400 when a prompt holding ``chars`` characters of caller text is sure to reach the
+        tightest limit: a huge prompt is refused before it is rendered (copied) at all."""
+        limit, what = self.token_limit()
+        if limit is None:
+            return
+        try:
+            self.prompt_tokenizer.check_chars(chars, limit)
+        except PromptTooLong as err:
+            raise ContextOverflow(err.at_least, limit, what=what, param=param, at_least=True)
+
     def check_model(self, name):
         if name != self.model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -167,17 +188,6 @@ def _build(build, raw):
         return None, APIError(500, f"internal error: {type(err).__name__}: {err}")
 
 
-def _count_prompt_tokens(text, ctx, param):
-    """Token ids of ``text``; 400 as soon as it is known to reach the tightest limit."""
-    limit, what = ctx.token_limit()
-    try:
-        return ctx.prompt_tokenizer.encode(text, limit)
-    except PromptTooLong as err:
-        raise ContextOverflow(err.at_least, limit, what=what, param=param, at_least=True)
-    except UnbrokenRun as err:
-        raise APIError(400, str(err), param=param, code="invalid_value")
-
-
 def _prepare(plan, ctx):
     """Check sampling against the model, tokenise the prompt and check it (with max_tokens)
     against the context and the memory guard."""
@@ -190,7 +200,7 @@ def _prepare(plan, ctx):
         raise APIError(400, f"'{err.field}' {err.problem}", param=err.field, code="invalid_value")
     param = "messages" if plan.parse else "prompt"
     if not plan.prompt_ids:
-        plan.prompt_ids = _count_prompt_tokens(plan.prompt, ctx, param)
+        plan.prompt_ids = ctx.count_prompt_tokens(plan.prompt, param)
     n = len(plan.prompt_ids)
     sampling = plan.sampling
     for limit, what in ((ctx.max_context, "the context"), (engine.kv_tokens, "the KV cache memory limit")):
@@ -400,7 +410,7 @@ class Server:
 
         def build(body):
             plan = anthropic_api.parse_messages_request(body, ctx, count_only=True)
-            return _count_prompt_tokens(plan.prompt, ctx, "messages")
+            return ctx.count_prompt_tokens(plan.prompt, "messages")
 
         try:
             _, ids = await self._admit(request, build)

@@ -15,6 +15,7 @@ from ..chat import (
     ReasoningDelta,
     ToolCallComplete,
     ToolCallStarted,
+    caller_chars,
     encode_messages,
 )
 from ..chat.special import BOS, DSML, INVOKE_TAG, TOOL_CALLS_TAG
@@ -222,9 +223,11 @@ def compile_constraint(plan, tokenizer):
         raise APIError(400, f"'{where}' cannot be enforced: {err.problem}", param=where, code="invalid_value")
 
 
-def render_chat_prompt(messages, *, tools, thinking_mode, reasoning_effort, response_format, keep_reasoning=False,
-                       param="messages"):
-    """encode_messages with response_format put on the system message; ChatFormatError -> 400."""
+def render_chat_prompt(messages, ctx, *, tools, thinking_mode, reasoning_effort, response_format,
+                       keep_reasoning=False, param="messages"):
+    """encode_messages with response_format put on the system message; ChatFormatError -> 400.
+    A prompt whose caller text alone is too long for ``ctx`` is refused before it is rendered."""
+    ctx.check_prompt_chars(caller_chars(messages), param)
     shift = 0
     if response_format is not None:
         messages = list(messages)

@@ -140,7 +140,7 @@ def parse_chat_request(body, ctx):
     choice, named = _tool_choice(body, names)
     tools, names = tools_for_choice(tools, names, choice, named)
     prompt = render_chat_prompt(
-        messages, tools=tools, thinking_mode=thinking_mode, reasoning_effort=effort,
+        messages, ctx, tools=tools, thinking_mode=thinking_mode, reasoning_effort=effort,
         response_format=_response_format(body),
     )
     # In chat mode a required call opens with its tags written into the prompt; in thinking

@@ -99,6 +99,16 @@ class PromptTokenizer:
                 return cut
             position = cut + 1
 
+    def tokens_at_least(self, chars):
+        """The fewest tokens a text of ``chars`` characters can have (the first bound)."""
+        return -(-chars // self.max_token_chars)
+
+    def check_chars(self, chars, limit):
+        """``PromptTooLong`` when any text holding ``chars`` characters has ``limit`` tokens or
+        more by the first bound alone (checked for the V4 tokenizer only, as ``encode`` does)."""
+        if self.bounded and self.tokens_at_least(chars) >= limit:
+            raise PromptTooLong(self.tokens_at_least(chars), limit)
+
     def encode(self, text, limit=None):
         if limit is None or not self.bounded:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -107,7 +117,7 @@ class PromptTokenizer:
             return ids
         ids, start = [], 0
         while start < len(text):
-            at_least = len(ids) - (-(len(text) - start) // self.max_token_chars)
+            at_least = len(ids) + self.tokens_at_least(len(text) - start)
             if at_least >= limit:
                 raise PromptTooLong(at_least, limit)
             end = self._cut_after(text, start + self.chunk_chars)

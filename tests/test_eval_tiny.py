@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from generate_support import tiny_chat_dir
+from train_runs_support import fake_run
 
 
 def test_eval_tiny_prints_its_tool_rows_and_writes_its_figures(tmp_path, capsys):
@@ -35,18 +36,9 @@ def test_the_loss_plot_joins_a_run_to_the_runs_it_started_from(tmp_path):
     eval_tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_tiny)
 
-    def run(name, parent, steps, stopped):
-        (tmp_path / name / "train_state").mkdir(parents=True)
-        (tmp_path / name / "train_options.json").write_text(json.dumps(
-            {"steps": steps, "init_from": str(tmp_path / parent) if parent else None}))
-        (tmp_path / name / "train_state" / "step.json").write_text(json.dumps({"step": stopped}))
-        (tmp_path / name / "loss.jsonl").write_text("".join(
-            json.dumps({"step": i, "main": float(len(name)), "mtp": 1.0, "indexer_kl": 0.5}) + "\n"
-            for i in range(steps)))
-
-    run("a", None, 5, 5)
-    run("bb", "a", 6, 3)  # the next run started from its step-3 snapshot
-    run("ccc", "bb", 4, 4)
+    fake_run(tmp_path, "a", None, 5, 5, loss_of=1.0)
+    fake_run(tmp_path, "bb", "a", 6, 3, loss_of=2.0)  # the next run started from its step-3 snapshot
+    fake_run(tmp_path, "ccc", "bb", 4, 4, loss_of=3.0)
     records, boundaries = eval_tiny.loss_records(tmp_path / "ccc")
     assert [r["step"] for r in records] == list(range(12)) and boundaries == [5, 8]
     assert [r["main"] for r in records] == [1.0] * 5 + [2.0] * 3 + [3.0] * 4

@@ -11,6 +11,7 @@ from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import evaluate, trained_checkpoint
 from mlx_dsv4.train.ship import SHIP_EMBED_BITS, training_stages
 from mlx_dsv4.train.trainer import TrainOptions, trained_config
+from train_runs_support import fake_run
 
 SHIPPED = trained_checkpoint()
 
@@ -57,16 +58,9 @@ def test_training_json_chains_its_runs_from_scratch(stages):
 
 
 def test_training_stages_follow_init_from_to_the_first_run(tmp_path):
-    def run(name, parent, steps, stopped=None):
-        (tmp_path / name / "train_state").mkdir(parents=True)
-        (tmp_path / name / "train_options.json").write_text(json.dumps(
-            {"steps": steps, "seed": len(name), "init_from": str(tmp_path / parent) if parent else None}))
-        if stopped is not None:
-            (tmp_path / name / "train_state" / "step.json").write_text(json.dumps({"step": stopped}))
-
-    run("first", None, 100)
-    run("snapshot", "first", 600, stopped=250)
-    run("last", "snapshot", 40, stopped=40)
+    fake_run(tmp_path, "first", None, 100)
+    fake_run(tmp_path, "snapshot", "first", 600, stopped=250)
+    fake_run(tmp_path, "last", "snapshot", 40, stopped=40)
     stages = training_stages(tmp_path / "last")
     assert [(s["run"], s["init_from"], s["stopped_at_step"]) for s in stages] == [
         ("first", None, 100), ("snapshot", "first", 250), ("last", "snapshot", 40)]

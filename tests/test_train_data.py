@@ -409,3 +409,18 @@ def test_replies_that_repeat_the_question_are_found_there_and_others_are_not(tok
     # a reply the question does not hold whole (an answer from a list, a count) has no sources
     for ex in (gen.retrieval(600), gen.example("pattern")):
         assert argument_sources(np.array(ex.ids), tokenizer, 128) == {}
+
+
+def test_chat_turns_of_each_kind_and_an_unknown_kind_named(tokenizer):
+    from mlx_dsv4.train.data import COUNTRIES, GREETINGS
+
+    gen = TaskGenerator(tokenizer, seed=2)
+    question, reply, reasoning = gen.chat_turn("capital")
+    country = question.removeprefix("What is the capital of ").removesuffix("?")
+    assert reply == f"The capital of {country} is {COUNTRIES[country]}." and reply in reasoning
+    question, reply, _ = gen.chat_turn("repeat")
+    assert question == f"Repeat after me: {reply}" and 2 <= len(reply.split()) <= 5
+    question, reply, _ = gen.chat_turn("greeting")
+    assert (question, reply) in GREETINGS
+    with pytest.raises(ValueError, match="'poem'.*capital"):
+        gen.chat_turn("poem")

@@ -377,14 +377,22 @@ class TaskGenerator:
 
     # -- chat and thinking ------------------------------------------------------------
 
-    def _capital_turn(self):
-        country = self.rng.choice(tuple(COUNTRIES))
-        return (f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.",
-                f"The user asks for the capital of {country}. The capital of {country} is {COUNTRIES[country]}.")
+    CHAT_KINDS = ("capital", "repeat", "greeting")
 
-    def _echo_turn(self):
-        words = " ".join(self.rng.sample(WORDS, self.rng.randint(2, 5)))
-        return f"Repeat after me: {words}", words, f"The user wants me to repeat: {words}. I repeat it."
+    def chat_turn(self, kind):
+        """(question, reply, reasoning) of one chat turn of ``kind``, one of ``CHAT_KINDS``: a
+        country's capital, a few words to repeat, or a greeting."""
+        r = self.rng
+        if kind == "capital":
+            country = r.choice(tuple(COUNTRIES))
+            return (f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.",
+                    f"The user asks for the capital of {country}. The capital of {country} is {COUNTRIES[country]}.")
+        if kind == "repeat":
+            words = " ".join(r.sample(WORDS, r.randint(2, 5)))
+            return f"Repeat after me: {words}", words, f"The user wants me to repeat: {words}. I repeat it."
+        if kind == "greeting":
+            return (*r.choice(GREETINGS), "The user is chatting. I reply politely.")
+        raise ValueError(f"unknown chat turn kind {kind!r}; expected one of {self.CHAT_KINDS}")
 
     def _chat(self) -> Example:
         r = self.rng
@@ -393,13 +401,8 @@ class TaskGenerator:
         messages = [{"role": "system", "content": "You are a helpful assistant."}] if r.random() < 0.5 else []
         for _ in range(n_turns):
             pick = r.random()
-            if pick < 0.45:
-                question, reply, reasoning = self._capital_turn()
-            elif pick < 0.75:
-                question, reply, reasoning = self._echo_turn()
-            else:
-                question, reply = r.choice(GREETINGS)
-                reasoning = "The user is chatting. I reply politely."
+            kind = "capital" if pick < 0.45 else "repeat" if pick < 0.75 else "greeting"
+            question, reply, reasoning = self.chat_turn(kind)
             messages.append({"role": "user", "content": question})
             turn = {"role": "assistant", "content": reply}
             if thinking:

@@ -184,15 +184,10 @@ def chat_accuracy(model, tokenizer, n: int = 24, seed: int = 0) -> dict:
     """Exact greedy replies to single-turn chat questions of the chat task, in chat mode, taking turns:
     a country's capital, a few words to repeat, a greeting; the share right per kind and overall."""
     gen = TaskGenerator(tokenizer, seed=seed, split="eval")
-    right = {"capital": [0, 0], "repeat": [0, 0], "greeting": [0, 0]}
+    right = {kind: [0, 0] for kind in gen.CHAT_KINDS}
     for i in range(n):
-        kind = tuple(right)[i % 3]
-        if kind == "capital":
-            question, reply, _ = gen._capital_turn()
-        elif kind == "repeat":
-            question, reply, _ = gen._echo_turn()
-        else:
-            question, reply = gen.rng.choice(data.GREETINGS)
+        kind = gen.CHAT_KINDS[i % len(gen.CHAT_KINDS)]
+        question, reply, _ = gen.chat_turn(kind)
         out = greedy(model, _prompt_ids(tokenizer, [{"role": "user", "content": question}]), 48,
                      tokenizer.eos_token_id)
         got = parse_completion(tokenizer.decode(out), "chat", strict=False)["content"].strip()

@@ -340,6 +340,8 @@ def _fold_layer_types(cfg: dict) -> None:
             _bad(f"layer_types[{i}]", t, f"unknown layer type; expected one of {list(ratio_of)}")
         ratios.append(ratio_of[t])
     given = cfg.get("compress_ratios")
+    if given is not None and not isinstance(given, list):
+        _bad("compress_ratios", given, "must be a list with one compress ratio per layer")
     if given is not None and given != ratios and given[: len(ratios)] != ratios:
         raise ConfigError(f"`layer_types` and `compress_ratios` disagree: {ratios} vs {given}")
     if given is None:

@@ -31,6 +31,8 @@ BAD_CONFIGS = {
     "compress_ratios null": ({"compress_ratios": None}, "compress_ratios", "None"),
     "compress ratio as a string": ({"compress_ratios": [0, 0, "4", 128, 4, 128]}, "compress_ratios[2]", "'4'"),
     "layer_types as an int": ({"layer_types": 3, "compress_ratios": ...}, "layer_types", "3"),
+    "compress_ratios a boolean beside layer_types": ({"layer_types": [], "compress_ratios": False},
+                                                     "compress_ratios", "False"),
     "infinite float field": ({"rms_norm_eps": float("inf")}, "rms_norm_eps", "inf"),
     "boolean as a string": ({"norm_topk_prob": "yes"}, "norm_topk_prob", "'yes'"),
     "missing shape field": ({"hidden_size": ...}, "missing field", "hidden_size"),

@@ -355,3 +355,16 @@ def test_ordinary_prompts_tokenise_exactly_as_before():
         library = tokenizer.tokenizer.encode(head, add_special_tokens=False).ids
         forced = PromptText(head + "<think>", prompt.literal_spans + ((len(head), len(head) + 7),))
         assert tokenizer.encode(forced) == library + plain_think, source.name
+
+
+def test_prompt_text_spans_are_the_same_however_the_marked_text_is_cut():
+    from mlx_dsv4.chat.wiretext import literal, prompt_text
+
+    marked = "<｜User｜>" + literal("a <think> b") + "\n\n" + literal("x") + "<｜Assistant｜>" + literal("tail")
+    whole = prompt_text(marked)
+    assert str(whole) == "<｜User｜>a <think> b\n\nx<｜Assistant｜>tail"
+    assert [whole[a:b] for a, b in whole.literal_spans] == ["a <think> b", "x", "tail"]
+    for cut in range(len(marked) + 1):  # pieces cut anywhere, marks included
+        pieces = prompt_text([marked[:cut], "", marked[cut:]])
+        assert str(pieces) == str(whole) and pieces.literal_spans == whole.literal_spans, cut
+    assert (whole + "") is whole and (whole + "!").literal_spans == whole.literal_spans

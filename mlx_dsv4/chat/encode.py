@@ -310,7 +310,7 @@ def encode_messages(
             continue
         opens_reasoning = thinking_mode == "thinking" and (not drop or position >= last_user)
         prompt.append(ASSISTANT + (THINK_OPEN if opens_reasoning else THINK_CLOSE))
-    return prompt_text("".join(prompt))
+    return prompt_text(prompt)
 
 
 def encode_messages_to_ids(messages, tokenizer=None, **options):

@@ -96,6 +96,8 @@ class PromptText(str):
     def __add__(self, other):
         if not isinstance(other, str):
             return NotImplemented
+        if not other:
+            return self
         shift = len(self)
         return PromptText(str(self) + other, self.literal_spans + tuple(
             (a + shift, b + shift) for a, b in getattr(other, "literal_spans", ())))
@@ -108,16 +110,22 @@ class PromptText(str):
 
 
 def prompt_text(marked):
-    """The ``PromptText`` of rendered text whose caller text is marked by ``literal``."""
+    """The ``PromptText`` of rendered text whose caller text is marked by ``literal``: ``marked``
+    is that text or its pieces in order. The text is copied once, with the marks left out (they
+    widen a string to two bytes a character, so a copy of the marked text costs double)."""
     pieces, spans, length = [], [], 0
-    for i, chunk in enumerate(marked.split(LITERAL_OPEN)):
-        if i == 0:
-            protocol, text = chunk, ""
-        else:
-            text, _, protocol = chunk.partition(LITERAL_CLOSE)
-            spans.append((length, length + len(text)))
-            pieces.append(text)
-            length += len(text)
-        pieces.append(protocol)
-        length += len(protocol)
+    inside, start = False, 0
+    for text in (marked,) if isinstance(marked, str) else marked:
+        position = 0
+        while True:
+            found = text.find(LITERAL_CLOSE if inside else LITERAL_OPEN, position)
+            end = len(text) if found < 0 else found
+            if end > position:
+                pieces.append(text[position:end])
+                length += end - position
+            if found < 0:
+                break
+            if inside:
+                spans.append((start, length))
+            start, inside, position = length, not inside, found + 1
     return PromptText("".join(pieces), spans)

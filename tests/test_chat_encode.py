@@ -368,3 +368,18 @@ def test_prompt_text_spans_are_the_same_however_the_marked_text_is_cut():
         pieces = prompt_text([marked[:cut], "", marked[cut:]])
         assert str(pieces) == str(whole) and pieces.literal_spans == whole.literal_spans, cut
     assert (whole + "") is whole and (whole + "!").literal_spans == whole.literal_spans
+
+
+def test_rendering_a_long_message_holds_a_bounded_number_of_copies():
+    import tracemalloc
+
+    text = "The quick brown fox jumps over the lazy dog. " * 50_000  # 2.25M characters, 1 byte each
+    tracemalloc.start()
+    try:
+        prompt = encode_messages([{"role": "user", "content": text}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(prompt) == len(text) + 50  # BOS, the user and assistant openers, the closed reasoning
+    # marked caller text is 2 bytes a character; its copies and the result: about 9x (13x before)
+    assert peak < 10 * len(text), peak / len(text)

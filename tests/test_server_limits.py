@@ -117,7 +117,8 @@ def test_a_tokenizer_that_splits_otherwise_is_tokenised_whole(tokenizer):
             return other.encode(text, add_special_tokens=add_special_tokens).ids
 
     pieces = PromptTokenizer(Other(), chunk_chars=3)
-    assert not pieces.bounded
+    assert not pieces.bounded and pieces.tokens_at_least(10**9) == 0  # no bound without known cut points
+    assert PromptTokenizer(tokenizer).tokens_at_least(10**9) == -(-10**9 // 128)
     text = "Hello world, 1234 <think> 中文\n\nok"
     assert pieces.encode(text, 10**6) == Other().encode(text)
     with pytest.raises(PromptTooLong):

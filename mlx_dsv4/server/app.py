@@ -79,12 +79,9 @@ class Context:
         """400 when a prompt holding ``chars`` characters of caller text is sure to reach the
         tightest limit: a huge prompt is refused before it is rendered (copied) at all."""
         limit, what = self.token_limit()
-        if limit is None:
-            return
-        try:
-            self.prompt_tokenizer.check_chars(chars, limit)
-        except PromptTooLong as err:
-            raise ContextOverflow(err.at_least, limit, what=what, param=param, at_least=True)
+        at_least = self.prompt_tokenizer.tokens_at_least(chars)
+        if limit is not None and at_least >= limit:
+            raise ContextOverflow(at_least, limit, what=what, param=param, at_least=True)
 
     def check_model(self, name):
         if name != self.model_name:

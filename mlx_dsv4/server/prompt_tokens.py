@@ -100,14 +100,9 @@ class PromptTokenizer:
             position = cut + 1
 
     def tokens_at_least(self, chars):
-        """The fewest tokens a text of ``chars`` characters can have (the first bound)."""
-        return -(-chars // self.max_token_chars)
-
-    def check_chars(self, chars, limit):
-        """``PromptTooLong`` when any text holding ``chars`` characters has ``limit`` tokens or
-        more by the first bound alone (checked for the V4 tokenizer only, as ``encode`` does)."""
-        if self.bounded and self.tokens_at_least(chars) >= limit:
-            raise PromptTooLong(self.tokens_at_least(chars), limit)
+        """The fewest tokens any text holding ``chars`` characters has by the first bound; 0 for a
+        tokenizer this module does not bound (``encode`` tokenises its text whole)."""
+        return -(-chars // self.max_token_chars) if self.bounded else 0
 
     def encode(self, text, limit=None):
         if limit is None or not self.bounded:

@@ -110,9 +110,11 @@ def _cache_round_trip(model, tokenizer, path: Path, trained: bool):
     from .generate import PromptCache, generate, load_prompt_cache, save_prompt_cache
 
     if trained:
-        lines = "\n".join(f"{k}: {k * 7 % 900 + 100}" for k in range(300, 420))
-        document = f"<｜begin▁of▁sentence｜><｜User｜>Here is a list of keys and values.\n{lines}\n"
-        question = document + "What is the value of key 377?<｜Assistant｜></think>"
+        from .train.data import key_value_list, value_question
+
+        pairs = ((k, k * 7 % 900 + 100) for k in range(300, 420))
+        document = "<｜begin▁of▁sentence｜><｜User｜>" + key_value_list(pairs)
+        question = document + value_question(377) + "<｜Assistant｜></think>"
     else:
         document = "<｜begin▁of▁sentence｜>" + " ".join(f"fact {i}: the value is {i * 7 % 13}." for i in range(40))
         question = document + "<｜User｜>Which fact is largest?<｜Assistant｜></think>"

@@ -208,6 +208,16 @@ def _call(name: str, arguments: dict) -> dict:
     return {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
+def key_value_list(pairs) -> str:
+    """The retrieval task's list of (key, value) pairs as it opens the user turn, up to the question."""
+    return "Here is a list of keys and values.\n" + "".join(f"{k}: {v}\n" for k, v in pairs)
+
+
+def value_question(key) -> str:
+    """The retrieval task's question about ``key``."""
+    return f"What is the value of key {key}?"
+
+
 class TaskGenerator:
     """Examples of one split, drawn from `random.Random(seed)`: the same seed gives the same examples."""
 
@@ -360,12 +370,11 @@ class TaskGenerator:
         values = [r.randint(100, 999) for _ in keys]
         # one question draws as before, so that earlier runs' data and the evaluation sets stay the same
         targets = [r.randrange(len(keys))] if questions == 1 else r.sample(range(len(keys)), min(questions, len(keys)))
-        lines = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
         messages = []
         for i, target in enumerate(targets):
-            question = f"What is the value of key {keys[target]}?"
+            question = value_question(keys[target])
             if i == 0:
-                question = f"Here is a list of keys and values.\n{lines}\n{question}"
+                question = key_value_list(zip(keys, values)) + question
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": str(values[target])}]
         ids, mask, text = render(messages, self.tokenizer)
         target = targets[0]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -93,19 +94,21 @@ def test_eval_split_asks_about_unseen_cities_unless_told_training_ones(tokenizer
             assert a == b
 
 
+def question_patterns(split):
+    """Regular expressions of the tool-question templates of ``split``."""
+    from mlx_dsv4.train.data import ADD_TEMPLATES, CALC_TEMPLATES, WEATHER_TEMPLATES
+
+    return [re.escape(t).replace(r"\{a\}", "[0-9]+").replace(r"\{b\}", "[0-9]+").replace(r"\{op\}", ".")
+            .replace(r"\{word\}", "[a-z ]+").replace(r"\{city\}", "[A-Za-z]+")
+            for templates in (ADD_TEMPLATES, CALC_TEMPLATES, WEATHER_TEMPLATES) for t in templates[split]]
+
+
 def test_composed_questions_vary_the_phrasing_and_never_write_an_evaluation_one(tokenizer):
-    import re
+    from mlx_dsv4.train.data import CLOSERS, OPENERS
 
-    from mlx_dsv4.train.data import ADD_TEMPLATES, CALC_TEMPLATES, CLOSERS, OPENERS, WEATHER_TEMPLATES
-
-    def patterns(split):
-        return [re.escape(t).replace(r"\{a\}", "[0-9]+").replace(r"\{b\}", "[0-9]+").replace(r"\{op\}", ".")
-                .replace(r"\{word\}", "[a-z ]+").replace(r"\{city\}", "[A-Za-z]+")
-                for templates in (ADD_TEMPLATES, CALC_TEMPLATES, WEATHER_TEMPLATES) for t in templates[split]]
-
-    held_out = re.compile("|".join(patterns("eval")))
+    held_out = re.compile("|".join(question_patterns("eval")))
     openers, closers = "|".join(map(re.escape, OPENERS)), "|".join(map(re.escape, CLOSERS))
-    templated = re.compile(f"(?:{openers})?(?:{'|'.join(patterns('train'))})(?:{closers})?"
+    templated = re.compile(f"(?:{openers})?(?:{'|'.join(question_patterns('train'))})(?:{closers})?"
                            "(?: Answer in fahrenheit\\.| Use fahrenheit\\.)?")
     assert held_out.search("Sum 417 and 141 for me.") and templated.fullmatch("Hi! Weather in Oslo? Thanks!")
     for share, low, high in ((0.0, 0, 0), (0.5, 0.3, 0.6)):
@@ -122,6 +125,33 @@ def test_composed_questions_vary_the_phrasing_and_never_write_an_evaluation_one(
         assert low * 300 <= other <= high * 300, (share, other)
     assert TaskGenerator(tokenizer, seed=6, split="eval", composed_questions=0.5).example("tool").meta == \
         TaskGenerator(tokenizer, seed=6, split="eval").example("tool").meta  # evaluation questions stay as they are
+
+
+def test_filler_leads_open_that_share_of_questions_with_filler_words_only(tokenizer):
+    from mlx_dsv4.train.data import FILLER_MARKS, FILLER_WORDS
+
+    plain = [TaskGenerator(tokenizer, seed=8, mix={"tool": 1.0}, composed_questions=0.5) for _ in range(2)]
+    filled = TaskGenerator(tokenizer, seed=8, mix={"tool": 1.0}, composed_questions=0.5, filler_leads=0.5)
+    assert [next(plain[0]).meta for _ in range(50)] == [next(plain[1]).meta for _ in range(50)]
+    held_out = re.compile("|".join(question_patterns("eval")), re.IGNORECASE)
+    words = set(FILLER_WORDS)
+    opened = 0
+    for _ in range(300):
+        m = next(filled).meta
+        args = m["arguments"]
+        for value in ([args["city"]] if "city" in args else [args["a"], args["b"]] if "a" in args
+                      else args["expression"].split(" ")[::2]):
+            assert str(value) in m["question"]
+        assert not held_out.search(m["question"]), m["question"]
+        first = m["question"].split(" ")[0].strip(":.,!?").lower()
+        if first in words:
+            lead = m["question"]
+            for mark in FILLER_MARKS[:-1]:
+                lead = lead.split(mark)[0]
+            opened += set(lead.lower().split(" ")) <= words
+    assert 0.4 * 300 <= opened <= 0.65 * 300, opened
+    assert TaskGenerator(tokenizer, seed=8, split="eval", filler_leads=1.0).example("tool").meta == \
+        TaskGenerator(tokenizer, seed=8, split="eval").example("tool").meta
 
 
 def test_eval_split_holds_out_operands(tokenizer):

@@ -406,15 +406,15 @@ def test_train_tiny_takes_the_guidance_options(tmp_path):
                  "--key-readback-weight", "0.25", "--entry-key-weight", "0.5", "--entry-value-weight", "0.25",
                  "--answer-output-weight", "0.75", "--answer-attention-weight", "0.5", "--answer-head-scale", "2",
                  "--argument-guide-weight", "0.25", "--spell-head", "2", "--head-sample", "64",
-                 "--composed-questions", "0.5"]) == 0
+                 "--composed-questions", "0.5", "--filler-leads", "0.25"]) == 0
     options = json.loads((tmp_path / "train_options.json").read_text())
     names = ("guide_weight", "copy_output_weight", "copy_value_weight", "head_from_embed", "tie_head",
              "entry_guide_weight", "key_guide_weight", "argument_weight", "retrieval_questions", "key_output_weight",
              "key_readback_weight", "entry_key_weight", "entry_value_weight", "answer_output_weight",
              "answer_attention_weight", "answer_head_scale", "argument_guide_weight", "spell_head", "head_sample",
-             "composed_questions")
+             "composed_questions", "filler_leads")
     assert tuple(options[name] for name in names) == (0.5, 0.25, 0.5, True, True, 0.75, 0.5, 2, 3, 0.5, 0.25, 0.5, 0.25,
-                                                      0.75, 0.5, 2.0, 0.25, 2, 64, 0.5)
+                                                      0.75, 0.5, 2.0, 0.25, 2, 64, 0.5, 0.25)
     record = json.loads((tmp_path / "loss.jsonl").read_text().splitlines()[0])
     assert record["guide"] > 0 and record["copy_output"] > 0 and record["copy_value"] > 0 and record["key_guide"] > 0
     assert record["key_output"] > 0 and record["key_readback"] > 0

@@ -89,6 +89,9 @@ def add_arguments(p):
     p.add_argument("--composed-questions", type=float, default=None, metavar="F",
                    help="compose this share of the training tool questions from parts (a lead, one of several "
                         "bodies, an ending) instead of the templates (default 0)")
+    p.add_argument("--filler-leads", type=float, default=None, metavar="F",
+                   help="open this share of the training tool questions with one to six random filler words "
+                        "(default 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
 
@@ -160,7 +163,8 @@ def run(args):
                  "tie_head", "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight",
                  "key_guide_weight", "retrieval_questions", "key_output_weight", "key_readback_weight",
                  "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight",
-                 "argument_guide_weight", "spell_head", "head_sample", "composed_questions"):
+                 "argument_guide_weight", "spell_head", "head_sample", "composed_questions",
+                 "filler_leads"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     trainer = Trainer(load_tokenizer(None), options)

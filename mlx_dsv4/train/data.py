@@ -145,6 +145,16 @@ WORDS = ("apple", "river", "garden", "planet", "window", "silver", "rocket", "fo
 COMPOSED_LEADS = ("", "", "Hey, ", "OK so ", "Math time. ", "Homework help: ", "Urgent: ", "Hello again. ",
                   "Right, ", "Next one. ", "A question for you: ", "So, ")
 COMPOSED_ENDS = ("?", ".", "!", " please.", " for me?", " now.", " if you can.", ", thanks.", " right now?")
+# Words a training question may open with in a random order (`filler_leads`), so that what comes
+# before the numbers or the city is unpredictable rather than one of a few known leads.
+FILLER_WORDS = ("so", "well", "okay", "now", "then", "also", "just", "again", "today", "here", "my", "your", "our",
+                "the", "a", "this", "that", "one", "other", "friend", "teacher", "boss", "sister", "neighbour",
+                "class", "exam", "task", "job", "note", "list", "question", "problem", "answer", "number", "value",
+                "result", "help", "asks", "wants", "says", "wrote", "needs", "sent", "gave", "tell", "give", "show",
+                "find", "check", "know", "think", "please", "quickly", "really", "simple", "small", "big", "new",
+                "last", "next", "first", "about", "for", "of", "to", "with", "from", "on", "and", "but", "me",
+                "us", "you", "we", "it", "is", "was")
+FILLER_MARKS = (": ", ". ", ", ", " - ", "! ", "? ", " ")
 OP_VERBS = {"+": "add", "-": "take away", "*": "multiply it by", "/": "divide it by"}
 COMPOSED_BODIES = {
     "calculate": ("compute {a} {op} {b}", "figure out {a} {word} {b}", "what does {a} {op} {b} come to",
@@ -223,7 +233,7 @@ class TaskGenerator:
 
     def __init__(self, tokenizer, seed: int = 0, split: str = "train", retrieval_tokens=(1024, 2048), mix=None,
                  retrieval_questions: int = 1, session_tokens: int = 1024, unseen_cities: bool = True,
-                 composed_questions: float = 0.0):
+                 composed_questions: float = 0.0, filler_leads: float = 0.0):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.tokenizer = tokenizer
@@ -234,6 +244,7 @@ class TaskGenerator:
         self.session_tokens = session_tokens
         self.unseen_cities = unseen_cities
         self.composed_questions = composed_questions
+        self.filler_leads = filler_leads
         self.mix = dict(mix or DEFAULT_MIX)
         unknown = set(self.mix) - set(KINDS)
         if unknown:
@@ -263,17 +274,24 @@ class TaskGenerator:
 
     def _phrase(self, templates: dict, bodies: tuple, **fields) -> str:
         """A question of this split's phrasings; a training one opens or closes with small talk a
-        third of the time each, or with `composed_questions` is composed from parts that often."""
-        if self.split == "train" and self.composed_questions and self.rng.random() < self.composed_questions:
+        third of the time each, or with `composed_questions` is composed from parts that often, and
+        with `filler_leads` opens with one to six random filler words that often."""
+        if self.split == "eval":
+            return self.rng.choice(templates["eval"]).format(**fields)
+        if self.composed_questions and self.rng.random() < self.composed_questions:
             body = self.rng.choice(bodies).format(verb=OP_VERBS.get(fields.get("op"), ""), **fields)
             lead = self.rng.choice(COMPOSED_LEADS)
-            return lead + (body if lead.endswith(", ") else body[0].upper() + body[1:]) + self.rng.choice(COMPOSED_ENDS)
-        question = self.rng.choice(templates[self.split]).format(**fields)
-        if self.split == "train":
+            question = (lead + (body if lead.endswith(", ") else body[0].upper() + body[1:])
+                        + self.rng.choice(COMPOSED_ENDS))
+        else:
+            question = self.rng.choice(templates["train"]).format(**fields)
             if self.rng.random() < 1 / 3:
                 question = self.rng.choice(OPENERS) + question
             if self.rng.random() < 1 / 3:
                 question += self.rng.choice(CLOSERS)
+        if self.filler_leads and self.rng.random() < self.filler_leads:
+            words = " ".join(self.rng.choices(FILLER_WORDS, k=self.rng.randint(1, 6)))
+            question = words[0].upper() + words[1:] + self.rng.choice(FILLER_MARKS) + question
         return question
 
     def _tool_round(self, toolset: str):

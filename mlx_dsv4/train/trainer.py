@@ -139,6 +139,7 @@ class TrainOptions:
     previous_layer: int = 0
     head_sample: int = 0  # the head's softmax: the tasks' tokens and this many drawn others; 0: all
     composed_questions: float = 0.0  # the share of training tool questions composed from parts (see data)
+    filler_leads: float = 0.0  # the share of training tool questions opened by random filler words (see data)
 
 
 # -- the numpy head --------------------------------------------------------------------------------
@@ -555,7 +556,8 @@ def task_vocabulary(tokenizer, options: TrainOptions, examples: int = 1000) -> n
     from the run's data, with short retrieval lists): nearly every token the tasks ever write."""
     gen = TaskGenerator(tokenizer, seed=f"vocabulary:{options.seed}", mix=options.mix, retrieval_tokens=(200, 300),
                         retrieval_questions=options.retrieval_questions, session_tokens=options.max_tokens,
-                        composed_questions=options.composed_questions)
+                        composed_questions=options.composed_questions,
+                        filler_leads=options.filler_leads)
     return np.unique(np.concatenate([np.array(next(gen).ids, np.int32) for _ in range(examples)]))
 
 
@@ -680,7 +682,8 @@ class Trainer:
         self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
                                           mix=options.mix, retrieval_questions=options.retrieval_questions,
                                           session_tokens=options.max_tokens,
-                                          composed_questions=options.composed_questions))
+                                          composed_questions=options.composed_questions,
+                                          filler_leads=options.filler_leads))
         self.rng = np.random.default_rng(options.seed)
         self._task_vocabulary = None
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)

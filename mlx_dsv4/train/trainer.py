@@ -551,13 +551,18 @@ def pack(stream, max_tokens: int):
     return np.array(ids, np.int32), np.array(mask, bool), kinds
 
 
+def task_generator(tokenizer, options: TrainOptions, seed, retrieval_tokens) -> TaskGenerator:
+    """A generator of the run's training data (its mix and data options) from `seed`, with retrieval
+    lists of `retrieval_tokens` tokens."""
+    return TaskGenerator(tokenizer, seed=seed, retrieval_tokens=retrieval_tokens, mix=options.mix,
+                         retrieval_questions=options.retrieval_questions, session_tokens=options.max_tokens,
+                         composed_questions=options.composed_questions, filler_leads=options.filler_leads)
+
+
 def task_vocabulary(tokenizer, options: TrainOptions, examples: int = 1000) -> np.ndarray:
     """The tokens of `examples` examples of the run's mix (from a generator of their own, seeded apart
     from the run's data, with short retrieval lists): nearly every token the tasks ever write."""
-    gen = TaskGenerator(tokenizer, seed=f"vocabulary:{options.seed}", mix=options.mix, retrieval_tokens=(200, 300),
-                        retrieval_questions=options.retrieval_questions, session_tokens=options.max_tokens,
-                        composed_questions=options.composed_questions,
-                        filler_leads=options.filler_leads)
+    gen = task_generator(tokenizer, options, f"vocabulary:{options.seed}", (200, 300))
     return np.unique(np.concatenate([np.array(next(gen).ids, np.int32) for _ in range(examples)]))
 
 
@@ -679,11 +684,7 @@ class Trainer:
         self.recorder = Recorder(self.model)
         self.tokenizer = tokenizer
         self._colon, self._space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
-        self.data = _Stream(TaskGenerator(tokenizer, seed=options.seed, retrieval_tokens=options.retrieval_tokens,
-                                          mix=options.mix, retrieval_questions=options.retrieval_questions,
-                                          session_tokens=options.max_tokens,
-                                          composed_questions=options.composed_questions,
-                                          filler_leads=options.filler_leads))
+        self.data = _Stream(task_generator(tokenizer, options, options.seed, options.retrieval_tokens))
         self.rng = np.random.default_rng(options.seed)
         self._task_vocabulary = None
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)

@@ -3,6 +3,7 @@
 
     python benchmarks/train_step.py [--steps 3] [--breakdown]
     python benchmarks/train_step.py --head-sample 4096 [--steps 3]
+    python benchmarks/train_step.py --kernels [--steps 8]
 
 --breakdown also times, on the first batch, each component's forward and forward + backward
 (gradient of the sum of its output) in the training path: per layer the mHC split, attention
@@ -12,10 +13,16 @@ and MoE, then the vocabulary head and the indexer objective.
 vocabulary and over its sample (the tasks' tokens, the sequence's and N drawn others:
 `TrainOptions.head_sample`), side by side on the same data, with the objectives and tool-session
 mix of docs/tiny-model.md's m1s.
+
+--kernels times the training path with its linear products and attention softmax in numpy (the
+default, `fast.NUMPY_KERNELS`) and in MLX, side by side on the same batches, with the options of
+the shipped checkpoint's last run (mlx_dsv4/tiny_trained/training.json).
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -90,13 +97,47 @@ def compare_head_sample(tokenizer, n: int, steps: int) -> None:
     print(f"speed-up (whole vocabulary / sampled seconds per step): {sum(ratios) / len(ratios):.2f}")
 
 
+def shipped_recipe() -> TrainOptions:
+    """The options of the shipped checkpoint's last run, from random weights."""
+    import mlx_dsv4
+
+    stages = json.loads((Path(mlx_dsv4.__file__).parent / "tiny_trained" / "training.json").read_text())
+    saved = {k: v for k, v in stages[-1].items() if k in vars(TrainOptions()) and k != "init_from"}
+    saved["retrieval_tokens"] = tuple(saved["retrieval_tokens"])
+    return TrainOptions(**saved)
+
+
+def compare_kernels(tokenizer, steps: int) -> None:
+    options = shipped_recipe()
+    in_numpy, in_mlx = Trainer(tokenizer, options), Trainer(tokenizer, options)
+    fast.numpy_products(in_mlx._joint, enabled=False)
+    ratios = []
+    for _ in range(steps + 1):
+        new = in_numpy.train_step()
+        fast.NUMPY_KERNELS = False
+        try:
+            old = in_mlx.train_step()
+        finally:
+            fast.NUMPY_KERNELS = True
+        if new["step"] == 0:  # the first step builds and warms
+            continue
+        ratios.append(old["seconds"] / new["seconds"])
+        print(f"step {new['step']}: {new['tokens']} tokens ({', '.join(new['kinds'])}); MLX {old['seconds']:.3f} s "
+              f"loss {old['loss']:.5f}; numpy {new['seconds']:.3f} s loss {new['loss']:.5f}; ratio {ratios[-1]:.2f}")
+    print(f"speed-up (MLX / numpy kernels seconds per step): {sum(ratios) / len(ratios):.2f} "
+          f"(per step {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--head-sample", type=int, default=0, metavar="N")
+    parser.add_argument("--kernels", action="store_true")
     args = parser.parse_args()
     tokenizer = load_tokenizer(None)
+    if args.kernels:
+        return compare_kernels(tokenizer, args.steps)
     if args.head_sample:
         return compare_head_sample(tokenizer, args.head_sample, args.steps)
     options = TrainOptions(seed=0)

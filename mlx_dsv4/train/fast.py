@@ -6,27 +6,42 @@ attention is one softmax over banded window scores, the compressed entries it se
 sink, its products in numpy; a CSA layer's indexer scores every query against every entry at
 once in numpy under the causal visibility mask and takes one top-k, a mask over the entries
 (no blocked merge, no evaluation inside the graph); the vocabulary head's backward reuses its
-forward's probabilities. Per-token pieces (projections, mHC, MoE) are the modules' own.
+forward's probabilities. Per-token pieces (projections, mHC, MoE) are the modules' own, their
+linear products in numpy too (`numpy_products`).
 """
 
 from typing import Dict, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from ..cache import CompressorState
 from ..hc import collapse, expand, split_options
 from ..kvcodec import IndexCodec, KVCodec
+from ..layers import GatheredLinear, GroupedLinear
 from ..model import Block, Model
+
+_blas_controller = []
 
 
 def one_blas_thread():
     """numpy's BLAS on one thread within the block. With the cores busy (a training run shares
     them), OpenBLAS threads waiting on each other made single products of the head 100x slower
-    (2.5 s instead of 0.004 s for [2, 129280] x [129280, 64]), at random."""
-    from threadpoolctl import threadpool_limits
+    (2.5 s instead of 0.004 s for [2, 129280] x [129280, 64]), at random. The libraries are
+    found once: finding them again on every call cost more than a step's small products."""
+    if not _blas_controller:
+        from threadpoolctl import ThreadpoolController
 
-    return threadpool_limits(1, user_api="blas")
+        _blas_controller.append(ThreadpoolController())
+    return _blas_controller[0].limit(limits=1, user_api="blas")
+
+
+# MLX's CPU backend (0.32, Linux) runs float32 products about 15x slower than numpy's BLAS on one
+# thread, and exp 25x slower than numpy's: the training path's products and its attention softmax
+# go through numpy, joined to autograd by custom VJPs. False runs them in MLX (the benchmark's
+# baseline, benchmarks/train_step.py --kernels).
+NUMPY_KERNELS = True
 
 
 QUERY_BLOCK = 128  # queries per attention block (more when the window is longer)
@@ -61,6 +76,126 @@ def _matmul_vjp(primals, cotangent, output):
         return mx.array(np.matmul(g, np.swapaxes(b, -1, -2))), mx.array(np.matmul(np.swapaxes(a, -1, -2), g))
 
 
+@mx.custom_function
+def linear(x, w):
+    """x [..., in] @ w.T for w [out, in]."""
+    a, b = np.array(x), np.array(w)
+    with one_blas_thread():
+        return mx.array((a.reshape(-1, a.shape[-1]) @ b.T).reshape(*a.shape[:-1], b.shape[0]))
+
+
+@linear.vjp
+def _linear_vjp(primals, cotangent, output):
+    a, b = (np.array(x) for x in primals)
+    g = np.array(cotangent).reshape(-1, b.shape[0])
+    with one_blas_thread():
+        return mx.array((g @ b).reshape(a.shape)), mx.array(g.T @ a.reshape(-1, b.shape[1]))
+
+
+def _expert_bounds(indices: np.ndarray, n_experts: int) -> np.ndarray:
+    if np.any(indices[1:] < indices[:-1]):
+        raise ValueError("expert indices must be sorted")
+    return np.searchsorted(indices, np.arange(n_experts + 1))
+
+
+@mx.custom_function
+def sorted_expert_linear(x, w, indices):
+    """Row i of x [N, ..., in] times expert indices[i]'s w [E, out, in] transposed, for indices
+    [N] sorted (as `RoutedExperts` sorts them): one product per expert, over its rows."""
+    a, b, idx = np.array(x), np.array(w), np.array(indices)
+    rows = a.reshape(len(idx), -1)
+    y = np.zeros((len(idx), b.shape[1]), np.float32)
+    bounds = _expert_bounds(idx, b.shape[0])
+    with one_blas_thread():
+        for e in range(b.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                y[lo:hi] = rows[lo:hi] @ b[e].T
+    return mx.array(y.reshape(*a.shape[:-1], b.shape[1]))
+
+
+@sorted_expert_linear.vjp
+def _sorted_expert_linear_vjp(primals, cotangent, output):
+    a, b, idx = (np.array(x) for x in primals)
+    rows, g = a.reshape(len(idx), -1), np.array(cotangent).reshape(len(idx), -1)
+    grad_rows, grad_w = np.zeros_like(rows), np.zeros_like(b)
+    bounds = _expert_bounds(idx, b.shape[0])
+    with one_blas_thread():
+        for e in range(b.shape[0]):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                grad_rows[lo:hi] = g[lo:hi] @ b[e]
+                grad_w[e] = g[lo:hi].T @ rows[lo:hi]
+    return mx.array(grad_rows.reshape(a.shape)), mx.array(grad_w), mx.zeros_like(primals[2])
+
+
+class NumpyLinear(nn.Linear):
+    """nn.Linear (no bias) with its float32 product in numpy."""
+
+    def __call__(self, x):
+        if x.dtype != mx.float32 or self["weight"].dtype != mx.float32:
+            return super().__call__(x)
+        return linear(x, self["weight"])
+
+
+class NumpyGroupedLinear(GroupedLinear):
+    """GroupedLinear with one float32 numpy product per group."""
+
+    def __call__(self, x, indices, sorted_indices=False):
+        w = self["weight"]  # [G, out, in]; x [..., G, 1, in]
+        if x.dtype != mx.float32 or w.dtype != mx.float32:
+            return super().__call__(x, indices, sorted_indices)
+        G, lead = w.shape[0], x.shape[:-3]
+        groups = x.reshape(-1, G, x.shape[-1])
+        out = mx.stack([linear(groups[:, g], w[g]) for g in range(G)], axis=1)
+        return out.reshape(*lead, G, 1, w.shape[1])
+
+
+class NumpyGatheredLinear(GatheredLinear):
+    """GatheredLinear with one numpy product per expert when the rows come sorted by expert."""
+
+    def __call__(self, x, indices, sorted_indices=False):
+        w = self["weight"]
+        if sorted_indices and indices.ndim == 1 and w.dtype == mx.float32 and x.dtype == mx.float32:
+            return sorted_expert_linear(x, w, indices)
+        return super().__call__(x, indices, sorted_indices)
+
+
+_NUMPY_CLASSES = {nn.Linear: NumpyLinear, GroupedLinear: NumpyGroupedLinear, GatheredLinear: NumpyGatheredLinear}
+
+
+def numpy_products(module: nn.Module, enabled: bool = True) -> int:
+    """Runs the products of `module`'s unquantised, bias-free linear layers (plain, grouped and
+    gathered) in numpy (enabled) or back in MLX; the weights stay where they are. Returns how
+    many layers it switched."""
+    switch = _NUMPY_CLASSES if enabled else {v: k for k, v in _NUMPY_CLASSES.items()}
+    count = 0
+    for _, layer in module.named_modules():
+        target = switch.get(type(layer))
+        if target is not None and "bias" not in layer:
+            layer.__class__ = target
+            count += 1
+    return count
+
+
+@mx.custom_function
+def masked_softmax(logits, mask):
+    """softmax(where(mask, logits, -inf)) over the last axis (mask: boolean, broadcasting to
+    logits, with at least one True per row)."""
+    z = np.where(np.array(mask), np.array(logits), -np.inf).astype(np.float32)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return mx.array(z)
+
+
+@masked_softmax.vjp
+def _masked_softmax_vjp(primals, cotangent, output):
+    p, g = np.array(output), np.array(cotangent)
+    grad = p * (g - (g * p).sum(axis=-1, keepdims=True))
+    return mx.array(grad), mx.zeros_like(primals[1])
+
+
 def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_entries,
             keep: Optional[dict] = None) -> mx.array:
     """Attention [B, L, H, hd] of q [B, L, H, hd] over each query's window of kv [B, L, hd] and the
@@ -84,14 +219,19 @@ def _banded(attn, q: mx.array, kv: mx.array, entries: Optional[mx.array], seen_e
     k_pos = np.arange(n)[:, None, None] * b + np.arange(2 * b)[None, None, :] - b
     delta = q_pos - k_pos
     seen = ((delta >= 0) & (delta < attn.window) & (k_pos >= 0)).reshape(n * b, 1, 2 * b)[:L]
-    parts = [mx.where(mx.array(seen), s, -mx.inf)]
+    parts, masks = [s], [np.broadcast_to(seen[None], (B, L, 1, 2 * b))]
     if entries is not None:
         T = entries.shape[1]
         s_ent = (matmul(q.reshape(B, L * H, hd), mx.contiguous(entries.swapaxes(-1, -2))) * attn.scale)
-        visible = mx.array(seen_entries[:, :, None, :])
-        parts.append(mx.where(visible, s_ent.reshape(B, L, H, T), -mx.inf))
-    sinks = mx.broadcast_to(attn.attn_sink.astype(parts[0].dtype)[:, None], (B, L, H, 1))
-    probs = mx.softmax(mx.concatenate(parts + [sinks], axis=-1), axis=-1, precise=True).astype(q.dtype)
+        parts.append(s_ent.reshape(B, L, H, T))
+        masks.append(np.broadcast_to(np.asarray(seen_entries)[:, :, None, :], (B, L, 1, T)))
+    parts.append(mx.broadcast_to(attn.attn_sink.astype(s.dtype)[:, None], (B, L, H, 1)))
+    masks.append(np.ones((B, L, 1, 1), bool))
+    logits, mask = mx.concatenate(parts, axis=-1), np.concatenate(masks, axis=-1)
+    if NUMPY_KERNELS:
+        probs = masked_softmax(logits, mx.array(mask)).astype(q.dtype)
+    else:
+        probs = mx.softmax(mx.where(mx.array(mask), logits, -mx.inf), axis=-1, precise=True).astype(q.dtype)
     if keep is not None:
         keep.update(probs=probs, block=b)
     p_win = mx.concatenate([probs[..., : 2 * b], mx.zeros((B, pad, H, 2 * b), probs.dtype)], axis=1)

@@ -713,6 +713,8 @@ class Trainer:
                           or options.entry_value_weight or options.answer_output_weight
                           or options.answer_attention_weight or options.argument_guide_weight):
             raise ValueError("the copy objectives are computed on the fast path only (reference=False)")
+        if not reference and fast.NUMPY_KERNELS:
+            fast.numpy_products(self._joint)
         self._grad = nn.value_and_grad(self._joint, self._loss if reference else self._fast_loss)
 
     def _lr(self, step):

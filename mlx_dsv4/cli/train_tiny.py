@@ -93,7 +93,13 @@ def add_arguments(p):
                    help="open this share of the training tool questions with one to six random filler words "
                         "(default 0)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run saved in OUT (the learning-rate schedule follows --steps)")
+                   help="continue the run saved in OUT (the learning-rate schedule follows --steps); with "
+                        "--recipe, skip the runs already done and continue the one under way")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                   help="run a recipe's runs in turn, each from the weights of the one before, into OUT/<run>: "
+                        "'hour' (a curriculum of about an hour), 'shipped' (the runs that made the shipped "
+                        "checkpoint) or a file in the form of the shipped training.json; no other training "
+                        "option may be given")
 
 
 def positive_int(text: str) -> int:
@@ -149,46 +155,100 @@ def parse_config(text: str) -> dict:
     return config
 
 
-def run(args):
+OPTION_NAMES = ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
+                "copy_value_weight", "copy_head_scale", "answer_head_scale", "init_from", "head_from_embed",
+                "tie_head", "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight",
+                "key_guide_weight", "retrieval_questions", "key_output_weight", "key_readback_weight",
+                "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight",
+                "argument_guide_weight", "spell_head", "head_sample", "composed_questions", "filler_leads")
+
+
+def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: str = "") -> float:
+    """Train one run into `out` up to step `stop_at` (default: options.steps), with a progress bar
+    and the loss log; returns the seconds it took."""
     import json
     import sys
     import time
 
     from ..tokenizer import load_tokenizer
-    from ..train.trainer import TrainOptions, Trainer
+    from ..train.trainer import Trainer
 
-    options = TrainOptions(seed=args.seed)
-    for name in ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "copy_output_weight",
-                 "copy_value_weight", "copy_head_scale", "answer_head_scale", "init_from", "head_from_embed",
-                 "tie_head", "embed_scale", "embed_lr_scale", "entry_guide_weight", "argument_weight",
-                 "key_guide_weight", "retrieval_questions", "key_output_weight", "key_readback_weight",
-                 "entry_key_weight", "entry_value_weight", "answer_output_weight", "answer_attention_weight",
-                 "argument_guide_weight", "spell_head", "head_sample", "composed_questions",
-                 "filler_leads"):
-        if getattr(args, name) is not None:
-            setattr(options, name, getattr(args, name))
+    stop_at = options.steps if stop_at is None else stop_at
     trainer = Trainer(load_tokenizer(None), options)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "loss.jsonl"
-    first = trainer.resume(args.out) if args.resume else 0
-    if args.resume:  # the log keeps the steps the saved model went through
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "loss.jsonl"
+    first = trainer.resume(out) if resume else 0
+    if resume:  # the log keeps the steps the saved model went through
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < first]
         log_path.write_text("".join(line + "\n" for line in kept))
     start = time.perf_counter()
-    with open(log_path, "a" if args.resume else "w", encoding="utf-8") as log:
-        for step in range(first, options.steps):
+    with open(log_path, "a" if resume else "w", encoding="utf-8") as log:
+        for step in range(first, stop_at):
             record = trainer.train_step()
             log.write(json.dumps(record) + "\n")
             log.flush()
             done = step + 1
             elapsed = time.perf_counter() - start
-            filled = int(30 * done / options.steps)
-            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{options.steps} loss {record['main']:.3f} "
+            filled = int(30 * done / stop_at)
+            print(f"\r{label}[{'#' * filled}{'.' * (30 - filled)}] {done}/{stop_at} loss {record['main']:.3f} "
                   f"mtp {record['mtp']:.3f} kl {record['indexer_kl']:.3f} {elapsed:.0f} s "
-                  f"eta {elapsed / (done - first) * (options.steps - done):.0f} s", end="", file=sys.stderr,
+                  f"eta {elapsed / (done - first) * (stop_at - done):.0f} s", end="", file=sys.stderr,
                   flush=True)
-            if done % args.save_every == 0 or done == options.steps:
-                trainer.save_official(args.out)
+            if done % save_every == 0 or done == stop_at:
+                trainer.save_official(out)
     print(file=sys.stderr)
-    print(f"trained {options.steps} steps in {time.perf_counter() - start:.0f} s -> {args.out} (log {log_path})")
+    return time.perf_counter() - start
+
+
+def run_recipe(args) -> int:
+    import json
+    import sys
+
+    from ..train.recipe import RecipeError, load_recipe, recipe_steps
+
+    given = [name for name in OPTION_NAMES if getattr(args, name) is not None]
+    if given or args.seed != 0:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given + (["seed"] if args.seed != 0 else []))
+        print(f"error: --recipe sets every training option; drop {flags}", file=sys.stderr)
+        return 2
+    try:
+        stages = load_recipe(args.recipe)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"recipe {args.recipe}: {len(stages)} runs, {recipe_steps(stages)} steps -> {args.out}/<run>")
+    total = 0.0
+    for i, stage in enumerate(stages):
+        out = stage.out_dir(args.out)
+        options = stage.options
+        if options.init_from is not None:
+            options.init_from = str(stage.out_dir(args.out).parent / options.init_from)
+        state = out / "train_state" / "step.json"
+        done = json.loads(state.read_text())["step"] if args.resume and state.is_file() else 0
+        if done >= stage.stop_at:
+            print(f"run {i + 1}/{len(stages)} {stage.name}: done ({done} steps)")
+            continue
+        seconds = train_run(options, out, args.save_every, resume=done > 0, stop_at=stage.stop_at,
+                            label=f"run {i + 1}/{len(stages)} {stage.name} ")
+        total += seconds
+        print(f"run {i + 1}/{len(stages)} {stage.name}: {stage.stop_at} steps in {seconds:.0f} s -> {out}")
+    print(f"trained the recipe in {total:.0f} s -> {stages[-1].out_dir(args.out)}")
+    return 0
+
+
+def run(args):
+    import time
+
+    from ..train.trainer import TrainOptions
+
+    if args.recipe is not None:
+        return run_recipe(args)
+    options = TrainOptions(seed=args.seed)
+    for name in OPTION_NAMES:
+        if getattr(args, name) is not None:
+            setattr(options, name, getattr(args, name))
+    start = time.perf_counter()
+    train_run(options, args.out, args.save_every, args.resume)
+    print(f"trained {options.steps} steps in {time.perf_counter() - start:.0f} s -> {args.out} "
+          f"(log {args.out / 'loss.jsonl'})")
     return 0

@@ -1,13 +1,16 @@
 """Training recipes: several `train-tiny` runs, each from the one before, run by one command."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from mlx_dsv4.cli import main
+import mlx_dsv4
 from mlx_dsv4.train.recipe import BUILT_IN, RecipeError, load_recipe, recipe_steps
 from mlx_dsv4.train.ship import training_stages
 
+SHIPPED = Path(mlx_dsv4.__file__).parent / "tiny_trained"
 SMALL = {"max_tokens": 256, "mix": {"copy": 1.0}, "head_sample": 64, "config": {"o_lora_rank": 64}}
 
 
@@ -16,9 +19,9 @@ def _write(path, runs):
     return str(path)
 
 
-def test_the_shipped_recipe_is_the_shipped_checkpoints_runs():
-    stages = load_recipe("shipped")
-    shipped = json.loads(BUILT_IN["shipped"].read_text())
+def test_the_shipped_training_json_is_a_recipe_of_its_runs():
+    stages = load_recipe(str(SHIPPED / "training.json"))
+    shipped = json.loads((SHIPPED / "training.json").read_text())
     assert [s.name for s in stages] == [r["run"] for r in shipped]
     assert [s.stop_at for s in stages] == [r["stopped_at_step"] for r in shipped]
     assert recipe_steps(stages) == sum(r["stopped_at_step"] for r in shipped)
@@ -30,9 +33,11 @@ def test_the_shipped_recipe_is_the_shipped_checkpoints_runs():
 
 def test_the_hour_recipe_loads_and_starts_from_scratch():
     stages = load_recipe("hour")
+    assert load_recipe(str(BUILT_IN["hour"])) == stages
     assert stages[0].options.init_from is None and len(stages) >= 2
     assert all(s.options.head_sample for s in stages)  # the whole-vocabulary head would not fit the hour
-    assert recipe_steps(stages) == sum(s.options.steps for s in stages)
+    assert recipe_steps(stages) == sum(s.stop_at for s in stages) <= sum(s.options.steps for s in stages)
+    assert stages[-1].stop_at == stages[-1].options.steps  # the result is a finished schedule
 
 
 @pytest.mark.parametrize("runs, message", [
@@ -55,7 +60,7 @@ def test_recipe_errors_name_the_file_run_and_field(tmp_path, runs, message):
 
 
 def test_unreadable_recipes_say_why(tmp_path):
-    with pytest.raises(RecipeError, match="cannot read the recipe .*built-in recipes: hour, shipped"):
+    with pytest.raises(RecipeError, match="cannot read the recipe .*built-in recipes: hour"):
         load_recipe(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text('[{"run": "a",}]')
     with pytest.raises(RecipeError, match="bad.json: not JSON: .* line 1 column 14"):
@@ -98,3 +103,25 @@ def test_recipe_refuses_other_training_options(tmp_path, capsys):
     assert main(["train-tiny", str(tmp_path / "out"), "--recipe", str(tmp_path / "none.json")]) == 2
     assert "cannot read the recipe" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_time_times_each_run_and_adds_them_up(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import re
+    import sys
+
+    recipe = _write(tmp_path / "recipe.json", [
+        {"run": "first", "steps": 30, "stopped_at_step": 20, "init_from": None, **SMALL},
+        {"run": "second", "steps": 10, "init_from": "first", **SMALL}])
+    path = Path(__file__).parent.parent / "benchmarks" / "recipe_time.py"
+    spec = importlib.util.spec_from_file_location("recipe_time", path)
+    recipe_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_time)
+    monkeypatch.setattr(sys, "argv", ["recipe_time.py", "--recipe", recipe, "--steps", "1"])
+    recipe_time.main()
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^\| (\w+) \| (\d+) \| 1 \| ([\d.]+) \| ([\d.]+) \|$", printed, re.M)
+    assert [(name, int(steps)) for name, steps, _, _ in rows] == [("first", 20), ("second", 10)]
+    minutes = sum(float(per_step) * int(steps) for _, steps, per_step, _ in rows) / 60
+    total = float(re.search(r"30 steps, about (\d+) minutes", printed).group(1))
+    assert abs(total - minutes) <= 0.5

@@ -97,9 +97,8 @@ def add_arguments(p):
                         "--recipe, skip the runs already done and continue the one under way")
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help="run a recipe's runs in turn, each from the weights of the one before, into OUT/<run>: "
-                        "'hour' (a curriculum of about an hour), 'shipped' (the runs that made the shipped "
-                        "checkpoint) or a file in the form of the shipped training.json; no other training "
-                        "option may be given")
+                        "'hour' (a curriculum of about an hour) or a file in the form of the shipped "
+                        "training.json; no other training option may be given")
 
 
 def positive_int(text: str) -> int:

@@ -4,10 +4,8 @@ before, run by one command (`mlx-dsv4 train-tiny OUT --recipe NAME|FILE`).
 A recipe file has the form of the shipped checkpoint's training.json (`ship.training_stages`): a
 JSON list of runs, each with a unique "run" name, TrainOptions fields, "init_from" (the name of an
 earlier run, or null for the first) and optionally "stopped_at_step" (where the next run takes the
-weights: the learning-rate schedule still follows "steps"). Built-in recipes:
-
-- "hour": the curriculum of docs/tiny-model.md's "Training in about an hour";
-- "shipped": the runs that made the shipped checkpoint (mlx_dsv4/tiny_trained/training.json).
+weights: the learning-rate schedule still follows "steps"). The built-in recipe "hour" is the
+curriculum of docs/tiny-model.md's "Training in about an hour".
 """
 
 import json
@@ -17,7 +15,7 @@ from pathlib import Path
 from .trainer import TrainOptions
 
 _HERE = Path(__file__).resolve().parent
-BUILT_IN = {"hour": _HERE / "recipes" / "hour.json", "shipped": _HERE.parent / "tiny_trained" / "training.json"}
+BUILT_IN = {"hour": _HERE / "recipes" / "hour.json"}
 _STAGE_KEYS = {"run", "init_from", "stopped_at_step"}
 
 

@@ -221,7 +221,7 @@ def run_recipe(args) -> int:
         out = stage.out_dir(args.out)
         options = stage.options
         if options.init_from is not None:
-            options.init_from = str(stage.out_dir(args.out).parent / options.init_from)
+            options.init_from = str(args.out / options.init_from)
         state = out / "train_state" / "step.json"
         done = json.loads(state.read_text())["step"] if args.resume and state.is_file() else 0
         if done >= stage.stop_at:

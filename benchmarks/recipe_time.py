@@ -25,7 +25,7 @@ def main():
     tokenizer = load_tokenizer(None)
     stages = load_recipe(args.recipe)
     total = 0.0
-    print(f"| run | steps | timed | s/step | minutes |\n| --- | --- | --- | --- | --- |")
+    print("| run | steps | timed | s/step | minutes |\n| --- | --- | --- | --- | --- |")
     for stage in stages:
         trainer = Trainer(tokenizer, replace(stage.options, init_from=None))
         trainer.train_step()
@@ -34,8 +34,8 @@ def main():
             trainer.train_step()
         per_step = (time.perf_counter() - t0) / args.steps
         total += per_step * stage.stop_at
-        print(f"| {stage.name} | {stage.stop_at} | {args.steps} | {per_step:.3f} | {per_step * stage.stop_at / 60:.1f} |",
-              flush=True)
+        minutes = per_step * stage.stop_at / 60
+        print(f"| {stage.name} | {stage.stop_at} | {args.steps} | {per_step:.3f} | {minutes:.1f} |", flush=True)
     print(f"\n{args.recipe}: {recipe_steps(stages)} steps, about {total / 60:.0f} minutes of one core")
 
 

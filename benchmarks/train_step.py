@@ -4,6 +4,7 @@
     python benchmarks/train_step.py [--steps 3] [--breakdown]
     python benchmarks/train_step.py --head-sample 4096 [--steps 3]
     python benchmarks/train_step.py --kernels [--steps 8]
+    python benchmarks/train_step.py --ops
 
 --breakdown also times, on the first batch, each component's forward and forward + backward
 (gradient of the sum of its output) in the training path: per layer the mHC split, attention
@@ -17,6 +18,9 @@ mix of docs/tiny-model.md's m1s.
 --kernels times the training path with its linear products and attention softmax in numpy (the
 default, `fast.NUMPY_KERNELS`) and in MLX, side by side on the same batches, with the options of
 the shipped checkpoint's last run (mlx_dsv4/tiny_trained/training.json).
+
+--ops times single float32 operations of a training step's sizes in MLX and in numpy (BLAS on one
+thread), one after the other in one process: the reason for the numpy kernels.
 """
 
 import argparse
@@ -128,13 +132,45 @@ def compare_kernels(tokenizer, steps: int) -> None:
           f"(per step {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
+def compare_ops(repeat: int = 20) -> None:
+    import numpy as np
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    rng = np.random.default_rng(0)
+    print(f"{'operation':36s} {'MLX ms':>8s} {'numpy ms':>9s} {'ratio':>6s}")
+    for m, k, n in [(958, 128, 64), (958, 64, 512), (1916, 256, 64)]:
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        A, B = mx.array(a), mx.array(b)
+        with fast.one_blas_thread():
+            mine, theirs = best(lambda: mx.eval(A @ B)), best(lambda: a @ b)
+        print(f"{f'product [{m}, {k}] x [{k}, {n}]':36s} {mine * 1e3:8.3f} {theirs * 1e3:9.3f} {mine / theirs:6.1f}")
+    x = rng.standard_normal((958 * 4, 260), np.float32)
+    X = mx.array(x)
+    for name, mine, theirs in [("exp [3832, 260]", lambda: mx.eval(mx.exp(X)), lambda: np.exp(x)),
+                               ("softmax [3832, 260]", lambda: mx.eval(mx.softmax(X, axis=-1, precise=True)),
+                                lambda: fast._masked_softmax_numpy(x, True))]:
+        m, t = best(mine), best(theirs)
+        print(f"{name:36s} {m * 1e3:8.3f} {t * 1e3:9.3f} {m / t:6.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--head-sample", type=int, default=0, metavar="N")
     parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--ops", action="store_true")
     args = parser.parse_args()
+    if args.ops:
+        return compare_ops()
     tokenizer = load_tokenizer(None)
     if args.kernels:
         return compare_kernels(tokenizer, args.steps)

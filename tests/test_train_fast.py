@@ -242,3 +242,17 @@ def test_numpy_products_switch_every_linear_layer_and_back(tokenizer):
     half = mx.array(np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)).astype(mx.bfloat16)
     want = half @ layer.weight.T  # numpy has no bfloat16: such inputs stay in MLX
     assert layer(half).dtype == want.dtype and mx.array_equal(layer(half), want)
+
+
+def test_train_step_ops_benchmark_times_both_sides(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step", path)
+    train_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_step)
+    train_step.compare_ops(repeat=1)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 5 and all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
+    assert [r[0] for r in rows] == ["product"] * 3 + ["exp", "softmax"]

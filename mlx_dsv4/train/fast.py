@@ -38,8 +38,9 @@ def one_blas_thread():
 
 
 # MLX's CPU backend (0.32, Linux) runs float32 products about 15x slower than numpy's BLAS on one
-# thread, and exp 25x slower than numpy's: the training path's products and its attention softmax
-# go through numpy, joined to autograd by custom VJPs. False runs them in MLX (the benchmark's
+# thread, exp about 20x and a softmax 2x slower than numpy (benchmarks/train_step.py --ops): the
+# training path's products and its attention softmax go through numpy, joined to autograd by
+# custom VJPs. False runs them in MLX (the benchmark's
 # baseline, benchmarks/train_step.py --kernels).
 NUMPY_KERNELS = True
 
@@ -178,15 +179,19 @@ def numpy_products(module: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+def _masked_softmax_numpy(logits: np.ndarray, mask) -> np.ndarray:
+    z = np.where(mask, logits, -np.inf).astype(np.float32)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
 @mx.custom_function
 def masked_softmax(logits, mask):
     """softmax(where(mask, logits, -inf)) over the last axis (mask: boolean, broadcasting to
     logits, with at least one True per row)."""
-    z = np.where(np.array(mask), np.array(logits), -np.inf).astype(np.float32)
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return mx.array(z)
+    return mx.array(_masked_softmax_numpy(np.array(logits), np.array(mask)))
 
 
 @masked_softmax.vjp

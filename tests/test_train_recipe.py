@@ -125,3 +125,16 @@ def test_recipe_time_times_each_run_and_adds_them_up(tmp_path, capsys, monkeypat
     minutes = sum(float(per_step) * int(steps) for _, steps, per_step, _ in rows) / 60
     total = float(re.search(r"30 steps, about (\d+) minutes", printed).group(1))
     assert abs(total - minutes) <= 0.5
+
+
+def test_resume_without_a_saved_state_names_the_missing_file(tmp_path):
+    from mlx_dsv4.tokenizer import load_tokenizer
+    from mlx_dsv4.train.trainer import Trainer, TrainOptions, saved_step
+
+    assert saved_step(tmp_path) is None
+    trainer = Trainer(load_tokenizer(None), TrainOptions.from_saved({"steps": 2, "unknown": 1, **SMALL}))
+    with pytest.raises(FileNotFoundError, match="train_state/step.json: no saved training state"):
+        trainer.resume(tmp_path)
+    trainer.train_step()
+    trainer.save_official(tmp_path)
+    assert saved_step(tmp_path) == 1

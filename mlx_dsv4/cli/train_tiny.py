@@ -200,10 +200,10 @@ def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: 
 
 
 def run_recipe(args) -> int:
-    import json
     import sys
 
     from ..train.recipe import RecipeError, load_recipe, recipe_steps
+    from ..train.trainer import saved_step
 
     given = [name for name in OPTION_NAMES if getattr(args, name) is not None]
     if given or args.seed != 0:
@@ -222,8 +222,7 @@ def run_recipe(args) -> int:
         options = stage.options
         if options.init_from is not None:
             options.init_from = str(args.out / options.init_from)
-        state = out / "train_state" / "step.json"
-        done = json.loads(state.read_text())["step"] if args.resume and state.is_file() else 0
+        done = (saved_step(out) or 0) if args.resume else 0
         if done >= stage.stop_at:
             print(f"run {i + 1}/{len(stages)} {stage.name}: done ({done} steps)")
             continue
@@ -236,8 +235,6 @@ def run_recipe(args) -> int:
 
 
 def run(args):
-    import time
-
     from ..train.trainer import TrainOptions
 
     if args.recipe is not None:
@@ -246,8 +243,7 @@ def run(args):
     for name in OPTION_NAMES:
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
-    start = time.perf_counter()
-    train_run(options, args.out, args.save_every, args.resume)
-    print(f"trained {options.steps} steps in {time.perf_counter() - start:.0f} s -> {args.out} "
+    seconds = train_run(options, args.out, args.save_every, args.resume)
+    print(f"trained {options.steps} steps in {seconds:.0f} s -> {args.out} "
           f"(log {args.out / 'loss.jsonl'})")
     return 0

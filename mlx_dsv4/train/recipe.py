@@ -68,9 +68,7 @@ def load_recipe(name_or_path: str) -> list:
         if (i == 0) != (parent is None) or (parent is not None and parent != stages[-1].name):
             expected = "null" if i == 0 else repr(stages[-1].name)
             raise RecipeError(f"{where}: init_from must be {expected} (each run starts from the one before)")
-        options = TrainOptions(**{k: v for k, v in entry.items() if k in fields})
-        if isinstance(options.retrieval_tokens, list):
-            options.retrieval_tokens = tuple(options.retrieval_tokens)
+        options = TrainOptions.from_saved(entry)
         if not isinstance(options.steps, int) or options.steps < 1:
             raise RecipeError(f"{where}: steps must be a positive integer")
         stop = entry.get("stopped_at_step", options.steps)

@@ -41,11 +41,13 @@ def training_stages(run_dir) -> list:
     """The `train-tiny` runs that made `run_dir`, first to last: each one's train_options.json
     (its init_from reduced to the directory's name) with `stopped_at_step`, where the next run
     took its weights (a run's last step unless a snapshot was taken earlier)."""
+    from .trainer import saved_step
+
     stages, run = [], Path(run_dir)
     while run is not None:
         options = json.loads((run / "train_options.json").read_text())
-        state = run / "train_state" / "step.json"
-        step = json.loads(state.read_text())["step"] if state.is_file() else options["steps"]
+        step = saved_step(run)
+        step = options["steps"] if step is None else step
         parent = Path(options["init_from"]) if options.get("init_from") else None
         stages.append({"run": run.name, **options, "init_from": parent.name if parent else None,
                        "stopped_at_step": step})

@@ -141,6 +141,21 @@ class TrainOptions:
     composed_questions: float = 0.0  # the share of training tool questions composed from parts (see data)
     filler_leads: float = 0.0  # the share of training tool questions opened by random filler words (see data)
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainOptions":
+        """The options a run's train_options.json (or a training.json entry) holds; other keys are
+        left out and JSON's lists are read back as the tuples the fields hold."""
+        fields = {k: v for k, v in saved.items() if k in vars(cls())}
+        if isinstance(fields.get("retrieval_tokens"), list):
+            fields["retrieval_tokens"] = tuple(fields["retrieval_tokens"])
+        return cls(**fields)
+
+
+def saved_step(out_dir):
+    """The step of the last save `Trainer.save_official` made in `out_dir` (None: no state saved)."""
+    state = Path(out_dir) / STATE_DIR / "step.json"
+    return json.loads(state.read_text())["step"] if state.is_file() else None
+
 
 # -- the numpy head --------------------------------------------------------------------------------
 
@@ -617,7 +632,7 @@ def _load_saved(model: Model, holder, cfg: dict, out_dir) -> None:
 def load_run(out_dir):
     """(Model, MTP holder, TrainOptions) of what `Trainer.save_official` wrote in `out_dir`."""
     saved = json.loads((Path(out_dir) / "train_options.json").read_text())
-    options = TrainOptions(**{k: v for k, v in saved.items() if k in vars(TrainOptions())})
+    options = TrainOptions.from_saved(saved)
     cfg = json.loads((Path(out_dir) / "config.json").read_text())
     model, holder = init_model(cfg, options.seed)
     _load_saved(model, holder, cfg, out_dir)
@@ -991,7 +1006,9 @@ class Trainer:
         """Continue from what `save_official` wrote in `out_dir`: weights, optimizer moments, step, and
         the data stream advanced past the sequences already trained on. Returns the step."""
         out = Path(out_dir)
-        step = json.loads((out / STATE_DIR / "step.json").read_text())["step"]
+        step = saved_step(out)
+        if step is None:
+            raise FileNotFoundError(f"{out / STATE_DIR / 'step.json'}: no saved training state to resume from")
         self.load_weights(out)
         self._load_training_maps(out, required=True)
         moments = out / STATE_DIR / "optimizer.safetensors"

@@ -24,8 +24,8 @@ thread), one after the other in one process: the reason for the numpy kernels.
 """
 
 import argparse
-import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -33,6 +33,7 @@ import mlx.core as mx
 from mlx_dsv4.hc import expand, split_options
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import fast
+from mlx_dsv4.train.recipe import load_recipe
 from mlx_dsv4.train.trainer import Trainer, TrainOptions, index_kl
 
 
@@ -105,10 +106,8 @@ def shipped_recipe() -> TrainOptions:
     """The options of the shipped checkpoint's last run, from random weights."""
     import mlx_dsv4
 
-    stages = json.loads((Path(mlx_dsv4.__file__).parent / "tiny_trained" / "training.json").read_text())
-    saved = {k: v for k, v in stages[-1].items() if k in vars(TrainOptions()) and k != "init_from"}
-    saved["retrieval_tokens"] = tuple(saved["retrieval_tokens"])
-    return TrainOptions(**saved)
+    last = load_recipe(str(Path(mlx_dsv4.__file__).parent / "tiny_trained" / "training.json"))[-1]
+    return replace(last.options, init_from=None)
 
 
 def compare_kernels(tokenizer, steps: int) -> None:
@@ -135,29 +134,20 @@ def compare_kernels(tokenizer, steps: int) -> None:
 def compare_ops(repeat: int = 20) -> None:
     import numpy as np
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     rng = np.random.default_rng(0)
     print(f"{'operation':36s} {'MLX ms':>8s} {'numpy ms':>9s} {'ratio':>6s}")
     for m, k, n in [(958, 128, 64), (958, 64, 512), (1916, 256, 64)]:
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         A, B = mx.array(a), mx.array(b)
         with fast.one_blas_thread():
-            mine, theirs = best(lambda: mx.eval(A @ B)), best(lambda: a @ b)
+            mine, theirs = timed(lambda: A @ B, repeat=repeat), timed(lambda: a @ b, repeat=repeat)
         print(f"{f'product [{m}, {k}] x [{k}, {n}]':36s} {mine * 1e3:8.3f} {theirs * 1e3:9.3f} {mine / theirs:6.1f}")
     x = rng.standard_normal((958 * 4, 260), np.float32)
     X = mx.array(x)
-    for name, mine, theirs in [("exp [3832, 260]", lambda: mx.eval(mx.exp(X)), lambda: np.exp(x)),
-                               ("softmax [3832, 260]", lambda: mx.eval(mx.softmax(X, axis=-1, precise=True)),
+    for name, mine, theirs in [("exp [3832, 260]", lambda: mx.exp(X), lambda: np.exp(x)),
+                               ("softmax [3832, 260]", lambda: mx.softmax(X, axis=-1, precise=True),
                                 lambda: fast._masked_softmax_numpy(x, True))]:
-        m, t = best(mine), best(theirs)
+        m, t = timed(mine, repeat=repeat), timed(theirs, repeat=repeat)  # mx.eval passes numpy through
         print(f"{name:36s} {m * 1e3:8.3f} {t * 1e3:9.3f} {m / t:6.1f}")
 
 

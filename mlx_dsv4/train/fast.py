@@ -37,11 +37,10 @@ def one_blas_thread():
     return _blas_controller[0].limit(limits=1, user_api="blas")
 
 
-# MLX's CPU backend (0.32, Linux) runs float32 products about 15x slower than numpy's BLAS on one
-# thread, exp about 20x and a softmax 2x slower than numpy (benchmarks/train_step.py --ops): the
+# MLX's CPU backend (0.32, Linux) runs float32 products 14-30x slower than numpy's BLAS on one
+# thread, exp 20-31x and a softmax 2x slower than numpy (benchmarks/train_step.py --ops): the
 # training path's products and its attention softmax go through numpy, joined to autograd by
-# custom VJPs. False runs them in MLX (the benchmark's
-# baseline, benchmarks/train_step.py --kernels).
+# custom VJPs. False runs them in MLX (the baseline of benchmarks/train_step.py --kernels).
 NUMPY_KERNELS = True
 
 
@@ -93,10 +92,12 @@ def _linear_vjp(primals, cotangent, output):
         return mx.array((g @ b).reshape(a.shape)), mx.array(g.T @ a.reshape(-1, b.shape[1]))
 
 
-def _expert_bounds(indices: np.ndarray, n_experts: int) -> np.ndarray:
+def _expert_rows(indices: np.ndarray, n_experts: int):
+    """(expert, slice of its rows) for each expert with rows, for indices sorted by expert."""
     if np.any(indices[1:] < indices[:-1]):
         raise ValueError("expert indices must be sorted")
-    return np.searchsorted(indices, np.arange(n_experts + 1))
+    bounds = np.searchsorted(indices, np.arange(n_experts + 1))
+    return [(e, slice(bounds[e], bounds[e + 1])) for e in range(n_experts) if bounds[e + 1] > bounds[e]]
 
 
 @mx.custom_function
@@ -106,12 +107,9 @@ def sorted_expert_linear(x, w, indices):
     a, b, idx = np.array(x), np.array(w), np.array(indices)
     rows = a.reshape(len(idx), -1)
     y = np.zeros((len(idx), b.shape[1]), np.float32)
-    bounds = _expert_bounds(idx, b.shape[0])
     with one_blas_thread():
-        for e in range(b.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                y[lo:hi] = rows[lo:hi] @ b[e].T
+        for e, part in _expert_rows(idx, b.shape[0]):
+            y[part] = rows[part] @ b[e].T
     return mx.array(y.reshape(*a.shape[:-1], b.shape[1]))
 
 
@@ -120,13 +118,10 @@ def _sorted_expert_linear_vjp(primals, cotangent, output):
     a, b, idx = (np.array(x) for x in primals)
     rows, g = a.reshape(len(idx), -1), np.array(cotangent).reshape(len(idx), -1)
     grad_rows, grad_w = np.zeros_like(rows), np.zeros_like(b)
-    bounds = _expert_bounds(idx, b.shape[0])
     with one_blas_thread():
-        for e in range(b.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                grad_rows[lo:hi] = g[lo:hi] @ b[e]
-                grad_w[e] = g[lo:hi].T @ rows[lo:hi]
+        for e, part in _expert_rows(idx, b.shape[0]):
+            grad_rows[part] = g[part] @ b[e]
+            grad_w[e] = g[part].T @ rows[part]
     return mx.array(grad_rows.reshape(a.shape)), mx.array(grad_w), mx.zeros_like(primals[2])
 
 

@@ -28,9 +28,11 @@ import json
 import logging
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -51,6 +53,7 @@ from .streams import split_outputs
 
 MODES = ("pipeline", "experts")
 TIMEOUT_ENV = "MLX_DSV4_DIST_TIMEOUT"
+BARRIER_ENV = "MLX_DSV4_LOCAL_BARRIER"  # host:port of rank 0's LocalBarrier (set by run_local_ranks)
 DEFAULT_TIMEOUT = 300.0
 EXIT_NO_ANSWER = 75  # the exit status of a rank whose peer stopped answering
 
@@ -149,6 +152,7 @@ class Ranks:
         self.size = group.size()
         self.watchdog = Watchdog(self.rank, timeout_seconds() if timeout is None else timeout)
         self.payload_bytes = 0  # bytes this rank has handed to send/all_sum in forward passes
+        self.barrier = None  # a LocalBarrier when every rank runs on this machine (run_local_ranks)
 
     def sent(self, x: mx.array) -> mx.array:
         self.payload_bytes += x.nbytes
@@ -164,6 +168,13 @@ class Ranks:
 
     def all_sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group)
+
+    def wait_for_all(self, what: str) -> None:
+        """Wait, asleep, until every rank gets here (when they share a LocalBarrier): a collective
+        started then does not spin while a late rank computes."""
+        if self.barrier is not None:
+            with self.busy(what, [r for r in range(self.size) if r != self.rank]):
+                self.barrier.wait()
 
     def broadcast(self, obj=None, idle: bool = False):
         """Rank 0's JSON-serialisable ``obj`` on every rank; ``idle``: the other ranks may wait
@@ -254,10 +265,107 @@ def init(timeout: Optional[float] = None) -> Ranks:
         guard.wait()
     ranks = Ranks(group, timeout)
     _GROUPS.append(group)
+    if os.environ.get(BARRIER_ENV) and ranks.size > 1:
+        ranks.barrier = LocalBarrier(os.environ[BARRIER_ENV], ranks.rank, ranks.size, timeout)
     if ranks.size > 1:
         seed = ranks.broadcast(int.from_bytes(os.urandom(4), "little"))
         mx.random.seed(seed)
     return ranks
+
+
+def free_ports(n: int = 1) -> int:
+    """The first of ``n`` consecutive ports of this machine that are free now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65536:
+            continue
+        held = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise DistributedError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
+class LocalBarrier:
+    """A barrier of ranks on one machine, over sockets to rank 0, that waits asleep: MLX's ring
+    collectives spin (two threads) while a peer is late, taking the cores the late ranks compute on."""
+
+    def __init__(self, address: str, rank: int, size: int, timeout: float):
+        host, port = address.rsplit(":", 1)
+        self.rank = rank
+        if rank == 0:
+            with socket.create_server((host, int(port))) as server:
+                server.settimeout(timeout)
+                try:
+                    self.peers = [server.accept()[0] for _ in range(size - 1)]
+                except socket.timeout:
+                    raise DistributedError(f"rank 0: the other ranks did not reach the barrier at {address} "
+                                           f"within {timeout:g} s") from None
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self.peers = [socket.create_connection((host, int(port)), timeout=timeout)]
+                    break
+                except OSError as e:
+                    if time.monotonic() > deadline:
+                        raise DistributedError(f"rank {rank}: cannot reach rank 0's barrier at {address}: "
+                                               f"{e}") from None
+                    time.sleep(0.05)
+        for peer in self.peers:
+            peer.settimeout(None)  # a wait is bounded by the rank's watchdog
+
+    def wait(self) -> None:
+        if self.rank == 0:
+            for peer in self.peers:
+                self._receive(peer)
+            for peer in self.peers:
+                peer.sendall(b"\1")
+        else:
+            self.peers[0].sendall(b"\1")
+            self._receive(self.peers[0])
+
+    def _receive(self, peer) -> None:
+        if not peer.recv(1):
+            raise DistributedError(f"rank {self.rank}: lost the connection to the barrier's other side")
+
+
+def run_local_ranks(command: Sequence[str], n: int) -> int:
+    """Run ``command`` as the ``n`` ranks of a ring on this machine (as ``mlx.launch --backend ring
+    -n n`` would) that share a LocalBarrier, rank 0 with this process's output and the others' stdout
+    discarded. Returns the first nonzero exit status (the other ranks are then stopped), else 0."""
+    port = free_ports(n + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        hostfile = Path(tmp) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+        env = dict(os.environ, MLX_HOSTFILE=str(hostfile), **{BARRIER_ENV: f"127.0.0.1:{port + n}"})
+        procs = [subprocess.Popen(list(command), env=dict(env, MLX_RANK=str(r)),
+                                  stdout=None if r == 0 else subprocess.DEVNULL) for r in range(n)]
+        try:
+            while True:
+                codes = [proc.poll() for proc in procs]
+                failed = [code for code in codes if code not in (None, 0)]
+                if failed:
+                    return failed[0]
+                if all(code == 0 for code in codes):
+                    return 0
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                proc.wait()
 
 
 # -- splitting -------------------------------------------------------------------------------

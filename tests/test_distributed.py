@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import PARITY_VOCAB
+from mlx_dsv4.distributed import free_ports
 from distributed_worker import forward_logits
 from generate_support import tiny_chat_dir
 
@@ -24,32 +25,9 @@ CHUNK, DECODE = 8, 3
 TOLERANCE = 1e-5
 
 
-def free_port(n=1) -> int:
-    """The first of ``n`` consecutive ports that are free now."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65536:
-            continue
-        try:
-            held = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 def launch(n, out_dir, spec, timeout=150):
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(n), "-p", str(free_port(n)), "--",
+    cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(n), "-p", str(free_ports(n)), "--",
            sys.executable, WORKER, str(out_dir), json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     results = []
@@ -167,7 +145,7 @@ def test_three_ranks_uneven_splits(tiny_dirs, tmp_path):
 def start_ranks(tmp_path, spec, ranks, n, timeout_s):
     """Start ``ranks`` of an ``n``-rank ring directly (as mlx.launch would), so that one can be
     killed without the launcher stopping the others."""
-    port = free_port(n)
+    port = free_ports(n)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
     procs = {}
@@ -288,7 +266,7 @@ def test_rows_of_a_stacked_tensor_are_read_alone_and_a_truncated_file_is_named(t
 def cli_json(argv, ranks=None, timeout=120):
     cmd = [sys.executable, "-m", "mlx_dsv4.cli", *argv]
     if ranks:
-        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_ports(ranks)),
                "--", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     try:
@@ -404,11 +382,11 @@ def kill_group(proc):
 
 
 def serve(tmp_path, name, ranks=None):
-    port = free_port()
+    port = free_ports()
     cmd = [sys.executable, "-m", "mlx_dsv4.cli", "serve", "--model", str(tiny_chat_dir()), "--port", str(port),
            "--log-level", "warning"]
     if ranks:
-        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_ports(ranks)),
                "--", *cmd, "--distributed", "pipeline"]
     log = tmp_path / f"{name}.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -461,7 +439,7 @@ def chat_command(ranks=None, extra=()):
     cmd = [sys.executable, "-m", "mlx_dsv4.cli", "chat", "--model", str(tiny_chat_dir()), "--temp", "0",
            "--prompt-cache-dir", "none", *extra]
     if ranks:
-        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_port(ranks)),
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks), "-p", str(free_ports(ranks)),
                "--", *cmd, "--distributed", "pipeline"]
     return cmd
 

@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     if _apply_config(parser, argv):
         return 2
     args = parser.parse_args(argv)
+    args._argv = argv  # what a command that starts copies of itself gives them
     if args.command is None:
         parser.print_help()
         return 2

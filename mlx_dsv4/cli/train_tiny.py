@@ -95,6 +95,10 @@ def add_arguments(p):
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (the learning-rate schedule follows --steps); with "
                         "--recipe, skip the runs already done and continue the one under way")
+    p.add_argument("--processes", type=positive_int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per core): each step averages the gradients "
+                        "of N sequences, one drawn by each; with --recipe, for every run (default: the recipe's, "
+                        "else 1)")
     p.add_argument("--recipe", default=None, metavar="NAME|FILE",
                    help="run a recipe's runs in turn, each from the weights of the one before, into OUT/<run>: "
                         "'hour' (a curriculum of about an hour) or a file in the form of the shipped "
@@ -162,9 +166,11 @@ OPTION_NAMES = ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "c
                 "argument_guide_weight", "spell_head", "head_sample", "composed_questions", "filler_leads")
 
 
-def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: str = "") -> float:
+def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: str = "", ranks=None) -> float:
     """Train one run into `out` up to step `stop_at` (default: options.steps), with a progress bar
-    and the loss log; returns the seconds it took."""
+    and the loss log; returns the seconds it took. With `ranks` (options.processes of them), rank 0
+    writes and shows everything, and every rank returns once the run is saved."""
+    import contextlib
     import json
     import sys
     import time
@@ -173,20 +179,24 @@ def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: 
     from ..train.trainer import Trainer
 
     stop_at = options.steps if stop_at is None else stop_at
-    trainer = Trainer(load_tokenizer(None), options)
+    writer = ranks is None or ranks.rank == 0
+    trainer = Trainer(load_tokenizer(None), options, ranks=ranks)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "loss.jsonl"
     first = trainer.resume(out) if resume else 0
-    if resume:  # the log keeps the steps the saved model went through
+    if resume and writer:  # the log keeps the steps the saved model went through
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < first]
         log_path.write_text("".join(line + "\n" for line in kept))
     start = time.perf_counter()
-    with open(log_path, "a" if resume else "w", encoding="utf-8") as log:
+    log_file = open(log_path, "a" if resume else "w", encoding="utf-8") if writer else contextlib.nullcontext()
+    with log_file as log:
         for step in range(first, stop_at):
             record = trainer.train_step()
+            done = step + 1
+            if not writer:
+                continue
             log.write(json.dumps(record) + "\n")
             log.flush()
-            done = step + 1
             elapsed = time.perf_counter() - start
             filled = int(30 * done / stop_at)
             print(f"\r{label}[{'#' * filled}{'.' * (30 - filled)}] {done}/{stop_at} loss {record['main']:.3f} "
@@ -195,27 +205,21 @@ def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: 
                   flush=True)
             if done % save_every == 0 or done == stop_at:
                 trainer.save_official(out)
-    print(file=sys.stderr)
+    if writer:
+        print(file=sys.stderr)
+    if ranks is not None:
+        ranks.broadcast("saved")  # no rank reads the run (resuming, or the next run's init_from) before it is written
     return time.perf_counter() - start
 
 
-def run_recipe(args) -> int:
+def run_recipe(args, stages, ranks) -> int:
     import sys
 
-    from ..train.recipe import RecipeError, load_recipe, recipe_steps
+    from ..train.recipe import recipe_steps
     from ..train.trainer import saved_step
 
-    given = [name for name in OPTION_NAMES if getattr(args, name) is not None]
-    if given or args.seed != 0:
-        flags = ", ".join("--" + n.replace("_", "-") for n in given + (["seed"] if args.seed != 0 else []))
-        print(f"error: --recipe sets every training option; drop {flags}", file=sys.stderr)
-        return 2
-    try:
-        stages = load_recipe(args.recipe)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"recipe {args.recipe}: {len(stages)} runs, {recipe_steps(stages)} steps -> {args.out}/<run>")
+    say = print if ranks is None or ranks.rank == 0 else (lambda *a, **k: None)
+    say(f"recipe {args.recipe}: {len(stages)} runs, {recipe_steps(stages)} steps -> {args.out}/<run>")
     total = 0.0
     for i, stage in enumerate(stages):
         out = stage.out_dir(args.out)
@@ -224,26 +228,69 @@ def run_recipe(args) -> int:
             options.init_from = str(args.out / options.init_from)
         done = (saved_step(out) or 0) if args.resume else 0
         if done >= stage.stop_at:
-            print(f"run {i + 1}/{len(stages)} {stage.name}: done ({done} steps)")
+            say(f"run {i + 1}/{len(stages)} {stage.name}: done ({done} steps)")
             continue
         seconds = train_run(options, out, args.save_every, resume=done > 0, stop_at=stage.stop_at,
-                            label=f"run {i + 1}/{len(stages)} {stage.name} ")
+                            label=f"run {i + 1}/{len(stages)} {stage.name} ", ranks=ranks)
         total += seconds
-        print(f"run {i + 1}/{len(stages)} {stage.name}: {stage.stop_at} steps in {seconds:.0f} s -> {out}")
-    print(f"trained the recipe in {total:.0f} s -> {stages[-1].out_dir(args.out)}")
+        say(f"run {i + 1}/{len(stages)} {stage.name}: {stage.stop_at} steps in {seconds:.0f} s -> {out}")
+    say(f"trained the recipe in {total:.0f} s -> {stages[-1].out_dir(args.out)}")
+    sys.stdout.flush()
     return 0
 
 
+def _recipe_stages(args):
+    """The recipe's stages with --processes applied, or an error message."""
+    from ..train.recipe import RecipeError, load_recipe
+
+    given = [name for name in OPTION_NAMES if getattr(args, name) is not None]
+    if given or args.seed != 0:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given + (["seed"] if args.seed != 0 else []))
+        return None, f"--recipe sets every training option; drop {flags}"
+    try:
+        stages = load_recipe(args.recipe)
+    except RecipeError as e:
+        return None, str(e)
+    counts = {stage.options.processes for stage in stages}
+    if args.processes is None and len(counts) > 1:
+        return None, (f"{args.recipe}: its runs ask for {' and '.join(map(str, sorted(counts)))} processes; "
+                      f"give --processes")
+    for stage in stages:
+        if args.processes is not None:
+            stage.options.processes = args.processes
+    return stages, None
+
+
 def run(args):
+    import os
+    import sys
+
     from ..train.trainer import TrainOptions
 
     if args.recipe is not None:
-        return run_recipe(args)
-    options = TrainOptions(seed=args.seed)
-    for name in OPTION_NAMES:
-        if getattr(args, name) is not None:
-            setattr(options, name, getattr(args, name))
-    seconds = train_run(options, args.out, args.save_every, args.resume)
-    print(f"trained {options.steps} steps in {seconds:.0f} s -> {args.out} "
-          f"(log {args.out / 'loss.jsonl'})")
+        stages, error = _recipe_stages(args)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        processes = stages[0].options.processes
+    else:
+        options = TrainOptions(seed=args.seed)
+        for name in OPTION_NAMES + ("processes",):
+            if getattr(args, name) is not None:
+                setattr(options, name, getattr(args, name))
+        processes = options.processes
+    ranks = None
+    if processes > 1:
+        from ..distributed import init, run_local_ranks
+
+        if "MLX_RANK" not in os.environ:  # start the ranks, each this same command
+            print(f"training with {processes} processes on this machine", flush=True)
+            return run_local_ranks([sys.executable, "-m", "mlx_dsv4.cli", *args._argv], processes)
+        ranks = init()
+    if args.recipe is not None:
+        return run_recipe(args, stages, ranks)
+    seconds = train_run(options, args.out, args.save_every, args.resume, ranks=ranks)
+    if ranks is None or ranks.rank == 0:
+        print(f"trained {options.steps} steps in {seconds:.0f} s -> {args.out} "
+              f"(log {args.out / 'loss.jsonl'})")
     return 0

@@ -71,6 +71,8 @@ def load_recipe(name_or_path: str) -> list:
         options = TrainOptions.from_saved(entry)
         if not isinstance(options.steps, int) or options.steps < 1:
             raise RecipeError(f"{where}: steps must be a positive integer")
+        if not isinstance(options.processes, int) or options.processes < 1:
+            raise RecipeError(f"{where}: processes must be a positive integer")
         stop = entry.get("stopped_at_step", options.steps)
         if not isinstance(stop, int) or not 0 < stop <= options.steps:
             raise RecipeError(f"{where}: stopped_at_step must be an integer in 1..steps ({options.steps})")

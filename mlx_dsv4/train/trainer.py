@@ -69,7 +69,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..chat.special import DSML, EOS, PARAMETER_TAG, THINK_CLOSE, USER as USER_TOKEN
 from ..config import ModelArgs
@@ -140,6 +140,7 @@ class TrainOptions:
     head_sample: int = 0  # the head's softmax: the tasks' tokens and this many drawn others; 0: all
     composed_questions: float = 0.0  # the share of training tool questions composed from parts (see data)
     filler_leads: float = 0.0  # the share of training tool questions opened by random filler words (see data)
+    processes: int = 1  # data-parallel processes: each step averages the gradients of one sequence per process
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainOptions":
@@ -640,6 +641,36 @@ def load_run(out_dir):
     return model, holder, options
 
 
+# every objective a step's loss may hold (each rank's batch decides which it has)
+LOSS_PARTS = ("main", "mtp", "indexer_kl", "guide", "key_guide", "key_output", "key_readback", "entry_key",
+              "entry_value", "entry_guide", "answer_output", "answer_attention", "copy_output", "copy_value",
+              "argument_guide")
+
+
+def average_over_ranks(ranks, grads, loss, parts):
+    """(grads, loss, parts) averaged over the ranks in one all_sum of them all laid end to end (of the
+    same length on every rank); a part is averaged over the ranks whose batch has it."""
+    unknown = set(parts) - set(LOSS_PARTS)
+    if unknown:
+        raise ValueError(f"loss parts {sorted(unknown)} are missing from LOSS_PARTS")
+    flat = tree_flatten(grads)
+    mx.eval(loss, [g for _, g in flat], list(parts.values()))
+    zero = mx.array(0.0)
+    scalars = [loss] + [parts.get(n, zero) for n in LOSS_PARTS] + [mx.array(float(n in parts)) for n in LOSS_PARTS]
+    pieces = [g.reshape(-1) for _, g in flat] + [mx.stack(scalars).astype(mx.float32)]
+    ranks.wait_for_all("waiting for the other ranks' gradients")
+    with ranks.busy("averaging the gradients"):
+        total = ranks.all_sum(mx.concatenate(pieces))
+        mx.eval(total)
+    ends = np.cumsum([g.size for _, g in flat])
+    averaged = iter(total[end - g.size:end].reshape(g.shape) / ranks.size for (_, g), end in zip(flat, ends))
+    sums = np.array(total[int(ends[-1]):])
+    k = len(LOSS_PARTS)
+    averaged_parts = {n: mx.array(sums[1 + i] / sums[1 + k + i]) for i, n in enumerate(LOSS_PARTS) if sums[1 + k + i]}
+    # tree_map walks the tree in tree_flatten's order, so each leaf gets its own slice back
+    return tree_map(lambda _: next(averaged), grads), mx.array(sums[0] / ranks.size), averaged_parts
+
+
 class Trainer:
     """reference=True computes the objectives through the inference modules and their caches
     (`trunk`), the slow path the fast one (`fast.trunk`, the default) is checked against."""
@@ -647,9 +678,17 @@ class Trainer:
     # the read-back maps trained alongside the model; kept in train_state/, never in the checkpoint
     TRAINING_MAPS = ("readback", "entry_readback")
 
-    def __init__(self, tokenizer, options: TrainOptions, reference: bool = False):
+    def __init__(self, tokenizer, options: TrainOptions, reference: bool = False, ranks=None):
+        """ranks: the `distributed.Ranks` of `options.processes` processes training together (None:
+        this process alone); each draws its own data and every step averages their gradients."""
         if reference and options.head_sample:
             raise ValueError("head_sample: the cache path (reference=True) runs the whole vocabulary head")
+        size = 1 if ranks is None else ranks.size
+        if size != options.processes:
+            raise ValueError(f"processes: the run's options say {options.processes}, and {size} "
+                             f"process{'es are' if size > 1 else ' is'} training it")
+        self.ranks = ranks if size > 1 else None
+        self.rank = 0 if ranks is None else ranks.rank
         self.options = options
         self.cfg = trained_config(options.preset, **(options.config or {}))
         mx.random.seed(options.seed)
@@ -699,8 +738,10 @@ class Trainer:
         self.recorder = Recorder(self.model)
         self.tokenizer = tokenizer
         self._colon, self._space = tokenizer.encode(":")[0], tokenizer.encode(" ")[0]
-        self.data = _Stream(task_generator(tokenizer, options, options.seed, options.retrieval_tokens))
-        self.rng = np.random.default_rng(options.seed)
+        # rank 0 draws what a single process draws; the others, streams of their own
+        data_seed = options.seed if self.rank == 0 else f"{options.seed}/rank{self.rank}"
+        self.data = _Stream(task_generator(tokenizer, options, data_seed, options.retrieval_tokens))
+        self.rng = np.random.default_rng(options.seed if self.rank == 0 else [options.seed, self.rank])
         self._task_vocabulary = None
         self.optimizer = optim.AdamW(learning_rate=self._lr, weight_decay=options.weight_decay)
         if options.embed_lr_scale != 1.0:
@@ -945,6 +986,8 @@ class Trainer:
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
             batch["entry_query"], batch["key_pos"], batch["entry_keys"], batch["arguments"], batch["vocab"])
+        if self.ranks is not None:
+            grads, loss, parts = average_over_ranks(self.ranks, grads, loss, parts)
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5),
@@ -1009,6 +1052,12 @@ class Trainer:
         step = saved_step(out)
         if step is None:
             raise FileNotFoundError(f"{out / STATE_DIR / 'step.json'}: no saved training state to resume from")
+        saved = out / "train_options.json"
+        if saved.is_file():
+            processes = TrainOptions.from_saved(json.loads(saved.read_text())).processes
+            if processes != self.options.processes:
+                raise ValueError(f"{saved}: the run was trained with {processes} process(es); resume it with "
+                                 f"as many (each draws its own data), not {self.options.processes}")
         self.load_weights(out)
         self._load_training_maps(out, required=True)
         moments = out / STATE_DIR / "optimizer.safetensors"

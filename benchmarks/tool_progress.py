@@ -19,16 +19,16 @@ import numpy as np
 
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train import evaluate
-from mlx_dsv4.train.trainer import load_run
+from mlx_dsv4.train.trainer import load_run, sequence_losses
 
 TOOLS = ("add", "calculate", "get_weather")
 
 
 def training_loss(run, steps: int) -> float:
-    """Mean next-token loss of the run's last `steps` steps that were not retrieval lists (their
-    loss is of another scale), from the log `mlx-dsv4 train-tiny` writes."""
+    """Mean next-token loss of the run's last `steps` sequences (one a step, or one per process) that
+    were not retrieval lists (their loss is of another scale), from the log `mlx-dsv4 train-tiny` writes."""
     records = [json.loads(line) for line in (Path(run) / "loss.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r["main"] for r in records if r["kinds"] != ["retrieval"]][-steps:]
+    losses = [main for r in records for main, kinds in sequence_losses(r) if kinds != ["retrieval"]][-steps:]
     return float(np.mean(losses)) if losses else float("nan")
 
 

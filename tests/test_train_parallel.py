@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_dsv4.cli import main
 from mlx_dsv4.tokenizer import load_tokenizer
 from mlx_dsv4.train.recipe import RecipeError, load_recipe
-from mlx_dsv4.train.trainer import Trainer, TrainOptions
+from mlx_dsv4.train.data import KINDS
+from mlx_dsv4.train.trainer import Trainer, TrainOptions, sequence_losses
 
 FLAGS = ["--steps", "2", "--seed", "5", "--max-tokens", "256", "--mix", "copy=1,name=1", "--head-sample", "64",
          "--config", "o_lora_rank=64", "--guide-weight", "1", "--copy-value-weight", "1"]
@@ -25,11 +26,11 @@ def _options(**extra):
 
 def _gradients(trainer):
     batch, _ = trainer.batch()
-    (loss, _), grads = trainer._grad(
+    (loss, parts), grads = trainer._grad(
         trainer._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
         batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
         batch["entry_query"], batch["key_pos"], batch["entry_keys"], batch["arguments"], batch["vocab"])
-    return loss, grads, batch["tokens"]
+    return loss, grads, batch["tokens"], float(parts["main"])
 
 
 def test_two_processes_take_the_step_of_their_averaged_gradients(tmp_path):
@@ -43,11 +44,15 @@ def test_two_processes_take_the_step_of_their_averaged_gradients(tmp_path):
     ranks = [Trainer(tokenizer, _options(processes=2), ranks=SimpleNamespace(rank=r, size=2)) for r in (0, 1)]
     alone = Trainer(tokenizer, _options())
     for step in range(2):
-        (loss0, grads0, tokens0), (loss1, grads1, tokens1) = _gradients(ranks[0]), _gradients(ranks[1])
+        (loss0, grads0, tokens0, main0), (loss1, grads1, tokens1, main1) = _gradients(ranks[0]), _gradients(ranks[1])
         if step == 0:  # rank 0 draws what one process alone draws; rank 1 other sequences
             assert np.array_equal(np.array(tokens0), np.array(alone.batch()[0]["tokens"]))
             assert not np.array_equal(np.array(tokens0), np.array(tokens1))
         assert logged[step]["loss"] == pytest.approx((float(loss0) + float(loss1)) / 2, rel=1e-5)
+        mains = [main for main, _ in sequence_losses(logged[step])]
+        assert mains == pytest.approx([main0, main1], rel=1e-4)
+        assert [r["tokens"] for r in logged[step]["ranks"]] == [tokens0.shape[1], tokens1.shape[1]]
+        assert logged[step]["ranks"][0]["kinds"] == sorted(logged[step]["kinds"], key=KINDS.index)
         ranks[0].optimizer.update(ranks[0]._joint, tree_map(lambda a, b: (a + b) / 2, grads0, grads1))
         mx.eval(ranks[0]._joint.parameters())
         ranks[1].optimizer.update(ranks[1]._joint, tree_map(lambda a, b: (a + b) / 2, grads0, grads1))
@@ -63,7 +68,7 @@ def test_two_processes_take_the_step_of_their_averaged_gradients(tmp_path):
     # and the step moved the weights away from where each rank's own gradient alone would take them
     single = Trainer(tokenizer, _options())
     for _ in range(2):
-        loss, grads, _ = _gradients(single)
+        loss, grads, _, _ = _gradients(single)
         single.optimizer.update(single._joint, grads)
         mx.eval(single._joint.parameters())
     for name, value in single.official_weights().items():

@@ -79,7 +79,7 @@ from ..model import Block, Model
 from ..spec import official_tensors, official_to_mlx
 from ..tiny import PRESETS, tiny_config, tiny_weights
 from . import fast
-from .data import TaskGenerator
+from .data import KINDS, TaskGenerator
 
 
 STATE_DIR = "train_state"
@@ -647,9 +647,10 @@ LOSS_PARTS = ("main", "mtp", "indexer_kl", "guide", "key_guide", "key_output", "
               "argument_guide")
 
 
-def average_over_ranks(ranks, grads, loss, parts):
-    """(grads, loss, parts) averaged over the ranks in one all_sum of them all laid end to end (of the
-    same length on every rank); a part is averaged over the ranks whose batch has it."""
+def average_over_ranks(ranks, grads, loss, parts, kinds, tokens: int):
+    """(grads, loss, parts, per rank) averaged over the ranks in one all_sum of them all laid end to
+    end (of the same length on every rank): a part is averaged over the ranks whose batch has it, and
+    per rank is each one's own {"main", "kinds", "tokens"}."""
     unknown = set(parts) - set(LOSS_PARTS)
     if unknown:
         raise ValueError(f"loss parts {sorted(unknown)} are missing from LOSS_PARTS")
@@ -657,7 +658,11 @@ def average_over_ranks(ranks, grads, loss, parts):
     mx.eval(loss, [g for _, g in flat], list(parts.values()))
     zero = mx.array(0.0)
     scalars = [loss] + [parts.get(n, zero) for n in LOSS_PARTS] + [mx.array(float(n in parts)) for n in LOSS_PARTS]
-    pieces = [g.reshape(-1) for _, g in flat] + [mx.stack(scalars).astype(mx.float32)]
+    own = np.zeros((ranks.size, 2 + len(KINDS)), np.float32)  # this rank's row: main, tokens, kind counts
+    own[ranks.rank, :2] = float(parts["main"]), tokens
+    for kind in kinds:
+        own[ranks.rank, 2 + KINDS.index(kind)] += 1
+    pieces = [g.reshape(-1) for _, g in flat] + [mx.stack(scalars).astype(mx.float32), mx.array(own.reshape(-1))]
     ranks.wait_for_all("waiting for the other ranks' gradients")
     with ranks.busy("averaging the gradients"):
         total = ranks.all_sum(mx.concatenate(pieces))
@@ -667,8 +672,18 @@ def average_over_ranks(ranks, grads, loss, parts):
     sums = np.array(total[int(ends[-1]):])
     k = len(LOSS_PARTS)
     averaged_parts = {n: mx.array(sums[1 + i] / sums[1 + k + i]) for i, n in enumerate(LOSS_PARTS) if sums[1 + k + i]}
+    rows = sums[1 + 2 * k:].reshape(ranks.size, 2 + len(KINDS))
+    per_rank = [{"main": round(float(r[0]), 5), "tokens": int(r[1]),
+                 "kinds": [kind for kind, count in zip(KINDS, r[2:]) for _ in range(int(count))]} for r in rows]
     # tree_map walks the tree in tree_flatten's order, so each leaf gets its own slice back
-    return tree_map(lambda _: next(averaged), grads), mx.array(sums[0] / ranks.size), averaged_parts
+    return tree_map(lambda _: next(averaged), grads), mx.array(sums[0] / ranks.size), averaged_parts, per_rank
+
+
+def sequence_losses(record: dict) -> list:
+    """(main loss, kinds) of each sequence a logged step trained on: one, or one per rank."""
+    if "ranks" in record:
+        return [(r["main"], r["kinds"]) for r in record["ranks"]]
+    return [(record["main"], record["kinds"])]
 
 
 class Trainer:
@@ -986,8 +1001,10 @@ class Trainer:
             self._joint, batch["tokens"], batch["main_pos"], batch["main_targets"], batch["mtp_pos"],
             batch["mtp_targets"], batch["index_pos"], batch["copy_queries"], batch["copy_masks"], batch["value_pos"],
             batch["entry_query"], batch["key_pos"], batch["entry_keys"], batch["arguments"], batch["vocab"])
+        per_rank = None
         if self.ranks is not None:
-            grads, loss, parts = average_over_ranks(self.ranks, grads, loss, parts)
+            grads, loss, parts, per_rank = average_over_ranks(self.ranks, grads, loss, parts, kinds,
+                                                              int(batch["tokens"].shape[1]))
         self.optimizer.update(self._joint, grads)
         mx.eval(self._joint.parameters(), self.optimizer.state, loss)
         record = {"step": self.step, "loss": round(float(loss), 5),
@@ -995,6 +1012,8 @@ class Trainer:
                   "lr": round(float(self._lr(mx.array(self.step))), 7), "tokens": int(batch["tokens"].shape[1]),
                   "targets": int(batch["main_pos"].shape[0]), "kinds": kinds,
                   "seconds": round(time.perf_counter() - t0, 3)}
+        if per_rank is not None:  # the losses above are the ranks' mean; tokens, targets and kinds rank 0's
+            record["ranks"] = per_rank
         self.step += 1
         return record
 

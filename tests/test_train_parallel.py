@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from mlx_dsv4.cli import main
 from mlx_dsv4.tokenizer import load_tokenizer

@@ -112,7 +112,7 @@ def test_recipe_time_times_each_run_and_adds_them_up(tmp_path, capsys, monkeypat
 
     recipe = _write(tmp_path / "recipe.json", [
         {"run": "first", "steps": 30, "stopped_at_step": 20, "init_from": None, **SMALL},
-        {"run": "second", "steps": 10, "init_from": "first", **SMALL}])
+        {"run": "second", "steps": 10, "init_from": "first", "processes": 2, **SMALL}])
     path = Path(__file__).parent.parent / "benchmarks" / "recipe_time.py"
     spec = importlib.util.spec_from_file_location("recipe_time", path)
     recipe_time = importlib.util.module_from_spec(spec)
@@ -125,6 +125,7 @@ def test_recipe_time_times_each_run_and_adds_them_up(tmp_path, capsys, monkeypat
     minutes = sum(float(per_step) * int(steps) for _, steps, per_step, _ in rows) / 60
     total = float(re.search(r"30 steps, about (\d+) minutes", printed).group(1))
     assert abs(total - minutes) <= 0.5
+    assert "(timed with one process; the recipe's runs train with up to 2," in printed
 
 
 def test_resume_without_a_saved_state_names_the_missing_file(tmp_path):

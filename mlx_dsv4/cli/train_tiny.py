@@ -213,8 +213,6 @@ def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: 
 
 
 def run_recipe(args, stages, ranks) -> int:
-    import sys
-
     from ..train.recipe import recipe_steps
     from ..train.trainer import saved_step
 
@@ -235,7 +233,6 @@ def run_recipe(args, stages, ranks) -> int:
         total += seconds
         say(f"run {i + 1}/{len(stages)} {stage.name}: {stage.stop_at} steps in {seconds:.0f} s -> {out}")
     say(f"trained the recipe in {total:.0f} s -> {stages[-1].out_dir(args.out)}")
-    sys.stdout.flush()
     return 0
 
 
@@ -255,8 +252,8 @@ def _recipe_stages(args):
     if args.processes is None and len(counts) > 1:
         return None, (f"{args.recipe}: its runs ask for {' and '.join(map(str, sorted(counts)))} processes; "
                       f"give --processes")
-    for stage in stages:
-        if args.processes is not None:
+    if args.processes is not None:
+        for stage in stages:
             stage.options.processes = args.processes
     return stages, None
 

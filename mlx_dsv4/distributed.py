@@ -298,7 +298,7 @@ def free_ports(n: int = 1) -> int:
 
 class LocalBarrier:
     """A barrier of ranks on one machine, over sockets to rank 0, that waits asleep: MLX's ring
-    collectives spin (two threads) while a peer is late, taking the cores the late ranks compute on."""
+    collectives spin while a peer is late, taking the cores the late ranks compute on."""
 
     def __init__(self, address: str, rank: int, size: int, timeout: float):
         host, port = address.rsplit(":", 1)

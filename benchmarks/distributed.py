@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -102,18 +101,14 @@ def worker(args) -> None:
     (out / f"rank{result['rank']}.json").write_text(json.dumps(result))
 
 
-def free_port(n: int) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1] if s.getsockname()[1] + n < 65536 else 40000
-
-
 def launch(args, path, mode, n) -> list:
+    from mlx_dsv4.distributed import free_ports
+
     out = Path(tempfile.mkdtemp(prefix="dist-bench-"))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--checkpoint", str(path), "--out", str(out),
            "--mode", mode, "--tokens", str(args.tokens), "--prompt", str(args.prompt)]
     if n > 1:
-        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(n), "-p", str(free_port(n)), "--", *cmd]
+        cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(n), "-p", str(free_ports(n)), "--", *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     files = sorted(out.glob("rank*.json"))
     if len(files) != n:

@@ -166,6 +166,11 @@ OPTION_NAMES = ("steps", "lr", "max_tokens", "mix", "config", "guide_weight", "c
                 "argument_guide_weight", "spell_head", "head_sample", "composed_questions", "filler_leads")
 
 
+def writes(ranks) -> bool:
+    """Whether this process writes the run and shows its progress: alone, or rank 0 of `ranks`."""
+    return ranks is None or ranks.rank == 0
+
+
 def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: str = "", ranks=None) -> float:
     """Train one run into `out` up to step `stop_at` (default: options.steps), with a progress bar
     and the loss log; returns the seconds it took. With `ranks` (options.processes of them), rank 0
@@ -179,7 +184,7 @@ def train_run(options, out, save_every: int, resume: bool, stop_at=None, label: 
     from ..train.trainer import Trainer
 
     stop_at = options.steps if stop_at is None else stop_at
-    writer = ranks is None or ranks.rank == 0
+    writer = writes(ranks)
     trainer = Trainer(load_tokenizer(None), options, ranks=ranks)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "loss.jsonl"
@@ -216,7 +221,7 @@ def run_recipe(args, stages, ranks) -> int:
     from ..train.recipe import recipe_steps
     from ..train.trainer import saved_step
 
-    say = print if ranks is None or ranks.rank == 0 else (lambda *a, **k: None)
+    say = print if writes(ranks) else (lambda *a, **k: None)
     say(f"recipe {args.recipe}: {len(stages)} runs, {recipe_steps(stages)} steps -> {args.out}/<run>")
     total = 0.0
     for i, stage in enumerate(stages):
@@ -287,7 +292,7 @@ def run(args):
     if args.recipe is not None:
         return run_recipe(args, stages, ranks)
     seconds = train_run(options, args.out, args.save_every, args.resume, ranks=ranks)
-    if ranks is None or ranks.rank == 0:
+    if writes(ranks):
         print(f"trained {options.steps} steps in {seconds:.0f} s -> {args.out} "
               f"(log {args.out / 'loss.jsonl'})")
     return 0
